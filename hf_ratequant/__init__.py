@@ -1,0 +1,23 @@
+"""hf-ratequant: calibrated mixed-precision KV-cache quantization for Hugging Face causal LMs."""
+
+__version__ = "0.1.0"
+
+from .cache import RateQuantCache, RateQuantLayer, RateQuantSlidingLayer
+from .config import ModelFingerprint, RateQuantConfig
+from .models import DEFAULT_MODEL, load_default_model, load_model
+from .quantizers import available_quantizers, get_quantizer, register_quantizer
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelFingerprint",
+    "RateQuantCache",
+    "RateQuantConfig",
+    "RateQuantLayer",
+    "RateQuantSlidingLayer",
+    "__version__",
+    "available_quantizers",
+    "get_quantizer",
+    "load_default_model",
+    "load_model",
+    "register_quantizer",
+]

@@ -1,0 +1,332 @@
+"""Bit allocation across KV-cache units under an average-bit budget.
+
+A *unit* is one (layer, kv-head, K or V) slice of the KV cache. Quantized at `b` bits, unit `u` is modelled as having
+distortion `D_u(b) = alpha_u * beta_u ** (-b)`. We pick integer bits `b_u` in `[b_min, b_max]` minimising
+`sum_u D_u(b_u)` subject to `mean_u b_u == budget`.
+
+- [`waterfill`] solves the continuous relaxation by reverse waterfilling: every unclipped unit has the same slope
+  `-D_u'(b_u) = lambda`, so `b_u = clip(log(alpha_u * ln(beta_u) / lambda) / ln(beta_u), b_min, b_max)`, with
+  `lambda` found by bisection (in log space) so that the mean equals the budget.
+- [`allocate_bits`] returns the exact integer optimum. `D_u` is convex in `b`, so adding bits one at a time to
+  the largest marginal gain `D_u(b) - D_u(b + 1)` is optimal; since each unit's gains decrease with `b`, this is the
+  same as taking the `total - n_units * b_min` largest gains overall (ties: lower bit first, then lower unit index).
+- [`allocate_from_table`] does the same from a table of measured distortions. Convex rows use the greedy; otherwise an
+  exact dynamic program over the total bit count is used.
+
+All functions are deterministic and work in float64 on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_BITS = tuple(range(1, 9))
+_BISECTION_STEPS = 200
+_TOTAL_TOL = 1e-6
+
+
+def _check_bounds(b_min: int, b_max: int) -> None:
+    for name, value in (("b_min", b_min), ("b_max", b_max)):
+        if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
+            raise ValueError(
+                f"{name}={value!r} is not an allowed bit-width: allowed bit-widths are the integers "
+                f"{ALLOWED_BITS[0]}..{ALLOWED_BITS[-1]}; pass an integer in that range."
+            )
+    if b_min > b_max:
+        raise ValueError(f"b_min={b_min} is greater than b_max={b_max}; pass b_min <= b_max.")
+
+
+def _check_budget(budget: float, b_min: int, b_max: int) -> float:
+    budget = float(budget)
+    if not math.isfinite(budget) or not b_min <= budget <= b_max:
+        raise ValueError(
+            f"budget {budget} is outside the allowed range [b_min, b_max] = [{b_min}, {b_max}]; choose a budget in "
+            "that range or widen the bounds."
+        )
+    return budget
+
+
+def _total_bits(budget: float, n_units: int) -> int:
+    """Integer total `budget * n_units`, or a ValueError naming the nearest feasible budgets."""
+    total = budget * n_units
+    nearest = round(total)
+    if abs(total - nearest) > _TOTAL_TOL:
+        below, above = math.floor(total), math.ceil(total)
+        raise ValueError(
+            f"budget {budget} with {n_units} units needs {total:.6g} total bits, which is not an integer; choose a "
+            f"budget that is a multiple of 1/{n_units}, e.g. {below / n_units:.6g} or {above / n_units:.6g}."
+        )
+    return nearest
+
+
+def _as_float64(values: float | torch.Tensor) -> torch.Tensor:
+    """CPU float64 copy; Python numbers and lists go straight to float64 (no float32 round trip)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to("cpu", torch.float64)
+    return torch.as_tensor(values, dtype=torch.float64)
+
+
+def _first_bad(values: torch.Tensor, bad: torch.Tensor) -> str:
+    index = int(bad.nonzero()[0, 0]) if values.dim() else 0
+    return f"[{index}] = {float(values.reshape(-1)[index])}"
+
+
+def _check_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    alpha = _as_float64(alpha)
+    if alpha.dim() != 1 or alpha.numel() == 0:
+        raise ValueError(
+            f"alpha must be a non-empty 1-D tensor of shape (n_units,), got shape {tuple(alpha.shape)}; flatten it "
+            "with alpha.reshape(-1)."
+        )
+    bad = ~(torch.isfinite(alpha) & (alpha > 0))
+    if bad.any():
+        raise ValueError(
+            f"alpha must be positive and finite, got alpha{_first_bad(alpha, bad)}; distortion scales must be > 0 "
+            "(clamp tiny or zero values, e.g. alpha.clamp_min(1e-12))."
+        )
+    return alpha
+
+
+def _check_beta(beta: float | torch.Tensor, n_units: int) -> torch.Tensor:
+    beta = _as_float64(beta)
+    if beta.shape not in ((), (1,), (n_units,)):
+        raise ValueError(
+            f"beta must be a float or a tensor of shape (), (1,) or (n_units,) = ({n_units},), got shape "
+            f"{tuple(beta.shape)}; pass one beta per unit or a single shared value."
+        )
+    bad = ~(torch.isfinite(beta) & (beta > 1))
+    if bad.any():
+        raise ValueError(
+            f"beta must be finite and > 1 (distortion must fall as bits grow), got beta{_first_bad(beta, bad)}; "
+            "refit the distortion model or pass a value > 1."
+        )
+    return beta.expand(n_units)
+
+
+def _greedy_counts(gains: torch.Tensor, n_extra: int) -> torch.Tensor:
+    """Extra bits per unit from the `n_extra` largest marginal gains; rows of `gains` must be non-increasing."""
+    n_units = gains.shape[0]
+    flat = gains.T.reshape(-1)  # (n_steps * n_units,), index = step * n_units + unit
+    chosen = torch.argsort(flat, descending=True, stable=True)[:n_extra]  # ties: lower step, then lower unit
+    return torch.bincount(chosen % n_units, minlength=n_units)  # (n_units,)
+
+
+def _dp_counts(table: torch.Tensor, n_extra: int) -> torch.Tensor:
+    """Exact minimiser of `sum_u table[u, k_u]` subject to `sum_u k_u == n_extra` (any table shape)."""
+    n_units, n_choices = table.shape
+    cost = torch.full((n_extra + 1,), math.inf, dtype=torch.float64)  # (n_extra + 1,) best cost per running total
+    cost[0] = 0.0
+    choice = torch.zeros(n_units, n_extra + 1, dtype=torch.uint8)  # (n_units, n_extra + 1)
+    for u in range(n_units):
+        candidates = torch.full((n_choices, n_extra + 1), math.inf, dtype=torch.float64)
+        for k in range(min(n_choices, n_extra + 1)):
+            candidates[k, k:] = cost[: n_extra + 1 - k] + table[u, k]
+        best = candidates.argmin(0)  # first minimum: fewest bits for this unit on ties
+        cost = candidates.gather(0, best[None]).squeeze(0)
+        choice[u] = best.to(torch.uint8)
+    counts = torch.zeros(n_units, dtype=torch.long)
+    remaining = n_extra
+    for u in range(n_units - 1, -1, -1):
+        counts[u] = int(choice[u, remaining])
+        remaining -= int(counts[u])
+    return counts
+
+
+def waterfill(
+    alpha: torch.Tensor, beta: float | torch.Tensor, budget: float, b_min: int = 1, b_max: int = 8
+) -> torch.Tensor:
+    """Continuous reverse-waterfilling allocation minimising `sum_u alpha_u * beta_u ** (-b_u)`.
+
+    Every unit not at a bound gets `b_u = log(alpha_u * ln(beta_u) / lambda) / ln(beta_u)`; `lambda` is found by
+    bisection on `log(lambda)` so that the mean of the clipped bits equals `budget`. With one shared `beta` and no unit
+    at a bound this is `budget + log_beta(alpha_u) - mean_u(log_beta(alpha_u))`.
+
+    Args:
+        alpha (`torch.Tensor`): positive, finite distortion scales of shape `(n_units,)`.
+        beta (`float` or `torch.Tensor`): distortion decay per bit, `> 1`; one shared value or shape `(n_units,)`.
+        budget (`float`): average bits per unit, in `[b_min, b_max]`; need not make the total an integer.
+        b_min (`int`, *optional*, defaults to 1): smallest bit-width, 1 to 8.
+        b_max (`int`, *optional*, defaults to 8): largest bit-width, 1 to 8.
+
+    Returns:
+        `torch.Tensor`: float64 bits of shape `(n_units,)` in `[b_min, b_max]` with mean `budget`.
+
+    Example:
+        >>> waterfill(torch.tensor([1.0, 4.0]), 2.0, budget=3.0).round(decimals=9)
+        tensor([2., 4.], dtype=torch.float64)
+    """
+    _check_bounds(b_min, b_max)
+    budget = _check_budget(budget, b_min, b_max)
+    alpha = _check_alpha(alpha)
+    log_beta = _check_beta(beta, alpha.numel()).log()  # (n_units,)
+    if budget in (b_min, b_max):
+        return torch.full_like(alpha, budget)
+    intercept = alpha.log() + log_beta.log()  # (n_units,) log(alpha * ln beta)
+
+    def bits_at(log_lambda: float) -> torch.Tensor:
+        return ((intercept - log_lambda) / log_beta).clamp(b_min, b_max)  # (n_units,)
+
+    lo = float((intercept - b_max * log_beta).min())  # every unit at b_max: mean >= budget
+    hi = float((intercept - b_min * log_beta).max())  # every unit at b_min: mean <= budget
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        if float(bits_at(mid).mean()) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return bits_at(0.5 * (lo + hi))
+
+
+def allocate_bits(
+    alpha: torch.Tensor, beta: float | torch.Tensor, budget: float, b_min: int = 1, b_max: int = 8
+) -> torch.LongTensor:
+    """Optimal integer bits minimising `sum_u alpha_u * beta_u ** (-b_u)` with `mean_u b_u == budget` exactly.
+
+    Starts every unit at `b_min` and hands out the remaining `budget * n_units - n_units * b_min` bits one at a time to
+    the largest marginal gain `D_u(b) - D_u(b + 1)` (compared in log space, so tiny distortions do not underflow). The
+    model is convex in `b`, so this is optimal. Ties go to the lower bit-width, then to the lower unit index. A larger
+    budget hands out a superset of the same bits, so no unit ever loses bits when the budget grows.
+
+    Args:
+        alpha (`torch.Tensor`): positive, finite distortion scales of shape `(n_units,)`.
+        beta (`float` or `torch.Tensor`): distortion decay per bit, `> 1`; one shared value or shape `(n_units,)`.
+        budget (`float`): average bits per unit, in `[b_min, b_max]`; `budget * n_units` must be an integer.
+        b_min (`int`, *optional*, defaults to 1): smallest bit-width, 1 to 8.
+        b_max (`int`, *optional*, defaults to 8): largest bit-width, 1 to 8.
+
+    Returns:
+        `torch.LongTensor`: bits of shape `(n_units,)` in `[b_min, b_max]` summing to `budget * n_units`.
+
+    Example:
+        >>> allocate_bits(torch.tensor([1.0, 16.0]), 2.0, budget=2.5)
+        tensor([1, 4])
+    """
+    _check_bounds(b_min, b_max)
+    budget = _check_budget(budget, b_min, b_max)
+    alpha = _check_alpha(alpha)
+    log_beta = _check_beta(beta, alpha.numel()).log()  # (n_units,)
+    n_units = alpha.numel()
+    n_extra = _total_bits(budget, n_units) - n_units * b_min
+    steps = torch.arange(b_min, b_max, dtype=torch.float64)  # (n_steps,) bit-width before each added bit
+    # log(D(b) - D(b + 1)) = log(alpha) - b * ln(beta) + log(1 - 1 / beta): non-increasing in b for each unit
+    log_gains = (alpha.log() + torch.log1p(-torch.exp(-log_beta)))[:, None] - steps[None, :] * log_beta[:, None]
+    return b_min + _greedy_counts(log_gains, n_extra)  # (n_units,)
+
+
+def allocate_from_table(distortion: torch.Tensor, bit_grid: torch.Tensor, budget: float) -> torch.LongTensor:
+    """Optimal integer bits from a table of measured distortions, with `mean_u b_u == budget` exactly.
+
+    Minimises `sum_u distortion[u, b_u - bit_grid[0]]`. If every row is convex in the bit-width (non-increasing
+    marginal gains, the usual case for measured or fitted curves), bits are handed out greedily by marginal gain as in
+    [`allocate_bits`]. Otherwise greedy is not optimal and an exact dynamic program over the running total of extra
+    bits is used: `O(n_units * n_bits * extra)` time and `n_units * extra` bytes, where `extra` is
+    `budget * n_units - n_units * bit_grid[0]`. Both paths return an exact optimum (ties may be broken differently).
+
+    Args:
+        distortion (`torch.Tensor`): finite distortions of shape `(n_units, n_bits)`; column `j` is the distortion at
+            `bit_grid[j]` bits.
+        bit_grid (`torch.Tensor`): 1-D tensor (or sequence) of `n_bits` consecutive increasing integers in 1..8, e.g.
+            `[2, 3, 4, 5, 6]`.
+        budget (`float`): average bits per unit, in `[bit_grid[0], bit_grid[-1]]`; `budget * n_units` must be an
+            integer.
+
+    Returns:
+        `torch.LongTensor`: bits of shape `(n_units,)`, each in `bit_grid`, summing to `budget * n_units`.
+
+    Example:
+        >>> table = torch.tensor([[4.0, 2.0, 1.0], [64.0, 16.0, 4.0]])
+        >>> allocate_from_table(table, torch.tensor([2, 3, 4]), budget=3.5)
+        tensor([3, 4])
+    """
+    grid = torch.as_tensor(bit_grid)
+    table = _as_float64(distortion)  # (n_units, n_bits)
+    if grid.dim() != 1 or grid.numel() == 0:
+        raise ValueError(f"bit_grid must be a non-empty 1-D tensor, got shape {tuple(grid.shape)}; e.g. [2, 3, 4].")
+    values = [float(b) for b in grid.tolist()]
+    first = values[0]
+    if not first.is_integer() or values != [first + j for j in range(len(values))] or not (
+        ALLOWED_BITS[0] <= first and values[-1] <= ALLOWED_BITS[-1]
+    ):
+        raise ValueError(
+            f"bit_grid must be consecutive increasing integers within {ALLOWED_BITS[0]}..{ALLOWED_BITS[-1]}, got "
+            f"{values}; pass e.g. [2, 3, 4, 5, 6]."
+        )
+    b_lo, b_hi = int(first), int(values[-1])
+    if table.dim() != 2 or table.shape[0] == 0 or table.shape[1] != len(values):
+        raise ValueError(
+            f"distortion must have shape (n_units, n_bits) = (n_units, {len(values)}) to match bit_grid, got "
+            f"{tuple(table.shape)}; one column per bit-width in bit_grid."
+        )
+    if not torch.isfinite(table).all():
+        raise ValueError("distortion must be finite, got NaN or inf entries; drop or re-measure those units.")
+    budget = _check_budget(budget, b_lo, b_hi)
+    n_units = table.shape[0]
+    n_extra = _total_bits(budget, n_units) - n_units * b_lo
+    gains = table[:, :-1] - table[:, 1:]  # (n_units, n_bits - 1) gain of each added bit
+    if bool((gains[:, 1:] <= gains[:, :-1]).all()):
+        return b_lo + _greedy_counts(gains, n_extra)  # (n_units,)
+    logger.debug("Non-convex distortion table: exact dynamic program (%d units, %d extra bits).", n_units, n_extra)
+    return b_lo + _dp_counts(table, n_extra)  # (n_units,)
+
+
+def total_distortion(alpha: torch.Tensor, beta: float | torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Modelled total distortion `sum_u alpha_u * beta_u ** (-bits_u)`.
+
+    Args:
+        alpha (`torch.Tensor`): positive, finite distortion scales of shape `(n_units,)`.
+        beta (`float` or `torch.Tensor`): distortion decay per bit, `> 1`; one shared value or shape `(n_units,)`.
+        bits (`torch.Tensor`): integer or continuous bits of shape `(n_units,)`.
+
+    Returns:
+        `torch.Tensor`: float64 scalar.
+    """
+    alpha = _check_alpha(alpha)
+    log_beta = _check_beta(beta, alpha.numel()).log()  # (n_units,)
+    bits = torch.as_tensor(bits)
+    if bits.shape != alpha.shape:
+        raise ValueError(
+            f"bits must have the same shape as alpha, {tuple(alpha.shape)}, got {tuple(bits.shape)}; pass one "
+            "bit-width per unit."
+        )
+    return (alpha * torch.exp(-bits.to(torch.float64) * log_beta)).sum()
+
+
+def fixed_allocations(
+    n_units_k: int, n_units_v: int, budget: float, b_min: int = 1, b_max: int = 8
+) -> list[tuple[int, int]]:
+    """Every uniform (key bits, value bits) pair whose unit-weighted mean equals `budget`.
+
+    Keys all get `k` bits and values all get `v` bits, with `b_min <= k, v <= b_max` and
+    `(n_units_k * k + n_units_v * v) / (n_units_k + n_units_v) == budget`. With equal unit counts this is
+    `(k + v) / 2 == budget`, e.g. budget 2.5 gives `[(1, 4), (2, 3), (3, 2), (4, 1)]`. The list may be empty when no
+    uniform split hits the budget (e.g. 2.25 with equal counts).
+
+    Args:
+        n_units_k (`int`): number of key units, `> 0`.
+        n_units_v (`int`): number of value units, `> 0`.
+        budget (`float`): average bits per unit, in `[b_min, b_max]`.
+        b_min (`int`, *optional*, defaults to 1): smallest bit-width, 1 to 8.
+        b_max (`int`, *optional*, defaults to 8): largest bit-width, 1 to 8.
+
+    Returns:
+        `list[tuple[int, int]]`: `(key_bits, value_bits)` pairs sorted by increasing key bits.
+    """
+    _check_bounds(b_min, b_max)
+    budget = _check_budget(budget, b_min, b_max)
+    for name, count in (("n_units_k", n_units_k), ("n_units_v", n_units_v)):
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {count!r}; pass the number of units.")
+    target = budget * (n_units_k + n_units_v)
+    return [
+        (k, v)
+        for k in range(b_min, b_max + 1)
+        for v in range(b_min, b_max + 1)
+        if abs(n_units_k * k + n_units_v * v - target) <= _TOTAL_TOL
+    ]

@@ -1,0 +1,444 @@
+"""`RateQuantCache`: a `DynamicCache` whose layers store every kv-head at its own bit-width, really packed.
+
+Each layer keeps the most recent `residual_length` (R) tokens in full precision. Older tokens leave that window in
+whole groups of `group_size` (G) tokens and are quantized exactly once: every kv-head at its own bits, keys and values
+separately, heads sharing a bit-width quantized together in one vectorised call. The window therefore holds between
+R and R + G - 1 tokens once the sequence is longer than R.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .config import RateQuantConfig
+from .quantizers import KEEP_BITS, QuantizedBlock, Quantizer, get_quantizer
+
+__all__ = ["RateQuantCache", "RateQuantLayer", "RateQuantSlidingLayer"]
+
+
+class _HeadGroups:
+    """The quantized past of one layer's keys (or values): kv-heads grouped by bit-width.
+
+    For every distinct bit-width it holds the head indices and one [`QuantizedBlock`] (or, for 16 bits, a plain
+    tensor) with the tokens `[0, num_tokens)` of those heads.
+    """
+
+    def __init__(self, bits_per_head: list[int], quantizer: Quantizer, kind: str):
+        self.quantizer, self.kind = quantizer, kind
+        self.num_heads = len(bits_per_head)
+        self.classes: list[tuple[int, list[int]]] = [
+            (bits, [h for h, b in enumerate(bits_per_head) if b == bits]) for bits in sorted(set(bits_per_head))
+        ]
+        self.index: list[slice | torch.Tensor] = []
+        self.data: list[QuantizedBlock | torch.Tensor | None] = [None] * len(self.classes)
+        self.num_tokens = 0
+
+    def to_device(self, device: torch.device) -> None:
+        """Build the head selectors on `device`: a slice where the heads are contiguous, else an index tensor."""
+        self.index = []
+        for _, heads in self.classes:
+            if heads == list(range(heads[0], heads[-1] + 1)):
+                self.index.append(slice(heads[0], heads[-1] + 1))
+            else:
+                self.index.append(torch.tensor(heads, device=device))
+
+    @property
+    def time_block(self) -> int:
+        return self.quantizer.time_block(self.kind)
+
+    def append(self, x: torch.Tensor) -> None:
+        """Quantize `x` `(batch, heads, tokens, head_dim)` and append it along tokens."""
+        for i, ((bits, _), sel) in enumerate(zip(self.classes, self.index)):
+            part = x[:, sel]
+            new = part.clone() if bits == KEEP_BITS else self.quantizer.quantize(part, bits, self.kind)
+            old = self.data[i]
+            if old is None:
+                self.data[i] = new
+            elif bits == KEEP_BITS:
+                self.data[i] = torch.cat([old, new], dim=2)
+            else:
+                self.data[i] = QuantizedBlock.cat([old, new])
+        self.num_tokens += x.shape[2]
+
+    def dequantize_into(self, out: torch.Tensor) -> None:
+        """Write the dequantized past into `out` `(batch, heads, num_tokens, head_dim)`."""
+        for (bits, _), sel, data in zip(self.classes, self.index, self.data):
+            out[:, sel] = data if bits == KEEP_BITS else self.quantizer.dequantize(data, self.kind)
+
+    def dequantize(self, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+        """Dequantized tokens `[start, stop)`; `start` must be a multiple of `time_block`."""
+        tb = self.time_block
+        aligned_stop = -(-stop // tb) * tb
+        out = like.new_empty(like.shape[0], self.num_heads, aligned_stop - start, like.shape[-1])
+        for (bits, _), sel, data in zip(self.classes, self.index, self.data):
+            if bits == KEEP_BITS:
+                out[:, sel] = data[:, :, start:aligned_stop]
+            else:
+                out[:, sel] = self.quantizer.dequantize(data.tokens(start, aligned_stop), self.kind)
+        return out[:, :, : stop - start]
+
+    def keep(self, start: int, stop: int) -> None:
+        """Keep only the tokens `[start, stop)` (both multiples of `time_block`)."""
+        for i, (bits, _) in enumerate(self.classes):
+            data = self.data[i]
+            if data is not None:
+                self.data[i] = data[:, :, start:stop] if bits == KEEP_BITS else data.tokens(start, stop)
+        self.num_tokens = stop - start
+
+    def map(self, fn) -> None:
+        """Apply `fn` to every stored tensor (batch reordering, device moves)."""
+        for i, (bits, _) in enumerate(self.classes):
+            data = self.data[i]
+            if data is not None:
+                self.data[i] = fn(data) if bits == KEEP_BITS else data.map(fn)
+
+    def clear(self) -> None:
+        self.data = [None] * len(self.classes)
+        self.num_tokens = 0
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for (bits, _), data in zip(self.classes, self.data):
+            if data is not None:
+                total += data.numel() * data.element_size() if bits == KEEP_BITS else data.nbytes
+        return total
+
+
+class RateQuantLayer(DynamicLayer):
+    """One attention layer's cache: a quantized past (per-head bits) plus a full-precision residual window.
+
+    `self.keys` / `self.values` hold the residual window, `(batch, kv_heads, tokens, head_dim)`.
+
+    Args:
+        key_bits (`list[int]`): bits of every kv-head's keys (1..8, or 16 to keep as is).
+        value_bits (`list[int]`): bits of every kv-head's values.
+        quantizer (`Quantizer`): the quantizer design.
+        residual_length (`int`): tokens kept in full precision (R).
+        group_size (`int`): tokens leave the window in multiples of this (G).
+    """
+
+    is_croppable = True
+
+    def __init__(
+        self,
+        key_bits: list[int],
+        value_bits: list[int],
+        quantizer: Quantizer,
+        residual_length: int,
+        group_size: int,
+    ):
+        super().__init__()
+        if len(key_bits) != len(value_bits):
+            raise ValueError(f"{len(key_bits)} key bit-widths but {len(value_bits)} value bit-widths.")
+        self.key_bits, self.value_bits = list(key_bits), list(value_bits)
+        self.quantizer = quantizer
+        self.residual_length = residual_length
+        self.group_size = group_size
+        self.past_keys = _HeadGroups(self.key_bits, quantizer, "key")
+        self.past_values = _HeadGroups(self.value_bits, quantizer, "value")
+
+    def __repr__(self):
+        return f"{type(self).__name__}(key_bits={self.key_bits}, value_bits={self.value_bits})"
+
+    # ---- the cache-layer protocol ----------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[1] != len(self.key_bits):
+            raise ValueError(
+                f"This layer was configured for {len(self.key_bits)} kv-heads but received {key_states.shape[1]}: "
+                "the RateQuantConfig does not match the model."
+            )
+        self.quantizer.check_head_dim(key_states.shape[-1])
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0].clone()
+        self.values = value_states[:, :, :0].clone()
+        self.past_keys.to_device(self.device)
+        self.past_values.to_device(self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the new states; return the whole history as attention should see it.
+
+        The past comes back dequantized, the residual window and the new tokens in full precision. Then every whole
+        group of tokens older than the window is quantized.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2) if self.keys.shape[-2] else key_states
+        self.values = torch.cat([self.values, value_states], dim=-2) if self.values.shape[-2] else value_states
+        keys = self._with_past(self.past_keys, self.keys)
+        values = self._with_past(self.past_values, self.values)
+        self._flush()
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.past_keys.num_tokens + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _with_past(past: _HeadGroups, window: torch.Tensor) -> torch.Tensor:
+        if past.num_tokens == 0:
+            return window
+        b, h, t, d = window.shape
+        out = window.new_empty(b, h, past.num_tokens + t, d)  # (batch, kv_heads, past + window, head_dim)
+        past.dequantize_into(out[:, :, : past.num_tokens])
+        out[:, :, past.num_tokens :] = window
+        return out
+
+    def _flush(self) -> None:
+        """Quantize the whole groups of tokens that are older than the residual window."""
+        excess = self.keys.shape[-2] - self.residual_length
+        n = (excess // self.group_size) * self.group_size
+        if n <= 0:
+            return
+        # Slices are copied so the (small) residual does not keep the whole prefill tensor alive.
+        self.past_keys.append(self.keys[:, :, :n])
+        self.past_values.append(self.values[:, :, :n])
+        self.keys = self.keys[:, :, n:].clone()
+        self.values = self.values[:, :, n:].clone()
+
+    def _truncate(self, length: int) -> None:
+        """Keep the first `length` tokens. A partial group of the quantized past returns to the window dequantized
+        (those tokens keep the error they already had; they are not quantized twice)."""
+        n_past = self.past_keys.num_tokens
+        if length >= n_past:
+            self.keys = self.keys[:, :, : length - n_past]
+            self.values = self.values[:, :, : length - n_past]
+            return
+        block = max(self.past_keys.time_block, self.past_values.time_block)
+        n_keep = (length // block) * block
+        tail_k = self.past_keys.dequantize(n_keep, length, self.keys)
+        tail_v = self.past_values.dequantize(n_keep, length, self.values)
+        self.past_keys.keep(0, n_keep)
+        self.past_values.keep(0, n_keep)
+        self.keys, self.values = tail_k, tail_v
+
+    def _map(self, fn) -> None:
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.past_keys.map(fn)
+        self.past_values.map(fn)
+
+    # ---- what generate() calls -------------------------------------------------------------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (negative, as assisted decoding passes it), or keep the first
+        `tokens_to_remove` tokens when it is positive (the older transformers convention)."""
+        if not self.is_initialized:
+            return
+        length = self.get_seq_length()
+        target = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
+        if target < 0:
+            raise ValueError(f"Cannot remove {-tokens_to_remove} tokens from a cache holding {length}.")
+        if target < length:
+            self._truncate(target)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            idx = beam_idx.to(self.device)
+            self._map(lambda t: t.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._map(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        self.past_keys.clear()
+        self.past_values.clear()
+        super().reset()
+
+    def offload(self):
+        if self.is_initialized:
+            self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self.keys.device != self.device:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, scales, zero-points, unquantized heads and the residual window."""
+        if not self.is_initialized:
+            return 0
+        window = sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        return self.past_keys.nbytes + self.past_values.nbytes + window
+
+
+class RateQuantSlidingLayer(RateQuantLayer):
+    """A quantized sliding-window layer: like [`RateQuantLayer`], and groups of tokens that have left the
+    attention window (`sliding_window`) are dropped. Attention sees at least the last `sliding_window - 1` tokens;
+    the mask, built from absolute positions, hides the older ones that are still held.
+
+    Args:
+        sliding_window (`int`): the model's sliding window.
+    """
+
+    is_sliding = True
+
+    def __init__(self, *args, sliding_window: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sliding_window = sliding_window
+        self.dropped = 0  # tokens dropped from the front
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self._drop_old()
+        return keys, values
+
+    def _drop_old(self) -> None:
+        excess = RateQuantLayer.get_seq_length(self) - (self.sliding_window - 1)
+        if excess <= 0:
+            return
+        n_past = self.past_keys.num_tokens
+        if n_past:
+            n = (min(excess, n_past) // self.group_size) * self.group_size
+            if n:
+                self.past_keys.keep(n, n_past)
+                self.past_values.keep(n, n_past)
+                self.dropped += n
+                excess -= n
+        if self.past_keys.num_tokens == 0 and excess > 0:  # the window alone is longer than the attention window
+            self.keys, self.values = self.keys[:, :, excess:], self.values[:, :, excess:]
+            self.dropped += excess
+
+    def get_seq_length(self) -> int:
+        return self.dropped + super().get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return super().get_seq_length() + query_length, self.dropped
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if not self.is_initialized:
+            return
+        total = self.get_seq_length()
+        target = tokens_to_remove if tokens_to_remove > 0 else total + tokens_to_remove
+        if target < self.dropped:
+            raise ValueError(
+                f"Cannot crop a sliding-window layer to {target} tokens: the first {self.dropped} have already "
+                "left its window and were dropped."
+            )
+        if target < total:
+            self._truncate(target - self.dropped)
+
+    def reset(self) -> None:
+        self.dropped = 0
+        super().reset()
+
+
+class RateQuantCache(DynamicCache):
+    """A drop-in `DynamicCache` that stores each (layer, kv-head), keys and values separately, at its own bits.
+
+    RateQuant: calibrated distortion curves and closed-form bit allocation for KV-cache quantization
+    (https://arxiv.org/abs/2605.06675).
+
+    Args:
+        ddp_cache_data (*optional*): kept as the first argument for `DynamicCache` compatibility; states to
+            pre-fill the layers with, one `(keys, values)` pair per layer.
+        config (`PretrainedConfig`, *optional*): the model's config; checked against `quant_config` and used to find
+            sliding-window layers.
+        quant_config (`RateQuantConfig`): the bit allocation and quantizer.
+
+    Example:
+        >>> from hf_ratequant import RateQuantCache, RateQuantConfig, load_default_model
+        >>> model, tokenizer = load_default_model()
+        >>> cache = RateQuantCache(config=model.config, quant_config=RateQuantConfig.uniform(model.config, bits=4))
+        >>> inputs = tokenizer("The capital of France is", return_tensors="pt")
+        >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8)
+    """
+
+    def __init__(
+        self,
+        ddp_cache_data=None,
+        config: Any = None,
+        *,
+        quant_config: RateQuantConfig,
+    ):
+        if not isinstance(quant_config, RateQuantConfig):
+            raise TypeError(f"quant_config must be a RateQuantConfig, got {type(quant_config).__name__}.")
+        if config is not None:
+            fp = quant_config.check_model(config)
+        elif quant_config.fingerprint is not None:
+            fp = quant_config.fingerprint
+        else:
+            fp = None
+        layer_types = list(fp.layer_types) if fp is not None and fp.layer_types else None
+        quantizer = get_quantizer(quant_config.quantizer, quant_config.group_size)
+        layers: list[RateQuantLayer] = []
+        for i, (kb, vb) in enumerate(zip(quant_config.key_bits, quant_config.value_bits)):
+            args = (kb, vb, quantizer, quant_config.residual_length, quant_config.group_size)
+            if layer_types is not None and layer_types[i] != "full_attention":
+                layers.append(RateQuantSlidingLayer(*args, sliding_window=fp.sliding_window))
+            else:
+                layers.append(RateQuantLayer(*args))
+        self.quant_config = quant_config
+        # `Cache.__init__` directly: `DynamicCache.__init__` would build its own (unquantized) layers.
+        super(DynamicCache, self).__init__(layers=layers)
+        if ddp_cache_data is not None:
+            for layer, (keys, values, *_) in zip(self.layers, ddp_cache_data):
+                if keys is not None:
+                    layer.update(keys, values)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        config_or_path: RateQuantConfig | str | os.PathLike,
+        *,
+        model: Any = None,
+        model_config: Any = None,
+        **kwargs,
+    ) -> RateQuantCache:
+        """Build a cache from a `RateQuantConfig`, a folder saved with `save_pretrained`, or a Hub repo id.
+
+        Args:
+            config_or_path (`RateQuantConfig`, `str` or `os.PathLike`): the allocation, or where to load it from.
+            model (`PreTrainedModel`, *optional*): the model the cache is for; its config is checked against the
+                allocation's fingerprint and a mismatch is refused.
+            model_config (`PretrainedConfig`, *optional*): alternatively, the model's config.
+            kwargs: passed to [`RateQuantConfig.from_pretrained`] (e.g. `revision`).
+        """
+        if isinstance(config_or_path, RateQuantConfig):
+            quant_config = config_or_path
+        else:
+            quant_config = RateQuantConfig.from_pretrained(config_or_path, **kwargs)
+        if model is not None:
+            model_config = model.config
+        return cls(config=model_config, quant_config=quant_config)
+
+    def __iter__(self):
+        for layer in self.layers:
+            n = layer.past_keys.num_tokens if layer.is_initialized else 0
+            keys = layer._with_past(layer.past_keys, layer.keys) if n else layer.keys
+            values = layer._with_past(layer.past_values, layer.values) if n else layer.values
+            yield keys, values, None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held by the cache: packed codes, scales, zero-points and full-precision windows."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def nbytes_16bit(self) -> int:
+        """Bytes the same tokens would take in a 16-bit `DynamicCache` (the usual serving baseline)."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                b, h, _, d = layer.keys.shape
+                total += 2 * b * h * (layer.get_seq_length() - getattr(layer, "dropped", 0)) * d * 2
+        return total

@@ -1,0 +1,350 @@
+"""`RateQuantConfig`: which quantizer, which bits for every (layer, kv-head, key/value) unit, and how they were found.
+
+Settings are saved as JSON (`ratequant_config.json`), fitted tensors (alpha, beta, sensitivities) as safetensors
+(`ratequant_curves.safetensors`). Nothing else is ever read: no pickle, no remote code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .quantizers import KEEP_BITS, available_quantizers, check_bits
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CONFIG_NAME = "ratequant_config.json"
+CURVES_NAME = "ratequant_curves.safetensors"
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a config must agree with to be used on a model.
+
+    Attributes:
+        architecture (`str`): e.g. `"LlamaForCausalLM"` (or the `model_type` when no architecture is recorded).
+        num_layers (`int`), num_kv_heads (`int`), head_dim (`int`): the KV cache geometry.
+        layer_types (`tuple[str, ...]`): attention type of every layer (`full_attention`, `sliding_attention`, ...).
+        sliding_window (`int` or `None`): window of the sliding layers.
+        name_or_path (`str`, *optional*), revision (`str`, *optional*): where the model came from, when known.
+    """
+
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    name_or_path: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def from_model_config(cls, model_config: Any) -> ModelFingerprint:
+        """Read the KV-cache geometry of a `transformers` config (the text config of multimodal models)."""
+        text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+        archs = getattr(model_config, "architectures", None) or [getattr(text, "model_type", "unknown")]
+        num_layers = text.num_hidden_layers
+        num_heads = text.num_attention_heads
+        num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+        layer_types = getattr(text, "layer_types", None)
+        sliding = getattr(text, "sliding_window", None)
+        if getattr(text, "use_sliding_window", True) is False:
+            sliding = None
+        if layer_types is None:
+            if sliding is not None:
+                layer_types = ["sliding_attention"] * num_layers
+            elif getattr(text, "attention_chunk_size", None) is not None:
+                layer_types = ["chunked_attention"] * num_layers
+                sliding = text.attention_chunk_size
+            else:
+                layer_types = ["full_attention"] * num_layers
+        return cls(
+            architecture=archs[0],
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            layer_types=tuple(layer_types),
+            sliding_window=sliding,
+            name_or_path=getattr(model_config, "_name_or_path", None) or None,
+            revision=getattr(model_config, "_commit_hash", None),
+        )
+
+    def geometry(self) -> tuple[int, int, int]:
+        return self.num_layers, self.num_kv_heads, self.head_dim
+
+    def describe(self) -> str:
+        name = f" ({self.name_or_path})" if self.name_or_path else ""
+        return (
+            f"{self.architecture}{name}: {self.num_layers} layers x {self.num_kv_heads} kv-heads x "
+            f"head_dim {self.head_dim}"
+        )
+
+
+@dataclass
+class RateQuantConfig:
+    """Per-unit bit allocation of a KV cache, and the calibration it came from.
+
+    A *unit* is one (layer, kv-head, keys or values). `key_bits[l][h]` and `value_bits[l][h]` are integers in 1..8,
+    or 16 to keep that unit unquantized.
+
+    Args:
+        key_bits (`list[list[int]]`): bits of the keys, `num_layers x num_kv_heads`.
+        value_bits (`list[list[int]]`): bits of the values, same shape.
+        quantizer (`str`, *optional*, defaults to `"kivi"`): registered quantizer design.
+        group_size (`int`, *optional*, defaults to 32): group size G of the quantizer.
+        residual_length (`int`, *optional*, defaults to 128): most recent tokens kept in full precision (R).
+        budget (`float`, *optional*): the average-bit budget the allocation was made for.
+        b_min (`int`, *optional*, defaults to 1), b_max (`int`, *optional*, defaults to 8): allocation bounds.
+        method (`str`, *optional*, defaults to `"uniform"`): how the bits were chosen.
+        fingerprint (`ModelFingerprint`, *optional*): the model the config was made for.
+        calibration (`dict`, *optional*): calibration settings and measurements (JSON-serialisable).
+        curves (`dict[str, torch.Tensor]`, *optional*): fitted tensors (`alpha`, `beta`, `sensitivity`, ...),
+            saved as safetensors.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> cfg = RateQuantConfig.uniform(LlamaConfig(num_hidden_layers=2, num_key_value_heads=2), bits=4)
+        >>> cfg.average_bits
+        4.0
+    """
+
+    key_bits: list[list[int]]
+    value_bits: list[list[int]]
+    quantizer: str = "kivi"
+    group_size: int = 32
+    residual_length: int = 128
+    budget: float | None = None
+    b_min: int = 1
+    b_max: int = 8
+    method: str = "uniform"
+    fingerprint: ModelFingerprint | None = None
+    calibration: dict = field(default_factory=dict)
+    curves: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls,
+        model_config: Any,
+        bits: int | None = None,
+        *,
+        key_bits: int | None = None,
+        value_bits: int | None = None,
+        quantizer: str = "kivi",
+        group_size: int = 32,
+        residual_length: int = 128,
+    ) -> RateQuantConfig:
+        """A fixed allocation: every key at `key_bits` (default `bits`), every value at `value_bits` (default `bits`).
+
+        Args:
+            model_config (`PretrainedConfig` or `ModelFingerprint`): the model's config.
+            bits (`int`, *optional*): bits of every unit, unless `key_bits`/`value_bits` say otherwise.
+        """
+        key_bits = bits if key_bits is None else key_bits
+        value_bits = bits if value_bits is None else value_bits
+        if key_bits is None or value_bits is None:
+            raise ValueError("Pass `bits`, or both `key_bits` and `value_bits` (integers 1..8, or 16).")
+        check_bits(key_bits, "key_bits")
+        check_bits(value_bits, "value_bits")
+        fp = model_config if isinstance(model_config, ModelFingerprint) else ModelFingerprint.from_model_config(
+            model_config
+        )
+        rows, cols = fp.num_layers, fp.num_kv_heads
+        method = "uniform" if key_bits == value_bits else "kv-split"
+        return cls(
+            key_bits=[[key_bits] * cols for _ in range(rows)],
+            value_bits=[[value_bits] * cols for _ in range(rows)],
+            quantizer=quantizer,
+            group_size=group_size,
+            residual_length=residual_length,
+            budget=(key_bits + value_bits) / 2,
+            method=method,
+            fingerprint=fp,
+        )
+
+    # ---- validation ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raises `ValueError` naming the bad value, the allowed values and the fix."""
+        if self.quantizer not in available_quantizers():
+            raise ValueError(
+                f"Unknown quantizer {self.quantizer!r}: registered quantizers are {available_quantizers()}."
+            )
+        for name in ("group_size", "residual_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "group_size" else 0):
+                raise ValueError(f"{name}={value!r} must be a {'positive' if name == 'group_size' else 'non-negative'} "
+                                 "integer.")
+        if self.residual_length % self.group_size:
+            raise ValueError(
+                f"residual_length={self.residual_length} must be a multiple of group_size={self.group_size}, so "
+                "tokens leave the full-precision window in whole groups (KIVI uses R=128, G=32)."
+            )
+        if isinstance(self.fingerprint, dict):
+            self.fingerprint = ModelFingerprint(**_known_fields(ModelFingerprint, self.fingerprint))
+        for kind in ("key_bits", "value_bits"):
+            table = getattr(self, kind)
+            if not table or not all(isinstance(row, (list, tuple)) and row for row in table):
+                raise ValueError(f"{kind} must be a non-empty num_layers x num_kv_heads list of lists of integers.")
+            if len({len(row) for row in table}) != 1:
+                raise ValueError(f"{kind} rows have different lengths {sorted({len(r) for r in table})}: every "
+                                 "layer must list one bit-width per kv-head.")
+            for layer, row in enumerate(table):
+                for head, bits in enumerate(row):
+                    check_bits(bits, f"{kind}[{layer}][{head}]")
+            setattr(self, kind, [list(row) for row in table])
+        if len(self.key_bits) != len(self.value_bits) or len(self.key_bits[0]) != len(self.value_bits[0]):
+            raise ValueError(
+                f"key_bits is {len(self.key_bits)}x{len(self.key_bits[0])} but value_bits is "
+                f"{len(self.value_bits)}x{len(self.value_bits[0])}: both must be num_layers x num_kv_heads."
+            )
+        if self.fingerprint is not None and (self.fingerprint.num_layers, self.fingerprint.num_kv_heads) != (
+            self.num_layers,
+            self.num_kv_heads,
+        ):
+            raise ValueError(
+                f"The bit tables are {self.num_layers}x{self.num_kv_heads} but the fingerprint describes "
+                f"{self.fingerprint.describe()}."
+            )
+
+    # ---- properties ------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.key_bits)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.key_bits[0])
+
+    @property
+    def average_bits(self) -> float:
+        """Plain mean of the bit-widths of all units (16 for unquantized units)."""
+        flat = [b for table in (self.key_bits, self.value_bits) for row in table for b in row]
+        return sum(flat) / len(flat)
+
+    def bits_tensor(self) -> torch.Tensor:
+        """All bits as a `(num_layers, num_kv_heads, 2)` long tensor, `[..., 0]` keys and `[..., 1]` values."""
+        return torch.stack([torch.tensor(self.key_bits), torch.tensor(self.value_bits)], dim=-1)
+
+    def check_model(self, model_config: Any) -> ModelFingerprint:
+        """Raise a `ValueError` naming both sides if this config does not fit `model_config`'s KV cache."""
+        fp = ModelFingerprint.from_model_config(model_config)
+        unsupported = sorted({t for t in fp.layer_types if t not in SUPPORTED_LAYER_TYPES})
+        if unsupported:
+            raise ValueError(
+                f"{fp.architecture} has attention layers of type {unsupported}, which RateQuantCache cannot serve: "
+                f"supported layer types are {list(SUPPORTED_LAYER_TYPES)}."
+            )
+        if (fp.num_layers, fp.num_kv_heads) != (self.num_layers, self.num_kv_heads):
+            made_for = self.fingerprint.describe() if self.fingerprint else "an unknown model"
+            raise ValueError(
+                f"This RateQuantConfig has {self.num_layers} layers x {self.num_kv_heads} kv-heads (made for "
+                f"{made_for}) but the model is {fp.describe()}. Use a config calibrated for this model, or build "
+                "one with RateQuantConfig.uniform(model.config, bits=...)."
+            )
+        if self.fingerprint is not None and self.fingerprint.head_dim != fp.head_dim:
+            raise ValueError(
+                f"This RateQuantConfig was made for head_dim {self.fingerprint.head_dim} "
+                f"({self.fingerprint.describe()}) but the model is {fp.describe()}."
+            )
+        return fp
+
+    # ---- serialisation ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """JSON-serialisable settings (without the `curves` tensors)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "curves"}
+        d["fingerprint"] = dataclasses.asdict(self.fingerprint) if self.fingerprint else None
+        if d["fingerprint"]:
+            d["fingerprint"]["layer_types"] = list(d["fingerprint"]["layer_types"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict, curves: dict[str, torch.Tensor] | None = None) -> RateQuantConfig:
+        """Build from `to_dict()` output; unknown keys are ignored (forward compatibility)."""
+        version = data.get("version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(
+                f"This RateQuantConfig has schema version {version!r}, newer than the {SCHEMA_VERSION} this "
+                "hf-ratequant understands: upgrade with `pip install -U hf-ratequant`."
+            )
+        known = _known_fields(cls, data)
+        if known.get("fingerprint"):
+            fp = _known_fields(ModelFingerprint, known["fingerprint"])
+            fp["layer_types"] = tuple(fp.get("layer_types", ()))
+            known["fingerprint"] = ModelFingerprint(**fp)
+        return cls(**known, curves=dict(curves or {}))
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `ratequant_config.json` and, when there are fitted tensors, `ratequant_curves.safetensors`.
+
+        Files are written to temporary names and renamed, so an interrupted save never leaves a half-written file.
+        """
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        payload = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        _atomic_write(os.path.join(save_directory, CONFIG_NAME), lambda p: _write_text(p, payload))
+        curves_path = os.path.join(save_directory, CURVES_NAME)
+        if self.curves:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.curves.items()}
+            _atomic_write(curves_path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        elif os.path.exists(curves_path):
+            os.remove(curves_path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> RateQuantConfig:
+        """Load from a local folder holding `ratequant_config.json` (and optionally the curves)."""
+        from safetensors.torch import load_file
+
+        config_path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {os.fspath(path)!r}: is this a RateQuantConfig folder?")
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+        curves_path = os.path.join(path, CURVES_NAME)
+        curves = load_file(curves_path) if os.path.isfile(curves_path) else None
+        return cls.from_dict(data, curves)
+
+
+def _known_fields(cls: type, data: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        logger.info("Ignoring unknown %s keys %s (written by a newer hf-ratequant?)", cls.__name__, unknown)
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _atomic_write(path: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+__all__ = ["CONFIG_NAME", "CURVES_NAME", "KEEP_BITS", "ModelFingerprint", "RateQuantConfig", "SCHEMA_VERSION"]

@@ -1,0 +1,218 @@
+"""The quantizer interface, the packed container it produces, and the registry of designs.
+
+A quantizer turns a `(batch, heads, tokens, head_dim)` tensor into a [`QuantizedBlock`]: packed integer codes plus
+one scale and one zero-point per group, stored in the input's dtype. Groups are asymmetric min-max round-to-nearest.
+Subclasses only say how values are grouped (and, optionally, how they are rotated first); the base class validates
+input, does the rounding, the packing and the bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from .packing import PACKABLE_BITS, pack, unpack
+
+KEEP_BITS = 16
+"""The bit-width that means "keep the unit as is, unquantized"."""
+ALLOWED_BITS = (*PACKABLE_BITS, KEEP_BITS)
+KINDS = ("key", "value")
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Validate one bit-width: an integer in 1..8, or 16 for "keep as is"."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ALLOWED_BITS:
+        raise ValueError(
+            f"{what}={bits!r} is not a valid bit-width: allowed are the integers 1..8, or 16 to keep a unit "
+            "unquantized. Nothing is clamped: choose one of those values."
+        )
+    return bits
+
+
+@dataclass
+class QuantizedBlock:
+    """Packed codes of a `(batch, heads, tokens, head_dim)` tensor, concatenable along tokens.
+
+    Attributes:
+        codes (`torch.Tensor`): `uint8`, `(batch, heads, tokens, ceil(head_dim * bits / 8))`.
+        scale (`torch.Tensor`): `(batch, heads, tokens // time_block, n_groups)` in the model's dtype.
+        zero (`torch.Tensor`): same shape as `scale`; the group minimum.
+        bits (`int`): bit-width of every code.
+        head_dim (`int`): number of codes in one row before packing.
+        time_block (`int`): tokens sharing one row of `scale`/`zero` (group size for per-channel, 1 for per-token).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    head_dim: int
+    time_block: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedBlock:
+        """Apply `fn` to every stored tensor (for batch selection and device moves)."""
+        return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
+
+    def tokens(self, start: int, stop: int) -> QuantizedBlock:
+        """The tokens `[start, stop)`; both must be multiples of `time_block`."""
+        if start % self.time_block or stop % self.time_block:
+            raise ValueError(f"Token range [{start}, {stop}) is not aligned to blocks of {self.time_block} tokens.")
+        tb = self.time_block
+        return replace(
+            self,
+            codes=self.codes[:, :, start:stop],
+            scale=self.scale[:, :, start // tb : stop // tb],
+            zero=self.zero[:, :, start // tb : stop // tb],
+        )
+
+    @staticmethod
+    def cat(blocks: list[QuantizedBlock]) -> QuantizedBlock:
+        if len(blocks) == 1:
+            return blocks[0]
+        return replace(
+            blocks[0],
+            codes=torch.cat([b.codes for b in blocks], dim=2),
+            scale=torch.cat([b.scale for b in blocks], dim=2),
+            zero=torch.cat([b.zero for b in blocks], dim=2),
+        )
+
+
+class Quantizer:
+    """Base class of the quantizer designs.
+
+    Subclasses set `name` and implement `_to_groups` / `_from_groups` (how a `(B, H, T, D)` tensor is laid out as
+    `(..., n_elements_per_group)` rows, and back), and optionally `_rotate` / `_unrotate`.
+
+    Args:
+        group_size (`int`, *optional*, defaults to 32): the group size G of the design.
+    """
+
+    name: str = ""
+
+    def __init__(self, group_size: int = 32):
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size={group_size!r} must be a positive integer (KIVI uses 32).")
+        self.group_size = group_size
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(group_size={self.group_size})"
+
+    # ---- what subclasses define -------------------------------------------------------------------------------
+    def time_block(self, kind: str) -> int:
+        """Tokens that must be quantized together for `kind` ("key" or "value")."""
+        return 1
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise a `ValueError` if this design cannot quantize rows of `head_dim` channels."""
+
+    def _to_groups(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """(B, H, T, D) -> (B, H, T // time_block, n_groups, group_len)."""
+        raise NotImplementedError
+
+    def _from_groups(self, g: torch.Tensor, kind: str, shape: torch.Size) -> torch.Tensor:
+        """Inverse of `_to_groups`."""
+        raise NotImplementedError
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    # ---- what the base class does -----------------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor, bits: int, kind: str) -> QuantizedBlock:
+        """Quantize `x` of shape `(batch, heads, tokens, head_dim)` at `bits` bits (1..8).
+
+        Raises:
+            `ValueError`: non-finite values, bad bits, or tokens not a multiple of `time_block(kind)`.
+        """
+        check_bits(bits)
+        if bits == KEEP_BITS:
+            raise ValueError("16 bits means 'keep as is': such units are stored unquantized, not quantized.")
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} must be one of {KINDS}.")
+        if x.dim() != 4:
+            raise ValueError(f"Expected a (batch, heads, tokens, head_dim) tensor, got shape {tuple(x.shape)}.")
+        self.check_head_dim(x.shape[-1])
+        tb = self.time_block(kind)
+        if x.shape[2] % tb:
+            raise ValueError(f"{self.name} quantizes {kind}s in blocks of {tb} tokens; got {x.shape[2]} tokens.")
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"Cannot quantize {kind}s containing inf or NaN ({self.name} quantizer): the model produced "
+                "non-finite attention states; run it in a wider dtype (float32/bfloat16) or check its weights."
+            )
+        dtype = x.dtype
+        groups = self._to_groups(self._rotate(x.float()), kind)  # (B, H, T // tb, n_groups, group_len)
+        lo = groups.amin(-1, keepdim=True)
+        hi = groups.amax(-1, keepdim=True)
+        qmax = (1 << bits) - 1
+        # Round scale and zero-point to the storage dtype *before* coding, so codes match what is stored.
+        scale = ((hi - lo) / qmax).to(dtype)
+        zero = lo.to(dtype)
+        scale_f, zero_f = scale.float(), zero.float()
+        inv = torch.where(scale_f > 0, 1.0 / scale_f, torch.zeros_like(scale_f))  # constant groups: all codes 0
+        codes = ((groups - zero_f) * inv).round_().clamp_(0, qmax).to(torch.uint8)
+        codes = self._from_groups(codes, kind, x.shape)  # (B, H, T, D)
+        return QuantizedBlock(
+            codes=pack(codes, bits),
+            scale=scale.squeeze(-1),
+            zero=zero.squeeze(-1),
+            bits=bits,
+            head_dim=x.shape[-1],
+            time_block=tb,
+        )
+
+    def dequantize(self, q: QuantizedBlock, kind: str) -> torch.Tensor:
+        """Reconstruct the `(batch, heads, tokens, head_dim)` tensor in the stored dtype."""
+        codes = unpack(q.codes, q.bits, q.head_dim)
+        shape = codes.shape
+        g = self._to_groups(codes, kind)  # (B, H, T // tb, n_groups, group_len)
+        dtype = q.scale.dtype
+        # fp32 math for 16-bit dtypes on CPU is faster and exact enough; on GPU stay in the model's dtype.
+        work = torch.float32 if g.device.type == "cpu" else dtype
+        x = torch.addcmul(q.zero.to(work).unsqueeze(-1), g.to(work), q.scale.to(work).unsqueeze(-1))
+        x = self._unrotate(self._from_groups(x, kind, shape))
+        return x.to(dtype)
+
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+
+def register_quantizer(name: str):
+    """Class decorator adding a [`Quantizer`] subclass to the registry under `name`."""
+
+    def wrap(cls: type[Quantizer]) -> type[Quantizer]:
+        if name in _REGISTRY:
+            raise ValueError(f"A quantizer named {name!r} is already registered ({_REGISTRY[name].__name__}).")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_quantizers() -> list[str]:
+    """Names of the registered quantizer designs."""
+    return sorted(_REGISTRY)
+
+
+def get_quantizer(name: str, group_size: int = 32) -> Quantizer:
+    """Instantiate the registered quantizer `name`.
+
+    Raises:
+        `ValueError`: `name` is not registered; the message lists the registered names.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown quantizer {name!r}: registered quantizers are {available_quantizers()}.")
+    return _REGISTRY[name](group_size=group_size)

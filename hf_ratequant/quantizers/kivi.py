@@ -1,0 +1,43 @@
+"""KIVI: keys per channel, values per token (Liu et al., 2024, https://arxiv.org/abs/2402.02750)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Quantizer, register_quantizer
+
+
+@register_quantizer("kivi")
+class KIVIQuantizer(Quantizer):
+    """Keys are grouped per channel over `group_size` consecutive tokens (outlier channels get their own range);
+    values are grouped per token over `group_size` consecutive channels.
+
+    Args:
+        group_size (`int`, *optional*, defaults to 32): tokens per key group and channels per value group.
+    """
+
+    def time_block(self, kind: str) -> int:
+        return self.group_size if kind == "key" else 1
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % self.group_size:
+            raise ValueError(
+                f"kivi groups values over {self.group_size} channels, which does not divide head_dim={head_dim}: "
+                f"choose a group_size that divides {head_dim} (e.g. {_largest_divisor(head_dim, self.group_size)})."
+            )
+
+    def _to_groups(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        b, h, t, d = x.shape
+        g = self.group_size
+        if kind == "key":  # (B, H, T/G, G, D) -> (B, H, T/G, D, G): one group per channel per block of tokens
+            return x.reshape(b, h, t // g, g, d).transpose(-1, -2)
+        return x.reshape(b, h, t, d // g, g)  # (B, H, T, D/G, G)
+
+    def _from_groups(self, g: torch.Tensor, kind: str, shape: torch.Size) -> torch.Tensor:
+        if kind == "key":
+            return g.transpose(-1, -2).reshape(shape)
+        return g.reshape(shape)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)

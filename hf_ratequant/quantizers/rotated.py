@@ -1,0 +1,52 @@
+"""QuaRot-style rotation: an orthonormal Hadamard transform of head_dim, then per-token round-to-nearest
+(Ashkboos et al., 2024, https://arxiv.org/abs/2404.00456)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .base import register_quantizer
+from .token import TokenQuantizer
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def hadamard(head_dim: int) -> torch.Tensor:
+    """Orthonormal, symmetric rotation of `head_dim` channels.
+
+    A Sylvester-Hadamard matrix when `head_dim` is a power of two; otherwise the block-diagonal matrix of Hadamard
+    blocks of the largest power of two dividing `head_dim` (e.g. 96 -> three 32 x 32 blocks), still orthonormal.
+    """
+    block = head_dim & (-head_dim)  # largest power of two dividing head_dim
+    h = _hadamard_cpu(block)
+    return torch.block_diag(*([h] * (head_dim // block))) if block != head_dim else h
+
+
+@register_quantizer("rotated")
+class RotatedQuantizer(TokenQuantizer):
+    """Rotate every head row by an orthonormal Hadamard matrix (spreading outlier channels), then quantize per
+    token. Dequantization rotates back; the rotation is exact up to float rounding."""
+
+    def __init__(self, group_size: int = 32):
+        super().__init__(group_size)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _matrix(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.shape[-1], x.device, x.dtype)
+        if key not in self._cache:
+            self._cache[key] = hadamard(x.shape[-1]).to(device=x.device, dtype=x.dtype)
+        return self._cache[key]
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self._matrix(x)
+
+    def _unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self._matrix(x)  # symmetric and orthonormal: its own inverse
