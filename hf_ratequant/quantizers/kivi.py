@@ -23,7 +23,7 @@ class KIVIQuantizer(Quantizer):
         if head_dim % self.group_size:
             raise ValueError(
                 f"kivi groups values over {self.group_size} channels, which does not divide head_dim={head_dim}: "
-                f"choose a group_size that divides {head_dim} (e.g. {_largest_divisor(head_dim, self.group_size)})."
+                f"choose a group_size that divides {head_dim} (e.g. {_power_of_two_divisor(head_dim, self.group_size)})."
             )
 
     def _to_groups(self, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -39,5 +39,9 @@ class KIVIQuantizer(Quantizer):
         return g.reshape(shape)
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+def _power_of_two_divisor(n: int, at_most: int) -> int:
+    """Largest power of two dividing `n` and at most `at_most` (it also divides the usual residual lengths)."""
+    d = 1
+    while n % (d * 2) == 0 and d * 2 <= at_most:
+        d *= 2
+    return d

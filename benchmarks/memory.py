@@ -1,0 +1,322 @@
+"""Memory held by `RateQuantCache` for the default model's real keys and values, against a 16-bit `DynamicCache`.
+
+The default model (SmolLM2-135M, 30 layers x 3 kv-heads x head_dim 64) is run once in float32 over `--tokens` tokens
+of text with a `DynamicCache`. Its keys and values are cast to bfloat16 (the usual serving dtype) and fed to every
+cache under test with one prefill `cache.update(k, v, layer_idx)` call per layer, so all caches hold exactly the same
+states. For each quantizer (kivi, token, rotated) and each allocation (uniform 8/4/3/2 bits, K3/V2, a per-head mix
+averaging 2.5 bits) the table reports the bytes held, their ratio to the 16-bit reference, the arithmetic floor
+(`avg_bits / 16`) and where the bytes go: packed codes, scales + zero-points, and the full-precision residual window.
+
+    python benchmarks/memory.py                      # writes benchmarks/results/memory.md and memory.json
+    python benchmarks/memory.py --tokens 2048 --quantizers kivi
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+logger = logging.getLogger("benchmarks.memory")
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+QUANTIZERS = ("kivi", "token", "rotated")
+GOALS = {"uniform-2": 0.25, "avg-2.5": 0.30}  # max ratio vs 16-bit, from the issue
+
+
+@dataclass
+class Row:
+    quantizer: str
+    allocation: str
+    avg_bits: float
+    nbytes: int
+    ratio: float
+    floor: float
+    codes: int
+    scales_zeros: int
+    window: int
+    unquantized_heads: int
+    window_tokens: int
+    quantized_tokens: int
+    goal: float | None = None
+
+    @property
+    def gap(self) -> float:
+        return self.ratio - self.floor
+
+
+# ---- allocations ---------------------------------------------------------------------------------------------
+
+
+def allocations(num_layers: int, num_heads: int) -> list[tuple[str, list[list[int]], list[list[int]]]]:
+    """`(name, key_bits, value_bits)` of every allocation measured."""
+
+    def table(fn):
+        return [[fn(layer * num_heads + head) for head in range(num_heads)] for layer in range(num_layers)]
+
+    out = [(f"uniform-{b}", table(lambda i, b=b: b), table(lambda i, b=b: b)) for b in (8, 4, 3, 2)]
+    out.append(("K3/V2 (avg 2.5)", table(lambda i: 3), table(lambda i: 2)))
+    # Per-head mix: (layer, head) units alternate 2 and 3 bits along the flattened index, keys and values out of
+    # phase, so every layer holds heads of both widths and the average is exactly 2.5.
+    out.append(("per-head 2/3 (avg 2.5)", table(lambda i: 2 + i % 2), table(lambda i: 3 - i % 2)))
+    return out
+
+
+def goal_for(name: str) -> float | None:
+    if name == "uniform-2":
+        return GOALS["uniform-2"]
+    if "avg 2.5" in name:
+        return GOALS["avg-2.5"]
+    return None
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------------
+
+
+def capture_states(model, tokenizer, n_tokens: int, text_source: str) -> tuple[list[tuple[torch.Tensor, ...]], str]:
+    """Run the model once over `n_tokens` tokens; return every layer's `(keys, values)` in float32 and the source."""
+    from transformers import DynamicCache
+
+    from hf_ratequant.data import load_text, tokenize_windows
+
+    text, source = load_text(text_source)
+    ids = tokenize_windows(tokenizer, text, seq_len=n_tokens, n_windows=1)
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logger.info("Captured %d layers x %d tokens in %.1f s.", len(cache.layers), n_tokens, time.perf_counter() - start)
+    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers], source
+
+
+def reference_bytes(states: list[tuple[torch.Tensor, torch.Tensor]], model_config) -> int:
+    """Bytes of a `DynamicCache` holding the states (already bfloat16)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model_config)
+    for i, (k, v) in enumerate(states):
+        cache.update(k, v, i)
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def breakdown(cache) -> dict[str, int]:
+    """Split `cache.nbytes` into codes, scales + zero-points, unquantized (16-bit) heads and the residual window.
+
+    Reads the layers' internals (`past_keys.data`, `keys`, `values`); the sum is checked against `cache.nbytes`.
+    """
+    from hf_ratequant.quantizers import QuantizedBlock
+
+    out = dict(codes=0, scales_zeros=0, unquantized_heads=0, window=0, window_tokens=0, quantized_tokens=0)
+    for layer in cache.layers:
+        out["window"] += _tensor_bytes(layer.keys) + _tensor_bytes(layer.values)
+        out["window_tokens"] = max(out["window_tokens"], layer.keys.shape[-2])
+        out["quantized_tokens"] = max(out["quantized_tokens"], layer.past_keys.num_tokens)
+        for groups in (layer.past_keys, layer.past_values):
+            for data in groups.data:
+                if data is None:
+                    continue
+                if isinstance(data, QuantizedBlock):
+                    out["codes"] += _tensor_bytes(data.codes)
+                    out["scales_zeros"] += _tensor_bytes(data.scale) + _tensor_bytes(data.zero)
+                else:
+                    out["unquantized_heads"] += _tensor_bytes(data)
+    return out
+
+
+def measure(states, model_config, quantizer: str, group_size: int, residual_length: int, ref: int) -> list[Row]:
+    from hf_ratequant import RateQuantCache, RateQuantConfig
+
+    rows = []
+    num_layers, num_heads = len(states), states[0][0].shape[1]
+    for name, key_bits, value_bits in allocations(num_layers, num_heads):
+        qc = RateQuantConfig(
+            key_bits=key_bits,
+            value_bits=value_bits,
+            quantizer=quantizer,
+            group_size=group_size,
+            residual_length=residual_length,
+        )
+        cache = RateQuantCache(config=model_config, quant_config=qc)
+        for i, (k, v) in enumerate(states):
+            cache.update(k, v, i)
+        parts = breakdown(cache)
+        total = cache.nbytes
+        accounted = parts["codes"] + parts["scales_zeros"] + parts["unquantized_heads"] + parts["window"]
+        if accounted != total:
+            raise RuntimeError(f"{quantizer}/{name}: breakdown sums to {accounted} bytes but cache.nbytes={total}.")
+        if cache.nbytes_16bit() != ref:
+            raise RuntimeError(f"cache.nbytes_16bit()={cache.nbytes_16bit()} but the 16-bit DynamicCache holds {ref}.")
+        rows.append(
+            Row(
+                quantizer=quantizer,
+                allocation=name,
+                avg_bits=qc.average_bits,
+                nbytes=total,
+                ratio=total / ref,
+                floor=qc.average_bits / 16,
+                goal=goal_for(name),
+                **parts,
+            )
+        )
+        logger.info("%s %-24s %.4fx", quantizer, name, total / ref)
+    return rows
+
+
+# ---- reporting ---------------------------------------------------------------------------------------------------
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def markdown_table(rows: list[Row], ref: int) -> str:
+    head = (
+        "| quantizer | allocation | avg bits | MiB | ratio vs 16-bit | floor (bits/16) | gap | codes MiB "
+        "| scales+zeros MiB | window MiB | goal |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines.append(f"| bf16 DynamicCache | reference | 16 | {_mib(ref)} | 1.000 | 1.000 | 0 | | | | |")
+    for r in rows:
+        goal = ""
+        if r.goal is not None:
+            goal = f"<= {r.goal:.2f}: {'PASS' if r.ratio <= r.goal else 'FAIL'}"
+        lines.append(
+            f"| {r.quantizer} | {r.allocation} | {r.avg_bits:g} | {_mib(r.nbytes)} | {r.ratio:.3f} | {r.floor:.3f} "
+            f"| +{r.gap:.3f} | {_mib(r.codes)} | {_mib(r.scales_zeros)} | {_mib(r.window)} | {goal} |"
+        )
+    return "\n".join(lines)
+
+
+def overhead_notes(rows: list[Row], ref: int, group_size: int, residual_length: int, n_tokens: int) -> str:
+    """Explain the gap to the arithmetic floor at 2.5 bits, term by term, for every quantizer."""
+    lines = [
+        f"Arithmetic floor at 2.5 bits: {2.5 / 16:.4f}x. Gap = ratio - floor, split exactly into:",
+        "",
+        "- scales+zeros: one scale and one zero-point per group, stored in the states' dtype (2 x 16 bits per group);",
+        f"- window: the last R..R+G-1 = {residual_length}..{residual_length + group_size - 1} tokens stay at 16 bits, "
+        "costing (1 - bits/16) of their 16-bit size above the floor;",
+        "- packing: codes above `bits/8` bytes per element (row padding; 0 when head_dim * bits is a multiple of 8).",
+        "",
+        "| quantizer | allocation | ratio | floor | gap | scales+zeros | window | packing | elements per group "
+        "| scale/zero bits per element |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "2.5" not in r.allocation and r.allocation != "uniform-2":
+            continue
+        bits = r.avg_bits
+        elements_q = r.quantized_tokens and ref * r.quantized_tokens / n_tokens / 2  # 16-bit elements quantized
+        codes_floor = elements_q * bits / 8
+        window_excess = r.window * (1 - bits / 16)
+        packing = r.codes - codes_floor
+        sz_bits = 8 * r.scales_zeros / elements_q if elements_q else 0.0
+        per_group = 32 / sz_bits if sz_bits else float("nan")
+        lines.append(
+            f"| {r.quantizer} | {r.allocation} | {r.ratio:.4f} | {r.floor:.4f} | +{r.gap:.4f} "
+            f"| +{r.scales_zeros / ref:.4f} | +{window_excess / ref:.4f} | +{packing / ref:.4f} | {per_group:.0f} "
+            f"| {sz_bits:.2f} |"
+        )
+    lines += [
+        "",
+        f"With G={group_size} and bf16 scale/zero, a kivi group (G tokens of one key channel, or G channels of one "
+        f"value token) costs 32 bits of metadata per {group_size} elements = {32 / group_size:.2f} extra bits per "
+        "element; token/rotated use one group per head row (head_dim elements), i.e. 32/head_dim extra bits. "
+        f"The window holds {rows[0].window_tokens} of {n_tokens} tokens here; it is a fixed cost, so its share "
+        "shrinks as the context grows (and grows to R+G-1 tokens just before a flush).",
+    ]
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096, help="context length captured (default 4096)")
+    p.add_argument("--text", default="pydoc", help="text for hf_ratequant.data.load_text (default: pydoc)")
+    p.add_argument("--group-size", type=int, default=32, help="G (default 32)")
+    p.add_argument("--residual-length", type=int, default=128, help="R (default 128)")
+    p.add_argument("--quantizers", nargs="+", default=list(QUANTIZERS), choices=QUANTIZERS)
+    p.add_argument("--output-dir", default=RESULTS_DIR, help="where memory.md and memory.json go")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from hf_ratequant import load_default_model
+
+    start = time.perf_counter()
+    model, tokenizer = load_default_model()
+    logger.info("Loaded the default model in %.1f s.", time.perf_counter() - start)
+    states32, source = capture_states(model, tokenizer, args.tokens, args.text)
+    states = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in states32]
+    del states32
+    ref = reference_bytes(states, model.config)
+
+    rows: list[Row] = []
+    for quantizer in args.quantizers:
+        rows.extend(measure(states, model.config, quantizer, args.group_size, args.residual_length, ref))
+
+    k0 = states[0][0]
+    header = (
+        f"# KV-cache memory: RateQuantCache vs 16-bit DynamicCache\n\n"
+        f"Default model ({model.config._name_or_path}): {len(states)} layers x {k0.shape[1]} kv-heads x head_dim "
+        f"{k0.shape[-1]}; {args.tokens} tokens of {source}; states captured in float32 and held as bfloat16. "
+        f"G={args.group_size}, R={args.residual_length}. Bytes are `cache.nbytes` (what the cache really holds).\n"
+    )
+    table = markdown_table(rows, ref)
+    notes = overhead_notes(rows, ref, args.group_size, args.residual_length, args.tokens)
+    goals = []
+    for r in rows:
+        if r.goal is not None:
+            verdict = "PASS" if r.ratio <= r.goal else "FAIL"
+            goals.append(f"- {r.quantizer} {r.allocation}: {r.ratio:.3f}x (goal <= {r.goal:.2f}x): {verdict}")
+    md = "\n".join(
+        [header, table, "", "## Goals (issue)", "", *goals, "", "## Why not the arithmetic floor", "", notes, ""]
+    )
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "memory.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    payload = dict(
+        machine=machine(),
+        model=model.config._name_or_path,
+        text=source,
+        tokens=args.tokens,
+        group_size=args.group_size,
+        residual_length=args.residual_length,
+        reference_bytes=ref,
+        rows=[dict(asdict(r), gap=r.gap) for r in rows],
+    )
+    with open(os.path.join(args.output_dir, "memory.json"), "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    print(md)
+    logger.info("Wrote %s/memory.md and memory.json.", args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

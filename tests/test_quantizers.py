@@ -1,0 +1,179 @@
+"""Bit packing, the three quantizer designs and their registry (one parametrized matrix over every design)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_ratequant.quantizers import (
+    QuantizedBlock,
+    Quantizer,
+    available_quantizers,
+    get_quantizer,
+    pack,
+    packed_size,
+    register_quantizer,
+    unpack,
+)
+from hf_ratequant.quantizers.rotated import hadamard
+
+QUANTIZERS = available_quantizers()
+KINDS = ("key", "value")
+
+
+def test_registry_has_the_three_designs():
+    assert {"kivi", "token", "rotated"} <= set(QUANTIZERS)
+
+
+def test_unknown_quantizer_lists_registered():
+    with pytest.raises(ValueError, match=r"Unknown quantizer 'nope'.*kivi.*rotated.*token"):
+        get_quantizer("nope")
+
+
+def test_duplicate_registration_refused():
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_quantizer("kivi")
+        class Again(Quantizer):
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bits=st.integers(1, 8),
+    n=st.integers(1, 70),
+    rows=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_roundtrip_is_exact_and_tight(bits, n, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, 2, n), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (rows, 2, math.ceil(n * bits / 8)) == (rows, 2, packed_size(n, bits))
+    assert torch.equal(unpack(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16])
+def test_pack_rejects_bad_bits(bits):
+    with pytest.raises(ValueError, match="allowed bit-widths"):
+        pack(torch.zeros(8, dtype=torch.uint8), bits)
+
+
+def test_unpack_rejects_wrong_length():
+    with pytest.raises(ValueError, match="must have 3 bytes"):
+        unpack(torch.zeros(4, dtype=torch.uint8), 3, 8)
+
+
+def _group_scale_per_element(q: Quantizer, block: QuantizedBlock, kind: str, shape) -> torch.Tensor:
+    """Broadcast each group's scale back to the elements of the group, in the quantizer's (rotated) space."""
+    groups = q._to_groups(torch.empty(shape), kind)
+    scale = block.scale.float().unsqueeze(-1).expand_as(groups)
+    return q._from_groups(scale.contiguous(), kind, shape)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_error_within_half_a_step(name, kind, bits):
+    q = get_quantizer(name, group_size=16)
+    x = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(bits)) * 3
+    x[..., 5] += 20  # an outlier channel
+    block = q.quantize(x, bits, kind)
+    y = q.dequantize(block, kind)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    half_step = _group_scale_per_element(q, block, kind, x.shape) / 2
+    err = q._rotate(y) - q._rotate(x)  # rotation is orthonormal: compare where the rounding happened
+    assert (err.abs() <= half_step + 1e-5 * (1 + x.abs().max())).all()
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_storage_is_packed_and_in_model_dtype(name, bits):
+    q = get_quantizer(name, group_size=32)
+    x = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+    for kind in KINDS:
+        block = q.quantize(x, bits, kind)
+        assert block.codes.dtype == torch.uint8
+        assert block.codes.shape == (1, 2, 64, math.ceil(64 * bits / 8))
+        assert block.scale.dtype == block.zero.dtype == torch.bfloat16
+        n_groups = block.scale.numel()
+        assert block.nbytes == 2 * 64 * math.ceil(64 * bits / 8) + 2 * 2 * n_groups
+        assert q.dequantize(block, kind).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_constant_groups_reconstruct_exactly(name, kind):
+    q = get_quantizer(name, group_size=8)
+    x = torch.full((1, 2, 16, 32), 1.25)
+    x[:, 1] = -3.0
+    for bits in (1, 2, 8):
+        y = q.dequantize(q.quantize(x, bits, kind), kind)
+        assert not torch.isnan(y).any()
+        if name == "rotated":  # the rotation of a constant row is not constant; still finite and close
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+        else:
+            assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_raises(name, bad):
+    q = get_quantizer(name, group_size=8)
+    x = torch.randn(1, 1, 8, 32)
+    x[0, 0, 3, 4] = bad
+    with pytest.raises(ValueError, match="inf or NaN"):
+        q.quantize(x, 4, "key")
+
+
+def test_kivi_rejects_group_not_dividing_head_dim():
+    with pytest.raises(ValueError, match="does not divide head_dim=48.*16"):
+        get_quantizer("kivi", group_size=32).quantize(torch.randn(1, 1, 32, 48), 4, "value")
+
+
+def test_kivi_keys_need_whole_token_groups():
+    with pytest.raises(ValueError, match="blocks of 32 tokens"):
+        get_quantizer("kivi").quantize(torch.randn(1, 1, 20, 64), 4, "key")
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16, 2.5, True])
+def test_quantize_rejects_bad_bits(bits):
+    with pytest.raises(ValueError):
+        get_quantizer("token").quantize(torch.randn(1, 1, 4, 32), bits, "key")
+
+
+def test_kivi_keys_are_per_channel_values_per_token():
+    q = get_quantizer("kivi", group_size=8)
+    x = torch.randn(1, 1, 16, 32)
+    assert q.quantize(x, 2, "key").scale.shape == (1, 1, 2, 32)  # one scale per channel per 8 tokens
+    assert q.quantize(x, 2, "value").scale.shape == (1, 1, 16, 4)  # one scale per token per 8 channels
+
+
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+def test_hadamard_is_orthonormal(d):
+    h = hadamard(d)
+    torch.testing.assert_close(h @ h.T, torch.eye(d, dtype=h.dtype))
+
+
+def test_rotation_helps_outlier_channels():
+    x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    x[..., 3] *= 30
+    errs = {}
+    for name in ("token", "rotated"):
+        q = get_quantizer(name)
+        errs[name] = (q.dequantize(q.quantize(x, 3, "key"), "key") - x).pow(2).mean()
+    assert errs["rotated"] < errs["token"]
+
+
+def test_block_slicing_and_concatenation():
+    q = get_quantizer("kivi", group_size=8)
+    x = torch.randn(2, 2, 32, 16)
+    whole = q.quantize(x, 3, "key")
+    parts = QuantizedBlock.cat([q.quantize(x[:, :, :16], 3, "key"), q.quantize(x[:, :, 16:], 3, "key")])
+    assert torch.equal(q.dequantize(whole, "key"), q.dequantize(parts, "key"))
+    torch.testing.assert_close(q.dequantize(whole.tokens(8, 24), "key"), q.dequantize(whole, "key")[:, :, 8:24])
+    with pytest.raises(ValueError, match="not aligned"):
+        whole.tokens(3, 16)
