@@ -17,6 +17,7 @@ from hf_ratequant.quantizers import (
     register_quantizer,
     unpack,
 )
+from hf_ratequant.quantizers.packing import unpack_float
 from hf_ratequant.quantizers.rotated import hadamard
 
 QUANTIZERS = available_quantizers()
@@ -54,6 +55,7 @@ def test_pack_roundtrip_is_exact_and_tight(bits, n, rows, seed):
     assert packed.dtype == torch.uint8
     assert packed.shape == (rows, 2, math.ceil(n * bits / 8)) == (rows, 2, packed_size(n, bits))
     assert torch.equal(unpack(packed, bits, n), codes)
+    assert torch.equal(unpack_float(packed, bits, n, torch.float32), codes.float())
 
 
 @pytest.mark.parametrize("bits", [0, 9, 16])

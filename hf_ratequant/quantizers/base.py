@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .packing import PACKABLE_BITS, pack, unpack
+from .packing import PACKABLE_BITS, pack, unpack_float
 
 KEEP_BITS = 16
 """The bit-width that means "keep the unit as is, unquantized"."""
@@ -175,13 +175,13 @@ class Quantizer:
 
     def dequantize(self, q: QuantizedBlock, kind: str) -> torch.Tensor:
         """Reconstruct the `(batch, heads, tokens, head_dim)` tensor in the stored dtype."""
-        codes = unpack(q.codes, q.bits, q.head_dim)
-        shape = codes.shape
-        g = self._to_groups(codes, kind)  # (B, H, T // tb, n_groups, group_len)
         dtype = q.scale.dtype
         # fp32 math for 16-bit dtypes on CPU is faster and exact enough; on GPU stay in the model's dtype.
-        work = torch.float32 if g.device.type == "cpu" else dtype
-        x = torch.addcmul(q.zero.to(work).unsqueeze(-1), g.to(work), q.scale.to(work).unsqueeze(-1))
+        work = torch.float32 if q.codes.device.type == "cpu" else dtype
+        codes = unpack_float(q.codes, q.bits, q.head_dim, work)
+        shape = codes.shape
+        g = self._to_groups(codes, kind)  # (B, H, T // tb, n_groups, group_len)
+        x = torch.addcmul(q.zero.to(work).unsqueeze(-1), g, q.scale.to(work).unsqueeze(-1))
         x = self._unrotate(self._from_groups(x, kind, shape))
         return x.to(dtype)
 
