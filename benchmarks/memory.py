@@ -182,17 +182,18 @@ def _mib(n: int) -> str:
 
 def markdown_table(rows: list[Row], ref: int) -> str:
     head = (
-        "| quantizer | allocation | avg bits | MiB | ratio vs 16-bit | floor (bits/16) | gap | codes MiB "
-        "| scales+zeros MiB | window MiB | goal |"
+        "| quantizer | allocation | avg bits | effective bits | MiB | ratio vs 16-bit | floor (bits/16) | gap "
+        "| codes MiB | scales+zeros MiB | window MiB | goal |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    lines.append(f"| bf16 DynamicCache | reference | 16 | {_mib(ref)} | 1.000 | 1.000 | 0 | | | | |")
+    lines.append(f"| bf16 DynamicCache | reference | 16 | 16 | {_mib(ref)} | 1.000 | 1.000 | 0 | | | | |")
     for r in rows:
         goal = ""
         if r.goal is not None:
             goal = f"<= {r.goal:.2f}: {'PASS' if r.ratio <= r.goal else 'FAIL'}"
         lines.append(
-            f"| {r.quantizer} | {r.allocation} | {r.avg_bits:g} | {_mib(r.nbytes)} | {r.ratio:.3f} | {r.floor:.3f} "
+            f"| {r.quantizer} | {r.allocation} | {r.avg_bits:g} | {16 * r.ratio:.2f} | {_mib(r.nbytes)} "
+            f"| {r.ratio:.3f} | {r.floor:.3f} "
             f"| +{r.gap:.3f} | {_mib(r.codes)} | {_mib(r.scales_zeros)} | {_mib(r.window)} | {goal} |"
         )
     return "\n".join(lines)
@@ -209,8 +210,8 @@ def overhead_notes(rows: list[Row], ref: int, group_size: int, residual_length: 
         "- packing: codes above `bits/8` bytes per element (row padding; 0 when head_dim * bits is a multiple of 8).",
         "",
         "| quantizer | allocation | ratio | floor | gap | scales+zeros | window | packing | elements per group "
-        "| scale/zero bits per element |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scale/zero bits per element | ratio with R+G-1 window |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "2.5" not in r.allocation and r.allocation != "uniform-2":
@@ -222,11 +223,25 @@ def overhead_notes(rows: list[Row], ref: int, group_size: int, residual_length: 
         packing = r.codes - codes_floor
         sz_bits = 8 * r.scales_zeros / elements_q if elements_q else 0.0
         per_group = 32 / sz_bits if sz_bits else float("nan")
+        # Just before a flush the window holds R+G-1 tokens: G-1 more tokens at 16 bits instead of `bits`.
+        per_token_16 = ref / n_tokens
+        worst = r.ratio + (group_size - 1) * per_token_16 * (1 - bits / 16) / ref
         lines.append(
             f"| {r.quantizer} | {r.allocation} | {r.ratio:.4f} | {r.floor:.4f} | +{r.gap:.4f} "
             f"| +{r.scales_zeros / ref:.4f} | +{window_excess / ref:.4f} | +{packing / ref:.4f} | {per_group:.0f} "
-            f"| {sz_bits:.2f} |"
+            f"| {sz_bits:.2f} | {worst:.4f} |"
         )
+    lines.append("")
+    for r in rows:
+        if r.allocation.startswith("K3/V2"):
+            bits = r.avg_bits
+            window_excess = r.window * (1 - bits / 16) / ref
+            lines.append(
+                f"- {r.quantizer} at {bits:g} bits: {r.ratio:.3f}x vs the {r.floor:.3f}x floor, "
+                f"{r.ratio / r.floor:.2f}x the floor; the +{r.gap:.3f} gap is scales+zeros "
+                f"{r.scales_zeros / ref:.3f} ({100 * r.scales_zeros / ref / r.gap:.0f}%) and the window "
+                f"{window_excess:.3f} ({100 * window_excess / r.gap:.0f}%)."
+            )
     lines += [
         "",
         f"With G={group_size} and bf16 scale/zero, a kivi group (G tokens of one key channel, or G channels of one "

@@ -184,11 +184,10 @@ class RateQuantConfig:
             raise ValueError(
                 f"Unknown quantizer {self.quantizer!r}: registered quantizers are {available_quantizers()}."
             )
-        for name in ("group_size", "residual_length"):
+        for name, least in (("group_size", 1), ("residual_length", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "group_size" else 0):
-                raise ValueError(f"{name}={value!r} must be a {'positive' if name == 'group_size' else 'non-negative'} "
-                                 "integer.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r} must be an integer >= {least}.")
         if self.residual_length % self.group_size:
             raise ValueError(
                 f"residual_length={self.residual_length} must be a multiple of group_size={self.group_size}, so "

@@ -23,7 +23,8 @@ class KIVIQuantizer(Quantizer):
         if head_dim % self.group_size:
             raise ValueError(
                 f"kivi groups values over {self.group_size} channels, which does not divide head_dim={head_dim}: "
-                f"choose a group_size that divides {head_dim} (e.g. {_power_of_two_divisor(head_dim, self.group_size)})."
+                f"choose a group_size that divides {head_dim} "
+                f"(e.g. {_power_of_two_divisor(head_dim, self.group_size)})."
             )
 
     def _to_groups(self, x: torch.Tensor, kind: str) -> torch.Tensor:
