@@ -24,7 +24,14 @@ from .data import load_text, tokenize_windows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QualityResult", "evaluate_kl", "evaluate_perplexity", "evaluate_quality", "evaluation_windows"]
+__all__ = [
+    "QualityResult",
+    "evaluate_kl",
+    "evaluate_perplexity",
+    "evaluate_quality",
+    "evaluation_windows",
+    "reference_logprobs",
+]
 
 
 @dataclass
@@ -71,6 +78,7 @@ def evaluate_quality(
     batch_size: int = 4,
     with_kl: bool = True,
     progress: bool = True,
+    reference: list[torch.Tensor] | None = None,
 ) -> QualityResult:
     """Perplexity of `cache_config`'s cache and its KL divergence from the full-precision cache, on `windows`.
 
@@ -83,6 +91,9 @@ def evaluate_quality(
         batch_size (`int`, *optional*, defaults to 4): windows evaluated together.
         with_kl (`bool`, *optional*, defaults to `True`): also run the full-precision cache in lockstep and measure
             KL(full precision || this cache) per predicted token.
+        reference (`list[torch.Tensor]`, *optional*): precomputed full-precision log-probabilities, one
+            `(batch_size, window - 1, vocab)` tensor per batch (see [`reference_logprobs`]); saves the lockstep pass
+            when the same windows are evaluated for many caches.
     """
     if chunk < 1 or windows.shape[1] < 2:
         raise ValueError(f"Need chunk >= 1 and windows of at least 2 tokens (got chunk={chunk}, "
@@ -92,16 +103,18 @@ def evaluate_quality(
     want_kl = with_kl and cache_config is not None
     batches = list(torch.split(windows, batch_size))
     bar = tqdm(total=len(batches) * math.ceil(windows.shape[1] / chunk), desc="evaluate", disable=not progress)
-    for ids in batches:
+    for batch_idx, ids in enumerate(batches):
         ids = ids.to(device)
         cache = _make_cache(model, cache_config)
-        ref_cache = DynamicCache(config=model.config) if want_kl else None
+        ref_cache = DynamicCache(config=model.config) if want_kl and reference is None else None
         prev_logits = prev_ref = None
         for start in range(0, ids.shape[1], chunk):
             piece = ids[:, start : start + chunk]
             logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
             ref_logits = (
-                model(input_ids=piece, past_key_values=ref_cache, use_cache=True).logits.float() if want_kl else None
+                model(input_ids=piece, past_key_values=ref_cache, use_cache=True).logits.float()
+                if ref_cache is not None
+                else None
             )
             # Predictions for the tokens of this chunk: the last logit of the previous chunk, then all but the last.
             pred = logits[:, :-1] if prev_logits is None else torch.cat([prev_logits, logits[:, :-1]], 1)
@@ -109,7 +122,11 @@ def evaluate_quality(
             logp = F.log_softmax(pred, dim=-1)
             nll_sum += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
             count += target.numel()
-            if want_kl:
+            if reference is not None and want_kl:
+                first = max(start, 1) - 1  # logit index predicting the first target of this chunk
+                ref_logp = reference[batch_idx][:, first : first + target.shape[1]].to(logp.device, logp.dtype)
+                kl_sum += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+            elif want_kl:
                 ref_pred = ref_logits[:, :-1] if prev_ref is None else torch.cat([prev_ref, ref_logits[:, :-1]], 1)
                 ref_logp = F.log_softmax(ref_pred, dim=-1)
                 kl_sum += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
@@ -121,6 +138,17 @@ def evaluate_quality(
         perplexity=math.exp(nll_sum / count), kl=(kl_sum / count) if want_kl else (0.0 if with_kl else None),
         tokens=count,
     )
+
+
+@torch.inference_mode()
+def reference_logprobs(model: Any, windows: torch.LongTensor, *, batch_size: int = 4) -> list[torch.Tensor]:
+    """Full-precision next-token log-probabilities of `windows`, one `(batch, window - 1, vocab)` tensor per batch of
+    `batch_size` windows (one forward pass each: with nothing quantized, chunking changes nothing)."""
+    device = model.get_input_embeddings().weight.device
+    return [
+        F.log_softmax(model(input_ids=ids.to(device)).logits[:, :-1].float(), dim=-1)
+        for ids in torch.split(windows, batch_size)
+    ]
 
 
 def evaluate_perplexity(

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_ratequant import RateQuantConfig
-from hf_ratequant.evaluation import evaluate_kl, evaluate_perplexity, evaluate_quality
+from hf_ratequant.evaluation import evaluate_kl, evaluate_perplexity, evaluate_quality, reference_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,12 @@ def test_chunk_size_does_not_change_full_precision(model, windows):
 def test_bad_windows(model):
     with pytest.raises(ValueError, match="n_windows, window"):
         evaluate_perplexity(model, None, torch.zeros(5, dtype=torch.long))
+
+
+def test_precomputed_reference_gives_the_same_kl(model, windows):
+    cfg = RateQuantConfig.uniform(model.config, bits=3, group_size=8, residual_length=8)
+    lockstep = evaluate_quality(model, windows, cfg, chunk=16, batch_size=2, progress=False)
+    ref = reference_logprobs(model, windows, batch_size=2)
+    cached = evaluate_quality(model, windows, cfg, chunk=16, batch_size=2, progress=False, reference=ref)
+    assert cached.kl == pytest.approx(lockstep.kl, rel=1e-4)
+    assert cached.perplexity == pytest.approx(lockstep.perplexity, rel=1e-6)

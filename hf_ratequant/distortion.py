@@ -1,0 +1,85 @@
+"""Measuring and fitting the distortion curves D_u(b) = alpha_u * beta_u^(-b) (pure tensor math, no hooks, no I/O).
+
+The measure is *gradient-weighted* (a diagonal Fisher approximation of the change in the LM loss): for a unit u with
+states x (post-RoPE keys or values of one kv-head) and the gradient g of the loss with respect to them,
+
+    D_u(b) = sum_{tokens, channels} g^2 * (Q_b(x) - x)^2,
+
+where Q_b is the real quantizer at b bits. Raw reconstruction error alone carries no importance (every unit looks
+alike); the squared gradient says how much the model's output cares about each error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quantizers import Quantizer
+
+__all__ = ["CurveFit", "fisher_distortion", "fit_curves"]
+
+_TINY = 1e-30
+
+
+def fisher_distortion(
+    states: torch.Tensor, grads: torch.Tensor, quantizer: Quantizer, kind: str, bit_grid: list[int]
+) -> torch.Tensor:
+    """Gradient-weighted quantization error of every kv-head at every bit-width of `bit_grid`.
+
+    Args:
+        states (`torch.Tensor`): `(batch, kv_heads, tokens, head_dim)` keys or values.
+        grads (`torch.Tensor`): the loss gradient with respect to `states`, same shape.
+        quantizer (`Quantizer`): the design whose error is measured.
+        kind (`str`): `"key"` or `"value"`.
+        bit_grid (`list[int]`): bit-widths to measure.
+
+    Returns:
+        `torch.Tensor`: float64 `(kv_heads, len(bit_grid))`.
+    """
+    tb = quantizer.time_block(kind)
+    usable = states.shape[2] - states.shape[2] % tb
+    x = states[:, :, :usable].float()
+    w = grads[:, :, :usable].float().square()  # (B, H, T, D)
+    out = []
+    for bits in bit_grid:
+        err = quantizer.dequantize(quantizer.quantize(x, bits, kind), kind) - x
+        out.append((w * err.square()).sum(dim=(0, 2, 3)).double())  # (H,)
+    return torch.stack(out, dim=-1)  # (H, n_bits)
+
+
+@dataclass
+class CurveFit:
+    """Least-squares fit of log D = log alpha - b log beta for every unit.
+
+    Attributes:
+        alpha (`torch.Tensor`), beta (`torch.Tensor`): per unit, shape of the distortion table without its last axis.
+        r2 (`torch.Tensor`): coefficient of determination of each fit, in log space.
+    """
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    r2: torch.Tensor
+
+
+def fit_curves(distortion: torch.Tensor, bit_grid: list[int], min_beta: float = 1.05) -> CurveFit:
+    """Fit D_u(b) = alpha_u * beta_u^(-b) to a `(..., n_bits)` table of measured distortion.
+
+    Args:
+        distortion (`torch.Tensor`): measured distortion, `(..., n_bits)`, non-negative.
+        bit_grid (`list[int]`): the bit-widths of the last axis (at least two).
+        min_beta (`float`, *optional*, defaults to 1.05): betas are clamped to at least this (a curve must fall).
+    """
+    if len(bit_grid) < 2 or distortion.shape[-1] != len(bit_grid):
+        raise ValueError(f"Need a distortion table over at least two bit-widths, got {len(bit_grid)} bit-widths for "
+                         f"a table of shape {tuple(distortion.shape)}.")
+    y = distortion.double().clamp_min(_TINY).log()  # (..., n_bits)
+    b = torch.tensor(bit_grid, dtype=torch.float64)
+    bc = b - b.mean()
+    slope = ((y - y.mean(-1, keepdim=True)) * bc).sum(-1) / bc.square().sum()  # = -log beta
+    intercept = y.mean(-1) - slope * b.mean()
+    pred = intercept.unsqueeze(-1) + slope.unsqueeze(-1) * b
+    ss_res = (y - pred).square().sum(-1)
+    ss_tot = (y - y.mean(-1, keepdim=True)).square().sum(-1).clamp_min(_TINY)
+    beta = (-slope).exp().clamp_min(min_beta)
+    return CurveFit(alpha=intercept.exp(), beta=beta, r2=1 - ss_res / ss_tot)

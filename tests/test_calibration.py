@@ -1,0 +1,117 @@
+"""Calibration on a tiny random model: capture, measure, fit, allocate, validate."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_ratequant import RateQuantCache, RateQuantConfig
+from hf_ratequant.calibration import allocation_candidates, calibrate, capture_states, measure_distortion
+
+WORDS = "the a cat dog runs sleeps on under table mat quickly slowly red blue big small".split()
+
+
+class WordTokenizer:
+    """A deterministic whitespace tokenizer, enough for calibration windows."""
+
+    def __init__(self):
+        self.vocab = {w: i for i, w in enumerate(WORDS)}
+
+    def __call__(self, text, add_special_tokens=False, **kwargs):
+        return {"input_ids": [self.vocab[w] for w in text.split() if w in self.vocab]}
+
+    def encode(self, text, add_special_tokens=False, **kwargs):
+        return self(text)["input_ids"]
+
+
+def corpus(n_words, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n_words,), generator=g).tolist())
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_capture_leaves_model_unchanged(model):
+    ids = torch.randint(0, len(WORDS), (2, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    with torch.no_grad():
+        logits = model(ids).logits
+    states = capture_states(model, ids)
+    assert len(states) == 2 and all(t.shape == (2, 2, 32, 32) for t in states[0])
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+
+
+def test_captured_gradient_is_the_loss_gradient(model):
+    """The gradient on the captured keys equals a finite difference of the loss."""
+    import copy
+
+    model = copy.deepcopy(model).double()  # float64: the finite difference is not drowned by rounding
+    ids = torch.randint(0, len(WORDS), (1, 16), generator=torch.Generator().manual_seed(3))
+    k, _v, gk, _gv = capture_states(model, ids)[1]
+    assert gk.abs().sum() > 0
+    # Perturb layer 1's keys through a cache that adds eps to one entry.
+    from hf_ratequant.calibration import _CaptureCache
+
+    class Nudged(_CaptureCache):
+        def update(self, key_states, value_states, layer_idx, *a, **kw):
+            if layer_idx == 1:
+                key_states = key_states.clone()
+                key_states[0, 1, 5, 7] += eps
+            return super().update(key_states, value_states, layer_idx, *a, **kw)
+
+    eps = 1e-3
+    losses = []
+    for sign in (1, -1):
+        eps = sign * 1e-3
+        with torch.no_grad():
+            logits = model(input_ids=ids, past_key_values=Nudged(2), use_cache=True).logits  # float64
+            losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
+    fd = (losses[0] - losses[1]) / 2e-3
+    assert fd.item() == pytest.approx(gk[0, 1, 5, 7].item(), rel=2e-2)
+
+
+def test_distortion_falls_with_bits(model):
+    ids = torch.randint(0, len(WORDS), (2, 64))
+    table = measure_distortion(model, ids, "kivi", [2, 3, 4], group_size=8, progress=False)
+    assert table.shape == (2, 2, 2, 3)
+    assert (table[..., :-1] > table[..., 1:]).all()
+
+
+def test_candidates_meet_the_budget():
+    table = torch.rand(3, 2, 2, 1) * torch.tensor([4.0, 1.0, 0.25]).view(1, 1, 1, 3)
+    for bits in allocation_candidates(table, [2, 3, 4], 2.5).values():
+        assert bits.shape == (3, 2, 2) and bits.double().mean() == 2.5
+
+
+def test_calibrate_end_to_end(model):
+    cfg = calibrate(model, WordTokenizer(), [corpus(2000)], quantizer="kivi", budget=2.5, n_samples=2,
+                    n_validation=2, seq_len=64, group_size=8, residual_length=8, b_min=2, b_max=4, progress=False)
+    assert isinstance(cfg, RateQuantConfig) and cfg.average_bits == 2.5
+    scores = cfg.calibration["validation_kl"]
+    assert {"ratequant", "K3V2", "K2V3", "uniform-2"} - set(scores) == {"uniform-2"}
+    assert cfg.method == min((n for n in scores if n != "kvq-beta4"), key=scores.get)
+    assert set(cfg.curves) >= {"alpha", "beta", "distortion"} and cfg.curves["alpha"].shape == (2, 2, 2)
+    RateQuantCache(config=model.config, quant_config=cfg)
+
+
+def test_calibrate_bad_input(model):
+    with pytest.raises(ValueError, match="tokens"):
+        calibrate(model, WordTokenizer(), [corpus(50)], seq_len=64, n_samples=2, n_validation=1, group_size=8,
+                  residual_length=8, progress=False)
+    with pytest.raises(ValueError, match="Unknown quantizer"):
+        calibrate(model, WordTokenizer(), [corpus(500)], quantizer="nf4", progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        calibrate(model, WordTokenizer(), [corpus(2000)], budget=7.5, seq_len=64, n_samples=2, n_validation=1,
+                  group_size=8, residual_length=8, progress=False)
