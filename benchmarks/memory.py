@@ -210,7 +210,7 @@ def overhead_notes(rows: list[Row], ref: int, group_size: int, residual_length: 
         "- packing: codes above `bits/8` bytes per element (row padding; 0 when head_dim * bits is a multiple of 8).",
         "",
         "| quantizer | allocation | ratio | floor | gap | scales+zeros | window | packing | elements per group "
-        "| scale/zero bits per element | ratio with R+G-1 window |",
+        "| scale/zero bits per element | ratio with R+G-1 window (approx.) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

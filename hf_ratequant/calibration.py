@@ -284,5 +284,6 @@ def calibrate(
     }
     config.curves = {"alpha": fit.alpha.float(), "beta": fit.beta.float(), "r2": fit.r2.float(),
                      "distortion": table.float(), "bit_grid": torch.tensor(bit_grid)}
-    logger.info("calibration: %s won (validation KL %s), %.1f s", winner, scores.get(winner), time.perf_counter() - start)
+    logger.info("calibration: %s won (validation KL %s), %.1f s", winner, scores.get(winner),
+                time.perf_counter() - start)
     return config
