@@ -78,6 +78,84 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_cache_spec(spec: str, model):
+    """`none`/`fp16`, `uniform:BITS`, `kv:KBITS,VBITS`, or a saved config folder."""
+    from .config import RateQuantConfig
+
+    if spec in ("none", "full", "fp16", "dynamic"):
+        return None
+    if spec.startswith("uniform:"):
+        return RateQuantConfig.uniform(model.config, bits=_int_bits(spec, spec[8:]))
+    if spec.startswith("kv:"):
+        parts = spec[3:].split(",")
+        if len(parts) != 2:
+            raise ValueError(f"Cache spec {spec!r}: write kv:KBITS,VBITS, e.g. kv:3,2.")
+        return RateQuantConfig.uniform(model.config, key_bits=_int_bits(spec, parts[0]),
+                                       value_bits=_int_bits(spec, parts[1]))
+    import os
+
+    if os.path.isdir(spec):
+        return RateQuantConfig.from_pretrained(spec)
+    raise ValueError(
+        f"Unknown cache spec {spec!r}: accepted are 'none' (full precision), 'uniform:BITS', 'kv:KBITS,VBITS', or a "
+        "folder saved with RateQuantConfig.save_pretrained."
+    )
+
+
+def _int_bits(spec: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"Cache spec {spec!r}: {text!r} is not an integer bit-width (1..8 or 16).") from None
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate, print the validation table, save the config (nothing is written if anything fails)."""
+    from .calibration import calibrate
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    config = calibrate(
+        model, tokenizer, args.data, quantizer=args.quantizer, budget=args.budget, n_samples=args.samples,
+        seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
+        residual_length=args.residual_length, b_min=args.b_min, b_max=args.b_max,
+    )
+    info = config.calibration
+    print(f"{'candidate':<22}{'validation KL':>14}")
+    for name, kl in sorted(info["validation_kl"].items(), key=lambda kv: kv[1]):
+        print(f"{name:<22}{kl:>14.5f}{'  <- chosen' if name == info['winner'] else ''}")
+    print(f"beta median: keys {info['beta_median']['key']:.2f}, values {info['beta_median']['value']:.2f}; "
+          f"fit R^2 median {info['fit_r2_median']:.3f}; {info['seconds']['total']:.1f} s")
+    config.save_pretrained(args.output)
+    print(f"saved to {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity and KL of several caches on the same windows."""
+    import json
+
+    from .evaluation import evaluate_quality, evaluation_windows
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    configs = [(spec, _parse_cache_spec(spec, model)) for spec in args.cache]
+    windows = evaluation_windows(tokenizer, args.data, window=args.window, max_windows=args.windows)
+    rows = []
+    for spec, cfg in configs:
+        res = evaluate_quality(model, windows, cfg, chunk=args.chunk)
+        bits = cfg.average_bits if cfg is not None else 16.0
+        rows.append({"cache": spec, "avg_bits": bits, "perplexity": res.perplexity, "kl": res.kl,
+                     "tokens": res.tokens})
+    print(f"{'cache':<30}{'avg bits':>9}{'perplexity':>12}{'KL':>10}")
+    for r in rows:
+        print(f"{r['cache']:<30}{r['avg_bits']:>9.3g}{r['perplexity']:>12.3f}{r['kl']:>10.5f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-ratequant", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -93,6 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--context-tokens", type=int, default=1024)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.set_defaults(func=cmd_demo)
+
+    cal = sub.add_parser("calibrate", help="calibrate a RateQuant allocation and save it")
+    cal.add_argument("--model", default=DEFAULT_MODEL)
+    cal.add_argument("--data", default=None, help="datasets name, text file (default: WikiText-2 train)")
+    cal.add_argument("--quantizer", default="kivi", choices=available_quantizers())
+    cal.add_argument("--budget", type=float, default=2.5, help="average bits over all units")
+    cal.add_argument("--samples", type=int, default=8, help="calibration windows for the fit")
+    cal.add_argument("--validation", type=int, default=4, help="held-back windows to validate candidates on")
+    cal.add_argument("--seq-len", type=int, default=512)
+    cal.add_argument("--group-size", type=int, default=32)
+    cal.add_argument("--residual-length", type=int, default=128)
+    cal.add_argument("--b-min", type=int, default=2)
+    cal.add_argument("--b-max", type=int, default=6)
+    cal.add_argument("--output", "-o", required=True, help="folder to save the config to")
+    cal.set_defaults(func=cmd_calibrate)
+
+    ev = sub.add_parser("eval", help="perplexity and KL of caches through the real cache")
+    ev.add_argument("--model", default=DEFAULT_MODEL)
+    ev.add_argument("--cache", nargs="+", default=["none", "uniform:4", "uniform:3", "kv:3,2"],
+                    help="'none', 'uniform:BITS', 'kv:KBITS,VBITS' or a config folder")
+    ev.add_argument("--data", default=None, help="datasets name, text file (default: WikiText-2 test)")
+    ev.add_argument("--window", type=int, default=1024)
+    ev.add_argument("--windows", type=int, default=8)
+    ev.add_argument("--chunk", type=int, default=64)
+    ev.add_argument("--json", help="also write the rows as JSON to this path")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

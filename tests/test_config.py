@@ -120,3 +120,18 @@ def test_fingerprint_reads_sliding_and_gqa():
     )
     assert fp.num_kv_heads == 1 and fp.head_dim == 16
     assert set(fp.layer_types) == {"sliding_attention"} and fp.sliding_window == 16
+
+
+def test_cli_cache_specs(llama_config):
+    from types import SimpleNamespace
+
+    from hf_ratequant.cli import _parse_cache_spec
+
+    model = SimpleNamespace(config=llama_config)
+    assert _parse_cache_spec("none", model) is None
+    assert _parse_cache_spec("uniform:3", model).average_bits == 3
+    assert _parse_cache_spec("kv:3,2", model).key_bits[0] == [3, 3]
+    for bad, words in [("bogus", "accepted are"), ("kv:3", "kv:KBITS,VBITS"), ("uniform:x", "not an integer"),
+                       ("uniform:9", "not a valid bit-width")]:
+        with pytest.raises(ValueError, match=words):
+            _parse_cache_spec(bad, model)
