@@ -68,7 +68,12 @@ class _HeadGroups:
     def dequantize_into(self, out: torch.Tensor) -> None:
         """Write the dequantized past into `out` `(batch, heads, num_tokens, head_dim)`."""
         for (bits, _), sel, data in zip(self.classes, self.index, self.data):
-            out[:, sel] = data if bits == KEEP_BITS else self.quantizer.dequantize(data, self.kind)
+            if bits == KEEP_BITS:
+                out[:, sel] = data
+            elif isinstance(sel, slice):  # contiguous heads: dequantize straight into the output
+                self.quantizer.dequantize(data, self.kind, out=out[:, sel])
+            else:
+                out[:, sel] = self.quantizer.dequantize(data, self.kind)
 
     def dequantize(self, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
         """Dequantized tokens `[start, stop)`; `start` must be a multiple of `time_block`."""

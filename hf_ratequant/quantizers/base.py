@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .packing import PACKABLE_BITS, pack, unpack_float
+from .packing import PACKABLE_BITS, pack, unpack
 
 KEEP_BITS = 16
 """The bit-width that means "keep the unit as is, unquantized"."""
@@ -123,6 +123,9 @@ class Quantizer:
         """Inverse of `_to_groups`."""
         raise NotImplementedError
 
+    rotates: bool = False
+    """Whether `_rotate`/`_unrotate` do anything (dequantization can then not write straight into `out`)."""
+
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -173,17 +176,26 @@ class Quantizer:
             time_block=tb,
         )
 
-    def dequantize(self, q: QuantizedBlock, kind: str) -> torch.Tensor:
-        """Reconstruct the `(batch, heads, tokens, head_dim)` tensor in the stored dtype."""
+    def dequantize(self, q: QuantizedBlock, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruct the `(batch, heads, tokens, head_dim)` tensor in the stored dtype.
+
+        Args:
+            out (`torch.Tensor`, *optional*): a tensor (or view) of that shape and dtype to write into, which saves a
+                copy when the caller assembles a larger tensor.
+        """
         dtype = q.scale.dtype
-        # fp32 math for 16-bit dtypes on CPU is faster and exact enough; on GPU stay in the model's dtype.
-        work = torch.float32 if q.codes.device.type == "cpu" else dtype
-        codes = unpack_float(q.codes, q.bits, q.head_dim, work)
+        codes = unpack(q.codes, q.bits, q.head_dim)  # uint8 (B, H, T, D)
         shape = codes.shape
-        g = self._to_groups(codes, kind)  # (B, H, T // tb, n_groups, group_len)
-        x = torch.addcmul(q.zero.to(work).unsqueeze(-1), g, q.scale.to(work).unsqueeze(-1))
-        x = self._unrotate(self._from_groups(x, kind, shape))
-        return x.to(dtype)
+        # fp32 math for 16-bit dtypes on CPU is faster and exact enough; on GPU stay in the model's dtype.
+        work = torch.float32 if codes.device.type == "cpu" else dtype
+        g = self._to_groups(codes, kind).to(work)  # (B, H, T // tb, n_groups, group_len)
+        scale, zero = q.scale.to(work).unsqueeze(-1), q.zero.to(work).unsqueeze(-1)
+        if out is not None and work == dtype and not self.rotates:
+            return torch.addcmul(zero, g, scale, out=self._to_groups(out, kind))
+        x = self._unrotate(self._from_groups(torch.addcmul(zero, g, scale), kind, shape)).to(dtype)
+        if out is not None:
+            out.copy_(x)
+        return x
 
 
 _REGISTRY: dict[str, type[Quantizer]] = {}

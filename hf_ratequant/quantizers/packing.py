@@ -7,11 +7,9 @@ word (at most 56 bits, so it never overflows).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 PACKABLE_BITS = tuple(range(1, 9))
 
@@ -82,42 +80,18 @@ def unpack(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     if full_bytes != packed.shape[-1]:
         packed = torch.nn.functional.pad(packed, (0, full_bytes - packed.shape[-1]))
     mask = (1 << bits) - 1
+    # Plain uint8 shifts and masks: no wider intermediate, no gather (the fastest form on CPU and GPU alike).
     if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = (packed.unsqueeze(-1) >> shifts) & mask  # (..., n_bytes, per_byte)
+        fields = [packed >> s if s + bits == 8 else (packed >> s) & mask for s in range(0, 8, bits)]
     else:
-        # Code j of a word starts at bit j * bits: read the (at most two) bytes it spans as one int32.
-        lo, hi, shift = (t.to(packed.device) for t in _odd_layout(bits))
-        words = packed.reshape(*lead, -1, bits).to(torch.int32)  # (..., n_words, bits)
-        pair = words[..., lo] | (words[..., hi] << 8)  # (..., n_words, 8)
-        codes = ((pair >> shift) & mask).to(torch.uint8)
+        words = packed.reshape(*lead, -1, bits)  # (..., n_words, bits): one word holds 8 codes
+        fields = []
+        for j in range(8):
+            start = j * bits
+            lo, shift = divmod(start, 8)
+            code = words[..., lo] >> shift
+            if shift + bits > 8:  # the code continues in the next byte; uint8 overflow drops only unused bits
+                code = code | (words[..., lo + 1] << (8 - shift))
+            fields.append(code & mask)
+    codes = torch.stack(fields, dim=-1)  # (..., n_units, codes per unit)
     return codes.reshape(*lead, n_pad)[..., :n_codes]
-
-
-@functools.lru_cache(maxsize=None)
-def _odd_layout(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the 8 codes of one `bits`-byte word: the byte each starts in, the next byte, and the shift."""
-    start = torch.arange(8) * bits
-    lo = start // 8
-    return lo, (lo + 1).clamp(max=bits - 1), start % 8
-
-
-@functools.lru_cache(maxsize=None)
-def _byte_table(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256, 8 // bits): the codes held in each possible byte, as floating-point numbers."""
-    byte = torch.arange(256)
-    return torch.stack([(byte >> s) & ((1 << bits) - 1) for s in range(0, 8, bits)], dim=-1).to(device, dtype)
-
-
-def unpack_float(packed: torch.Tensor, bits: int, n_codes: int, dtype: torch.dtype) -> torch.Tensor:
-    """[`unpack`] straight to floating-point codes of `dtype` (what dequantization needs).
-
-    Widths dividing 8 look every byte up in a 256-entry table, which yields the float codes in one pass.
-    """
-    if 8 % bits or packed.shape[-1] != packed_size(n_codes, bits) or n_codes % 8:
-        return unpack(packed, bits, n_codes).to(dtype)
-    if bits == 8:
-        return packed.to(dtype)
-    table = _byte_table(bits, dtype, packed.device)
-    codes = F.embedding(packed.to(torch.int32 if packed.is_cuda else torch.int64), table)  # (..., n_bytes, 8 // bits)
-    return codes.reshape(*packed.shape[:-1], n_codes)

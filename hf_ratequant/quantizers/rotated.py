@@ -35,6 +35,8 @@ class RotatedQuantizer(TokenQuantizer):
     """Rotate every head row by an orthonormal Hadamard matrix (spreading outlier channels), then quantize per
     token. Dequantization rotates back; the rotation is exact up to float rounding."""
 
+    rotates = True
+
     def __init__(self, group_size: int = 32):
         super().__init__(group_size)
         self._cache: dict[tuple, torch.Tensor] = {}
