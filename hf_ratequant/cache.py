@@ -308,10 +308,17 @@ class RateQuantSlidingLayer(RateQuantLayer):
         super().__init__(*args, **kwargs)
         self.sliding_window = sliding_window
         self.dropped = 0  # tokens dropped from the front
+        self.record_past = False
+
+    def activate_past_recording(self) -> None:
+        """Keep every token until the next `crop` (generate() calls this before assisted or prompt-lookup decoding,
+        which may roll back tokens that the window would otherwise already have dropped)."""
+        self.record_past = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        self._drop_old()
+        if not self.record_past:
+            self._drop_old()
         return keys, values
 
     def _drop_old(self) -> None:
@@ -344,13 +351,18 @@ class RateQuantSlidingLayer(RateQuantLayer):
             return
         total = self.get_seq_length()
         target = tokens_to_remove if tokens_to_remove > 0 else total + tokens_to_remove
-        if target < self.dropped:
-            raise ValueError(
-                f"Cannot crop a sliding-window layer to {target} tokens: the first {self.dropped} have already "
-                "left its window and were dropped."
+        if target < total and self.dropped and not self.record_past:
+            raise RuntimeError(
+                f"Cannot roll back a sliding-window layer that has already dropped {self.dropped} old tokens: the "
+                "tokens now needed are gone. Call `cache.activate_past_recording()` before decoding steps that may "
+                "be cropped (generate() does so for assisted and prompt-lookup decoding)."
             )
+        if target < self.dropped:
+            raise ValueError(f"Cannot crop a sliding-window layer to {target} tokens: the first {self.dropped} "
+                             "have already been dropped.")
         if target < total:
             self._truncate(target - self.dropped)
+        self._drop_old()  # a crop also restricts the layer back to what its window needs
 
     def reset(self) -> None:
         self.dropped = 0
@@ -398,8 +410,9 @@ class RateQuantCache(DynamicCache):
         layers: list[RateQuantLayer] = []
         for i, (kb, vb) in enumerate(zip(quant_config.key_bits, quant_config.value_bits)):
             args = (kb, vb, quantizer, quant_config.residual_length, quant_config.group_size)
-            if layer_types is not None and layer_types[i] != "full_attention":
-                layers.append(RateQuantSlidingLayer(*args, sliding_window=fp.sliding_window))
+            window = fp.window(layer_types[i]) if layer_types is not None else None
+            if window is not None:
+                layers.append(RateQuantSlidingLayer(*args, sliding_window=window))
             else:
                 layers.append(RateQuantLayer(*args))
         self.quant_config = quant_config

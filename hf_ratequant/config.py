@@ -36,6 +36,8 @@ class ModelFingerprint:
         num_layers (`int`), num_kv_heads (`int`), head_dim (`int`): the KV cache geometry.
         layer_types (`tuple[str, ...]`): attention type of every layer (`full_attention`, `sliding_attention`, ...).
         sliding_window (`int` or `None`): window of the sliding layers.
+        attention_chunk_size (`int` or `None`): chunk of the chunked-attention layers (Llama 4), which are served
+            like sliding layers of that window, as transformers' own `DynamicCache` does.
         name_or_path (`str`, *optional*), revision (`str`, *optional*): where the model came from, when known.
     """
 
@@ -45,6 +47,7 @@ class ModelFingerprint:
     head_dim: int
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
+    attention_chunk_size: int | None = None
     name_or_path: str | None = None
     revision: str | None = None
 
@@ -53,20 +56,26 @@ class ModelFingerprint:
         """Read the KV-cache geometry of a `transformers` config (the text config of multimodal models)."""
         text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
         archs = getattr(model_config, "architectures", None) or [getattr(text, "model_type", "unknown")]
-        num_layers = text.num_hidden_layers
-        num_heads = text.num_attention_heads
+        num_layers = getattr(text, "num_hidden_layers", None)
+        num_heads = getattr(text, "num_attention_heads", None)
+        if not num_layers or not num_heads:
+            raise ValueError(
+                f"{archs[0]} ({getattr(text, 'model_type', 'unknown')}) has no attention heads in its config "
+                "(`num_attention_heads`): it keeps no key/value cache that RateQuantCache could serve. Supported are "
+                f"decoder models whose layers are all of type {list(SUPPORTED_LAYER_TYPES)}."
+            )
         num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
         layer_types = getattr(text, "layer_types", None)
         sliding = getattr(text, "sliding_window", None)
         if getattr(text, "use_sliding_window", True) is False:
             sliding = None
+        chunk = getattr(text, "attention_chunk_size", None)
         if layer_types is None:
             if sliding is not None:
                 layer_types = ["sliding_attention"] * num_layers
-            elif getattr(text, "attention_chunk_size", None) is not None:
+            elif chunk is not None:
                 layer_types = ["chunked_attention"] * num_layers
-                sliding = text.attention_chunk_size
             else:
                 layer_types = ["full_attention"] * num_layers
         return cls(
@@ -76,9 +85,18 @@ class ModelFingerprint:
             head_dim=head_dim,
             layer_types=tuple(layer_types),
             sliding_window=sliding,
+            attention_chunk_size=chunk,
             name_or_path=getattr(model_config, "_name_or_path", None) or None,
             revision=getattr(model_config, "_commit_hash", None),
         )
+
+    def window(self, layer_type: str) -> int | None:
+        """The attention window a layer of `layer_type` needs (None: unbounded)."""
+        if layer_type == "sliding_attention":
+            return self.sliding_window
+        if layer_type == "chunked_attention":
+            return self.attention_chunk_size or self.sliding_window
+        return None
 
     def geometry(self) -> tuple[int, int, int]:
         return self.num_layers, self.num_kv_heads, self.head_dim
