@@ -277,6 +277,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def plot(rows: list[Row], tokens: int, path: str) -> None:
+    """Bytes held (fraction of the 16-bit cache) against average bits, per quantizer, with the arithmetic floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    bits = [2, 2.5, 3, 4, 8]
+    ax.plot(bits, [b / 16 for b in bits], "k--", lw=1, label="arithmetic floor (bits / 16)")
+    for quantizer, marker in (("kivi", "o"), ("token", "s"), ("rotated", "^")):
+        pts = sorted({(r.avg_bits, r.ratio) for r in rows if r.quantizer == quantizer})
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=f"RateQuantCache, {quantizer}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("average bits per key/value element")
+    ax.set_ylabel("bytes held / 16-bit DynamicCache")
+    ax.set_title(f"SmolLM2-135M KV cache, {tokens} tokens, bf16 states (G=32, R=128)", fontsize=9)
+    ax.set_ylim(0, 0.65)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -328,8 +354,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output_dir, "memory.json"), "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+    plot(rows, args.tokens, os.path.join(args.output_dir, "memory.png"))
     print(md)
-    logger.info("Wrote %s/memory.md and memory.json.", args.output_dir)
+    logger.info("Wrote %s/memory.md, memory.json and memory.png.", args.output_dir)
     return 0
 
 
