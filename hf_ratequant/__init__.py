@@ -3,7 +3,9 @@
 __version__ = "0.1.0"
 
 from .cache import RateQuantCache, RateQuantLayer, RateQuantSlidingLayer
+from .calibration import calibrate
 from .config import ModelFingerprint, RateQuantConfig
+from .evaluation import evaluate_kl, evaluate_perplexity
 from .models import DEFAULT_MODEL, load_default_model, load_model
 from .quantizers import available_quantizers, get_quantizer, register_quantizer
 
@@ -16,6 +18,9 @@ __all__ = [
     "RateQuantSlidingLayer",
     "__version__",
     "available_quantizers",
+    "calibrate",
+    "evaluate_kl",
+    "evaluate_perplexity",
     "get_quantizer",
     "load_default_model",
     "load_model",

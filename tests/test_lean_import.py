@@ -1,0 +1,22 @@
+"""Importing the package stays lean: datasets, matplotlib and gguf load only when used. (transformers itself
+imports quanto and hqq at import time when they are installed; that is not ours to change.)"""
+
+import subprocess
+import sys
+
+
+def test_import_does_not_pull_heavy_optional_modules():
+    code = (
+        "import sys, hf_ratequant; "
+        "print(','.join(m for m in ('datasets', 'matplotlib', 'gguf') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+def test_public_names():
+    import hf_ratequant
+
+    for name in hf_ratequant.__all__:
+        assert hasattr(hf_ratequant, name), name
+    assert {"RateQuantCache", "RateQuantConfig", "calibrate", "load_default_model"} <= set(hf_ratequant.__all__)
