@@ -50,6 +50,7 @@ class ModelFingerprint:
     attention_chunk_size: int | None = None
     name_or_path: str | None = None
     revision: str | None = None
+    model_type: str | None = None
 
     @classmethod
     def from_model_config(cls, model_config: Any) -> ModelFingerprint:
@@ -88,6 +89,7 @@ class ModelFingerprint:
             attention_chunk_size=chunk,
             name_or_path=getattr(model_config, "_name_or_path", None) or None,
             revision=getattr(model_config, "_commit_hash", None),
+            model_type=getattr(text, "model_type", None),
         )
 
     def window(self, layer_type: str) -> int | None:
@@ -100,6 +102,24 @@ class ModelFingerprint:
 
     def geometry(self) -> tuple[int, int, int]:
         return self.num_layers, self.num_kv_heads, self.head_dim
+
+    def differences(self, other: ModelFingerprint) -> list[str]:
+        """What makes `other` a different KV cache from this one (empty: same architecture and cache geometry).
+
+        The model type (`llama`, `qwen3`, ...) is compared, not the class name, which a config may lack. The
+        model's name and revision are not compared: the same model is often loaded from a local path, and a fine-tune
+        keeps its base model's geometry."""
+        out = []
+        for name in ("model_type", "num_layers", "num_kv_heads", "head_dim", "layer_types", "sliding_window",
+                     "attention_chunk_size"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name in ("model_type", "layer_types") and (not mine or not theirs):
+                continue  # not recorded by the version that wrote this config
+            if mine != theirs:
+                if name == "layer_types":
+                    mine, theirs = _summarize_types(mine), _summarize_types(theirs)
+                out.append(f"{name} {mine} vs {theirs}")
+        return out
 
     def describe(self) -> str:
         name = f" ({self.name_or_path})" if self.name_or_path else ""
@@ -273,11 +293,19 @@ class RateQuantConfig:
                 f"{made_for}) but the model is {fp.describe()}. Use a config calibrated for this model, or build "
                 "one with RateQuantConfig.uniform(model.config, bits=...)."
             )
-        if self.fingerprint is not None and self.fingerprint.head_dim != fp.head_dim:
-            raise ValueError(
-                f"This RateQuantConfig was made for head_dim {self.fingerprint.head_dim} "
-                f"({self.fingerprint.describe()}) but the model is {fp.describe()}."
-            )
+        if self.fingerprint is not None:
+            diffs = self.fingerprint.differences(fp)
+            if diffs:
+                raise ValueError(
+                    f"This RateQuantConfig was calibrated for {self.fingerprint.describe()}, but the model is "
+                    f"{fp.describe()} ({'; '.join(diffs)}, config vs model). An allocation only fits the model it was "
+                    "calibrated on: run `hf_ratequant.calibrate(model, tokenizer)` (or `hf-ratequant calibrate`) "
+                    "for this model."
+                )
+            theirs, mine = fp.name_or_path, self.fingerprint.name_or_path
+            if mine and theirs and os.path.basename(mine.rstrip("/")) != os.path.basename(theirs.rstrip("/")):
+                logger.warning("This RateQuantConfig was calibrated on %s; the model is %s (same cache geometry, so "
+                               "it is used, but its allocation may not be optimal for this model).", mine, theirs)
         return fp
 
     # ---- serialisation ---------------------------------------------------------------------------------------
@@ -323,21 +351,98 @@ class RateQuantConfig:
             os.remove(curves_path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> RateQuantConfig:
-        """Load from a local folder holding `ratequant_config.json` (and optionally the curves)."""
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ) -> RateQuantConfig:
+        """Load from a local folder saved with [`save_pretrained`] or from a Hub repo.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`): a folder holding `ratequant_config.json` (and optionally
+                `ratequant_curves.safetensors`), or a Hub repo id such as `"user/smollm2-ratequant-kivi-2.5"`.
+            revision (`str`, *optional*): branch, tag or commit of the Hub repo (default: its main branch).
+            subfolder (`str`, *optional*): folder inside the repo or local folder.
+            token, cache_dir, local_files_only: as in `huggingface_hub.hf_hub_download` (`HF_HUB_OFFLINE=1` is
+                honoured).
+
+        Only JSON and safetensors are ever read.
+        """
         from safetensors.torch import load_file
 
-        config_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {os.fspath(path)!r}: is this a RateQuantConfig folder?")
+        path = os.fspath(path_or_repo_id)
+        folder = os.path.join(path, subfolder) if subfolder else path
+        if os.path.isdir(folder):
+            config_path = os.path.join(folder, CONFIG_NAME)
+            if not os.path.isfile(config_path):
+                raise FileNotFoundError(f"No {CONFIG_NAME} in {folder!r}: is this a RateQuantConfig folder saved "
+                                        "with `save_pretrained`?")
+            curves_path = os.path.join(folder, CURVES_NAME)
+            curves_path = curves_path if os.path.isfile(curves_path) else None
+        elif _looks_local(path):
+            raise FileNotFoundError(f"{folder!r} is not a folder. Pass a folder saved with `save_pretrained` or a "
+                                    "Hub repo id ('user/name').")
+        else:
+            hub = dict(repo_id=path, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
+                       local_files_only=local_files_only)
+            config_path = _hub_file(CONFIG_NAME, required=True, **hub)
+            curves_path = _hub_file(CURVES_NAME, required=False, **hub)
         with open(config_path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-        curves_path = os.path.join(path, CURVES_NAME)
-        curves = load_file(curves_path) if os.path.isfile(curves_path) else None
+        curves = load_file(curves_path) if curves_path else None
         return cls.from_dict(data, curves)
+
+
+def _looks_local(path: str) -> bool:
+    """A path rather than a Hub repo id ('name' or 'owner/name')."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
+
+
+def _hub_file(filename: str, *, repo_id: str, revision: str | None, required: bool, **kwargs) -> str | None:
+    """Download (or find in the cache) one file of a Hub repo, with errors that say what to do."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision, **kwargs)
+    except HFValidationError as e:
+        raise ValueError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ('user/name'): {e}") from e
+    except RepositoryNotFoundError as e:
+        raise OSError(f"No Hub repo {repo_id!r} (or it is private or gated: log in or pass `token=`).") from e
+    except RevisionNotFoundError as e:
+        raise OSError(f"The Hub repo {repo_id!r} has no revision {revision!r}: pass an existing branch, tag or "
+                      "commit.") from e
+    except LocalEntryNotFoundError as e:  # offline and not in the cache (a subclass of EntryNotFoundError)
+        if not required:
+            logger.warning("%s of %s is not in the local cache and the Hub cannot be reached: loading the allocation "
+                           "without its fitted curves.", filename, at)
+            return None
+        raise OSError(f"{filename} of {at} is not in the local Hub cache and the Hub cannot be reached (offline "
+                      "mode or no network). Connect once, or pass a local folder.") from e
+    except EntryNotFoundError as e:
+        if not required:
+            return None
+        raise OSError(f"The Hub repo {at} has no {filename}: is it a RateQuant config repo (pushed with "
+                      "`RateQuantConfig.push_to_hub`)?") from e
+
+
+def _summarize_types(types: tuple[str, ...]) -> str:
+    return ", ".join(f"{types.count(t)} {t}" for t in dict.fromkeys(types))
 
 
 def _known_fields(cls: type, data: dict) -> dict:

@@ -1,5 +1,6 @@
 """RateQuantConfig: construction, validation, JSON + safetensors round trip, model checks."""
 
+import dataclasses
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from hf_ratequant.config import CONFIG_NAME, CURVES_NAME, SCHEMA_VERSION, ModelF
 def llama_config():
     return LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32,
+        num_key_value_heads=2, head_dim=32, architectures=["LlamaForCausalLM"],
     )
 
 
@@ -52,6 +53,25 @@ def test_mismatched_model_refused_naming_both(llama_config):
     other = LlamaConfig(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=4, hidden_size=64)
     with pytest.raises(ValueError, match=r"3 layers x 2 kv-heads.*llama: 5 layers x 4 kv-heads"):
         RateQuantCache(config=other, quant_config=cfg)
+
+
+def test_fingerprint_mismatch_with_same_geometry_refused(llama_config, caplog):
+    from transformers import MistralConfig
+
+    cfg = RateQuantConfig.uniform(llama_config, bits=4)
+    geometry = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32)
+    mistral = MistralConfig(**geometry, sliding_window=64)
+    with pytest.raises(ValueError, match=r"calibrated for LlamaForCausalLM.*but the model is mistral.*"
+                                         r"model_type llama vs mistral.*sliding_window None vs 64"):
+        RateQuantCache.from_pretrained(cfg, model_config=mistral)
+    # A fine-tune (same architecture and geometry, another name) is used, with a warning.
+    tuned_other = LlamaConfig(**geometry, architectures=["LlamaForCausalLM"])
+    object.__setattr__(cfg, "fingerprint", dataclasses.replace(cfg.fingerprint, name_or_path="org/base"))
+    tuned_other._name_or_path = "org/fine-tune"
+    with caplog.at_level("WARNING", logger="hf_ratequant.config"):
+        RateQuantCache.from_pretrained(cfg, model_config=tuned_other)
+    assert "calibrated on org/base; the model is org/fine-tune" in caplog.text
 
 
 def test_unsupported_layer_type_named(llama_config):
