@@ -27,13 +27,22 @@ from transformers.cache_utils import DynamicLayer
 from .allocation import allocate_bits, allocate_from_table, fixed_allocations
 from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, text_fingerprint, tokenize_windows
-from .distortion import fisher_distortion, fit_curves
+from .distortion import fisher_distortion, fit_curves, fixed_beta_fit
 from .evaluation import evaluate_quality, reference_logprobs
 from .quantizers import get_quantizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "calibration_mode", "capture_states", "measure_distortion", "allocation_candidates"]
+__all__ = [
+    "allocation_candidates",
+    "calibrate",
+    "calibration_mode",
+    "calibration_windows",
+    "capture_states",
+    "measure_distortion",
+    "measure_distortions",
+    "residual_split_mask",
+]
 
 
 @contextlib.contextmanager
@@ -53,32 +62,85 @@ def calibration_mode(model: Any):
 
 
 class _CaptureLayer(DynamicLayer):
-    """A cache layer that turns the states it receives into grad-requiring leaves and keeps them."""
+    """A cache layer that turns the states it receives into grad-requiring leaves and keeps them.
+
+    With `split=True` attention gets every state twice, `[far copy, near copy]` along the token axis, and the mask
+    from [`residual_split_mask`] lets each query read a key from the far copy exactly when the real cache would hold
+    that key quantized. The gradient on the far copy is then the gradient of the loss through the quantized part of
+    the cache only: local attention, which the full-precision residual window serves, carries no weight.
+    """
+
+    def __init__(self, split: bool = False):
+        super().__init__()
+        self.split = split
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys = key_states.detach().requires_grad_(True)
         values = value_states.detach().requires_grad_(True)
         self.captured = (keys, values)
+        if self.split:
+            near_k, near_v = key_states.detach(), value_states.detach()
+            return torch.cat([keys, near_k], dim=-2), torch.cat([values, near_v], dim=-2)
         return keys, values
 
 
 class _CaptureCache(DynamicCache):
-    def __init__(self, num_layers: int):
-        super(DynamicCache, self).__init__(layers=[_CaptureLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, split: bool = False):
+        super(DynamicCache, self).__init__(layers=[_CaptureLayer(split) for _ in range(num_layers)])
 
 
-def capture_states(model: Any, input_ids: torch.LongTensor) -> list[tuple[torch.Tensor, ...]]:
+def residual_split_mask(
+    seq_len: int, residual_length: int, group_size: int, fingerprint: ModelFingerprint, dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Additive attention masks `(1, 1, seq_len, 2 * seq_len)` over `[far copy, near copy]` of the keys.
+
+    Query i reads key j < i from the far copy when the cache holds it quantized while token i is decoded (the first
+    `((i - residual_length) // group_size) * group_size` tokens: the cache flushes whole groups once its
+    full-precision window exceeds `residual_length`), and from the near copy otherwise. Each layer type keeps its own
+    window (sliding or chunked attention). One tensor for single-type models, a `{layer_type: mask}` dict otherwise
+    (what transformers' mixed-attention models accept).
+    """
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    quantized = ((i - residual_length).clamp_min(0) // group_size) * group_size
+    masks = {}
+    for layer_type in dict.fromkeys(fingerprint.layer_types):
+        allowed = j <= i
+        window = fingerprint.window(layer_type)
+        if window and layer_type == "chunked_attention":
+            allowed &= (i // window) == (j // window)
+        elif window:
+            allowed &= (i - j) < window
+        both = torch.cat([allowed & (j < quantized), allowed & (j >= quantized)], dim=1)
+        mask = torch.zeros(both.shape, dtype=dtype, device=device).masked_fill_(~both, torch.finfo(dtype).min)
+        masks[layer_type] = mask[None, None]
+    return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+def capture_states(
+    model: Any, input_ids: torch.LongTensor, *, residual_length: int | None = None, group_size: int = 32
+) -> list[tuple[torch.Tensor, ...]]:
     """Post-RoPE keys and values of every layer with the gradient of the LM loss with respect to them.
+
+    Args:
+        residual_length (`int`, *optional*): when given, the gradients flow only through attention to keys the
+            cache would hold quantized (see [`residual_split_mask`]); by default through all attention.
 
     Returns:
         `list[tuple]`: per layer `(keys, values, key_grads, value_grads)`, each `(batch, kv_heads, tokens, head_dim)`.
     """
     fp = ModelFingerprint.from_model_config(model.config)
-    cache = _CaptureCache(fp.num_layers)
+    split = residual_length is not None
+    cache = _CaptureCache(fp.num_layers, split=split)
     device = model.get_input_embeddings().weight.device
     ids = input_ids.to(device)
+    kwargs = {}
+    if split:
+        kwargs["attention_mask"] = residual_split_mask(ids.shape[1], residual_length, group_size, fp, model.dtype,
+                                                       device)
     with calibration_mode(model), torch.enable_grad():
-        out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True, **kwargs)
         if not torch.isfinite(out.loss):
             raise ValueError(f"The calibration loss is {out.loss.item()}: the model produces non-finite outputs on "
                              "this data; check its dtype and weights.")
@@ -101,6 +163,24 @@ def capture_states(model: Any, input_ids: torch.LongTensor) -> list[tuple[torch.
     return result
 
 
+def residual_split_works(model: Any, input_ids: torch.LongTensor, residual_length: int, group_size: int) -> bool:
+    """Whether `model` honours the split mask: with identical far and near copies its logits must not change."""
+    fp = ModelFingerprint.from_model_config(model.config)
+    device = model.get_input_embeddings().weight.device
+    ids = input_ids[:1].to(device)
+    mask = residual_split_mask(ids.shape[1], residual_length, group_size, fp, model.dtype, device)
+    with torch.no_grad():
+        plain = model(input_ids=ids, past_key_values=_CaptureCache(fp.num_layers), use_cache=True).logits
+        try:
+            split = model(input_ids=ids, past_key_values=_CaptureCache(fp.num_layers, split=True), use_cache=True,
+                          attention_mask=mask).logits
+        except Exception as err:  # any failure means the model cannot take the custom mask
+            logger.debug("split-mask forward failed: %r", err)
+            return False
+    tol = 1e-3 if plain.dtype == torch.float32 else 5e-2
+    return split.shape == plain.shape and torch.allclose(split, plain, atol=tol, rtol=tol)
+
+
 def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad.detach()
 
@@ -113,23 +193,42 @@ def measure_distortion(
     *,
     group_size: int = 32,
     batch_size: int = 4,
+    residual_length: int | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Gradient-weighted distortion of every unit at every bit-width: float64 `(layers, kv_heads, 2, n_bits)`,
-    `[..., 0, :]` keys and `[..., 1, :]` values, summed over `windows`."""
-    q = get_quantizer(quantizer, group_size)
-    total = None
-    for ids in tqdm(torch.split(windows, batch_size), desc=f"calibrate {quantizer}", disable=not progress):
-        states = capture_states(model, ids)
-        table = torch.stack(
-            [
-                torch.stack([fisher_distortion(k, gk, q, "key", bit_grid), fisher_distortion(v, gv, q, "value",
-                                                                                               bit_grid)], dim=1)
+    `[..., 0, :]` keys and `[..., 1, :]` values, summed over `windows`. With `residual_length`, gradients flow only
+    through the attention the cache serves from quantized tokens ([`capture_states`])."""
+    return measure_distortions(model, windows, [quantizer], bit_grid, group_size=group_size, batch_size=batch_size,
+                               residual_length=residual_length, progress=progress)[quantizer]
+
+
+def measure_distortions(
+    model: Any,
+    windows: torch.LongTensor,
+    quantizers: list[str],
+    bit_grid: list[int],
+    *,
+    group_size: int = 32,
+    batch_size: int = 4,
+    residual_length: int | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """[`measure_distortion`] for several quantizer designs on the same captured states (one forward and backward
+    pass per batch whatever the number of designs): `{quantizer: (layers, kv_heads, 2, n_bits)}`."""
+    designs = {name: get_quantizer(name, group_size) for name in quantizers}
+    totals: dict[str, torch.Tensor] = {}
+    desc = f"calibrate {', '.join(quantizers)}"
+    for ids in tqdm(torch.split(windows, batch_size), desc=desc, disable=not progress):
+        states = capture_states(model, ids, residual_length=residual_length, group_size=group_size)
+        for name, q in designs.items():
+            table = torch.stack([
+                torch.stack([fisher_distortion(k, gk, q, "key", bit_grid),
+                             fisher_distortion(v, gv, q, "value", bit_grid)], dim=1)
                 for k, v, gk, gv in states
-            ]
-        )  # (layers, kv_heads, 2, n_bits)
-        total = table if total is None else total + table
-    return total
+            ])  # (layers, kv_heads, 2, n_bits)
+            totals[name] = table if name not in totals else totals[name] + table
+    return totals
 
 
 def allocation_candidates(
@@ -153,14 +252,24 @@ def allocation_candidates(
     log_d = distortion.clamp_min(1e-30).log()
     layer_mean = log_d.mean(dim=1, keepdim=True)  # (layers, 1, 2, n_bits)
     shrunk = ((log_d + layer_mean) / 2).exp().reshape(-1, len(bit_grid))
-    kvq_alpha = (flat.clamp_min(1e-30).log() + grid.double() * torch.log(torch.tensor(4.0, dtype=torch.float64)))
+    kvq = fixed_beta_fit(flat, bit_grid, 4.0)
     candidates = {
         "ratequant": allocate_bits(fit.alpha, fit.beta, budget, b_min, b_max),
         "ratequant-measured": allocate_from_table(flat, grid, budget),
         "ratequant-shrunk": allocate_from_table(shrunk, grid, budget),
-        "kvq-beta4": allocate_bits(kvq_alpha.mean(-1).exp(), 4.0, budget, b_min, b_max),
+        "kvq-beta4": allocate_bits(kvq.alpha, kvq.beta, budget, b_min, b_max),
     }
     return {name: bits.reshape(shape) for name, bits in candidates.items()}
+
+
+def calibration_windows(
+    tokenizer: Any, data: Any, *, seq_len: int, n_windows: int
+) -> tuple[torch.LongTensor, str, str]:
+    """`(n_windows, seq_len)` calibration token windows of `data` (WikiText-2 train by default, local text offline),
+    with the text and a description of its source. Too little text is a clear error that says the minimum."""
+    text, source = load_text(data, split="train")
+    windows = tokenize_windows(tokenizer, text, seq_len=seq_len, n_windows=n_windows, min_windows=n_windows)
+    return windows, text, source
 
 
 def _config_from_bits(bits: torch.Tensor, template: RateQuantConfig, method: str) -> RateQuantConfig:
@@ -195,6 +304,7 @@ def calibrate(
     batch_size: int = 4,
     chunk: int = 64,
     validate: bool = True,
+    residual_aware: bool = True,
     progress: bool = True,
 ) -> RateQuantConfig:
     """Calibrate a RateQuant allocation of `budget` average bits for `quantizer` on `model`.
@@ -212,6 +322,9 @@ def calibrate(
             candidates are compared (0 or `validate=False` skips validation and returns the closed-form allocation).
         b_min (`int`, *optional*, defaults to 2), b_max (`int`, *optional*, defaults to 6): bounds of every unit's
             bits (one-bit units are risky: their distortion is far from the fitted curve).
+        residual_aware (`bool`, *optional*, defaults to `True`): weight each unit's error only by the attention that
+            reads it quantized (the cache keeps the last `residual_length` tokens in full precision); falls back to
+            all attention, with a warning, on a model that does not honour a custom attention mask.
 
     Returns:
         [`RateQuantConfig`]: the winning allocation, with the fitted curves and the validation scores.
@@ -232,14 +345,17 @@ def calibrate(
         b_max=b_max, fingerprint=fp,
     )
     n_validation = n_validation if validate else 0
-    text, source = load_text(data, split="train")
-    windows = tokenize_windows(tokenizer, text, seq_len=seq_len, n_windows=n_samples + n_validation,
-                               min_windows=n_samples + n_validation)
+    windows, text, source = calibration_windows(tokenizer, data, seq_len=seq_len, n_windows=n_samples + n_validation)
     fit_windows, val_windows = windows[:n_samples], windows[n_samples:]
 
     t0 = time.perf_counter()
+    if residual_aware and not residual_split_works(model, fit_windows, residual_length, group_size):
+        logger.warning("%s does not honour a custom attention mask: the distortion is weighted by all attention, "
+                       "including the residual window the cache keeps in full precision.", fp.architecture)
+        residual_aware = False
     table = measure_distortion(model, fit_windows, quantizer, bit_grid, group_size=group_size,
-                               batch_size=batch_size, progress=progress)
+                               batch_size=batch_size, residual_length=residual_length if residual_aware else None,
+                               progress=progress)
     measure_s = time.perf_counter() - t0
     fit = fit_curves(table, bit_grid)
     candidates = allocation_candidates(table, bit_grid, budget)
@@ -272,7 +388,9 @@ def calibrate(
         "fit_tokens": int(fit_windows.numel()),
         "validation_tokens": int(val_windows.numel()),
         "seq_len": seq_len,
-        "measure": "gradient-weighted squared quantization error (diagonal Fisher), summed over tokens",
+        "measure": "gradient-weighted squared quantization error (diagonal Fisher), summed over tokens"
+        + (", gradients through the quantized part of the cache only" if residual_aware else ""),
+        "residual_aware": residual_aware,
         "bit_grid": bit_grid,
         "winner": winner,
         "validation_kl": scores,

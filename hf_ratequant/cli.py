@@ -156,6 +156,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Fit every quantizer's curves on one model, print the beta table, allocate for each design with every
+    design's curves, evaluate on held-out text, write the tables and PNG plots."""
+    import json
+    import os
+
+    from .analysis import beta_table, fit_quantizer_curves, mismatch_study
+    from .config import ModelFingerprint, RateQuantConfig
+    from .evaluation import evaluation_windows
+    from .models import load_model
+    from .plots import plot_allocation, plot_distortion_curves
+
+    model, tokenizer = load_model(args.model)
+    quantizers = args.quantizers or available_quantizers()
+    curves = fit_quantizer_curves(
+        model, tokenizer, args.data, quantizers, n_samples=args.samples, seq_len=args.seq_len,
+        group_size=args.group_size, residual_length=args.residual_length, b_min=args.b_min, b_max=args.b_max,
+    )
+    betas = beta_table(curves)
+    print(f"\n{'quantizer':<11}{'kind':<7}{'beta median':>12}{'beta range':>16}{'fit R^2':>9}")
+    for r in betas:
+        print(f"{r['quantizer']:<11}{r['kind']:<7}{r['beta_median']:>12.2f}"
+              f"{r['beta_min']:>8.2f} - {r['beta_max']:<5.2f}{r['r2_median']:>9.3f}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    written = [plot_distortion_curves(curves, os.path.join(args.output_dir, "distortion_curves.png"))]
+    fp = ModelFingerprint.from_model_config(model.config)
+    for name, c in curves.items():
+        bits = c.allocation(args.budget)
+        cfg = RateQuantConfig(key_bits=bits[..., 0].tolist(), value_bits=bits[..., 1].tolist(), quantizer=name,
+                              group_size=args.group_size, residual_length=args.residual_length, budget=args.budget,
+                              method="ratequant", fingerprint=fp)
+        written.append(plot_allocation(cfg, os.path.join(args.output_dir, f"allocation_{name}.png")))
+
+    rows = []
+    if args.windows > 0:
+        windows = evaluation_windows(tokenizer, args.eval_data, window=args.window, max_windows=args.windows)
+        rows = mismatch_study(model, windows, curves, args.budget, group_size=args.group_size,
+                              residual_length=args.residual_length, chunk=args.chunk)
+        print(f"\n{args.budget:g} average bits, {windows.numel()} held-out tokens, through each real cache")
+        print(f"{'quantizer':<11}{'allocation':<20}{'perplexity':>11}{'KL':>10}{'key bits':>9}{'units moved':>12}"
+              f"{'rank corr':>10}")
+        for r in rows:
+            corr = "" if r["rank_agreement"] is None else f"{r['rank_agreement']:.2f}"
+            print(f"{r['quantizer']:<11}{r['allocation']:<20}{r['perplexity']:>11.3f}{r['kl']:>10.5f}"
+                  f"{r['key_bits']:>9.2f}{r['units_changed']:>12}{corr:>10}")
+    path = os.path.join(args.output_dir, "analysis.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"model": fp.describe(), "budget": args.budget, "betas": betas, "mismatch": rows}, f, indent=1)
+    print("\nwrote " + ", ".join(written + [path]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-ratequant", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -197,6 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chunk", type=int, default=64)
     ev.add_argument("--json", help="also write the rows as JSON to this path")
     ev.set_defaults(func=cmd_eval)
+
+    an = sub.add_parser("analyze", help="fit every quantizer's curves; show what the wrong curves cost")
+    an.add_argument("--model", default=DEFAULT_MODEL)
+    an.add_argument("--quantizers", nargs="+", choices=available_quantizers(), help="default: all registered")
+    an.add_argument("--budget", type=float, default=2.5)
+    an.add_argument("--data", default=None, help="calibration text (default: WikiText-2 train)")
+    an.add_argument("--eval-data", default=None, help="held-out text (default: WikiText-2 test)")
+    an.add_argument("--samples", type=int, default=8)
+    an.add_argument("--seq-len", type=int, default=512)
+    an.add_argument("--window", type=int, default=1024)
+    an.add_argument("--windows", type=int, default=4, help="held-out windows (0: curves and plots only)")
+    an.add_argument("--chunk", type=int, default=64)
+    an.add_argument("--group-size", type=int, default=32)
+    an.add_argument("--residual-length", type=int, default=128)
+    an.add_argument("--b-min", type=int, default=2)
+    an.add_argument("--b-max", type=int, default=6)
+    an.add_argument("--output-dir", "-o", default="ratequant-analysis", help="where the JSON and PNGs go")
+    an.set_defaults(func=cmd_analyze)
     return parser
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .quantizers import Quantizer
 
-__all__ = ["CurveFit", "fisher_distortion", "fit_curves"]
+__all__ = ["CurveFit", "fisher_distortion", "fit_curves", "fixed_beta_fit"]
 
 _TINY = 1e-30
 
@@ -83,3 +83,16 @@ def fit_curves(distortion: torch.Tensor, bit_grid: list[int], min_beta: float = 
     ss_tot = (y - y.mean(-1, keepdim=True)).square().sum(-1).clamp_min(_TINY)
     beta = (-slope).exp().clamp_min(min_beta)
     return CurveFit(alpha=intercept.exp(), beta=beta, r2=1 - ss_res / ss_tot)
+
+
+def fixed_beta_fit(distortion: torch.Tensor, bit_grid: list[int], beta: float = 4.0) -> CurveFit:
+    """One fixed beta for every unit (kvq's rule, beta = 4 from high-resolution theory) and, per unit, the
+    least-squares alpha of the measured `(..., n_bits)` table under that beta.
+    `r2` is that curve's fit in log space."""
+    y = distortion.double().clamp_min(_TINY).log()
+    b = torch.tensor(bit_grid, dtype=torch.float64)
+    slope = -torch.log(torch.tensor(float(beta), dtype=torch.float64))
+    intercept = (y - slope * b).mean(-1)
+    ss_res = (y - intercept.unsqueeze(-1) - slope * b).square().sum(-1)
+    ss_tot = (y - y.mean(-1, keepdim=True)).square().sum(-1).clamp_min(_TINY)
+    return CurveFit(alpha=intercept.exp(), beta=torch.full_like(intercept, float(beta)), r2=1 - ss_res / ss_tot)

@@ -49,6 +49,21 @@ def build_model(model_cls, config, seed: int = 0, dtype: torch.dtype = torch.flo
 
 
 @pytest.fixture(scope="session")
+def smollm():
+    """The embedded default model and its tokenizer, loaded once per session (about 20 s)."""
+    from hf_ratequant import load_default_model
+
+    return load_default_model()
+
+
+@pytest.fixture
+def smollm_cli(smollm, monkeypatch):
+    """`hf-ratequant` subcommands get the already loaded default model instead of loading it again."""
+    monkeypatch.setattr("hf_ratequant.models.load_model", lambda *a, **k: smollm)
+    return smollm
+
+
+@pytest.fixture(scope="session")
 def tiny_llama():
     """A 2-layer GQA Llama (4 query heads, 2 kv-heads, head_dim 32), seeded, fp32, eval. Do not mutate it."""
     return build_model(LlamaForCausalLM, LlamaConfig(**TINY_LLAMA), seed=0)

@@ -115,3 +115,80 @@ def test_calibrate_bad_input(model):
     with pytest.raises(ValueError, match="budget"):
         calibrate(model, WordTokenizer(), [corpus(2000)], budget=7.5, seq_len=64, n_samples=2, n_validation=1,
                   group_size=8, residual_length=8, progress=False)
+
+
+def test_residual_split_mask_reads_each_key_once():
+    from hf_ratequant.calibration import residual_split_mask
+    from hf_ratequant.config import ModelFingerprint
+
+    fp = ModelFingerprint("LlamaForCausalLM", 2, 2, 32, layer_types=("full_attention",) * 2)
+    mask = residual_split_mask(40, residual_length=8, group_size=4, fingerprint=fp, dtype=torch.float32)
+    allowed = mask[0, 0] == 0  # (T, 2T)
+    far, near = allowed[:, :40], allowed[:, 40:]
+    assert torch.equal(far | near, torch.ones(40, 40, dtype=torch.bool).tril())  # every past key exactly once...
+    assert not (far & near).any()
+    # ...from the far copy exactly when the cache holds it quantized while that query is decoded.
+    for i in (0, 8, 11, 12, 15, 16, 39):
+        assert int(far[i].sum()) == max(0, (i - 8) // 4 * 4)
+    sliding = ModelFingerprint("MistralForCausalLM", 2, 2, 32, layer_types=("sliding_attention", "full_attention"),
+                               sliding_window=16)
+    masks = residual_split_mask(40, 8, 4, sliding, torch.float32)
+    assert set(masks) == {"sliding_attention", "full_attention"}
+    window = masks["sliding_attention"][0, 0] == 0
+    assert int((window[:, :40] | window[:, 40:])[39].sum()) == 16
+
+
+def test_residual_aware_gradient_is_the_gradient_through_quantized_keys(model):
+    """The far-copy gradient equals a finite difference of the loss when only the far copy is perturbed."""
+    import copy
+
+    from hf_ratequant.calibration import _CaptureCache, residual_split_mask, residual_split_works
+    from hf_ratequant.config import ModelFingerprint
+
+    model = copy.deepcopy(model).double()
+    ids = torch.randint(0, len(WORDS), (1, 40), generator=torch.Generator().manual_seed(5))
+    assert residual_split_works(model, ids, residual_length=8, group_size=4)
+    k, _v, gk, _gv = capture_states(model, ids, residual_length=8, group_size=4)[1]
+    never = (39 - 8) // 4 * 4  # keys from here on are never read quantized, even by the last query
+    assert gk[0, :, never:].abs().sum() == 0 and gk[0, :, never - 4 : never].abs().sum() > 0
+    mask = residual_split_mask(40, 8, 4, ModelFingerprint.from_model_config(model.config), torch.float64)
+
+    class Nudged(_CaptureCache):
+        def update(self, key_states, value_states, layer_idx, *a, **kw):
+            keys, values = super().update(key_states, value_states, layer_idx, *a, **kw)
+            if layer_idx == 1:
+                keys = keys.clone()
+                keys[0, 1, 3, 7] += eps  # far copy of token 3
+            return keys, values
+
+    losses = []
+    for eps in (1e-3, -1e-3):
+        with torch.no_grad():
+            logits = model(input_ids=ids, past_key_values=Nudged(2, split=True), use_cache=True,
+                           attention_mask=mask).logits
+            losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
+    fd = (losses[0] - losses[1]) / 2e-3
+    assert gk[0, 1, 3, 7] != 0 and fd.item() == pytest.approx(gk[0, 1, 3, 7].item(), rel=2e-2)
+    plain = capture_states(model, ids)[1][2]
+    assert not torch.allclose(plain, gk)  # local attention no longer counts
+
+
+def test_calibrate_falls_back_when_the_model_ignores_the_mask(model, monkeypatch, caplog):
+    import hf_ratequant.calibration as calibration
+
+    monkeypatch.setattr(calibration, "residual_split_works", lambda *a, **k: False)
+    with caplog.at_level("WARNING", logger="hf_ratequant.calibration"):
+        cfg = calibrate(model, WordTokenizer(), [corpus(2000)], n_samples=2, validate=False, seq_len=64,
+                        group_size=8, residual_length=8, b_min=2, b_max=4, progress=False)
+    assert "does not honour a custom attention mask" in caplog.text
+    assert cfg.calibration["residual_aware"] is False
+
+
+def test_several_quantizers_share_one_capture(model):
+    from hf_ratequant.calibration import measure_distortions
+
+    ids = torch.randint(0, len(WORDS), (2, 64), generator=torch.Generator().manual_seed(1))
+    tables = measure_distortions(model, ids, ["kivi", "token", "rotated"], [2, 3], group_size=8, progress=False)
+    assert set(tables) == {"kivi", "token", "rotated"}
+    assert torch.equal(tables["token"], measure_distortion(model, ids, "token", [2, 3], group_size=8, progress=False))
+    assert not torch.equal(tables["kivi"], tables["token"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_ratequant import RateQuantCache, RateQuantConfig, available_quantizers, load_default_model
+from hf_ratequant import RateQuantCache, RateQuantConfig, available_quantizers
 from hf_ratequant.cli import main
 
 PROMPTS = [
@@ -13,11 +13,6 @@ PROMPTS = [
     "Once upon a time, in a small village,",
 ]
 TIE_MARGIN = 5e-3  # a logit gap this small is a tie that 8-bit rounding may legitimately flip
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    return load_default_model()
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +68,7 @@ def test_low_bits_still_generate_and_shrink(smollm):
     assert cache.nbytes < 0.5 * cache.nbytes_16bit() * 2  # fp32 model: the 16-bit reference is half its cache
 
 
-def test_demo_command_runs(smollm, capsys, monkeypatch):
-    monkeypatch.setattr("hf_ratequant.models.load_model", lambda *a, **k: smollm)
+def test_demo_command_runs(smollm_cli, capsys):
     assert main(["demo", "--context-tokens", "200", "--max-new-tokens", "4", "--residual-length", "32"]) == 0
     out = capsys.readouterr().out
     assert "RateQuantCache" in out and "vs 16-bit" in out
