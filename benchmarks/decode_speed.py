@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -33,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+from _common import machine
 
 logger = logging.getLogger("benchmarks.decode_speed")
 
@@ -73,45 +73,6 @@ class Result:
 
 # ---- environment ------------------------------------------------------------------------------------------------
 
-
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = dict(
-        cpu=cpu,
-        cores=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        python=platform.python_version(),
-        device=str(device),
-    )
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    for dist in ("optimum-quanto", "hqq"):
-        info[dist] = _dist_version(dist)
-    return info
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:
@@ -602,7 +563,7 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    info = machine(device)
+    info = machine(device, packages=("optimum-quanto", "hqq"))
     logger.info("Machine: %s", info)
     start = time.perf_counter()
     model, tokenizer = load_default_model(dtype=dtype)

@@ -17,12 +17,12 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+from _common import machine
 
 logger = logging.getLogger("benchmarks.memory")
 
@@ -252,18 +252,6 @@ def overhead_notes(rows: list[Row], ref: int, group_size: int, residual_length: 
     ]
     return "\n".join(lines)
 
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version())
 
 
 def parse_args(argv=None) -> argparse.Namespace:

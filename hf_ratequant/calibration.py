@@ -141,24 +141,27 @@ def capture_states(
                                                        device)
     with calibration_mode(model), torch.enable_grad():
         out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True, **kwargs)
-        if not torch.isfinite(out.loss):
-            raise ValueError(f"The calibration loss is {out.loss.item()}: the model produces non-finite outputs on "
-                             "this data; check its dtype and weights.")
         missing = [i for i, layer in enumerate(cache.layers) if not hasattr(layer, "captured")]
         if missing:
             raise ValueError(
                 f"{fp.architecture}: layers {missing} never wrote keys/values through the cache, so calibration "
                 "cannot see their attention. Supported: models whose attention layers call `past_key_values.update`."
             )
+        for i, layer in enumerate(cache.layers):
+            for name, t in zip(("keys", "values"), layer.captured):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"Layer {i} produced non-finite {name} during calibration (inf or NaN): check "
+                                     "the model's weights and dtype (float16 overflows are common; try bfloat16 or "
+                                     "float32).")
+        if not torch.isfinite(out.loss):
+            raise ValueError(f"The calibration loss is {out.loss.item()}: the model produces non-finite outputs on "
+                             "this data; check its dtype and weights.")
         leaves = [t for layer in cache.layers for t in layer.captured]
         grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
     result = []
     for i, layer in enumerate(cache.layers):
         k, v = layer.captured
         gk, gv = grads[2 * i], grads[2 * i + 1]
-        for name, t in (("keys", k), ("values", v)):
-            if not torch.isfinite(t).all():
-                raise ValueError(f"Layer {i} produced non-finite {name} during calibration.")
         result.append((k.detach(), v.detach(), _or_zeros(gk, k), _or_zeros(gv, v)))
     return result
 

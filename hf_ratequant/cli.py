@@ -94,11 +94,13 @@ def _parse_cache_spec(spec: str, model):
                                        value_bits=_int_bits(spec, parts[1]))
     import os
 
-    if os.path.isdir(spec):
-        return RateQuantConfig.from_pretrained(spec)
+    from .hub import looks_local
+
+    if os.path.isdir(spec) or (":" not in spec and not looks_local(spec) and "/" in spec):
+        return RateQuantConfig.from_pretrained(spec)  # a saved folder or a Hub repo id
     raise ValueError(
-        f"Unknown cache spec {spec!r}: accepted are 'none' (full precision), 'uniform:BITS', 'kv:KBITS,VBITS', or a "
-        "folder saved with RateQuantConfig.save_pretrained."
+        f"Unknown cache spec {spec!r}: accepted are 'none' (full precision), 'uniform:BITS', 'kv:KBITS,VBITS', a "
+        "folder saved with RateQuantConfig.save_pretrained, or a Hub repo id ('user/name')."
     )
 
 
@@ -128,6 +130,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"fit R^2 median {info['fit_r2_median']:.3f}; {info['seconds']['total']:.1f} s")
     config.save_pretrained(args.output)
     print(f"saved to {args.output}")
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        info = push_folder(args.output, args.push_to_hub, private=args.private or None)
+        print(f"pushed to {info.commit_url if hasattr(info, 'commit_url') else args.push_to_hub}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Push a saved config folder (with a generated model card and heatmap unless it has its own)."""
+    from .hub import push_folder
+
+    info = push_folder(args.folder, args.repo_id, private=args.private or None, revision=args.revision,
+                       commit_message=args.message)
+    print(f"pushed {args.folder} to {args.repo_id}: {getattr(info, 'commit_url', '')}")
     return 0
 
 
@@ -237,7 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--b-min", type=int, default=2)
     cal.add_argument("--b-max", type=int, default=6)
     cal.add_argument("--output", "-o", required=True, help="folder to save the config to")
+    cal.add_argument("--push-to-hub", metavar="REPO", help="also push the saved config to this Hub repo")
+    cal.add_argument("--private", action="store_true", help="create the Hub repo private")
     cal.set_defaults(func=cmd_calibrate)
+
+    push = sub.add_parser("push", help="push a saved config folder to the Hub with a model card")
+    push.add_argument("folder", help="a folder saved with RateQuantConfig.save_pretrained")
+    push.add_argument("repo_id", help="Hub repo id, e.g. me/smollm2-ratequant-kivi-2.5")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to push to (default: main)")
+    push.add_argument("--message", help="commit message")
+    push.set_defaults(func=cmd_push)
 
     ev = sub.add_parser("eval", help="perplexity and KL of caches through the real cache")
     ev.add_argument("--model", default=DEFAULT_MODEL)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .hub import hub_file, looks_local
 from .quantizers import KEEP_BITS, available_quantizers, check_bits
 
 logger = logging.getLogger(__name__)
@@ -333,10 +334,12 @@ class RateQuantConfig:
             known["fingerprint"] = ModelFingerprint(**fp)
         return cls(**known, curves=dict(curves or {}))
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False, **push_kwargs):
         """Write `ratequant_config.json` and, when there are fitted tensors, `ratequant_curves.safetensors`.
 
         Files are written to temporary names and renamed, so an interrupted save never leaves a half-written file.
+        With `push_to_hub=True` the saved folder is then pushed with [`push_to_hub`] (`repo_id=` and the other
+        keyword arguments go there); a failed push leaves the saved folder as it is.
         """
         from safetensors.torch import save_file
 
@@ -349,6 +352,29 @@ class RateQuantConfig:
             _atomic_write(curves_path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         elif os.path.exists(curves_path):
             os.remove(curves_path)
+        if push_to_hub:
+            from .hub import push_folder
+
+            return push_folder(save_directory, **push_kwargs)
+        return None
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Save this config with its model card and allocation heatmap to a Hub repo (created if needed).
+
+        Keyword arguments are those of [`hf_ratequant.hub.push_folder`]: `private`, `token`, `revision`,
+        `commit_message`, `create_pr`, `license`, `evaluation` (held-out quality rows for the card).
+
+        Example:
+            >>> config = hf_ratequant.calibrate(model, tokenizer, quantizer="kivi", budget=2.5)
+            >>> config.push_to_hub("me/smollm2-135m-ratequant-kivi-2.5")
+        """
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_folder(tmp, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -384,61 +410,27 @@ class RateQuantConfig:
                                         "with `save_pretrained`?")
             curves_path = os.path.join(folder, CURVES_NAME)
             curves_path = curves_path if os.path.isfile(curves_path) else None
-        elif _looks_local(path):
+        elif looks_local(path):
             raise FileNotFoundError(f"{folder!r} is not a folder. Pass a folder saved with `save_pretrained` or a "
                                     "Hub repo id ('user/name').")
         else:
             hub = dict(repo_id=path, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
                        local_files_only=local_files_only)
-            config_path = _hub_file(CONFIG_NAME, required=True, **hub)
-            curves_path = _hub_file(CURVES_NAME, required=False, **hub)
+            config_path = hub_file(CONFIG_NAME, required=True, **hub)
+            curves_path = hub_file(CURVES_NAME, required=False, **hub)
         with open(config_path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-        curves = load_file(curves_path) if curves_path else None
+        curves = None
+        if curves_path:
+            try:
+                curves = load_file(curves_path)
+            except Exception as e:  # safetensors raises its own error type for truncated or corrupted files
+                raise ValueError(f"{curves_path} is not a readable safetensors file ({e}): it is truncated or "
+                                 "corrupted. Save the config again, or re-download it with a fresh cache.") from e
         return cls.from_dict(data, curves)
-
-
-def _looks_local(path: str) -> bool:
-    """A path rather than a Hub repo id ('name' or 'owner/name')."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
-
-
-def _hub_file(filename: str, *, repo_id: str, revision: str | None, required: bool, **kwargs) -> str | None:
-    """Download (or find in the cache) one file of a Hub repo, with errors that say what to do."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    at = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision, **kwargs)
-    except HFValidationError as e:
-        raise ValueError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ('user/name'): {e}") from e
-    except RepositoryNotFoundError as e:
-        raise OSError(f"No Hub repo {repo_id!r} (or it is private or gated: log in or pass `token=`).") from e
-    except RevisionNotFoundError as e:
-        raise OSError(f"The Hub repo {repo_id!r} has no revision {revision!r}: pass an existing branch, tag or "
-                      "commit.") from e
-    except LocalEntryNotFoundError as e:  # offline and not in the cache (a subclass of EntryNotFoundError)
-        if not required:
-            logger.warning("%s of %s is not in the local cache and the Hub cannot be reached: loading the allocation "
-                           "without its fitted curves.", filename, at)
-            return None
-        raise OSError(f"{filename} of {at} is not in the local Hub cache and the Hub cannot be reached (offline "
-                      "mode or no network). Connect once, or pass a local folder.") from e
-    except EntryNotFoundError as e:
-        if not required:
-            return None
-        raise OSError(f"The Hub repo {at} has no {filename}: is it a RateQuant config repo (pushed with "
-                      "`RateQuantConfig.push_to_hub`)?") from e
 
 
 def _summarize_types(types: tuple[str, ...]) -> str:

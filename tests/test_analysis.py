@@ -56,8 +56,9 @@ def test_analyze_command(smollm_cli, tmp_path, capsys):
     from hf_ratequant.cli import main
 
     out_dir = tmp_path / "analysis"
-    assert main(["analyze", "--quantizers", "kivi", "token", "--samples", "1", "--seq-len", "320", "--windows", "1",
-                 "--window", "320", "--data", "pydoc", "--eval-data", "pydoc", "-o", str(out_dir)]) == 0
+    assert main(["analyze", "--quantizers", "kivi", "token", "--samples", "1", "--seq-len", "128", "--windows", "1",
+                 "--window", "128", "--chunk", "32", "--residual-length", "32", "--data", "pydoc",
+                 "--eval-data", "pydoc", "-o", str(out_dir)]) == 0
     out = capsys.readouterr().out
     assert "beta median" in out and "curves of token" in out and "kvq beta=4" in out
     assert {p.name for p in out_dir.iterdir()} == {"analysis.json", "distortion_curves.png", "allocation_kivi.png",

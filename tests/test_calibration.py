@@ -192,3 +192,14 @@ def test_several_quantizers_share_one_capture(model):
     assert set(tables) == {"kivi", "token", "rotated"}
     assert torch.equal(tables["token"], measure_distortion(model, ids, "token", [2, 3], group_size=8, progress=False))
     assert not torch.equal(tables["kivi"], tables["token"])
+
+
+def test_non_finite_activations_name_the_layer(model):
+    import copy
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.layers[1].self_attn.k_proj.weight[0, 0] = float("inf")
+    ids = torch.randint(0, len(WORDS), (1, 32))
+    with pytest.raises(ValueError, match=r"Layer 1 produced non-finite keys.*dtype"):
+        capture_states(broken, ids)

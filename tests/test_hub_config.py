@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import hf_hub_download
 from transformers import LlamaConfig
 
 from hf_ratequant import RateQuantCache, RateQuantConfig
@@ -77,3 +78,96 @@ def test_only_json_and_safetensors_are_read(hub, tmp_path, llama_config):
     fetched = [path for _method, path in hub.requests if "/resolve/" in path]
     assert fetched and all(r.endswith((CONFIG_NAME, CURVES_NAME)) for r in fetched)
     assert json.loads(files[CONFIG_NAME])["quantizer"] == "kivi"
+
+
+def _tiny_model():
+    from transformers import LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _calibrated_like(model_config):
+    cfg = RateQuantConfig.uniform(model_config, key_bits=3, value_bits=2, residual_length=8, group_size=8)
+    cfg.key_bits[1][0], cfg.value_bits[0][1] = 5, 4
+    cfg.method, cfg.budget = "ratequant-measured", 2.75
+    cfg.curves = {"alpha": torch.rand(2, 2, 2), "beta": torch.full((2, 2, 2), 4.4)}
+    cfg.calibration = {"source": "test text", "winner": "ratequant-measured", "fit_tokens": 128,
+                       "validation_kl": {"ratequant-measured": 0.01, "K3V2": 0.02}, "measure": "fisher",
+                       "beta_median": {"key": 4.4, "value": 4.4}, "fit_r2_median": 0.99}
+    return cfg
+
+
+def test_push_pull_round_trip_is_bit_exact(hub, tmp_path):
+    model = _tiny_model()
+    local = _calibrated_like(model.config)
+    info = local.push_to_hub(REPO)
+    assert info.oid
+    pulled = RateQuantConfig.from_pretrained(REPO)
+    assert pulled.to_dict() == local.to_dict()
+    assert all(torch.equal(pulled.curves[k], v) for k, v in local.curves.items())
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+
+    def generate(cache):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=24,
+                              do_sample=False)
+
+    from_hub = generate(RateQuantCache.from_pretrained(REPO, model=model))
+    assert torch.equal(from_hub, generate(RateQuantCache.from_pretrained(local, model=model)))
+    files = {path.rsplit("/", 1)[-1] for _m, path in hub.requests if "/resolve/" in path}
+    assert files == {CONFIG_NAME, CURVES_NAME}
+    card = open(hf_hub_download(REPO, "README.md"), encoding="utf-8").read()
+    assert card.startswith("---\n") and "library_name: hf-ratequant" in card and "- kv-cache" in card
+    assert "license: apache-2.0" in card and "![bits per layer and kv-head](allocation.png)" in card
+    assert "| ratequant-measured (this config) | 0.01000 |" in card
+    assert f'RateQuantCache.from_pretrained("{REPO}", model=model)' in card
+    png = hf_hub_download(REPO, "allocation.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_pretrained_push_and_cli_push(hub, tmp_path, capsys):
+    from hf_ratequant.cli import main
+
+    model_config = _tiny_model().config
+    folder = tmp_path / "cfg"
+    _calibrated_like(model_config).save_pretrained(folder, push_to_hub=True, repo_id=REPO)
+    assert RateQuantConfig.from_pretrained(REPO).budget == 2.75
+    (folder / "README.md").write_text("---\nlicense: mit\n---\nmy own card\n")
+    assert main(["push", str(folder), "local-user/second", "--message", "v1"]) == 0
+    assert open(hf_hub_download("local-user/second", "README.md")).read().endswith("my own card\n")
+    assert "pushed" in capsys.readouterr().out
+
+
+def test_failed_push_leaves_the_folder_intact(hub, tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from hf_ratequant.hub import push_folder
+
+    folder = tmp_path / "cfg"
+    _calibrated_like(_tiny_model().config).save_pretrained(folder)
+    before = _files(folder)
+    with pytest.raises(HfHubHTTPError):
+        push_folder(folder, REPO, token="hf_wrong")
+    assert _files(folder) == before
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        push_folder(tmp_path, REPO)  # not a config folder: refused before anything is sent
+
+
+def test_truncated_curves_named_and_other_models_refused(hub, tmp_path):
+    from transformers import MistralConfig
+
+    folder = tmp_path / "cfg"
+    _calibrated_like(_tiny_model().config).save_pretrained(folder)
+    files = _files(folder)
+    files[CURVES_NAME] = files[CURVES_NAME][: len(files[CURVES_NAME]) // 2]
+    hub.add_files(REPO, files)
+    with pytest.raises(ValueError, match=rf"{CURVES_NAME} is not a readable safetensors file.*truncated"):
+        RateQuantConfig.from_pretrained(REPO)
+    good = _files(folder)
+    hub.add_files("local-user/good", good)
+    other = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16)
+    with pytest.raises(ValueError, match="calibrated for .*but the model is mistral"):
+        RateQuantCache.from_pretrained("local-user/good", model_config=other)
