@@ -266,11 +266,11 @@ def allocation_candidates(
 
 
 def calibration_windows(
-    tokenizer: Any, data: Any, *, seq_len: int, n_windows: int
+    tokenizer: Any, data: Any, *, seq_len: int, n_windows: int, column: str | None = None
 ) -> tuple[torch.LongTensor, str, str]:
     """`(n_windows, seq_len)` calibration token windows of `data` (WikiText-2 train by default, local text offline),
     with the text and a description of its source. Too little text is a clear error that says the minimum."""
-    text, source = load_text(data, split="train")
+    text, source = load_text(data, split="train", column=column)
     windows = tokenize_windows(tokenizer, text, seq_len=seq_len, n_windows=n_windows, min_windows=n_windows)
     return windows, text, source
 
@@ -308,6 +308,7 @@ def calibrate(
     chunk: int = 64,
     validate: bool = True,
     residual_aware: bool = True,
+    data_column: str | None = None,
     progress: bool = True,
 ) -> RateQuantConfig:
     """Calibrate a RateQuant allocation of `budget` average bits for `quantizer` on `model`.
@@ -316,7 +317,8 @@ def calibrate(
         model (`PreTrainedModel`): the causal LM.
         tokenizer (`PreTrainedTokenizer`): its tokenizer.
         data (*optional*): calibration text: WikiText-2 train through `datasets` by default (local Python docs
-            text offline, with a warning), a `datasets` name, a text file or a list of strings.
+            text offline, with a warning), a `datasets` name (`"name"` or `"name:config"`, text column
+            `data_column`, default `"text"`), a text file or a list of strings.
         quantizer (`str`, *optional*, defaults to `"kivi"`): registered quantizer design.
         budget (`float`, *optional*, defaults to 2.5): average bits over all units.
         n_samples (`int`, *optional*, defaults to 8): calibration windows used for the fit.
@@ -348,7 +350,8 @@ def calibrate(
         b_max=b_max, fingerprint=fp,
     )
     n_validation = n_validation if validate else 0
-    windows, text, source = calibration_windows(tokenizer, data, seq_len=seq_len, n_windows=n_samples + n_validation)
+    windows, text, source = calibration_windows(tokenizer, data, seq_len=seq_len, n_windows=n_samples + n_validation,
+                                                column=data_column)
     fit_windows, val_windows = windows[:n_samples], windows[n_samples:]
 
     t0 = time.perf_counter()

@@ -120,7 +120,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     config = calibrate(
         model, tokenizer, args.data, quantizer=args.quantizer, budget=args.budget, n_samples=args.samples,
         seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
-        residual_length=args.residual_length, b_min=args.b_min, b_max=args.b_max,
+        residual_length=args.residual_length, b_min=args.b_min, b_max=args.b_max, data_column=args.data_column,
     )
     info = config.calibration
     print(f"{'candidate':<22}{'validation KL':>14}")
@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="calibrate a RateQuant allocation and save it")
     cal.add_argument("--model", default=DEFAULT_MODEL)
-    cal.add_argument("--data", default=None, help="datasets name, text file (default: WikiText-2 train)")
+    cal.add_argument("--data", default=None, help="datasets name[:config], text file (default: WikiText-2 train)")
+    cal.add_argument("--data-column", default=None, help="text column of a datasets dataset (default: text)")
     cal.add_argument("--quantizer", default="kivi", choices=available_quantizers())
     cal.add_argument("--budget", type=float, default=2.5, help="average bits over all units")
     cal.add_argument("--samples", type=int, default=8, help="calibration windows for the fit")

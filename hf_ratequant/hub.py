@@ -66,6 +66,17 @@ def hub_file(filename: str, *, repo_id: str, revision: str | None, required: boo
             return None
         raise OSError(f"The Hub repo {at} has no {filename}: is it a RateQuant config repo (pushed with "
                       "`RateQuantConfig.push_to_hub`)?") from e
+    except Exception as e:
+        if not _is_network_error(e):
+            raise
+        raise OSError(f"Downloading {filename} of {at} failed: {type(e).__name__}: {e}. The connection dropped or "
+                      "the Hub is unreachable; a partial download is never used as the file: retrying is safe.") from e
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """A transport failure of the HTTP client (huggingface_hub uses httpx; some versions a fork of it)."""
+    return isinstance(err, (OSError, ConnectionError, TimeoutError)) or type(err).__module__.split(".")[0] in (
+        "httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
 def push_folder(

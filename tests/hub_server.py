@@ -100,6 +100,10 @@ class LocalHub:
         self.lfs: dict[str, bytes] = {}  # sha256 -> content (LFS uploads, and every committed LFS file)
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
         self.errors: list[str] = []  # tracebacks of server bugs (answered as 400 so that the client does not retry)
+        # Fault injection: while > 0, each file download sends only this many bytes of the body, then drops the
+        # connection (a network failure mid-download). Counted down by one per cut download.
+        self.cut_downloads = 0
+        self.cut_after_bytes = 16
         self.lock = threading.RLock()  # requests are handled one at a time
         self._ids = itertools.count()
         self._server: _Server | None = None
@@ -211,6 +215,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _bytes(self, data: bytes, headers: dict) -> None:
         """Serve file content, honouring one `Range: bytes=a-b` (resumed downloads, safetensors header reads)."""
         headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes", **headers}
+        hub = self.server.hub
+        if hub.cut_downloads > 0 and self.command == "GET":
+            hub.cut_downloads -= 1
+            self.send_response(200)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: hub.cut_after_bytes])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "").strip())
         if match is None or self.command == "HEAD":
             return self._send(200, data, headers)

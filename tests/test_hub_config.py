@@ -171,3 +171,20 @@ def test_truncated_curves_named_and_other_models_refused(hub, tmp_path):
                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16)
     with pytest.raises(ValueError, match="calibrated for .*but the model is mistral"):
         RateQuantCache.from_pretrained("local-user/good", model_config=other)
+
+
+def test_network_failure_mid_download(hub, tmp_path):
+    import os
+
+    from huggingface_hub import constants
+
+    folder = tmp_path / "cfg"
+    _calibrated_like(_tiny_model().config).save_pretrained(folder)
+    hub.add_files(REPO, _files(folder))
+    hub.cut_downloads = 100  # every download attempt (the client retries) is cut
+    with pytest.raises(OSError, match=rf"{CONFIG_NAME} of .{REPO}. failed.*dropped"):
+        RateQuantConfig.from_pretrained(REPO)
+    cached = [f for _d, _s, files in os.walk(constants.HF_HUB_CACHE) for f in files]
+    assert not any(f == CONFIG_NAME or f.endswith(".json") and "snapshots" in f for f in cached)
+    hub.cut_downloads = 0  # the network is back: nothing half-written in the cache gets in the way
+    assert RateQuantConfig.from_pretrained(REPO).to_dict() == RateQuantConfig.from_pretrained(folder).to_dict()
