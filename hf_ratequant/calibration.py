@@ -28,6 +28,7 @@ from .allocation import allocate_bits, allocate_from_table, fixed_allocations
 from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, text_fingerprint, tokenize_windows
 from .distortion import fisher_distortion, fit_curves, fixed_beta_fit
+from .distributed import Processes
 from .evaluation import evaluate_quality, reference_logprobs
 from .quantizers import get_quantizer
 
@@ -157,7 +158,9 @@ def capture_states(
             raise ValueError(f"The calibration loss is {out.loss.item()}: the model produces non-finite outputs on "
                              "this data; check its dtype and weights.")
         leaves = [t for layer in cache.layers for t in layer.captured]
-        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+        # The sum over windows of each window's mean token loss: a window's gradients do not depend on which other
+        # windows share its batch (so any batching, or sharding across processes, measures the same table).
+        grads = torch.autograd.grad(out.loss * ids.shape[0], leaves, allow_unused=True)
     result = []
     for i, layer in enumerate(cache.layers):
         k, v = layer.captured
@@ -350,18 +353,27 @@ def calibrate(
         b_max=b_max, fingerprint=fp,
     )
     n_validation = n_validation if validate else 0
-    windows, text, source = calibration_windows(tokenizer, data, seq_len=seq_len, n_windows=n_samples + n_validation,
-                                                column=data_column)
+    procs = Processes()
+    windows, text, source = procs.run(
+        lambda: calibration_windows(tokenizer, data, seq_len=seq_len, n_windows=n_samples + n_validation,
+                                    column=data_column), "loading the calibration data")
+    procs.agree((fp.geometry(), fp.layer_types, fp.model_type, text_fingerprint(text), tuple(windows.shape),
+                 quantizer, budget, group_size, residual_length, b_min, b_max), "model, data or settings")
     fit_windows, val_windows = windows[:n_samples], windows[n_samples:]
+    my_fit = procs.shard(fit_windows, "calibration")
+    my_val = procs.shard(val_windows, "validation")
 
     t0 = time.perf_counter()
-    if residual_aware and not residual_split_works(model, fit_windows, residual_length, group_size):
+    if residual_aware and not residual_split_works(model, my_fit, residual_length, group_size):
         logger.warning("%s does not honour a custom attention mask: the distortion is weighted by all attention, "
                        "including the residual window the cache keeps in full precision.", fp.architecture)
         residual_aware = False
-    table = measure_distortion(model, fit_windows, quantizer, bit_grid, group_size=group_size,
-                               batch_size=batch_size, residual_length=residual_length if residual_aware else None,
-                               progress=progress)
+    procs.agree(residual_aware, "residual-aware measure")
+    table = procs.run(lambda: measure_distortion(
+        model, my_fit, quantizer, bit_grid, group_size=group_size, batch_size=batch_size,
+        residual_length=residual_length if residual_aware else None, progress=progress and procs.is_main,
+    ), "measuring the distortion")
+    table = procs.sum(table)
     measure_s = time.perf_counter() - t0
     fit = fit_curves(table, bit_grid)
     candidates = allocation_candidates(table, bit_grid, budget)
@@ -374,11 +386,18 @@ def calibrate(
     scores: dict[str, float] = {}
     t0 = time.perf_counter()
     if len(val_windows):
-        ref = reference_logprobs(model, val_windows, batch_size=batch_size)
-        for name, bits in candidates.items():
-            cfg = _config_from_bits(bits, template, name)
-            scores[name] = evaluate_quality(model, val_windows, cfg, chunk=chunk, batch_size=batch_size,
-                                            progress=False, reference=ref).kl
+        def kl_sums() -> torch.Tensor:  # per candidate: KL summed over this process's tokens, and the token count
+            ref = reference_logprobs(model, my_val, batch_size=batch_size)
+            sums = []
+            for name, bits in candidates.items():
+                res = evaluate_quality(model, my_val, _config_from_bits(bits, template, name), chunk=chunk,
+                                       batch_size=batch_size, progress=False, reference=ref)
+                sums.append([res.kl * res.tokens, res.tokens])
+            return torch.tensor(sums, dtype=torch.float64)
+
+        sums = procs.sum(procs.run(kl_sums, "validating the candidates"))
+        for name, (kl_sum, tokens) in zip(candidates, sums.tolist()):
+            scores[name] = kl_sum / tokens
             logger.info("validation KL %-20s %.5f", name, scores[name])
         eligible = {n: s for n, s in scores.items() if n != "kvq-beta4"}
         winner = min(eligible, key=eligible.get)
@@ -404,6 +423,7 @@ def calibrate(
         "beta_median": {"key": float(fit.beta[:, :, 0].median()), "value": float(fit.beta[:, :, 1].median())},
         "fit_r2_median": float(fit.r2.median()),
         "seconds": {"measure": measure_s, "validate": validate_s, "total": time.perf_counter() - start},
+        "processes": procs.count,
         "candidates": {n: b.tolist() for n, b in candidates.items() if n.startswith(("ratequant", "kvq"))},
     }
     config.curves = {"alpha": fit.alpha.float(), "beta": fit.beta.float(), "r2": fit.r2.float(),

@@ -122,6 +122,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
         residual_length=args.residual_length, b_min=args.b_min, b_max=args.b_max, data_column=args.data_column,
     )
+    from .distributed import Processes
+
+    if not Processes().is_main:  # under `accelerate launch`: every process holds the same config; one writes it
+        return 0
     info = config.calibration
     print(f"{'candidate':<22}{'validation KL':>14}")
     for name, kl in sorted(info["validation_kl"].items(), key=lambda kv: kv[1]):
