@@ -34,6 +34,14 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_single_process_is_one_process():
     procs = Processes()
     assert (procs.count, procs.index, procs.is_main) == (1, 0, True)
@@ -56,8 +64,9 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     # On a machine without GPUs, `--multi_gpu` just starts the processes through torchrun and hf_ratequant forms a
     # CPU (gloo) process group; accelerate's `--cpu` launcher needs MPI to start more than one process.
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         "-m", "hf_ratequant", "calibrate", "--model", str(model_dir), "--data", str(model_dir / "calib.txt"),
         "--samples", "4", "--validation", "2", "--seq-len", "64", "--group-size", "8", "--residual-length", "8",
         "--b-min", "2", "--b-max", "4", "-o", str(out),
@@ -73,3 +82,26 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     for name, kl in single.calibration["validation_kl"].items():
         assert two.calibration["validation_kl"][name] == pytest.approx(kl, rel=1e-4)
     assert two.method == single.method
+
+
+def test_processes_that_disagree_fail_on_every_rank(model_dir, tmp_path):
+    script = tmp_path / "disagree.py"
+    script.write_text(
+        "import os, sys\n"
+        "from hf_ratequant import calibrate, load_model\n"
+        f"model, tok = load_model({str(model_dir)!r})\n"
+        "rank = int(os.environ['RANK'])\n"
+        f"text = open({str(model_dir / 'calib.txt')!r}).read()\n"
+        "data = [text if rank == 0 else text[::-1]]  # rank 1 calibrates on other text\n"
+        "try:\n"
+        f"    calibrate(model, tok, data, progress=False, **{SETTINGS!r})\n"
+        "except ValueError as e:\n"
+        "    print(f'rank {rank}: {e}', flush=True)\n"
+        "    sys.exit(3)\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(script)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: The processes disagree on the model, data or settings" in run.stdout, run.stdout
