@@ -237,8 +237,11 @@ def measure_distortions(
     return totals
 
 
+KEY_WEIGHTS = (0.25, 4.0, 16.0)
+
+
 def allocation_candidates(
-    distortion: torch.Tensor, bit_grid: list[int], budget: float
+    distortion: torch.Tensor, bit_grid: list[int], budget: float, key_weights: tuple[float, ...] = KEY_WEIGHTS
 ) -> dict[str, torch.LongTensor]:
     """Allocations of `budget` bits from a `(layers, kv_heads, 2, n_bits)` distortion table, each `(layers,
     kv_heads, 2)`:
@@ -247,8 +250,12 @@ def allocation_candidates(
     - `ratequant-measured`: the exact optimum of the measured table;
     - `ratequant-shrunk`: the measured table with each unit's log-distortion pulled halfway to the mean of its layer
       (same kind), which damps the noise of small calibration sets;
-    - `kvq-beta4`: kvq's fixed beta = 4 rule applied to the same measurements (for comparison; never returned by
-      calibration unless it wins validation like any other candidate).
+    - `ratequant-keys-xW` for W in `key_weights`: the measured table with every key unit's distortion times W. The
+      gradient-weighted error is a first-order measure: it ranks units of one kind well but misjudges the exchange
+      rate between key errors (which act through the softmax) and value errors (linear in the output), badly so for
+      coarse per-token key quantization. Validation picks the rate;
+    - `kvq-beta4`: kvq's fixed beta = 4 rule applied to the same measurements (recorded for comparison, not
+      validated and never returned).
     """
     shape = distortion.shape[:-1]
     flat = distortion.reshape(-1, len(bit_grid))
@@ -263,8 +270,12 @@ def allocation_candidates(
         "ratequant": allocate_bits(fit.alpha, fit.beta, budget, b_min, b_max),
         "ratequant-measured": allocate_from_table(flat, grid, budget),
         "ratequant-shrunk": allocate_from_table(shrunk, grid, budget),
-        "kvq-beta4": allocate_bits(kvq.alpha, kvq.beta, budget, b_min, b_max),
     }
+    for w in key_weights:
+        weighted = distortion.clone()
+        weighted[:, :, 0] *= w
+        candidates[f"ratequant-keys-x{w:g}"] = allocate_from_table(weighted.reshape(-1, len(bit_grid)), grid, budget)
+    candidates["kvq-beta4"] = allocate_bits(kvq.alpha, kvq.beta, budget, b_min, b_max)
     return {name: bits.reshape(shape) for name, bits in candidates.items()}
 
 
@@ -386,21 +397,22 @@ def calibrate(
     scores: dict[str, float] = {}
     t0 = time.perf_counter()
     if len(val_windows):
+        validated = {n: b for n, b in candidates.items() if n != "kvq-beta4"}
+
         def kl_sums() -> torch.Tensor:  # per candidate: KL summed over this process's tokens, and the token count
             ref = reference_logprobs(model, my_val, batch_size=batch_size)
             sums = []
-            for name, bits in candidates.items():
+            for name, bits in validated.items():
                 res = evaluate_quality(model, my_val, _config_from_bits(bits, template, name), chunk=chunk,
                                        batch_size=batch_size, progress=False, reference=ref)
                 sums.append([res.kl * res.tokens, res.tokens])
             return torch.tensor(sums, dtype=torch.float64)
 
         sums = procs.sum(procs.run(kl_sums, "validating the candidates"))
-        for name, (kl_sum, tokens) in zip(candidates, sums.tolist()):
+        for name, (kl_sum, tokens) in zip(validated, sums.tolist()):
             scores[name] = kl_sum / tokens
-            logger.info("validation KL %-20s %.5f", name, scores[name])
-        eligible = {n: s for n, s in scores.items() if n != "kvq-beta4"}
-        winner = min(eligible, key=eligible.get)
+            logger.info("validation KL %-22s %.5f", name, scores[name])
+        winner = min(scores, key=scores.get)
     else:
         winner = "ratequant"
     validate_s = time.perf_counter() - t0

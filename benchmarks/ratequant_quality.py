@@ -1,0 +1,472 @@
+"""Does a calibrated RateQuant allocation beat every fixed allocation of the same budget on held-out text?
+
+For every quantizer and average-bit budget, `hf_ratequant.calibration.calibrate` is run on calibration text (timed,
+next to one plain forward+backward pass over the same calibration tokens), and then every cache is evaluated
+*through the real cache* (windows fed in chunks, quantized past + full-precision residual window) on evaluation text
+that calibration never saw:
+
+- the full-precision `DynamicCache` (once per run; its perplexity is the floor);
+- every fixed allocation of the budget: uniform bits where the budget is an integer and every keys/values split
+  (`hf_ratequant.allocation.fixed_allocations`); budgets such as 2.25 have none with equal key/value unit counts;
+- the config `calibrate` returned ("chosen": the validation winner, which may itself be a fixed split);
+- every RateQuant candidate recorded in `config.calibration["candidates"]` and kvq's fixed beta = 4 rule.
+
+Perplexity and KL(full precision || cache) per predicted token are reported; the full-precision reference
+log-probabilities are computed once per run and shared by every cache. Windows are evaluated in groups of
+`--eval-batch-size` (default 1: one window at a time), so every row also has per-window numbers, and differences
+between two caches come with a paired standard error over windows (a rough noise bar: there are few windows).
+
+    HF_HUB_OFFLINE=1 python benchmarks/ratequant_quality.py                         # full default grid
+    python benchmarks/ratequant_quality.py --quantizers kivi --budgets 2.5 3.0 --windows 4 --tag kivi_4w
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from _common import load_average, machine
+
+logger = logging.getLogger("benchmarks.ratequant_quality")
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CANDIDATE_ORDER = ("ratequant", "ratequant-measured", "ratequant-shrunk", "kvq-beta4")
+NOISE_NOTE = (
+    "METHOD.md: at 3 bits, changing a single unit moves perplexity and KL by 1 to 2% in either direction; smaller "
+    "differences are not evidence."
+)
+
+
+@dataclass
+class Row:
+    quantizer: str
+    budget: float | None
+    cache: str  # "full precision", "uniform-3", "K3V2", "chosen (ratequant-shrunk)", "ratequant", "kvq-beta4", ...
+    kind: str  # "full", "fixed", "chosen", "candidate"
+    avg_bits: float
+    key_bits_mean: float
+    value_bits_mean: float
+    perplexity: float = math.nan
+    kl: float = math.nan
+    tokens: int = 0
+    seconds: float = 0.0
+    validation_kl: float | None = None  # the score calibration gave it on its held-back calibration windows
+    window_nll: list[float] = field(default_factory=list)  # mean NLL per token of every window group
+    window_kl: list[float] = field(default_factory=list)
+    window_tokens: list[int] = field(default_factory=list)
+
+
+# ---- environment ------------------------------------------------------------------------------------------------
+
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+
+
+def evaluate(model, windows, refs, group: int, cfg, chunk: int) -> dict:
+    """Evaluate `cfg` (None: full precision) window group by window group against the shared reference."""
+    from hf_ratequant.evaluation import evaluate_quality
+
+    nll, kls, toks = [], [], []
+    t0 = time.perf_counter()
+    for g, ref in enumerate(refs):
+        ids = windows[g * group : (g + 1) * group]
+        if ref.shape[0] != ids.shape[0]:  # evaluate_quality does not check this; a mismatch would broadcast
+            raise RuntimeError(f"reference batch {g} has {ref.shape[0]} windows, the evaluated batch {ids.shape[0]}")
+        r = evaluate_quality(model, ids, cfg, chunk=chunk, batch_size=group, progress=False, reference=[ref])
+        nll.append(math.log(r.perplexity))
+        kls.append(r.kl)
+        toks.append(r.tokens)
+    total = sum(toks)
+    return dict(
+        perplexity=math.exp(sum(n * t for n, t in zip(nll, toks)) / total),
+        kl=sum(k * t for k, t in zip(kls, toks)) / total,
+        tokens=total,
+        seconds=time.perf_counter() - t0,
+        window_nll=nll,
+        window_kl=kls,
+        window_tokens=toks,
+    )
+
+
+def paired(a: Row, b: Row, metric: str) -> tuple[float, float | None]:
+    """Mean over window groups of a - b (`"nll"`: per-token NLL = log-perplexity; `"kl"`) and its standard error."""
+    xs, ys = (a.window_nll, b.window_nll) if metric == "nll" else (a.window_kl, b.window_kl)
+    d = [x - y for x, y in zip(xs, ys)]
+    mean = sum(d) / len(d)
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
+    return mean, se
+
+
+def time_fwd_bwd(model, ids: torch.LongTensor, batch_size: int) -> dict:
+    """One plain forward + backward pass (every parameter requiring grad, `loss.backward()`) over `ids`."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        model.eval()  # calibration runs in eval mode too
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        with torch.enable_grad():
+            for batch in torch.split(ids, batch_size):
+                out = model(input_ids=batch, labels=batch, use_cache=False)
+                out.loss.backward()
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    finally:
+        for p, flag in flags:
+            p.grad = None
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return dict(wall_s=wall, cpu_s=cpu, tokens=int(ids.numel()), batch_size=batch_size)
+
+
+def bits_config(bits: torch.Tensor, template, name: str):
+    from hf_ratequant import RateQuantConfig
+
+    return RateQuantConfig(
+        key_bits=bits[:, :, 0].tolist(), value_bits=bits[:, :, 1].tolist(), quantizer=template.quantizer,
+        group_size=template.group_size, residual_length=template.residual_length, budget=template.budget,
+        b_min=template.b_min, b_max=template.b_max, method=name, fingerprint=template.fingerprint,
+    )
+
+
+def make_row(quantizer: str, budget: float | None, cache: str, kind: str, cfg, result: dict, val=None) -> Row:
+    if cfg is None:
+        avg = kb = vb = 16.0
+    else:
+        bt = cfg.bits_tensor().double()
+        avg, kb, vb = cfg.average_bits, float(bt[..., 0].mean()), float(bt[..., 1].mean())
+    return Row(quantizer=quantizer, budget=budget, cache=cache, kind=kind, avg_bits=avg, key_bits_mean=kb,
+               value_bits_mean=vb, validation_kl=val, **result)
+
+
+# ---- one (quantizer, budget) --------------------------------------------------------------------------------------
+
+
+def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quantizer: str, budget: float) -> dict:
+    from hf_ratequant import RateQuantConfig
+    from hf_ratequant.allocation import fixed_allocations
+    from hf_ratequant.calibration import calibrate
+    from hf_ratequant.config import ModelFingerprint
+
+    fp = ModelFingerprint.from_model_config(model.config)
+    n_heads = fp.num_layers * fp.num_kv_heads
+
+    logger.info("[%s %.4g] calibrating", quantizer, budget)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    config = calibrate(
+        model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
+        seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
+        residual_length=args.residual_length, b_min=args.b_min, b_max=args.b_max, batch_size=args.batch_size,
+        chunk=args.chunk, progress=False,
+    )
+    calib = dict(wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
+    if args.save_configs:
+        config.save_pretrained(os.path.join(args.save_configs, f"{quantizer}-{budget:g}"))
+    cal = config.calibration
+    winner = cal["winner"]
+    logger.info("[%s %.4g] calibration: %.1f s wall (%s), winner %s", quantizer, budget, calib["wall_s"],
+                {k: round(v, 1) for k, v in cal["seconds"].items()}, winner)
+    val = cal.get("validation_kl", {})
+
+    rows: list[Row] = []
+
+    def add(cache: str, kind: str, cfg, val_kl=None):
+        result = evaluate(model, windows, refs, args.eval_batch_size, cfg, args.chunk)
+        row = make_row(quantizer, budget, cache, kind, cfg, result, val_kl)
+        rows.append(row)
+        logger.info("[%s %.4g] %-28s bits %.3f  ppl %.3f  KL %.5f  (%.0f s)", quantizer, budget, cache,
+                    row.avg_bits, row.perplexity, row.kl, row.seconds)
+        return row
+
+    fixed = fixed_allocations(n_heads, n_heads, budget, args.b_min, args.b_max)
+    for k_bits, v_bits in fixed:
+        name = f"uniform-{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
+        cfg = RateQuantConfig.uniform(model.config, key_bits=k_bits, value_bits=v_bits, quantizer=quantizer,
+                                      group_size=args.group_size, residual_length=args.residual_length)
+        add(name, "fixed", cfg, val.get(name))
+    chosen = add(f"chosen ({winner})", "chosen", config, val.get(winner))
+    chosen_bits = config.bits_tensor()
+    same_as_chosen = None
+    for name in sorted(cal["candidates"], key=lambda n: (CANDIDATE_ORDER + (n,)).index(n)):
+        if not args.all_candidates and name not in ("ratequant", "kvq-beta4"):
+            continue  # the chosen one is evaluated above; the closed form and kvq's rule are always shown
+        bits = torch.tensor(cal["candidates"][name])
+        row = add(name, "candidate", bits_config(bits, config, name), val.get(name))
+        if torch.equal(bits, chosen_bits):
+            same_as_chosen = row
+
+    summary = summarize(quantizer, budget, rows, full, chosen, fixed, calib, fwd_bwd, cal, args)
+    if same_as_chosen is not None:  # determinism check: the same bits rebuilt from the table, evaluated again
+        summary["chosen_reproduced"] = (same_as_chosen.perplexity == chosen.perplexity
+                                        and same_as_chosen.kl == chosen.kl)
+    return dict(rows=rows, summary=summary, calibration=cal, config=config.to_dict())
+
+
+def summarize(quantizer, budget, rows, full, chosen, fixed, calib, fwd_bwd, cal, args) -> dict:
+    fixed_rows = [r for r in rows if r.kind == "fixed"]
+    s = dict(quantizer=quantizer, budget=budget, winner=cal["winner"], chosen_ppl=chosen.perplexity,
+             chosen_kl=chosen.kl, full_ppl=full.perplexity,
+             calibration_wall_s=calib["wall_s"], calibration_cpu_s=calib["cpu_s"],
+             calibration_internal_s=cal["seconds"], fwd_bwd_wall_s=fwd_bwd["wall_s"], fwd_bwd_cpu_s=fwd_bwd["cpu_s"],
+             ratio_wall=calib["wall_s"] / fwd_bwd["wall_s"], ratio_cpu=calib["cpu_s"] / fwd_bwd["cpu_s"],
+             beta_median=cal.get("beta_median"), fit_r2_median=cal.get("fit_r2_median"))
+    if not fixed_rows:
+        s["note"] = (f"no fixed keys/values split reaches {budget:g} bits: equal key and value unit counts give "
+                     f"(k + v) / 2, and k + v = {2 * budget:g} has no integer solution in "
+                     f"[{args.b_min}, {args.b_max}]")
+        return s
+    best = min(fixed_rows, key=lambda r: r.perplexity)
+    best_kl = min(fixed_rows, key=lambda r: r.kl)
+    d_nll, se_nll = paired(chosen, best, "nll")
+    d_kl, se_kl = paired(chosen, best_kl, "kl")
+    gap = best.perplexity - full.perplexity
+    s.update(
+        best_fixed=best.cache, best_fixed_ppl=best.perplexity, best_fixed_kl=best.kl,
+        best_fixed_by_kl=best_kl.cache, best_fixed_kl_min=best_kl.kl,
+        beats_every_fixed_ppl=all(chosen.perplexity < r.perplexity for r in fixed_rows),
+        beats_every_fixed_kl=all(chosen.kl < r.kl for r in fixed_rows),
+        ppl_gap_recovered=(best.perplexity - chosen.perplexity) / gap if gap > 0 else None,
+        kl_gap_recovered=(best_kl.kl - chosen.kl) / best_kl.kl if best_kl.kl > 0 else None,
+        paired_dlogppl_vs_best_fixed=d_nll, paired_dlogppl_se=se_nll,
+        paired_dkl_vs_best_fixed_by_kl=d_kl, paired_dkl_se=se_kl,
+    )
+    uniform = next((r for r in fixed_rows if r.cache == f"uniform-{budget:g}"), None)
+    if uniform is not None:
+        s["uniform_kl"] = uniform.kl
+        s["kl_vs_uniform"] = chosen.kl / uniform.kl - 1
+        s["kl_within_2pct_of_uniform"] = chosen.kl <= 1.02 * uniform.kl
+    return s
+
+
+# ---- reporting --------------------------------------------------------------------------------------------------
+
+
+def _f(x, fmt: str, na: str = "n/a") -> str:
+    return na if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _yn(x) -> str:
+    return "n/a" if x is None else ("yes" if x else "**no**")
+
+
+def _pm(mean, se, fmt) -> str:
+    return f"{mean:{fmt}}" + (f" ± {se:{fmt.lstrip('+')}}" if se is not None else "")
+
+
+def markdown(payload: dict) -> str:
+    a, m = payload["settings"], payload["machine"]
+    lines = [
+        "# RateQuant quality: calibrated allocation vs every fixed allocation of the same budget",
+        "",
+        f"Model: {payload['model']}, float32, {payload['geometry']}. "
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads, shared with other work; load "
+        f"average {m['load_average_start']} at start, {m.get('load_average_end')} at end), torch {m['torch']}, "
+        f"transformers {m['transformers']}, Python {m['python']}. Total wall time {payload['total_s'] / 60:.1f} min.",
+        "",
+        f"- **Calibration text**: {payload['calib_source']} (sha256 {payload['calib_sha256']}); "
+        f"{a['samples']} fit windows + {a['validation']} validation windows of {a['seq_len']} tokens, "
+        f"b in [{a['b_min']}, {a['b_max']}], calibration batch size {a['batch_size']}.",
+        f"- **Evaluation text**: {payload['eval_source']} (sha256 {payload['eval_sha256']}); "
+        f"{payload['eval_windows']} windows x {a['window']} tokens = {payload['eval_tokens']} predicted tokens, fed "
+        f"in chunks of {a['chunk']} through the real cache, R = {a['residual_length']}, G = {a['group_size']}.",
+        f"- Full-precision reference log-probs computed once ({payload['reference_mib']:.0f} MiB, kept in "
+        f"{a['ref_dtype']}) and shared by every cache; windows evaluated {a['eval_batch_size']} at a time, so every "
+        "difference below has a paired standard error over window groups (± 1 SE; few windows: a rough bar).",
+        f"- {NOISE_NOTE}",
+        "",
+        "## Summary",
+        "",
+        "| quantizer | budget | best fixed (ppl) | its ppl / KL | RateQuant chosen | ppl / KL | beats every fixed "
+        "(ppl)? | (KL)? | Δlog-ppl vs best fixed ± SE | KL within 2% of uniform? | ppl gap recovered | calib s "
+        "| fwd+bwd s | ratio (goal <= 3x) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in payload["summaries"]:
+        if "best_fixed" in s:
+            fixed = f"{s['best_fixed']}"
+            fixed_num = f"{s['best_fixed_ppl']:.3f} / {s['best_fixed_kl']:.4f}"
+            d = _pm(s["paired_dlogppl_vs_best_fixed"], s["paired_dlogppl_se"], "+.4f")
+        else:
+            fixed, fixed_num, d = "none (see note)", "-", "-"
+        within = ("n/a" if "kl_within_2pct_of_uniform" not in s
+                  else f"{_yn(s['kl_within_2pct_of_uniform'])} ({s['kl_vs_uniform']:+.1%})")
+        lines.append(
+            f"| {s['quantizer']} | {s['budget']:g} | {fixed} | {fixed_num} | {s['winner']} | "
+            f"{s['chosen_ppl']:.3f} / {s['chosen_kl']:.4f} | {_yn(s.get('beats_every_fixed_ppl'))} | "
+            f"{_yn(s.get('beats_every_fixed_kl'))} | {d} | {within} | {_f(s.get('ppl_gap_recovered'), '.0%')} | "
+            f"{s['calibration_wall_s']:.1f} | {s['fwd_bwd_wall_s']:.1f} | {s['ratio_wall']:.1f}x "
+            f"({s['ratio_cpu']:.1f}x CPU) |"
+        )
+    notes = [f"- {s['quantizer']} {s['budget']:g}: {s['note']}." for s in payload["summaries"] if "note" in s]
+    lines += [
+        "",
+        "Best fixed = lowest perplexity among the fixed allocations. Δlog-ppl < 0 means RateQuant is better; "
+        "'ppl gap recovered' = (best fixed - RateQuant) / (best fixed - full precision), negative when RateQuant is "
+        "worse. Calibration seconds are the wall time of `calibrate()` (fit + validation of every candidate); "
+        "fwd+bwd is one plain forward+backward pass over the same fit tokens with the same batch size, timed once "
+        "per quantizer in the same process; the CPU-seconds ratio is less sensitive to other work on the machine.",
+        *notes,
+        "",
+        "## Every cache",
+        "",
+        f"Full precision: perplexity {payload['full']['perplexity']:.3f} (KL 0) on these windows. 'val KL' is the "
+        "score `calibrate` gave the allocation on its held-back *calibration* windows (how it picked the winner).",
+        "",
+        "| quantizer | budget | cache | avg bits (K / V) | perplexity | KL | Δlog-ppl vs chosen ± SE | val KL "
+        "| eval s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    full = payload["full"]
+    lines.append(f"| - | - | full precision | 16 | {full['perplexity']:.3f} | 0 | | | {full['seconds']:.0f} |")
+    for block in payload["blocks"]:
+        rows = [Row(**r) for r in block["rows"]]
+        chosen = next(r for r in rows if r.kind == "chosen")
+        for r in rows:
+            d = "" if r is chosen else _pm(*paired(r, chosen, "nll"), "+.4f")
+            name = f"**{r.cache}**" if r is chosen else r.cache
+            lines.append(
+                f"| {r.quantizer} | {r.budget:g} | {name} | {r.avg_bits:.3f} ({r.key_bits_mean:.2f} / "
+                f"{r.value_bits_mean:.2f}) | {r.perplexity:.3f} | {r.kl:.4f} | {d} | {_f(r.validation_kl, '.4f')} | "
+                f"{r.seconds:.0f} |"
+            )
+    lines += ["", "## Calibration details", ""]
+    for block in payload["blocks"]:
+        s, cal = block["summary"], block["calibration"]
+        sec = ", ".join(f"{k} {v:.1f} s" for k, v in cal["seconds"].items())
+        beta = cal.get("beta_median") or {}
+        lines.append(
+            f"- {s['quantizer']} {s['budget']:g}: winner {cal['winner']}; {sec}; fit tokens {cal['fit_tokens']}, "
+            f"validation tokens {cal['validation_tokens']}; median beta keys {beta.get('key', math.nan):.2f} / values "
+            f"{beta.get('value', math.nan):.2f}, median fit R² {cal.get('fit_r2_median', math.nan):.3f}"
+            + (f"; chosen re-evaluated from its candidate table gives identical numbers: {s['chosen_reproduced']}"
+               if "chosen_reproduced" in s else "")
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quantizers", nargs="+", default=["kivi", "token", "rotated"])
+    p.add_argument("--budgets", nargs="+", type=float, default=[2.25, 2.5, 3.0, 3.5])
+    p.add_argument("--calib-data", default=None,
+                   help="calibration text (default: WikiText-2 train; offline: the train half of pydoc topics)")
+    p.add_argument("--eval-data", default=None,
+                   help="evaluation text (default: WikiText-2 test; offline: the test half of pydoc topics)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
+    p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8: 8k tokens)")
+    p.add_argument("--chunk", type=int, default=64, help="tokens fed per forward pass (default 64)")
+    p.add_argument("--samples", type=int, default=8, help="calibration fit windows (calibrate's n_samples)")
+    p.add_argument("--validation", type=int, default=4, help="calibration validation windows (n_validation)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--b-min", type=int, default=2)
+    p.add_argument("--b-max", type=int, default=6)
+    p.add_argument("--group-size", type=int, default=32, help="G (default 32)")
+    p.add_argument("--residual-length", type=int, default=128, help="R (default 128)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration (and fwd+bwd) batch size (default 4)")
+    p.add_argument("--eval-batch-size", type=int, default=1,
+                   help="evaluation windows per batch (default 1: per-window numbers for paired errors)")
+    p.add_argument("--ref-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype the shared reference log-probs are kept in (default float32)")
+    p.add_argument("--all-candidates", action="store_true",
+                   help="also evaluate the RateQuant candidates calibration did not choose (default: only the "
+                        "closed form and kvq's beta = 4 rule next to the chosen one)")
+    p.add_argument("--save-configs", default=os.path.join(RESULTS_DIR, "ratequant_quality_configs"),
+                   help="folder to save every calibrated config in, as <quantizer>-<budget>/ ('' to skip)")
+    p.add_argument("--output-dir", default=RESULTS_DIR)
+    p.add_argument("--tag", default="", help="suffix of the output names: ratequant_quality_<tag>.md/.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from hf_ratequant import load_default_model
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.data import load_text, text_fingerprint, tokenize_windows
+    from hf_ratequant.evaluation import evaluation_windows, reference_logprobs
+
+    start = time.perf_counter()
+    info = machine()
+    model, tok = load_default_model()
+    fp = ModelFingerprint.from_model_config(model.config)
+    n_units = 2 * fp.num_layers * fp.num_kv_heads
+    for b in args.budgets:
+        if abs(b * n_units - round(b * n_units)) > 1e-6:
+            raise SystemExit(f"budget {b} x {n_units} units is not a whole number of bits; pick a multiple of "
+                             f"1/{n_units}")
+
+    calib_text, calib_source = load_text(args.calib_data, split="train")
+    eval_text, eval_source = load_text(args.eval_data, split="test")
+    if text_fingerprint(calib_text) == text_fingerprint(eval_text):
+        logger.warning("Calibration and evaluation text are identical: the evaluation is NOT held out.")
+    # The same windows calibrate() fits on (it tokenizes the same text the same way).
+    calib_ids = tokenize_windows(tok, calib_text, seq_len=args.seq_len, n_windows=args.samples + args.validation,
+                                 min_windows=args.samples + args.validation)[: args.samples]
+    windows = evaluation_windows(tok, args.eval_data, window=args.window, max_windows=args.windows)
+    group = args.eval_batch_size
+
+    t0 = time.perf_counter()
+    refs = reference_logprobs(model, windows, batch_size=group)
+    if args.ref_dtype == "bfloat16":
+        refs = [r.to(torch.bfloat16) for r in refs]
+    ref_mib = sum(r.numel() * r.element_size() for r in refs) / 2**20
+    logger.info("reference log-probs: %.0f MiB in %.1f s", ref_mib, time.perf_counter() - t0)
+    full_result = evaluate(model, windows, refs, group, None, args.chunk)
+    full = make_row("-", None, "full precision", "full", None, full_result)
+    logger.info("full precision: ppl %.3f (%.0f s)", full.perplexity, full.seconds)
+
+    blocks = []
+    for quantizer in args.quantizers:
+        logger.info("[%s] timing one plain forward+backward over %d calibration tokens", quantizer, calib_ids.numel())
+        fwd_bwd = time_fwd_bwd(model, calib_ids, args.batch_size)
+        logger.info("[%s] forward+backward: %.1f s wall, %.1f s CPU", quantizer, fwd_bwd["wall_s"], fwd_bwd["cpu_s"])
+        for budget in args.budgets:
+            blocks.append(run_budget(args, model, tok, windows, refs, fwd_bwd, full, quantizer, budget))
+            logger.info("summary %s", {k: v for k, v in blocks[-1]["summary"].items() if not isinstance(v, dict)})
+
+    info["load_average_end"] = load_average()
+    payload = dict(
+        settings=vars(args),
+        machine=info,
+        model=model.config._name_or_path,
+        geometry=fp.describe(),
+        calib_source=calib_source,
+        calib_sha256=text_fingerprint(calib_text),
+        eval_source=eval_source,
+        eval_sha256=text_fingerprint(eval_text),
+        eval_windows=int(windows.shape[0]),
+        eval_tokens=full.tokens,
+        reference_mib=ref_mib,
+        full=asdict(full),
+        summaries=[b["summary"] for b in blocks],
+        blocks=[dict(summary=b["summary"], calibration=b["calibration"], config=b["config"],
+                     rows=[asdict(r) for r in b["rows"]]) for b in blocks],
+        total_s=time.perf_counter() - start,
+    )
+    md = markdown(payload)
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, "ratequant_quality" + (f"_{args.tag}" if args.tag else ""))
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(md)
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, default=str)
+    print(md)
+    logger.info("wrote %s.md and %s.json (%.1f min)", stem, stem, payload["total_s"] / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
