@@ -166,7 +166,7 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
         model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
         seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
         residual_length=args.residual_length, b_min=args.b_min, b_max=args.b_max, batch_size=args.batch_size,
-        chunk=args.chunk, progress=False,
+        chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
     )
     calib = dict(wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
     if args.save_configs:
@@ -380,6 +380,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="evaluation windows per batch (default 1: per-window numbers for paired errors)")
     p.add_argument("--ref-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype the shared reference log-probs are kept in (default float32)")
+    p.add_argument("--plain-measure", action="store_true",
+                   help="weight errors by gradients through all attention, the residual window included (the "
+                        "measure before residual-aware calibration; for comparison)")
     p.add_argument("--all-candidates", action="store_true",
                    help="also evaluate the RateQuant candidates calibration did not choose (default: only the "
                         "closed form and kvq's beta = 4 rule next to the chosen one)")
