@@ -1,0 +1,52 @@
+"""hub_artifacts/ as golden files: every published config re-serialises byte for byte, its card is exactly what
+`model_card` writes, it fits the default model, and the card's usage snippet runs as written against a Hub."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import hf_ratequant
+from hf_ratequant import RateQuantConfig
+from hf_ratequant.config import CONFIG_NAME, CURVES_NAME
+from hf_ratequant.hub import CARD_NAME, HEATMAP_NAME, model_card
+
+pytest_plugins = ["tests.hub_server"]
+
+ROOT = Path(__file__).resolve().parent.parent / "hub_artifacts"
+EXPECTED = {f"SmolLM2-135M-Instruct-ratequant-{q}-{b}" for q in ("kivi", "token", "rotated") for b in ("2.5", "3")}
+FOLDERS = sorted(p for p in ROOT.iterdir() if (p / CONFIG_NAME).exists())
+
+
+def test_every_artifact_is_there():
+    assert {p.name for p in FOLDERS} == EXPECTED
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[p.name for p in FOLDERS])
+def test_artifact_is_golden(folder, tmp_path, smollm):
+    config = RateQuantConfig.from_pretrained(folder)
+    config.save_pretrained(tmp_path)
+    for name in (CONFIG_NAME, CURVES_NAME):
+        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), f"{name} format drifted"
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    card = (folder / CARD_NAME).read_text(encoding="utf-8")
+    assert card == model_card(config, evaluation["repo_id"], evaluation=evaluation["rows"]), "card drifted"
+    assert (folder / HEATMAP_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model, _ = smollm
+    config.check_model(model.config)
+    assert config.average_bits == config.budget and config.quantizer in folder.name
+    rows = {r["cache"]: r for r in evaluation["rows"]}
+    assert rows["full precision (DynamicCache)"]["kl"] == 0 and len(rows) >= 3
+
+
+def test_card_snippet_runs_as_written(hub, smollm, monkeypatch, capsys):
+    folder = ROOT / "SmolLM2-135M-Instruct-ratequant-kivi-2.5"
+    repo_id = json.loads((folder / "evaluation.json").read_text())["repo_id"]
+    # Published as is (seeded server-side: the card names the project's organisation, not the test user).
+    hub.add_files(repo_id, {p.name: p.read_bytes() for p in folder.iterdir()})
+    snippet = re.search(r"```python\n(.*?)```", (folder / CARD_NAME).read_text(), re.S).group(1)
+    monkeypatch.setattr(hf_ratequant, "load_default_model", lambda: smollm)  # loaded once per session already
+    exec(compile(snippet, "card snippet", "exec"), {})
+    out = capsys.readouterr().out
+    assert "cache:" in out and "in 16-bit" in out
