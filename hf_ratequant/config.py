@@ -7,10 +7,13 @@ Settings are saved as JSON (`ratequant_config.json`), fitted tensors (alpha, bet
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import numbers
 import os
-import tempfile
+import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,32 +222,26 @@ class RateQuantConfig:
     # ---- validation ------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every field; raises `ValueError` naming the bad value, the allowed values and the fix."""
-        if self.quantizer not in available_quantizers():
+        _check_version(self.version)
+        if not isinstance(self.quantizer, str) or self.quantizer not in available_quantizers():
             raise ValueError(
-                f"Unknown quantizer {self.quantizer!r}: registered quantizers are {available_quantizers()}."
+                f"Unknown quantizer {_short(self.quantizer)}: registered quantizers are {available_quantizers()}."
             )
         for name, least in (("group_size", 1), ("residual_length", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name}={value!r} must be an integer >= {least}.")
+            _check_int(name, getattr(self, name), least)
         if self.residual_length % self.group_size:
             raise ValueError(
                 f"residual_length={self.residual_length} must be a multiple of group_size={self.group_size}, so "
                 "tokens leave the full-precision window in whole groups (KIVI uses R=128, G=32)."
             )
+        self._check_search_settings()
         if isinstance(self.fingerprint, dict):
-            self.fingerprint = ModelFingerprint(**_known_fields(ModelFingerprint, self.fingerprint))
+            self.fingerprint = _fingerprint_from_dict(self.fingerprint)
+        elif self.fingerprint is not None and not isinstance(self.fingerprint, ModelFingerprint):
+            raise ValueError(f"fingerprint must be a ModelFingerprint (a JSON object in a saved config) or None, not "
+                             f"{_short(self.fingerprint)}.")
         for kind in ("key_bits", "value_bits"):
-            table = getattr(self, kind)
-            if not table or not all(isinstance(row, (list, tuple)) and row for row in table):
-                raise ValueError(f"{kind} must be a non-empty num_layers x num_kv_heads list of lists of integers.")
-            if len({len(row) for row in table}) != 1:
-                raise ValueError(f"{kind} rows have different lengths {sorted({len(r) for r in table})}: every "
-                                 "layer must list one bit-width per kv-head.")
-            for layer, row in enumerate(table):
-                for head, bits in enumerate(row):
-                    check_bits(bits, f"{kind}[{layer}][{head}]")
-            setattr(self, kind, [list(row) for row in table])
+            setattr(self, kind, _checked_table(kind, getattr(self, kind)))
         if len(self.key_bits) != len(self.value_bits) or len(self.key_bits[0]) != len(self.value_bits[0]):
             raise ValueError(
                 f"key_bits is {len(self.key_bits)}x{len(self.key_bits[0])} but value_bits is "
@@ -258,6 +255,24 @@ class RateQuantConfig:
                 f"The bit tables are {self.num_layers}x{self.num_kv_heads} but the fingerprint describes "
                 f"{self.fingerprint.describe()}."
             )
+        _check_curves(self.curves, self.num_layers, self.num_kv_heads)
+
+    def _check_search_settings(self) -> None:
+        """The fields that record how the bits were found (not used to serve the cache, but typed all the same)."""
+        for name in ("b_min", "b_max"):
+            check_bits(getattr(self, name), name)
+        if self.b_min > self.b_max:
+            raise ValueError(f"b_min={self.b_min} is above b_max={self.b_max}: the allocation bounds are reversed.")
+        budget = self.budget
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 1 <= budget <= 16
+        ):  # NaN fails the range test too
+            raise ValueError(f"budget={_short(budget)} must be None or a number of average bits between 1 and 16.")
+        if not isinstance(self.method, str):
+            raise ValueError(f"method={_short(self.method)} must be a string (e.g. 'uniform', 'ratequant').")
+        if not isinstance(self.calibration, dict):
+            raise ValueError(f"calibration={_short(self.calibration)} must be a dict (a JSON object) of settings and "
+                             "measurements.")
 
     # ---- properties ------------------------------------------------------------------------------------------
     @property
@@ -320,38 +335,41 @@ class RateQuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict, curves: dict[str, torch.Tensor] | None = None) -> RateQuantConfig:
-        """Build from `to_dict()` output; unknown keys are ignored (forward compatibility)."""
-        version = data.get("version", SCHEMA_VERSION)
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise ValueError(
-                f"This RateQuantConfig has schema version {version!r}, newer than the {SCHEMA_VERSION} this "
-                "hf-ratequant understands: upgrade with `pip install -U hf-ratequant`."
-            )
-        known = _known_fields(cls, data)
-        if known.get("fingerprint"):
-            fp = _known_fields(ModelFingerprint, known["fingerprint"])
-            fp["layer_types"] = tuple(fp.get("layer_types", ()))
-            known["fingerprint"] = ModelFingerprint(**fp)
+        """Build from `to_dict()` output; unknown keys are ignored (forward compatibility), every known one is checked
+        and a bad one is a `ValueError` that names it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"A RateQuantConfig is built from a dict of settings (a JSON object), not "
+                             f"{_short(data)}.")
+        _check_version(data.get("version", SCHEMA_VERSION))
+        known = _known_fields(cls, data, ignore=(CURVES_HASH_KEY,))
+        missing = [name for name in ("key_bits", "value_bits") if name not in known]
+        if missing:
+            raise ValueError(f"The settings lack {missing}: the bit tables (num_layers x num_kv_heads lists of "
+                             "integers) are required. Was this file written by `RateQuantConfig.save_pretrained`?")
+        if known.get("fingerprint") is not None:
+            known["fingerprint"] = _fingerprint_from_dict(known["fingerprint"])
         return cls(**known, curves=dict(curves or {}))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False, **push_kwargs):
         """Write `ratequant_config.json` and, when there are fitted tensors, `ratequant_curves.safetensors`.
 
-        Files are written to temporary names and renamed, so an interrupted save never leaves a half-written file.
-        With `push_to_hub=True` the saved folder is then pushed with [`push_to_hub`] (`repo_id=` and the other
-        keyword arguments go there); a failed push leaves the saved folder as it is.
+        The two files are replaced as a pair: the JSON records the sha256 of the curves it belongs to and is renamed
+        into place last, and the previous curves are kept aside until it is. A save that fails or is killed at any
+        moment leaves the previous config loadable, never new settings with old curves or the reverse; other files in
+        the folder are left alone. With `push_to_hub=True` the saved folder is then pushed with [`push_to_hub`]
+        (`repo_id=` and the other keyword arguments go there); a failed push leaves the saved folder as it is.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        os.makedirs(save_directory, exist_ok=True)
-        payload = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        _atomic_write(os.path.join(save_directory, CONFIG_NAME), lambda p: _write_text(p, payload))
-        curves_path = os.path.join(save_directory, CURVES_NAME)
+        curves = None
         if self.curves:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.curves.items()}
-            _atomic_write(curves_path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        elif os.path.exists(curves_path):
-            os.remove(curves_path)
+            curves = save(tensors, metadata={"format": "pt"})
+        settings = self.to_dict()
+        settings[CURVES_HASH_KEY] = None if curves is None else hashlib.sha256(curves).hexdigest()
+        payload = (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        os.makedirs(save_directory, exist_ok=True)
+        _save_pair(os.fspath(save_directory), payload, curves)
         if push_to_hub:
             from .hub import push_folder
 
@@ -399,17 +417,16 @@ class RateQuantConfig:
 
         Only JSON and safetensors are ever read.
         """
-        from safetensors.torch import load_file
-
         path = os.fspath(path_or_repo_id)
         folder = os.path.join(path, subfolder) if subfolder else path
+        backup_path = None
         if os.path.isdir(folder):
             config_path = os.path.join(folder, CONFIG_NAME)
             if not os.path.isfile(config_path):
                 raise FileNotFoundError(f"No {CONFIG_NAME} in {folder!r}: is this a RateQuantConfig folder saved "
                                         "with `save_pretrained`?")
             curves_path = os.path.join(folder, CURVES_NAME)
-            curves_path = curves_path if os.path.isfile(curves_path) else None
+            backup_path = os.path.join(folder, BACKUP_NAME)
         elif looks_local(path):
             raise FileNotFoundError(f"{folder!r} is not a folder. Pass a folder saved with `save_pretrained` or a "
                                     "Hub repo id ('user/name').")
@@ -418,47 +435,355 @@ class RateQuantConfig:
                        local_files_only=local_files_only)
             config_path = hub_file(CONFIG_NAME, required=True, **hub)
             curves_path = hub_file(CURVES_NAME, required=False, **hub)
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-        curves = None
-        if curves_path:
-            try:
-                curves = load_file(curves_path)
-            except Exception as e:  # safetensors raises its own error type for truncated or corrupted files
-                raise ValueError(f"{curves_path} is not a readable safetensors file ({e}): it is truncated or "
-                                 "corrupted. Save the config again, or re-download it with a fresh cache.") from e
-        return cls.from_dict(data, curves)
+        data = _read_settings(config_path)
+        recorded = _recorded_curves_hash(data, config_path)
+        if curves_path is None and isinstance(recorded, str):  # a Hub repo without the file, or offline
+            logger.warning("%s records fitted curves but %s could not be downloaded: loading the allocation without "
+                           "them.", config_path, CURVES_NAME)
+            recorded = None
+        raw, source = _committed_curves(curves_path, backup_path, recorded, config_path)
+        curves = None if raw is None else _parse_curves(raw, source)
+        try:
+            return cls.from_dict(data, curves)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from e
 
 
 def _summarize_types(types: tuple[str, ...]) -> str:
     return ", ".join(f"{types.count(t)} {t}" for t in dict.fromkeys(types))
 
 
-def _known_fields(cls: type, data: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+def _known_fields(cls: type, data: dict, ignore: tuple[str, ...] = ()) -> dict:
+    """The keys of `data` that are init fields of `cls` (never `curves`, which only come from safetensors)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "curves"}
+    unknown = sorted(set(data) - names - set(ignore))
     if unknown:
         logger.info("Ignoring unknown %s keys %s (written by a newer hf-ratequant?)", cls.__name__, unknown)
     return {k: v for k, v in data.items() if k in names}
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+# ---- checking loaded values ----------------------------------------------------------------------------------------
+MAX_INT = 2**31 - 1  # group sizes, token counts and model dimensions all fit in an int32
 
 
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
+def _short(value: Any, limit: int = 60) -> str:
+    """`repr` of a bad value for an error message, cut to `limit` characters, with its type."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _check_int(name: str, value: Any, least: int, most: int = MAX_INT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+        raise ValueError(f"{name}={_short(value)} must be an integer in {least}..{most}.")
+
+
+def _check_version(version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version={_short(version)} is not a schema version: it must be an integer (this "
+                         f"hf-ratequant writes {SCHEMA_VERSION}). The file is damaged: save the config again.")
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"This RateQuantConfig has schema version {version!r}, newer than the {SCHEMA_VERSION} this "
+            "hf-ratequant understands: upgrade with `pip install -U hf-ratequant`."
+        )
+
+
+def _checked_table(kind: str, table: Any) -> list[list[int]]:
+    """A `num_layers x num_kv_heads` table of valid bit-widths, as a list of lists."""
+    if not isinstance(table, (list, tuple)) or not table:
+        raise ValueError(f"{kind} must be a non-empty num_layers x num_kv_heads list of lists of integers, not "
+                         f"{_short(table)}.")
+    for layer, row in enumerate(table):
+        if not isinstance(row, (list, tuple)) or not row:
+            raise ValueError(f"{kind}[{layer}] must be a non-empty list with one bit-width per kv-head, not "
+                             f"{_short(row)}.")
+    if len({len(row) for row in table}) != 1:
+        raise ValueError(f"{kind} rows have different lengths {sorted({len(r) for r in table})}: every "
+                         "layer must list one bit-width per kv-head.")
+    for layer, row in enumerate(table):
+        for head, bits in enumerate(row):
+            check_bits(bits, f"{kind}[{layer}][{head}]")
+    return [list(row) for row in table]
+
+
+_FINGERPRINT_INTS = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 1}
+_FINGERPRINT_OPTIONAL_INTS = ("sliding_window", "attention_chunk_size")
+_FINGERPRINT_OPTIONAL_STRS = ("name_or_path", "revision", "model_type")
+
+
+def _fingerprint_from_dict(data: Any) -> ModelFingerprint:
+    """A `ModelFingerprint` from its saved JSON object, every field checked."""
+    if not isinstance(data, dict):
+        raise ValueError(f"fingerprint must be a JSON object describing the model (architecture, num_layers, "
+                         f"num_kv_heads, head_dim, ...) or null, not {_short(data)}.")
+    known = _known_fields(ModelFingerprint, data)
+    missing = [name for name in ("architecture", *_FINGERPRINT_INTS) if name not in known]
+    if missing:
+        raise ValueError(f"fingerprint lacks {missing}: a saved fingerprint records the model's architecture and KV "
+                         "cache geometry. Save the config again, or remove the fingerprint (null) to skip the check.")
+    if not isinstance(known["architecture"], str):
+        raise ValueError(f"fingerprint.architecture={_short(known['architecture'])} must be a string.")
+    for name, least in _FINGERPRINT_INTS.items():
+        _check_int(f"fingerprint.{name}", known[name], least)
+    for name in _FINGERPRINT_OPTIONAL_INTS:
+        if known.get(name) is not None:
+            _check_int(f"fingerprint.{name}", known[name], 0)
+    for name in _FINGERPRINT_OPTIONAL_STRS:
+        if known.get(name) is not None and not isinstance(known[name], str):
+            raise ValueError(f"fingerprint.{name}={_short(known[name])} must be a string or null.")
+    types = known.get("layer_types", ())
+    if not isinstance(types, (list, tuple)) or not all(isinstance(t, str) for t in types):
+        raise ValueError(f"fingerprint.layer_types={_short(types)} must be a list of strings (one attention type "
+                         "per layer, such as 'full_attention').")
+    if types and len(types) != known["num_layers"]:
+        raise ValueError(f"fingerprint.layer_types lists {len(types)} layers but fingerprint.num_layers is "
+                         f"{known['num_layers']}.")
+    known["layer_types"] = tuple(types)
+    return ModelFingerprint(**known)
+
+
+UNIT_CURVES = ("alpha", "beta", "r2")  # one value per unit: (layers, kv_heads, 2), or a shape that broadcasts to it
+
+
+def _check_curves(curves: Any, num_layers: int, num_kv_heads: int) -> None:
+    """The fitted tensors that hf-ratequant writes must fit the bit tables; other names are kept as they are."""
+    where = f"(saved in {CURVES_NAME})"
+    if not isinstance(curves, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in curves.items()
+    ):
+        raise ValueError(f"curves must be a dict of named tensors {where}, not {_short(curves)}.")
+    unit = (num_layers, num_kv_heads, 2)
+    for name in (*UNIT_CURVES, "distortion"):
+        if name in curves and not curves[name].is_floating_point():
+            raise ValueError(f"curves tensor {name!r} {where} has dtype {curves[name].dtype}: a fitted curve is a "
+                             "floating-point tensor. Save the config again.")
+    for name in UNIT_CURVES:
+        if name in curves and not _broadcasts_to(tuple(curves[name].shape), unit):
+            raise ValueError(f"curves tensor {name!r} {where} has shape {tuple(curves[name].shape)}, which does not "
+                             f"fit the {num_layers}x{num_kv_heads} bit tables: expected (num_layers, num_kv_heads, 2) "
+                             f"= {unit}. The two files come from different configs: save the config again.")
+    grid = curves.get("bit_grid")
+    if grid is not None:
+        if grid.dtype in (torch.bool, torch.uint8) or grid.is_floating_point() or grid.is_complex() or grid.dim() != 1:
+            raise ValueError(f"curves tensor 'bit_grid' {where} must be a 1-d integer tensor of bit-widths, not "
+                             f"{grid.dtype} of shape {tuple(grid.shape)}.")
+        for bits in grid.tolist():
+            check_bits(bits, f"curves tensor 'bit_grid' {where}: entry")
+    table = curves.get("distortion")
+    if table is not None:
+        n_bits = len(grid) if grid is not None else None
+        if table.dim() != 4 or tuple(table.shape[:3]) != unit or n_bits not in (None, table.shape[3]):
+            raise ValueError(f"curves tensor 'distortion' {where} has shape {tuple(table.shape)}, expected "
+                             f"(num_layers, num_kv_heads, 2, len(bit_grid)) = {(*unit, n_bits or 'n_bits')}. The two "
+                             "files come from different configs: save the config again.")
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+# ---- reading files ---------------------------------------------------------------------------------------------
+CURVES_HASH_KEY = "curves_sha256"  # in the JSON: sha256 of the curves file saved with it, or null for none
+BACKUP_NAME = f".{CURVES_NAME}.prev"  # the committed curves while a save is replacing them (empty file: none)
+_UNRECORDED = object()  # a JSON written before the curves hash was recorded
+
+
+def _read_settings(path: str) -> dict:
+    """The JSON object of a config file; anything else is a `ValueError` naming the file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is harmless
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): it is not a {CONFIG_NAME} or it "
+                         "is corrupted. Save the config again.") from e
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError as e:
+        raise ValueError(f"{path} is not a valid config: its JSON is nested too deeply to read.") from e
+    except ValueError as e:  # JSONDecodeError, a duplicate key, an integer too long to convert
+        raise ValueError(f"{path} is not valid JSON: {e}. Save the config again, or fix the file by hand.") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of settings ({{\"key_bits\": ..., ...}}), not a JSON "
+                         f"{type(data).__name__}.")
+    return data
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object (which one is meant is ambiguous)")
+        out[key] = value
+    return out
+
+
+def _recorded_curves_hash(data: dict, config_path: str) -> Any:
+    """Pop the curves hash from `data`: a hex digest, None (saved without curves) or `_UNRECORDED` (older file)."""
+    recorded = data.pop(CURVES_HASH_KEY, _UNRECORDED)
+    if recorded is None or recorded is _UNRECORDED:
+        return recorded
+    if not isinstance(recorded, str) or not re.fullmatch(r"[0-9a-f]{64}", recorded):
+        raise ValueError(f"{config_path}: {CURVES_HASH_KEY}={_short(recorded)} must be the sha256 (64 lowercase hex "
+                         f"digits) of the {CURVES_NAME} saved with it, or null. Save the config again.")
+    return recorded
+
+
+def _committed_curves(
+    curves_path: str | None, backup_path: str | None, recorded: Any, config_path: str
+) -> tuple[bytes | None, str | None]:
+    """The bytes and path of the curves file that belongs to the settings, `(None, None)` for none.
+
+    The JSON names its curves by hash; while a save is under way (or after one was killed) the folder may hold the new
+    curves next to the old settings, with the old curves kept in `BACKUP_NAME`, which is then the one used.
+    """
+    if recorded is None:
+        return None, None
+    has_backup = backup_path is not None and os.path.isfile(backup_path)
+    has_curves = curves_path is not None and os.path.isfile(curves_path)
+    if recorded is _UNRECORDED:  # an older file, or one whose save was interrupted: only a backup can tell
+        if has_backup:
+            raw = _read_bytes(backup_path)
+            return (raw, backup_path) if raw else (None, None)  # an empty backup: the config had no curves
+        return (_read_bytes(curves_path), curves_path) if has_curves else (None, None)
+    for path, present in ((curves_path, has_curves), (backup_path, has_backup)):
+        if present:
+            raw = _read_bytes(path)
+            if hashlib.sha256(raw).hexdigest() == recorded:
+                return raw, path
+    if not has_curves:
+        raise ValueError(f"{config_path} records fitted curves (sha256 {recorded[:12]}...) but there is no "
+                         f"{curves_path}: copy both files of the config together, or save it again.")
+    raw = _read_bytes(curves_path)
+    _parse_curves(raw, curves_path)  # an unreadable file is the more specific diagnosis
+    raise ValueError(f"{curves_path} does not belong to {config_path}: its sha256 is "
+                     f"{hashlib.sha256(raw).hexdigest()[:12]}..., the config records {recorded[:12]}.... The curves "
+                     "were replaced or edited after the config was saved, or the two files come from different "
+                     "saves. Save the config again, or download both files again.")
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _parse_curves(raw: bytes, path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(raw)
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupted files
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupted. Save the "
+                         "config again, or re-download it with a fresh cache.") from e
+
+
+# ---- saving both files as a pair -----------------------------------------------------------------------------------
+def _save_pair(folder: str, settings: bytes, curves: bytes | None) -> None:
+    """Replace the config in `folder` by `settings` and `curves` (None: no curves file), all or nothing.
+
+    1. Both files are written to temporary names (and flushed to disk): a failure here changes nothing.
+    2. The curves that belong to the current JSON are kept aside in `BACKUP_NAME` (an empty file when it has none).
+    3. The curves file is replaced (or removed): the current JSON still loads, from the backup.
+    4. The JSON is replaced: the commit. 5. The backup is removed.
+    A failure in 2-4 puts the previous curves back; a kill leaves a folder that `from_pretrained` reads as before.
+    """
+    config_path, curves_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, CURVES_NAME)
+    backup_path = os.path.join(folder, BACKUP_NAME)
+    temps = [_write_temp(folder, CONFIG_NAME, settings)]
+    kept = committed = False
+    try:
+        if curves is not None:
+            temps.append(_write_temp(folder, CURVES_NAME, curves))
+        kept = _keep_committed_curves(folder)
+        if curves is not None:
+            os.replace(temps[1], curves_path)
+        elif os.path.exists(curves_path):
+            os.remove(curves_path)
+        _sync_folder(folder)
+        os.replace(temps[0], config_path)
+        committed = True
+        _sync_folder(folder)
+    except BaseException:
+        if kept and not committed:
+            _restore_backup(curves_path, backup_path)
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temps:
+            _remove_quietly(tmp)
+    _remove_quietly(backup_path)
+
+
+def _keep_committed_curves(folder: str) -> bool:
+    """Copy the curves the current JSON uses to `BACKUP_NAME`; False when there is no loadable JSON to keep."""
+    config_path, backup_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, BACKUP_NAME)
+    try:
+        data = _read_settings(config_path)
+        raw, source = _committed_curves(os.path.join(folder, CURVES_NAME), backup_path,
+                                        _recorded_curves_hash(data, config_path), config_path)
+    except (OSError, ValueError):
+        return False  # no config yet, or a broken one: there is nothing loadable to keep
+    if source == backup_path:
+        return True  # an earlier save was interrupted: the backup already holds the committed curves
+    tmp = _write_temp(folder, BACKUP_NAME, raw or b"")
+    try:
+        os.replace(tmp, backup_path)
+    finally:
+        _remove_quietly(tmp)
+    _sync_folder(folder)
+    return True
+
+
+def _restore_backup(curves_path: str, backup_path: str) -> None:
+    """Best effort after a failed save: put the committed curves back under their name (the JSON was not replaced)."""
+    try:
+        if os.path.getsize(backup_path):
+            os.replace(backup_path, curves_path)
+        else:
+            _remove_quietly(curves_path)
+            os.remove(backup_path)
+    except OSError:
+        logger.warning("Could not put the previous curves back after a failed save; %s still loads from %s.",
+                       os.path.dirname(curves_path), backup_path)
+
+
+def _write_temp(folder: str, name: str, data: bytes) -> str:
+    """Write `data` to a new hidden file next to `name`, flushed to disk; permissions follow the umask."""
+    path = os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _remove_quietly(path)
+        raise
+    return path
+
+
+def _sync_folder(folder: str) -> None:
+    """Make the renames in `folder` durable (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 __all__ = ["CONFIG_NAME", "CURVES_NAME", "KEEP_BITS", "ModelFingerprint", "RateQuantConfig", "SCHEMA_VERSION"]

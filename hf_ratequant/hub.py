@@ -93,7 +93,7 @@ def push_folder(
 ):
     """Push a folder saved with `RateQuantConfig.save_pretrained` to `repo_id` (created if it does not exist).
 
-    The folder is checked first (it must load as a config). What is uploaded is a copy: the config files, the
+    The folder is checked first (it must load as a config). What is uploaded is a copy: the config as loaded, the
     folder's own `README.md` and `allocation.png` when it has them, otherwise a generated model card
     ([`model_card`]) and heatmap. The local folder is never modified, whether the push succeeds or fails.
 
@@ -102,13 +102,16 @@ def push_folder(
     """
     from huggingface_hub import HfApi
 
-    from .config import CONFIG_NAME, CURVES_NAME, RateQuantConfig
+    from .config import RateQuantConfig
 
     folder = os.fspath(folder)
     config = RateQuantConfig.from_pretrained(folder)  # refuse to publish something that does not load
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as staging:
-        for name in (CONFIG_NAME, CURVES_NAME, CARD_NAME, HEATMAP_NAME):
+        # The config files are written again from what loaded: the pair the folder's JSON commits to (a folder whose
+        # last save was interrupted holds newer curves next to a backup), and never a backup or temporary file.
+        config.save_pretrained(staging)
+        for name in (CARD_NAME, HEATMAP_NAME):
             if os.path.isfile(os.path.join(folder, name)):
                 shutil.copy2(os.path.join(folder, name), staging)
         if not os.path.isfile(os.path.join(staging, HEATMAP_NAME)):

@@ -1,15 +1,26 @@
-"""RateQuantConfig: construction, validation, JSON + safetensors round trip, model checks."""
+"""RateQuantConfig: construction, validation, JSON + safetensors round trip, model checks, saves that are all or
+nothing."""
 
 import dataclasses
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from hf_ratequant import RateQuantCache, RateQuantConfig
-from hf_ratequant.config import CONFIG_NAME, CURVES_NAME, SCHEMA_VERSION, ModelFingerprint
+from hf_ratequant.config import (
+    BACKUP_NAME,
+    CONFIG_NAME,
+    CURVES_HASH_KEY,
+    CURVES_NAME,
+    SCHEMA_VERSION,
+    ModelFingerprint,
+)
 
+pytest_plugins = ["tests.hub_server"]
 
 @pytest.fixture
 def llama_config():
@@ -155,3 +166,219 @@ def test_cli_cache_specs(llama_config):
                        ("uniform:9", "not a valid bit-width")]:
         with pytest.raises(ValueError, match=words):
             _parse_cache_spec(bad, model)
+
+
+# ---- saving replaces the two files as a pair ----------------------------------------------------------------------
+def _pair_configs(model_config):
+    """Three configs that differ in settings and curves: with curves, with other curves, without curves."""
+    a = RateQuantConfig.uniform(model_config, key_bits=3, value_bits=2)
+    a.curves = {"alpha": torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(1)), "beta": torch.tensor(4.6)}
+    b = RateQuantConfig.uniform(model_config, bits=4, quantizer="rotated")
+    b.key_bits[2][1] = 16
+    b.curves = {"alpha": torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(2)),
+                "bit_grid": torch.tensor([2, 3, 4])}
+    c = RateQuantConfig.uniform(model_config, bits=2)
+    return [a, b, c]
+
+
+def _same(x: RateQuantConfig, y: RateQuantConfig) -> bool:
+    """Bit-exact equality of settings and curves (names, dtypes, shapes and values)."""
+    return x.to_dict() == y.to_dict() and x.curves.keys() == y.curves.keys() and all(
+        x.curves[k].dtype == y.curves[k].dtype and torch.equal(x.curves[k], y.curves[k]) for k in x.curves
+    )
+
+
+def _which(folder, candidates) -> int:
+    loaded = RateQuantConfig.from_pretrained(folder)
+    matches = [i for i, c in enumerate(candidates) if _same(loaded, c)]
+    assert matches, f"the folder loads as none of the saved configs: {loaded.to_dict()}"
+    return matches[0]
+
+
+def _write_legacy(folder, config):
+    """`config` as saved before the JSON recorded its curves' hash (the Hub artefacts published so far)."""
+    config.save_pretrained(folder)
+    path = folder / CONFIG_NAME
+    data = json.loads(path.read_text())
+    del data[CURVES_HASH_KEY]
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def test_config_without_curves_hash_still_loads(tmp_path, llama_config):
+    a, _, c = _pair_configs(llama_config)
+    for config in (a, c):
+        _write_legacy(tmp_path, config)
+        assert CURVES_HASH_KEY not in json.loads((tmp_path / CONFIG_NAME).read_text())
+        assert _same(RateQuantConfig.from_pretrained(tmp_path), config)
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at one step of a save: nothing after it runs but `finally` blocks (which only remove
+    temporary files, which loading ignores anyway)."""
+
+
+def _crash_at(monkeypatch, step: int):
+    """Make the `step`-th rename or removal of the next save raise `_Killed` (0: count them and never crash)."""
+    import os
+
+    from hf_ratequant import config as config_module
+
+    calls = []
+    monkeypatch.setattr(config_module, "_restore_backup", lambda *args: None)  # a killed process cleans nothing
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what this test is about; speed is
+    for name in ("replace", "remove"):
+        real = getattr(os, name)
+
+        def fake(*args, _real=real, **kwargs):
+            calls.append(args)
+            if len(calls) == step:
+                raise _Killed
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, fake)
+    return calls
+
+
+def _steps_of_a_save(monkeypatch, folder, prepare, config) -> list[tuple]:
+    """The renames and removals (their arguments) that saving `config` over `prepare(folder)` makes."""
+    prepare(folder)
+    with monkeypatch.context() as mp:
+        calls = _crash_at(mp, 0)
+        config.save_pretrained(folder)
+    return calls
+
+
+def _save_killed_at(monkeypatch, folder, config, step: int) -> bool:
+    """Save `config` into `folder`, killed at `step`; True if the save finished before that step."""
+    with monkeypatch.context() as mp:
+        _crash_at(mp, step)
+        try:
+            config.save_pretrained(folder)
+        except _Killed:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("start", ["with curves", "other curves", "no curves", "older format", "empty folder"])
+def test_a_save_killed_at_any_step_leaves_old_or_new(tmp_path, llama_config, monkeypatch, start):
+    """Every step of every kind of save, interrupted, then every step of a second save over what is left."""
+    configs = _pair_configs(llama_config)
+    first = {"with curves": 0, "other curves": 1, "no curves": 2, "older format": 0, "empty folder": None}[start]
+    prepare = {"older format": lambda f: _write_legacy(f, configs[0]), "empty folder": lambda f: f.mkdir()}.get(
+        start, lambda f: configs[first].save_pretrained(f))
+    interrupted_states = 0
+    for target in range(3):
+        steps = len(_steps_of_a_save(monkeypatch, tmp_path / f"count-{target}", prepare, configs[target]))
+        for step in range(1, steps + 1):
+            folder = tmp_path / f"{target}-{step}"
+            prepare(folder)
+            assert not _save_killed_at(monkeypatch, folder, configs[target], step)
+            if first is None and not (folder / CONFIG_NAME).exists():
+                continue  # killed before the first config was committed: nothing to load, as before
+            state = _which(folder, configs)
+            assert state in (first, target)
+            interrupted_states += (folder / BACKUP_NAME).exists()
+            # A second save over the interrupted one, killed at each step too: what loads is the state above or it.
+            for second in range(3):
+                for step2 in range(1, steps + 3):
+                    again = tmp_path / f"{target}-{step}-{second}-{step2}"
+                    shutil.copytree(folder, again)
+                    finished = _save_killed_at(monkeypatch, again, configs[second], step2)
+                    assert _which(again, configs) in ((second,) if finished else (state, second))
+                    if finished:
+                        assert not [p.name for p in again.iterdir() if p.name.startswith(".")]
+                        break
+    assert interrupted_states >= 3 or first is None  # kills did land between the two renames (an empty folder
+    # has no previous curves to keep)
+
+
+def test_save_keeps_unrelated_files(tmp_path, llama_config):
+    a, b, c = _pair_configs(llama_config)
+    (tmp_path / "README.md").write_text("my card\n")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "n.txt").write_text("x")
+    for config in (a, b, c, a):
+        config.save_pretrained(tmp_path)
+        assert _same(RateQuantConfig.from_pretrained(tmp_path), config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, "README.md", "notes", CURVES_NAME])
+    assert (tmp_path / "README.md").read_text() == "my card\n" and (tmp_path / "notes" / "n.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("step", range(1, 5))
+def test_save_that_raises_midway_restores_the_previous_pair(tmp_path, llama_config, monkeypatch, step):
+    import os
+
+    a, b, _ = _pair_configs(llama_config)
+    a.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real, calls = os.replace, []
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == step:
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(os, "replace", failing)
+    try:
+        b.save_pretrained(tmp_path)
+    except OSError as e:
+        assert "No space left" in str(e)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no backup, no temporary file
+        assert _same(RateQuantConfig.from_pretrained(tmp_path), a)
+    else:
+        assert _same(RateQuantConfig.from_pretrained(tmp_path), b) and step > len(calls)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_sigkill_at_random_moments_leaves_exactly_one_saved_config(tmp_path, llama_config):
+    """A process saves the three configs in turn over one folder and is SIGKILLed at random moments; every time, the
+    folder loads as exactly one of them, and the unrelated files in it are untouched."""
+    import os
+    import random
+    import signal
+    import time
+
+    configs = _pair_configs(llama_config)
+    configs[0].save_pretrained(tmp_path)
+    (tmp_path / "README.md").write_text("my card\n")
+    rng = random.Random(0)
+    seen = set()
+    for trial in range(25):
+        pid = os.fork()
+        if pid == 0:  # the child saves until killed, and never returns into pytest
+            try:
+                for i in range(10**6):
+                    configs[(trial + i) % 3].save_pretrained(tmp_path)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.005, 0.04))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status), "the saving process ended by itself: it failed"
+        seen.add(_which(tmp_path, configs))
+    assert len(seen) >= 2, "the kills all landed on the same config: the saves did not run"
+    assert (tmp_path / "README.md").read_text() == "my card\n"
+    configs[1].save_pretrained(tmp_path)
+    assert _same(RateQuantConfig.from_pretrained(tmp_path), configs[1])
+    assert not (tmp_path / BACKUP_NAME).exists()
+
+
+def test_push_sends_the_committed_pair_and_no_backup_or_temporary_file(hub, tmp_path, llama_config, monkeypatch):
+    from hf_ratequant.hub import push_folder
+
+    a, b, _ = _pair_configs(llama_config)
+    calls = _steps_of_a_save(monkeypatch, tmp_path / "count", a.save_pretrained, b)
+    commit = 1 + [str(args[-1]).endswith(CONFIG_NAME) for args in calls].index(True)
+    folder = tmp_path / "cfg"
+    a.save_pretrained(folder)
+    assert not _save_killed_at(monkeypatch, folder, b, commit)  # new curves in place, old settings, old curves aside
+    (folder / ".tmp-0123-ratequant_config.json").write_text("{}")
+    recorded = json.loads((folder / CONFIG_NAME).read_text())[CURVES_HASH_KEY]
+    assert hashlib.sha256((folder / CURVES_NAME).read_bytes()).hexdigest() != recorded  # b's curves, a's settings
+    assert (folder / BACKUP_NAME).exists() and _same(RateQuantConfig.from_pretrained(folder), a)
+    push_folder(folder, "local-user/interrupted")
+    repo = hub.repos[("model", "local-user/interrupted")]
+    uploaded = repo.commits[repo.branches["main"]]
+    assert sorted(uploaded) == sorted([".gitattributes", CONFIG_NAME, CURVES_NAME, "README.md", "allocation.png"])
+    assert _same(RateQuantConfig.from_pretrained("local-user/interrupted"), a)
