@@ -7,6 +7,7 @@ from .calibration import calibrate
 from .config import ModelFingerprint, RateQuantConfig
 from .evaluation import evaluate_kl, evaluate_perplexity
 from .models import DEFAULT_MODEL, load_default_model, load_model
+from .passkey import evaluate_passkey
 from .quantizers import available_quantizers, get_quantizer, register_quantizer
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "available_quantizers",
     "calibrate",
     "evaluate_kl",
+    "evaluate_passkey",
     "evaluate_perplexity",
     "get_quantizer",
     "load_default_model",

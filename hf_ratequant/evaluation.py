@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.utils import tqdm
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from .cache import RateQuantCache
 from .config import RateQuantConfig
@@ -25,11 +25,13 @@ from .data import load_text, tokenize_windows
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CacheLike",
     "QualityResult",
     "evaluate_kl",
     "evaluate_perplexity",
     "evaluate_quality",
     "evaluation_windows",
+    "make_cache",
     "reference_logprobs",
 ]
 
@@ -62,17 +64,31 @@ def evaluation_windows(
     return tokenize_windows(tokenizer, text, seq_len=window, n_windows=max_windows)
 
 
-def _make_cache(model: Any, cache_config: RateQuantConfig | None):
+CacheLike = Union[RateQuantConfig, Callable[[], Cache], None]
+
+
+def make_cache(model: Any, cache_config: CacheLike) -> Cache:
+    """A fresh cache: full precision for `None`, a `RateQuantCache` for a config, else whatever the factory returns
+    (e.g. `lambda: QuantizedCache(backend="hqq", config=model.config, nbits=4)`, to measure another method the same
+    way)."""
     if cache_config is None:
         return DynamicCache(config=model.config)
-    return RateQuantCache(config=model.config, quant_config=cache_config)
+    if isinstance(cache_config, RateQuantConfig):
+        return RateQuantCache(config=model.config, quant_config=cache_config)
+    if callable(cache_config):
+        cache = cache_config()
+        if not isinstance(cache, Cache):
+            raise TypeError(f"The cache factory returned a {type(cache).__name__}, not a transformers Cache.")
+        return cache
+    raise TypeError(f"cache_config must be a RateQuantConfig, None (full precision) or a function returning a fresh "
+                    f"transformers Cache, got {type(cache_config).__name__}.")
 
 
 @torch.inference_mode()
 def evaluate_quality(
     model: Any,
     windows: torch.LongTensor,
-    cache_config: RateQuantConfig | None,
+    cache_config: CacheLike,
     *,
     chunk: int = 64,
     batch_size: int = 4,
@@ -85,8 +101,9 @@ def evaluate_quality(
     Args:
         model (`PreTrainedModel`): the causal LM.
         windows (`torch.LongTensor`): `(n_windows, window)` token ids; see [`evaluation_windows`].
-        cache_config (`RateQuantConfig` or `None`): the cache to measure; `None` is the full-precision
-            `DynamicCache` (its KL is 0).
+        cache_config (`RateQuantConfig`, `None` or a callable): the cache to measure; `None` is the full-precision
+            `DynamicCache` (its KL is 0); a function returning a fresh transformers `Cache` (called once per batch)
+            measures any other cache, such as transformers' `QuantizedCache`, the same way.
         chunk (`int`, *optional*, defaults to 64): tokens fed per forward pass.
         batch_size (`int`, *optional*, defaults to 4): windows evaluated together.
         with_kl (`bool`, *optional*, defaults to `True`): also run the full-precision cache in lockstep and measure
@@ -105,7 +122,7 @@ def evaluate_quality(
     bar = tqdm(total=len(batches) * math.ceil(windows.shape[1] / chunk), desc="evaluate", disable=not progress)
     for batch_idx, ids in enumerate(batches):
         ids = ids.to(device)
-        cache = _make_cache(model, cache_config)
+        cache = make_cache(model, cache_config)
         ref_cache = DynamicCache(config=model.config) if want_kl and reference is None else None
         prev_logits = prev_ref = None
         for start in range(0, ids.shape[1], chunk):
