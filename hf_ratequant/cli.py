@@ -98,6 +98,10 @@ def _parse_cache_spec(spec: str, model):
 
     if os.path.isdir(spec) or (":" not in spec and not looks_local(spec) and "/" in spec):
         return RateQuantConfig.from_pretrained(spec)  # a saved folder or a Hub repo id
+    if ":" not in spec and looks_local(spec):
+        raise FileNotFoundError(f"Cache spec {spec!r}: no such folder. Pass a folder saved with "
+                                "RateQuantConfig.save_pretrained, a Hub repo id ('user/name'), 'none', "
+                                "'uniform:BITS' or 'kv:KBITS,VBITS'.")
     raise ValueError(
         f"Unknown cache spec {spec!r}: accepted are 'none' (full precision), 'uniform:BITS', 'kv:KBITS,VBITS', a "
         "folder saved with RateQuantConfig.save_pretrained, or a Hub repo id ('user/name')."
@@ -153,24 +157,33 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity and KL of several caches on the same windows."""
+    """Perplexity, KL and (with --passkey) passkey retrieval of several caches on the same text."""
     import json
 
     from .evaluation import evaluate_quality, evaluation_windows
     from .models import load_model
+    from .passkey import passkey_trials, run_passkey
 
     model, tokenizer = load_model(args.model)
-    configs = [(spec, _parse_cache_spec(spec, model)) for spec in args.cache]
+    configs = {spec: _parse_cache_spec(spec, model) for spec in args.cache}  # bad specs fail before any work
+    trials = (passkey_trials(tokenizer, args.passkey, args.passkey_depths,
+                             max_positions=getattr(model.config, "max_position_embeddings", None))
+              if args.passkey else [])
     windows = evaluation_windows(tokenizer, args.data, window=args.window, max_windows=args.windows)
     rows = []
-    for spec, cfg in configs:
+    for spec, cfg in configs.items():
         res = evaluate_quality(model, windows, cfg, chunk=args.chunk)
         bits = cfg.average_bits if cfg is not None else 16.0
         rows.append({"cache": spec, "avg_bits": bits, "perplexity": res.perplexity, "kl": res.kl,
                      "tokens": res.tokens})
-    print(f"{'cache':<30}{'avg bits':>9}{'perplexity':>12}{'KL':>10}")
+    if trials:
+        for row, res in zip(rows, run_passkey(model, tokenizer, trials, configs).values()):
+            row.update(passkey=res.accuracy, passkey_by_length=res.by_length, passkey_trials=res.records)
+    header = f"{'cache':<30}{'avg bits':>9}{'perplexity':>12}{'KL':>10}" + (f"{'passkey':>9}" if trials else "")
+    print(header)
     for r in rows:
-        print(f"{r['cache']:<30}{r['avg_bits']:>9.3g}{r['perplexity']:>12.3f}{r['kl']:>10.5f}")
+        line = f"{r['cache']:<30}{r['avg_bits']:>9.3g}{r['perplexity']:>12.3f}{r['kl']:>10.5f}"
+        print(line + (f"{r['passkey']:>9.0%}" if trials else ""))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
@@ -279,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--window", type=int, default=1024)
     ev.add_argument("--windows", type=int, default=8)
     ev.add_argument("--chunk", type=int, default=64)
+    ev.add_argument("--passkey", type=int, nargs="+", metavar="TOKENS",
+                    help="also score passkey retrieval at these context lengths, e.g. 1024 2048 4096 6144")
+    ev.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
+                    help="where the key sits in the filler, as fractions (default 0.1 0.5 0.9)")
     ev.add_argument("--json", help="also write the rows as JSON to this path")
     ev.set_defaults(func=cmd_eval)
 
