@@ -1,0 +1,503 @@
+"""RateQuant against the field, in one run: quality, long-context recall, memory, speed and calibration cost.
+
+Every method stores the same default model's keys and values (SmolLM2-135M-Instruct unless `--model` says
+otherwise) and is measured the same way:
+
+- perplexity and KL to the full-precision cache on held-out text (WikiText-2 test, or offline the test half of the
+  local Python docs: the half calibration never sees), through the real cache: windows of `--window` tokens fed in
+  chunks of `--chunk` (hf_ratequant.evaluation.evaluate_quality against one shared full-precision reference);
+- passkey retrieval at `--passkey-lengths` x `--passkey-depths` (hf_ratequant.passkey.run_passkey: the context is
+  stored in the cache, then the question is fed and the answer generated through it);
+- cache bytes holding `--memory-tokens` tokens of real keys and values cast to bfloat16 (the serving dtype), every
+  tensor a cache holds counted (codes, scales, zero-points, the full-precision window);
+- greedy decode tokens/s at `--decode-context` tokens (benchmarks/decode_speed.py's timing: median of
+  `--decode-repeats` runs of `--decode-steps` steps, repeats interleaved, contended runs retried);
+- calibration seconds (RateQuant only; read from the config's own record when it comes from `--configs-from`).
+
+Methods: the full-precision `DynamicCache`; transformers' `QuantizedCache` with the quanto (2, 4 bits) and HQQ
+(2, 3, 4 bits) backends at transformers' default q_group_size 64 and R = 128; the `kvq` package if it imports and
+runs; hf-ratequant's own cache with uniform bits and the usual keys/values splits (K3V2 = 2.5, K4V3 = 3.5 bits) for
+each quantizer; kvq's fixed beta = 4 allocation rule on RateQuant's own measurements (recorded by calibration); and
+RateQuant for each quantizer at budgets 2.5, 3, 3.5 and 4 (at 2 bits with b_min = 2 the only allocation is uniform
+2 bits, so RateQuant-2 *is* uniform-2).
+
+    python benchmarks/field_comparison.py                 # CPU fp32, default model (~35 min on 2 cores)
+    python benchmarks/field_comparison.py --device cuda --dtype bfloat16
+    python benchmarks/field_comparison.py --model Qwen/Qwen3-8B --device cuda --dtype bfloat16 \\
+        --configs-from none --output-dir results/qwen3-8b      # calibrates every budget; needs the Hub
+
+Writes `field_comparison.md`, `.json` and `field_frontier.png` to `--output-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from _common import load_average, machine
+
+logger = logging.getLogger("benchmarks.field_comparison")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+DEFAULT_CONFIGS = os.path.join(RESULTS_DIR, "ratequant_quality_configs")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPLITS = {2.5: (3, 2), 3.5: (4, 3)}  # the fixed keys/values split at each half-integer budget
+
+
+@dataclass
+class Method:
+    name: str
+    family: str  # "full", "quanto", "hqq", "kvq", "uniform", "split", "kvq-rule", "ratequant"
+    quantizer: str | None
+    bits: float | None
+    make: Callable[[], Any] | None = field(default=None, repr=False)  # a fresh cache (None: unavailable)
+    config: Any = field(default=None, repr=False)  # the RateQuantConfig, when there is one
+    calibration_s: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Row:
+    method: str
+    family: str
+    quantizer: str | None
+    avg_bits: float | None
+    available: bool = True
+    error: str | None = None
+    perplexity: float | None = None
+    kl: float | None = None
+    passkey: float | None = None
+    passkey_by_length: dict = field(default_factory=dict)
+    cache_mib: float | None = None  # at --memory-tokens, bfloat16 states
+    effective_bits: float | None = None  # bytes * 8 / stored elements, metadata and window included
+    decode_tok_s: float | None = None
+    decode_vs_dynamic: float | None = None
+    calibration_s: float | None = None
+    note: str = ""
+
+
+# ---- methods ----------------------------------------------------------------------------------------------------
+
+
+def quantized_cache(model_config, backend: str, bits: int, group: int, residual: int) -> Callable[[], Any]:
+    def make():
+        from transformers import QuantizedCache
+
+        axis = 0 if backend == "quanto" else 1  # the axes transformers' documentation uses for each backend
+        return QuantizedCache(backend=backend, config=model_config, nbits=bits, axis_key=axis, axis_value=axis,
+                              q_group_size=group, residual_length=residual)
+
+    return make
+
+
+def kvq_method(model, bits: int, residual: int) -> Method:
+    """The `kvq` package's own cache (KVQ), when it imports and generates with this transformers."""
+    try:
+        from kvq import KVQ, KVQConfig
+
+        def make():
+            return KVQ(KVQConfig(nbits={"k": bits, "v": bits}, residual_length=residual, group_size=64,
+                                 compute_dtype=model.dtype, device=model.device))
+
+        ids = torch.tensor([[1, 2, 3, 4]], device=model.device)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=make(), max_new_tokens=2,
+                       do_sample=False)
+        return Method(f"kvq package {bits}-bit", "kvq", None, float(bits), make)
+    except Exception as err:  # noqa: BLE001 - an unusable third-party package is reported, not fatal
+        return Method(f"kvq package {bits}-bit", "kvq", None, float(bits), None,
+                      note=f"unavailable: {type(err).__name__}: {err}")
+
+
+def load_or_calibrate(args, model, tok, quantizer: str, budget: float):
+    """The saved RateQuantConfig for (quantizer, budget) from `--configs-from`, else a fresh calibration."""
+    from hf_ratequant import RateQuantConfig, calibrate
+
+    folder = os.path.join(args.configs_from, f"{quantizer}-{budget:g}") if args.configs_from else None
+    if folder and os.path.isdir(folder):
+        cfg = RateQuantConfig.from_pretrained(folder)
+        cfg.check_model(model.config)
+        return cfg, cfg.calibration.get("seconds", {}).get("total"), f"config from {os.path.relpath(folder, HERE)}"
+    t0 = time.perf_counter()
+    cfg = calibrate(model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
+                    n_validation=args.validation, seq_len=args.seq_len, group_size=args.group_size,
+                    residual_length=args.residual_length, b_min=2, b_max=6)
+    return cfg, time.perf_counter() - t0, "calibrated in this run"
+
+
+def build_methods(args, model, tok) -> list[Method]:
+    from hf_ratequant import RateQuantCache, RateQuantConfig
+
+    mc, g, r = model.config, args.group_size, args.residual_length
+
+    def ours(cfg):
+        return lambda: RateQuantCache(config=mc, quant_config=cfg)
+
+    def fixed(quantizer, kb, vb):
+        return RateQuantConfig.uniform(mc, key_bits=kb, value_bits=vb, quantizer=quantizer, group_size=g,
+                                       residual_length=r)
+
+    from transformers import DynamicCache
+
+    methods = [Method("full precision (DynamicCache)", "full", None, None, lambda: DynamicCache(config=mc))]
+    for backend, bit_list in (("quanto", args.quanto_bits), ("hqq", args.hqq_bits)):
+        for bits in bit_list:
+            methods.append(Method(f"QuantizedCache {backend} {bits}-bit", backend, None, float(bits),
+                                  quantized_cache(mc, backend, bits, args.qc_group_size, r)))
+    for bits in args.kvq_bits:
+        methods.append(kvq_method(model, bits, r))
+    for q in args.quantizers:
+        for b in args.budgets:
+            if b == int(b):
+                cfg = fixed(q, int(b), int(b))
+                methods.append(Method(f"{q} uniform-{b:g}", "uniform", q, b, ours(cfg), cfg))
+            elif b in SPLITS:
+                kb, vb = SPLITS[b]
+                cfg = fixed(q, kb, vb)
+                methods.append(Method(f"{q} K{kb}V{vb}", "split", q, b, ours(cfg), cfg))
+        for b in args.budgets:
+            if b <= 2:
+                continue  # b_min = 2: the only 2-bit allocation is uniform-2, measured above
+            cfg, seconds, source = load_or_calibrate(args, model, tok, q, b)
+            note = f"{source}; validation winner {cfg.calibration.get('winner')}"
+            methods.append(Method(f"{q} RateQuant-{b:g}", "ratequant", q, b, ours(cfg), cfg, seconds, note))
+            rule = (cfg.calibration.get("candidates") or {}).get("kvq-beta4")
+            if args.kvq_rule and rule is not None:
+                bits = torch.tensor(rule)
+                kcfg = RateQuantConfig(
+                    key_bits=bits[..., 0].tolist(), value_bits=bits[..., 1].tolist(), quantizer=q, group_size=g,
+                    residual_length=r, budget=b, method="kvq-beta4", fingerprint=cfg.fingerprint,
+                )
+                methods.append(Method(f"{q} kvq rule beta=4 (b={b:g})", "kvq-rule", q, b, ours(kcfg), kcfg,
+                                      note="kvq's fixed beta=4 allocation on RateQuant's measurements"))
+    return methods
+
+
+# ---- measurements -----------------------------------------------------------------------------------------------
+
+
+def _tensors(obj, seen: set) -> int:
+    """Bytes of every distinct tensor reachable from `obj` (tensor subclasses such as quanto's are flattened)."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor and \
+                not isinstance(obj, torch.nn.Parameter):
+            names, _ = obj.__tensor_flatten__()
+            return sum(_tensors(getattr(obj, n), seen) for n in names)
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.numel()) if obj.numel() else id(obj)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensors(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensors(v, seen) for v in obj)
+    return 0
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a filled cache holds: `nbytes` for RateQuantCache, every tensor attribute of its layers otherwise."""
+    from hf_ratequant import RateQuantCache
+
+    if isinstance(cache, RateQuantCache):
+        return int(cache.nbytes)
+    seen: set = set()
+    return sum(_tensors(vars(layer), seen) for layer in cache.layers)
+
+
+def memory(methods: list[Method], rows: list[Row], states_bf16) -> None:
+    n_elements = sum(k.numel() + v.numel() for k, v in states_bf16)
+    for m, row in zip(methods, rows):
+        if not row.available:
+            continue
+        cache = m.make()
+        with torch.inference_mode():
+            for i, (k, v) in enumerate(states_bf16):
+                cache.update(k, v, i)
+        nbytes = cache_bytes(cache)
+        row.cache_mib = nbytes / 2**20
+        row.effective_bits = 8 * nbytes / n_elements
+
+
+def decode_speed(args, model, methods: list[Method], rows: list[Row], ids) -> None:
+    import decode_speed as ds
+
+    device = model.get_input_embeddings().weight.device
+    states, first = ds.prefill(model, ids)
+    specs = [ds.CacheSpec(m.name, m.family, m.bits, m.make) for m, r in zip(methods, rows) if r.available]
+    ns = argparse.Namespace(steps=args.decode_steps, repeats=args.decode_repeats, retries=2, max_stall=0.3)
+    results = ds.run_context(model, specs, states, first, ids.shape[1], ns, device, [args.max_wait])
+    by_name = {res.cache: res for res in results}
+    dyn = by_name[methods[0].name].tokens_per_s
+    for m, row in zip(methods, rows):
+        res = by_name.get(m.name)
+        if res is None:
+            continue
+        if not res.available:
+            row.available, row.error = False, res.error
+            continue
+        row.decode_tok_s = res.tokens_per_s
+        row.decode_vs_dynamic = res.tokens_per_s / dyn if dyn else None
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+
+
+def _f(x, fmt: str, na: str = "-") -> str:
+    return na if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def frontier_verdicts(rows: list[Row]) -> list[str]:
+    """For every RateQuant point: the best other method at the same or fewer average bits, and the smallest cache
+    of the same or better quality."""
+    ok = [r for r in rows if r.available and r.perplexity is not None and r.avg_bits is not None]
+    lines = []
+    for r in ok:
+        if r.family != "ratequant":
+            continue
+        others = [o for o in ok if o.family not in ("ratequant",) and o.avg_bits <= r.avg_bits + 1e-9]
+        best = min(others, key=lambda o: o.perplexity, default=None)
+        same_q = [o for o in ok if o is not r and o.perplexity <= r.perplexity and o.cache_mib is not None]
+        smaller = min(same_q, key=lambda o: o.cache_mib, default=None)
+        verdict = "below" if best is None or r.perplexity < best.perplexity else "NOT below"
+        line = (f"- {r.method}: ppl {r.perplexity:.3f}, KL {r.kl:.4f} — {verdict} every other method at <= "
+                f"{r.avg_bits:g} bits")
+        if best is not None:
+            line += f" (best: {best.method}, ppl {best.perplexity:.3f}, KL {best.kl:.4f})"
+        if smaller is not None and r.cache_mib is not None:
+            line += (f"; smallest cache of equal or better perplexity: {smaller.method} {smaller.cache_mib:.2f} MiB"
+                     f" vs {r.cache_mib:.2f} MiB" + (" (ours is smaller)" if r.cache_mib < smaller.cache_mib else ""))
+        else:
+            line += "; no other method reaches this perplexity with any cache size"
+        lines.append(line)
+    return lines
+
+
+def markdown(payload: dict) -> str:
+    s, m = payload["settings"], payload["machine"]
+    rows = [Row(**r) for r in payload["rows"]]
+    out = [
+        "# RateQuant against the field",
+        "",
+        f"Model {payload['model']} ({payload['geometry']}), {s['dtype']} on {m['device']}; machine: {m['cpu']}, "
+        f"{m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}.",
+        f"Quality: {payload['eval_tokens']} held-out tokens ({payload['eval_source']}), windows of {s['window']}, "
+        f"chunks of {s['chunk']}; full-precision perplexity {payload['full_ppl']:.3f}. Passkey: lengths "
+        f"{s['passkey_lengths']} x depths {s['passkey_depths']} ({payload['passkey_trials']} trials per cache). "
+        f"Memory: {s['memory_tokens']} tokens, bfloat16 states. Decode: {s['decode_context']}-token context, median "
+        f"of {s['decode_repeats']} x {s['decode_steps']} steps. Our cache: G={s['group_size']}, "
+        f"R={s['residual_length']}; QuantizedCache: q_group_size={s['qc_group_size']}, R={s['residual_length']}.",
+        "",
+        "| method | avg bits | perplexity | KL | passkey | MiB @ "
+        f"{s['memory_tokens'] // 1024}k (eff. bits) | decode tok/s @ {s['decode_context'] // 1024}k (x DynamicCache) "
+        "| calibration s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if not r.available:
+            out.append(f"| {r.method} | {_f(r.avg_bits, 'g')} | unavailable: {r.error or r.note} | | | | | |")
+            continue
+        out.append(
+            f"| {r.method} | {_f(r.avg_bits, 'g', '16')} | {_f(r.perplexity, '.3f')} | {_f(r.kl, '.4f')} | "
+            f"{_f(r.passkey, '.0%')} | {_f(r.cache_mib, '.2f')} ({_f(r.effective_bits, '.2f')}) | "
+            f"{_f(r.decode_tok_s, '.1f')} ({_f(r.decode_vs_dynamic, '.2f')}x) | {_f(r.calibration_s, '.0f')} |"
+        )
+    out += ["", "## The goal, checked", ""] + frontier_verdicts(rows)
+    notes = [f"- {r.method}: {r.note}" for r in rows if r.note and r.available]
+    if notes:
+        out += ["", "## Notes", ""] + notes
+    out += ["", f"Total run time {payload['total_s'] / 60:.1f} min. Load average at the end "
+            f"{m.get('load_average_end')}.", ""]
+    return "\n".join(out)
+
+
+FAMILY_STYLE = {
+    "quanto": ("QuantizedCache quanto", "tab:gray", "s", "--"),
+    "hqq": ("QuantizedCache HQQ", "tab:brown", "D", "--"),
+    "kvq": ("kvq package", "tab:pink", "x", ":"),
+    "kvq-rule": ("kvq beta=4 rule", "tab:olive", "v", ":"),
+}
+QUANTIZER_COLOR = {"kivi": "tab:blue", "token": "tab:orange", "rotated": "tab:green"}
+
+
+def plot_frontier(rows: list[Row], full_ppl: float, path: str, memory_tokens: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r.available and r.kl is not None and r.family != "full":
+            key = (r.family, r.quantizer) if r.family in ("ratequant", "kvq-rule") else (
+                ("fixed", r.quantizer) if r.family in ("uniform", "split") else (r.family, None))
+            groups.setdefault(key, []).append(r)
+    for (family, q), pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        pts = sorted(pts, key=lambda r: r.avg_bits)
+        if family == "ratequant":
+            label, color, marker, ls = f"RateQuant {q}", QUANTIZER_COLOR.get(q, "k"), "o", "-"
+        elif family == "fixed":
+            label, color, marker, ls = f"{q} uniform / K-V split", QUANTIZER_COLOR.get(q, "k"), "^", ":"
+        else:
+            label, color, marker, ls = FAMILY_STYLE.get(family, (family, "k", ".", "-"))
+            label += f" ({q})" if q else ""
+        lw = 2.2 if family == "ratequant" else 1.2
+        axes[0].plot([r.avg_bits for r in pts], [r.kl for r in pts], marker=marker, ls=ls, color=color, lw=lw,
+                     label=label, alpha=0.9 if family == "ratequant" else 0.6)
+        with_mem = [r for r in pts if r.cache_mib is not None]
+        axes[1].plot([r.cache_mib for r in with_mem], [r.kl for r in with_mem], marker=marker, ls=ls, color=color,
+                     lw=lw, alpha=0.9 if family == "ratequant" else 0.6)
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_ylabel("KL to the full-precision cache (nats/token, log)")
+    axes[0].set_xlabel("average bits per key/value element")
+    axes[1].set_xlabel(f"cache MiB holding {memory_tokens} tokens (bfloat16 states; scales and window included)")
+    axes[0].set_title("quality against bits (lower-left is better)")
+    axes[1].set_title("quality against memory")
+    axes[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"KV-cache quantizers on the same model, held-out text (full-precision perplexity {full_ppl:.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2", help="Hub id, local folder, or 'smollm2' (the embedded default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--quantizers", nargs="+", default=["kivi", "token", "rotated"])
+    p.add_argument("--budgets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 3.5, 4.0])
+    p.add_argument("--configs-from", default=DEFAULT_CONFIGS,
+                   help="folder of saved <quantizer>-<budget> configs to reuse ('none': calibrate every budget)")
+    p.add_argument("--calib-data", default=None, help="calibration text (default: WikiText-2 train)")
+    p.add_argument("--eval-data", default=None, help="held-out text (default: WikiText-2 test)")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--validation", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--residual-length", type=int, default=128)
+    p.add_argument("--qc-group-size", type=int, default=64, help="QuantizedCache q_group_size (transformers' default)")
+    p.add_argument("--quanto-bits", type=int, nargs="*", default=[2, 4])
+    p.add_argument("--hqq-bits", type=int, nargs="*", default=[2, 3, 4])
+    p.add_argument("--kvq-bits", type=int, nargs="*", default=[2, 4], help="the kvq package's own cache")
+    p.add_argument("--no-kvq-rule", dest="kvq_rule", action="store_false", help="skip kvq's beta=4 rule rows")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 6144])
+    p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--memory-tokens", type=int, default=4096)
+    p.add_argument("--decode-context", type=int, default=4096)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--decode-repeats", type=int, default=3)
+    p.add_argument("--max-wait", type=float, default=120.0, help="seconds the decode timing may wait for quiet")
+    p.add_argument("--output-dir", default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    if args.configs_from in ("", "none"):
+        args.configs_from = None
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    sys.path.insert(0, HERE)
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.data import load_text, tokenize_windows
+    from hf_ratequant.evaluation import evaluate_quality, evaluation_windows, reference_logprobs
+    from hf_ratequant.models import load_model
+    from hf_ratequant.passkey import passkey_trials, run_passkey
+
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    info = machine(device, packages=("optimum-quanto", "hqq", "kvq", "accelerate"))
+    model, tok = load_model(args.model, dtype=DTYPES[args.dtype], device_map=None if device.type == "cpu" else device)
+    fp = ModelFingerprint.from_model_config(model.config)
+
+    methods = build_methods(args, model, tok)
+    rows = [Row(m.name, m.family, m.quantizer, m.bits, available=m.make is not None, calibration_s=m.calibration_s,
+                note=m.note, error=None if m.make else m.note) for m in methods]
+    logger.info("%d methods: %s", len(methods), ", ".join(m.name for m in methods))
+
+    # Quality: every cache against one shared full-precision reference, window by window.
+    windows = evaluation_windows(tok, args.eval_data, window=args.window, max_windows=args.windows)
+    _, eval_source = load_text(args.eval_data, split="test")
+    refs = reference_logprobs(model, windows, batch_size=1)
+    for m, row in zip(methods, rows):
+        if not row.available:
+            continue
+        t0 = time.perf_counter()
+        try:
+            measured = m.config if m.config is not None else m.make
+            res = [evaluate_quality(model, windows[i : i + 1], measured, chunk=args.chunk, batch_size=1,
+                                    progress=False, reference=[refs[i]]) for i in range(len(refs))]
+        except Exception as err:  # noqa: BLE001 - a backend that fails is reported, not fatal
+            row.available, row.error = False, f"{type(err).__name__}: {err}"
+            logger.warning("%s failed: %s", m.name, row.error)
+            continue
+        tokens = sum(r.tokens for r in res)
+        row.perplexity = math.exp(sum(math.log(r.perplexity) * r.tokens for r in res) / tokens)
+        row.kl = max(sum((r.kl or 0.0) * r.tokens for r in res) / tokens, 0.0)  # full precision: -1e-9 rounding
+        logger.info("%-40s ppl %.3f KL %.4f (%.0f s)", m.name, row.perplexity, row.kl, time.perf_counter() - t0)
+    full_ppl = rows[0].perplexity
+
+    # Passkey retrieval, every cache on the same trials (one shared prefill per trial).
+    trials = passkey_trials(tok, args.passkey_lengths, args.passkey_depths,
+                            max_positions=getattr(model.config, "max_position_embeddings", None)) \
+        if args.passkey_lengths else []
+    if trials:
+        live = {m.name: m.make for m, r in zip(methods, rows) if r.available}
+        for name, res in run_passkey(model, tok, trials, live).items():
+            row = next(r for r in rows if r.method == name)
+            row.passkey, row.passkey_by_length = res.accuracy, res.by_length
+
+    # Memory and speed at the long context: real states of held-out text.
+    text, _ = load_text(args.eval_data, split="test")
+    need = max(args.memory_tokens, args.decode_context)
+    long_ids = tokenize_windows(tok, text, seq_len=need, n_windows=1).to(model.device)
+    from transformers import DynamicCache
+
+    ref = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=long_ids[:, : args.memory_tokens], past_key_values=ref, use_cache=True, logits_to_keep=1)
+    states = [(layer.keys.to(torch.bfloat16), layer.values.to(torch.bfloat16)) for layer in ref.layers]
+    del ref
+    memory(methods, rows, states)
+    del states
+    decode_speed(args, model, methods, rows, long_ids[:, : args.decode_context])
+
+    info["load_average_end"] = load_average()
+    payload = dict(
+        settings=vars(args), machine=info, model=model.config._name_or_path, geometry=fp.describe(),
+        eval_source=eval_source, eval_tokens=int(windows.shape[0] * (windows.shape[1] - 1)), full_ppl=full_ppl,
+        passkey_trials=len(trials), rows=[asdict(r) for r in rows], total_s=time.perf_counter() - start,
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, "field_comparison")
+    plot_frontier(rows, full_ppl, os.path.join(args.output_dir, "field_frontier.png"), args.memory_tokens)
+    md = markdown(payload)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(md)
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, default=str)
+    print(md)
+    logger.info("wrote %s.md/.json and field_frontier.png (%.1f min)", stem, payload["total_s"] / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
