@@ -124,13 +124,20 @@ def load_or_calibrate(args, model, tok, quantizer: str, budget: float):
     folder = os.path.join(args.configs_from, f"{quantizer}-{budget:g}") if args.configs_from else None
     if folder and os.path.isdir(folder):
         cfg = RateQuantConfig.from_pretrained(folder)
-        cfg.check_model(model.config)
-        return cfg, cfg.calibration.get("seconds", {}).get("total"), f"config from {os.path.relpath(folder, HERE)}"
+        try:
+            cfg.check_model(model.config)
+        except ValueError as err:
+            logger.warning("Not reusing %s (%s): calibrating instead.", folder, err)
+        else:
+            return cfg, cfg.calibration.get("seconds", {}).get("total"), f"config from {os.path.relpath(folder, HERE)}"
     t0 = time.perf_counter()
     cfg = calibrate(model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
                     n_validation=args.validation, seq_len=args.seq_len, group_size=args.group_size,
                     residual_length=args.residual_length, b_min=2, b_max=6)
-    return cfg, time.perf_counter() - t0, "calibrated in this run"
+    seconds = time.perf_counter() - t0
+    if args.save_configs:
+        cfg.save_pretrained(os.path.join(args.save_configs, f"{quantizer}-{budget:g}"))
+    return cfg, seconds, "calibrated in this run"
 
 
 def build_methods(args, model, tok) -> list[Method]:
@@ -383,6 +390,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 3.5, 4.0])
     p.add_argument("--configs-from", default=DEFAULT_CONFIGS,
                    help="folder of saved <quantizer>-<budget> configs to reuse ('none': calibrate every budget)")
+    p.add_argument("--save-configs", metavar="DIR", help="save configs calibrated here as DIR/<quantizer>-<budget>")
     p.add_argument("--calib-data", default=None, help="calibration text (default: WikiText-2 train)")
     p.add_argument("--eval-data", default=None, help="held-out text (default: WikiText-2 test)")
     p.add_argument("--samples", type=int, default=8)
