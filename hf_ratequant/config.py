@@ -463,7 +463,7 @@ def _known_fields(cls: type, data: dict, ignore: tuple[str, ...] = ()) -> dict:
 
 
 # ---- checking loaded values ----------------------------------------------------------------------------------------
-MAX_INT = 2**31 - 1  # group sizes, token counts and model dimensions all fit in an int32
+_MAX_INT = 2**31 - 1  # group sizes, token counts and model dimensions all fit in an int32
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -474,15 +474,16 @@ def _short(value: Any, limit: int = 60) -> str:
     return f"{text} ({type(value).__name__})"
 
 
-def _check_int(name: str, value: Any, least: int, most: int = MAX_INT) -> None:
+def _check_int(name: str, value: Any, least: int, most: int = _MAX_INT) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
         raise ValueError(f"{name}={_short(value)} must be an integer in {least}..{most}.")
 
 
 def _check_version(version: Any) -> None:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"version={_short(version)} is not a schema version: it must be an integer (this "
-                         f"hf-ratequant writes {SCHEMA_VERSION}). The file is damaged: save the config again.")
+        raise ValueError(f"version={_short(version)} is not a schema version: it must be a positive integer (this "
+                         f"hf-ratequant writes {SCHEMA_VERSION}). A saved file with this version is damaged: save the "
+                         "config again.")
     if version > SCHEMA_VERSION:
         raise ValueError(
             f"This RateQuantConfig has schema version {version!r}, newer than the {SCHEMA_VERSION} this "
@@ -544,7 +545,7 @@ def _fingerprint_from_dict(data: Any) -> ModelFingerprint:
     return ModelFingerprint(**known)
 
 
-UNIT_CURVES = ("alpha", "beta", "r2")  # one value per unit: (layers, kv_heads, 2), or a shape that broadcasts to it
+_UNIT_CURVES = ("alpha", "beta", "r2")  # one value per unit: (layers, kv_heads, 2), or a shape that broadcasts to it
 
 
 def _check_curves(curves: Any, num_layers: int, num_kv_heads: int) -> None:
@@ -555,18 +556,18 @@ def _check_curves(curves: Any, num_layers: int, num_kv_heads: int) -> None:
     ):
         raise ValueError(f"curves must be a dict of named tensors {where}, not {_short(curves)}.")
     unit = (num_layers, num_kv_heads, 2)
-    for name in (*UNIT_CURVES, "distortion"):
+    for name in (*_UNIT_CURVES, "distortion"):
         if name in curves and not curves[name].is_floating_point():
             raise ValueError(f"curves tensor {name!r} {where} has dtype {curves[name].dtype}: a fitted curve is a "
                              "floating-point tensor. Save the config again.")
-    for name in UNIT_CURVES:
+    for name in _UNIT_CURVES:
         if name in curves and not _broadcasts_to(tuple(curves[name].shape), unit):
             raise ValueError(f"curves tensor {name!r} {where} has shape {tuple(curves[name].shape)}, which does not "
                              f"fit the {num_layers}x{num_kv_heads} bit tables: expected (num_layers, num_kv_heads, 2) "
                              f"= {unit}. The two files come from different configs: save the config again.")
     grid = curves.get("bit_grid")
     if grid is not None:
-        if grid.dtype in (torch.bool, torch.uint8) or grid.is_floating_point() or grid.is_complex() or grid.dim() != 1:
+        if grid.dtype == torch.bool or grid.is_floating_point() or grid.is_complex() or grid.dim() != 1:
             raise ValueError(f"curves tensor 'bit_grid' {where} must be a 1-d integer tensor of bit-widths, not "
                              f"{grid.dtype} of shape {tuple(grid.shape)}.")
         for bits in grid.tolist():
@@ -609,8 +610,8 @@ def _read_settings(path: str) -> dict:
     except ValueError as e:  # JSONDecodeError, a duplicate key, an integer too long to convert
         raise ValueError(f"{path} is not valid JSON: {e}. Save the config again, or fix the file by hand.") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object of settings ({{\"key_bits\": ..., ...}}), not a JSON "
-                         f"{type(data).__name__}.")
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise ValueError(f"{path} must hold a JSON object of settings ({{\"key_bits\": ..., ...}}), not {kind}.")
     return data
 
 
@@ -729,12 +730,18 @@ def _keep_committed_curves(folder: str) -> bool:
         return False  # no config yet, or a broken one: there is nothing loadable to keep
     if source == backup_path:
         return True  # an earlier save was interrupted: the backup already holds the committed curves
-    tmp = _write_temp(folder, BACKUP_NAME, raw or b"")
+    tmp = _temp_path(folder, BACKUP_NAME)
     try:
-        os.replace(tmp, backup_path)
+        if raw is None:
+            _write_new(tmp, b"")  # the config has no curves: an empty backup says so
+        else:
+            try:
+                os.link(source, tmp)  # a second name for the same bytes: nothing to copy or flush
+            except OSError:  # no hard links on this file system
+                _write_new(tmp, raw)
+        os.replace(tmp, backup_path)  # made durable with the curves' replacement, before the JSON is replaced
     finally:
         _remove_quietly(tmp)
-    _sync_folder(folder)
     return True
 
 
@@ -743,6 +750,7 @@ def _restore_backup(curves_path: str, backup_path: str) -> None:
     try:
         if os.path.getsize(backup_path):
             os.replace(backup_path, curves_path)
+            _remove_quietly(backup_path)  # a rename between two links to one file does nothing
         else:
             _remove_quietly(curves_path)
             os.remove(backup_path)
@@ -751,9 +759,17 @@ def _restore_backup(curves_path: str, backup_path: str) -> None:
                        os.path.dirname(curves_path), backup_path)
 
 
+def _temp_path(folder: str, name: str) -> str:
+    """A hidden, unused name next to `name` (never read as a config, never uploaded)."""
+    return os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
+
+
 def _write_temp(folder: str, name: str, data: bytes) -> str:
-    """Write `data` to a new hidden file next to `name`, flushed to disk; permissions follow the umask."""
-    path = os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
+    return _write_new(_temp_path(folder, name), data)
+
+
+def _write_new(path: str, data: bytes) -> str:
+    """Write `data` to the new file `path`, flushed to disk; permissions follow the umask."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:

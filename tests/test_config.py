@@ -218,7 +218,7 @@ class _Killed(BaseException):
 
 
 def _crash_at(monkeypatch, step: int):
-    """Make the `step`-th rename or removal of the next save raise `_Killed` (0: count them and never crash)."""
+    """Make the `step`-th rename, removal or link of the next save raise `_Killed` (0: count them, never crash)."""
     import os
 
     from hf_ratequant import config as config_module
@@ -226,7 +226,7 @@ def _crash_at(monkeypatch, step: int):
     calls = []
     monkeypatch.setattr(config_module, "_restore_backup", lambda *args: None)  # a killed process cleans nothing
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what this test is about; speed is
-    for name in ("replace", "remove"):
+    for name in ("replace", "remove", "link"):
         real = getattr(os, name)
 
         def fake(*args, _real=real, **kwargs):
@@ -240,7 +240,7 @@ def _crash_at(monkeypatch, step: int):
 
 
 def _steps_of_a_save(monkeypatch, folder, prepare, config) -> list[tuple]:
-    """The renames and removals (their arguments) that saving `config` over `prepare(folder)` makes."""
+    """The renames, removals and links (their arguments) that saving `config` over `prepare(folder)` makes."""
     prepare(folder)
     with monkeypatch.context() as mp:
         calls = _crash_at(mp, 0)
