@@ -4,6 +4,7 @@ from . import kivi, rotated, token  # noqa: F401  (registers the designs)
 from .base import (
     ALLOWED_BITS,
     KEEP_BITS,
+    NonFiniteError,
     QuantizedBlock,
     Quantizer,
     available_quantizers,
@@ -16,6 +17,7 @@ from .packing import pack, packed_size, unpack
 __all__ = [
     "ALLOWED_BITS",
     "KEEP_BITS",
+    "NonFiniteError",
     "QuantizedBlock",
     "Quantizer",
     "available_quantizers",

@@ -4,6 +4,14 @@ A quantizer turns a `(batch, heads, tokens, head_dim)` tensor into a [`Quantized
 one scale and one zero-point per group, stored in the input's dtype. Groups are asymmetric min-max round-to-nearest.
 Subclasses only say how values are grouped (and, optionally, how they are rotated first); the base class validates
 input, does the rounding, the packing and the bookkeeping.
+
+Scales and zero-points are computed in float32 and rounded to the storage dtype *outward* (the zero-point down, the
+scale up), so the stored grid always covers the group: every value is reconstructed within half a stored step, which
+is at most the exact step times (1 + the dtype's rounding error). Rounding them to nearest instead would let the top
+of a group fall off the grid (by up to qmax times the scale's rounding error: about a whole step at 8 bits in
+bfloat16). A scale too large for the dtype (float16, 1 bit, a group spanning more than 65504) is stored as the
+dtype's largest value, which clips the top of the group by at most half the exact step; and float16 reconstructions
+within half a step of +-65504 saturate there instead of overflowing to inf.
 """
 
 from __future__ import annotations
@@ -19,6 +27,26 @@ KEEP_BITS = 16
 """The bit-width that means "keep the unit as is, unquantized"."""
 ALLOWED_BITS = (*PACKABLE_BITS, KEEP_BITS)
 KINDS = ("key", "value")
+
+
+class NonFiniteError(ValueError):
+    """Raised when states containing inf or NaN would be quantized (a single one poisons its whole group)."""
+
+
+def _round_outward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """Round float32 `x` to `dtype`, up (`up=True`) or down, within the finite range of `dtype`.
+
+    Round-to-nearest can land on the wrong side of `x`; those elements move one representable value further out.
+    Values beyond the finite range saturate at it (float16 tops out at 65504).
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return x.to(dtype)  # float32 (exact) or wider
+    fmax = torch.finfo(dtype).max
+    x = x.clamp(-fmax, fmax)
+    y = x.to(dtype)
+    wrong_side = y.float() < x if up else y.float() > x
+    further = torch.nextafter(y, torch.full_like(y, float("inf") if up else -float("inf")))
+    return torch.where(wrong_side, further, y)  # y < x <= fmax (or y > x >= -fmax): `further` stays finite
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -137,7 +165,8 @@ class Quantizer:
         """Quantize `x` of shape `(batch, heads, tokens, head_dim)` at `bits` bits (1..8).
 
         Raises:
-            `ValueError`: non-finite values, bad bits, or tokens not a multiple of `time_block(kind)`.
+            `ValueError`: bad bits, or tokens not a multiple of `time_block(kind)`; [`NonFiniteError`] (a
+            `ValueError`) when `x` contains inf or NaN.
         """
         check_bits(bits)
         if bits == KEEP_BITS:
@@ -151,7 +180,7 @@ class Quantizer:
         if x.shape[2] % tb:
             raise ValueError(f"{self.name} quantizes {kind}s in blocks of {tb} tokens; got {x.shape[2]} tokens.")
         if not torch.isfinite(x).all():
-            raise ValueError(
+            raise NonFiniteError(
                 f"Cannot quantize {kind}s containing inf or NaN ({self.name} quantizer): the model produced "
                 "non-finite attention states; run it in a wider dtype (float32/bfloat16) or check its weights."
             )
@@ -160,10 +189,12 @@ class Quantizer:
         lo = groups.amin(-1, keepdim=True)
         hi = groups.amax(-1, keepdim=True)
         qmax = (1 << bits) - 1
-        # Round scale and zero-point to the storage dtype *before* coding, so codes match what is stored.
-        scale = ((hi - lo) / qmax).to(dtype)
-        zero = lo.to(dtype)
-        scale_f, zero_f = scale.float(), zero.float()
+        # Round zero-point and scale to the storage dtype *before* coding, so codes match what is stored; outward
+        # (zero down, scale up from what the rounded zero needs), so that zero + qmax * scale >= hi.
+        zero = _round_outward(lo, dtype, up=False)
+        zero_f = zero.float()
+        scale = _round_outward((hi - zero_f) / qmax, dtype, up=True)
+        scale_f = scale.float()
         inv = torch.where(scale_f > 0, 1.0 / scale_f, torch.zeros_like(scale_f))  # constant groups: all codes 0
         codes = ((groups - zero_f) * inv).round_().clamp_(0, qmax).to(torch.uint8)
         codes = self._from_groups(codes, kind, x.shape)  # (B, H, T, D)
@@ -190,9 +221,15 @@ class Quantizer:
         work = torch.float32 if codes.device.type == "cpu" else dtype
         g = self._to_groups(codes, kind).to(work)  # (B, H, T // tb, n_groups, group_len)
         scale, zero = q.scale.to(work).unsqueeze(-1), q.zero.to(work).unsqueeze(-1)
+        # float16 only: a value within half a step of 65504 may be reconstructed just past it (inf once rounded).
+        fmax = torch.finfo(dtype).max if dtype == torch.float16 else None
         if out is not None and work == dtype and not self.rotates:
-            return torch.addcmul(zero, g, scale, out=self._to_groups(out, kind))
-        x = self._unrotate(self._from_groups(torch.addcmul(zero, g, scale), kind, shape)).to(dtype)
+            res = torch.addcmul(zero, g, scale, out=self._to_groups(out, kind))
+            return res if fmax is None else res.clamp_(-fmax, fmax)
+        x = self._unrotate(self._from_groups(torch.addcmul(zero, g, scale), kind, shape))
+        if fmax is not None:
+            x = x.clamp_(-fmax, fmax)
+        x = x.to(dtype)
         if out is not None:
             out.copy_(x)
         return x

@@ -32,8 +32,15 @@ def hadamard(head_dim: int) -> torch.Tensor:
 
 @register_quantizer("rotated")
 class RotatedQuantizer(TokenQuantizer):
-    """Rotate every head row by an orthonormal Hadamard matrix (spreading outlier channels), then quantize per
-    token. Dequantization rotates back; the rotation is exact up to float rounding."""
+    """Rotate every head row by a Hadamard matrix (spreading outlier channels), then quantize per token.
+    Dequantization rotates back; the rotation is exact up to float rounding.
+
+    The orthonormal [`hadamard`] matrix is divided by sqrt(n), n the size of its Hadamard blocks, so that every
+    rotated value is an average of n values with signs: never larger in magnitude than the row's largest value. An
+    orthonormal rotation can grow a value sqrt(n) times (a row of equal values becomes one value sqrt(n) times
+    larger), which would overflow float16 scales and zero-points for rows near its 65504 limit. Min-max quantization
+    is scale-equivariant, so the factor changes nothing else (for a power-of-4 n, such as 64, not even a rounding).
+    """
 
     rotates = True
 
@@ -41,14 +48,18 @@ class RotatedQuantizer(TokenQuantizer):
         super().__init__(group_size)
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    def _matrix(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.shape[-1], x.device, x.dtype)
+    def _matrix(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        key = (x.shape[-1], x.device, x.dtype, inverse)
         if key not in self._cache:
-            self._cache[key] = hadamard(x.shape[-1]).to(device=x.device, dtype=x.dtype)
+            d = x.shape[-1]
+            block = d & (-d)  # the size of hadamard()'s blocks
+            h = hadamard(d)  # symmetric and orthonormal: its own inverse
+            h = h * block**0.5 if inverse else h / block**0.5
+            self._cache[key] = h.to(device=x.device, dtype=x.dtype)
         return self._cache[key]
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self._matrix(x)
+        return x @ self._matrix(x, inverse=False)
 
     def _unrotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self._matrix(x)  # symmetric and orthonormal: its own inverse
+        return x @ self._matrix(x, inverse=True)
