@@ -4,6 +4,15 @@ Each layer keeps the most recent `residual_length` (R) tokens in full precision.
 whole groups of `group_size` (G) tokens and are quantized exactly once: every kv-head at its own bits, keys and values
 separately, heads sharing a bit-width quantized together in one vectorised call. The window therefore holds between
 R and R + G - 1 tokens once the sequence is longer than R.
+
+Non-finite states: keys or values containing inf or NaN are refused when they would be quantized, with a
+[`NonFiniteError`] (a `ValueError`) naming the layer, keys or values, the kv-heads and the token positions (an inf or
+NaN would otherwise silently turn the scale of its whole group into NaN). The failing layer is left as it was before
+the call; layers earlier in the same forward pass already hold the new tokens, so `cache.crop(length_before)` makes
+the cache consistent again. Until they leave the window, such tokens are held as is, like `DynamicCache` does
+(attention over them gives non-finite logits), and so are heads kept at 16 bits: the error comes at the latest when
+they leave the window, R to R + G - 1 tokens later, and at once for the part of a long prompt that is quantized
+during prefill.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .config import RateQuantConfig
-from .quantizers import KEEP_BITS, QuantizedBlock, Quantizer, get_quantizer
+from .quantizers import KEEP_BITS, NonFiniteError, QuantizedBlock, Quantizer, get_quantizer
 
 __all__ = ["RateQuantCache", "RateQuantLayer", "RateQuantSlidingLayer"]
 
@@ -57,6 +66,20 @@ class _HeadGroups:
     @property
     def time_block(self) -> int:
         return self.quantizer.time_block(self.kind)
+
+    def non_finite(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`None` if the heads to be quantized hold only finite values in `x` `(batch, heads, tokens, head_dim)`,
+        else a `(heads, tokens, head_dim)` mask of their non-finite elements (16-bit heads are stored as is)."""
+        quantized = [h for bits, heads in self.classes if bits != KEEP_BITS for h in heads]
+        if not quantized:
+            return None
+        part = x if len(quantized) == self.num_heads else x[:, quantized]
+        if torch.isfinite(part).all():
+            return None
+        bad = ~torch.isfinite(x).any(0)  # (heads, tokens, head_dim): non-finite in any batch row
+        keep = torch.zeros(self.num_heads, dtype=torch.bool, device=x.device)
+        keep[quantized] = True
+        return bad & keep[:, None, None]
 
     def append(self, x: torch.Tensor) -> None:
         """Quantize `x` `(batch, heads, tokens, head_dim)` and append it along tokens."""
@@ -135,6 +158,7 @@ class RateQuantLayer(DynamicLayer):
         quantizer (`Quantizer`): the quantizer design.
         residual_length (`int`): tokens kept in full precision (R).
         group_size (`int`): tokens leave the window in multiples of this (G).
+        layer_idx (`int`, *optional*): the layer's index in the model, used in error messages.
     """
 
     is_croppable = True
@@ -146,8 +170,10 @@ class RateQuantLayer(DynamicLayer):
         quantizer: Quantizer,
         residual_length: int,
         group_size: int,
+        layer_idx: int | None = None,
     ):
         super().__init__()
+        self.layer_idx = layer_idx
         if len(key_bits) != len(value_bits):
             raise ValueError(f"{len(key_bits)} key bit-widths but {len(value_bits)} value bit-widths.")
         self.key_bits, self.value_bits = list(key_bits), list(value_bits)
@@ -180,11 +206,19 @@ class RateQuantLayer(DynamicLayer):
 
         The past comes back dequantized, the residual window and the new tokens in full precision. Then every whole
         group of tokens older than the window is quantized.
+
+        Raises:
+            [`NonFiniteError`]: tokens leaving the window hold inf or NaN in a quantized head; the layer is left
+                unchanged.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2) if self.keys.shape[-2] else key_states
-        self.values = torch.cat([self.values, value_states], dim=-2) if self.values.shape[-2] else value_states
+        window_keys = torch.cat([self.keys, key_states], dim=-2) if self.keys.shape[-2] else key_states
+        window_values = torch.cat([self.values, value_states], dim=-2) if self.values.shape[-2] else value_states
+        n = self._flush_length(window_keys.shape[-2])
+        if n:  # check before anything changes, so that a refused update leaves the layer as it was
+            self._check_finite(window_keys[:, :, :n], window_values[:, :, :n])
+        self.keys, self.values = window_keys, window_values
         keys = self._with_past(self.past_keys, self.keys)
         values = self._with_past(self.past_values, self.values)
         self._flush()
@@ -196,6 +230,7 @@ class RateQuantLayer(DynamicLayer):
         return self.past_keys.num_tokens + self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        _check_query_length(query_length)
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
@@ -212,10 +247,35 @@ class RateQuantLayer(DynamicLayer):
         out[:, :, past.num_tokens :] = window
         return out
 
+    def _flush_length(self, window: int) -> int:
+        """How many tokens leave a window of `window` tokens: the whole groups older than the last R."""
+        return max(window - self.residual_length, 0) // self.group_size * self.group_size
+
+    def _check_finite(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Raise a [`NonFiniteError`] if the tokens about to be quantized hold inf or NaN in a quantized head."""
+        for kind, past, x in (("keys", self.past_keys, keys), ("values", self.past_values, values)):
+            bad = past.non_finite(x)
+            if bad is None:
+                continue
+            first = past.num_tokens + getattr(self, "dropped", 0)  # absolute position of x's first token
+            heads = bad.flatten(1).any(1).nonzero().flatten().tolist()
+            positions = (bad.any(2).any(0).nonzero().flatten() + first).tolist()
+            shown = ", ".join(map(str, positions[:8])) + (", ..." if len(positions) > 8 else "")
+            nan, inf = int(torch.isnan(x[:, heads]).sum()), int(torch.isinf(x[:, heads]).sum())
+            what = " and ".join(f"{name} ({count} values)" for name, count in (("NaN", nan), ("inf", inf)) if count)
+            layer = "this layer" if self.layer_idx is None else f"layer {self.layer_idx}"
+            raise NonFiniteError(
+                f"{layer} {kind} contain {what} in kv-heads {heads} at token positions {shown}, which are leaving "
+                f"the full-precision window to be quantized ({self.quantizer.name}): an inf or NaN cannot be "
+                "quantized. The model produced non-finite attention states: run it in a wider dtype (float32 or "
+                "bfloat16 rather than float16) or check its weights and inputs. This layer was left unchanged; "
+                "layers before it already hold the new tokens (`cache.crop(n)` back to the previous length makes "
+                "the cache consistent again)."
+            )
+
     def _flush(self) -> None:
         """Quantize the whole groups of tokens that are older than the residual window."""
-        excess = self.keys.shape[-2] - self.residual_length
-        n = (excess // self.group_size) * self.group_size
+        n = self._flush_length(self.keys.shape[-2])
         if n <= 0:
             return
         # Slices are copied so the (small) residual does not keep the whole prefill tensor alive.
@@ -341,6 +401,7 @@ class RateQuantSlidingLayer(RateQuantLayer):
         return self.dropped + super().get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        _check_query_length(query_length)
         return super().get_seq_length() + query_length, self.dropped
 
     def get_max_length(self) -> int:
@@ -367,6 +428,16 @@ class RateQuantSlidingLayer(RateQuantLayer):
     def reset(self) -> None:
         self.dropped = 0
         super().reset()
+
+
+def _check_query_length(query_length: int) -> None:
+    """Refuse a forward pass over no tokens before the model fails on it with an obscure reshape error."""
+    if query_length == 0:
+        raise ValueError(
+            "RateQuantCache received a forward pass over 0 new tokens (an empty prompt, e.g. input_ids of shape "
+            "(batch, 0)?): there is nothing to attend from. Give at least one token, e.g. the tokenizer's BOS token. "
+            "The cache was not changed."
+        )
 
 
 class RateQuantCache(DynamicCache):
@@ -412,9 +483,9 @@ class RateQuantCache(DynamicCache):
             args = (kb, vb, quantizer, quant_config.residual_length, quant_config.group_size)
             window = fp.window(layer_types[i]) if layer_types is not None else None
             if window is not None:
-                layers.append(RateQuantSlidingLayer(*args, sliding_window=window))
+                layers.append(RateQuantSlidingLayer(*args, layer_idx=i, sliding_window=window))
             else:
-                layers.append(RateQuantLayer(*args))
+                layers.append(RateQuantLayer(*args, layer_idx=i))
         self.quant_config = quant_config
         # `Cache.__init__` directly: `DynamicCache.__init__` would build its own (unquantized) layers.
         super(DynamicCache, self).__init__(layers=layers)
