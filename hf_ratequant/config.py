@@ -1,19 +1,16 @@
 """`RateQuantConfig`: which quantizer, which bits for every (layer, kv-head, key/value) unit, and how they were found.
 
 Settings are saved as JSON (`ratequant_config.json`), fitted tensors (alpha, beta, sensitivities) as safetensors
-(`ratequant_curves.safetensors`). Nothing else is ever read: no pickle, no remote code.
+(`ratequant_curves.safetensors`). Nothing else is ever read: no pickle, no remote code. How the two files are written
+and read as a pair is `hf_ratequant.storage`'s business; this module decides what they hold and checks it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import numbers
 import os
-import re
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +18,11 @@ import torch
 
 from .hub import hub_file, looks_local
 from .quantizers import KEEP_BITS, available_quantizers, check_bits
+from .storage import BACKUP_NAME, CONFIG_NAME, CURVES_HASH_KEY, CURVES_NAME, _short, pair_paths, read_pair, write_pair
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-CONFIG_NAME = "ratequant_config.json"
-CURVES_NAME = "ratequant_curves.safetensors"
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -359,17 +355,7 @@ class RateQuantConfig:
         the folder are left alone. With `push_to_hub=True` the saved folder is then pushed with [`push_to_hub`]
         (`repo_id=` and the other keyword arguments go there); a failed push leaves the saved folder as it is.
         """
-        from safetensors.torch import save
-
-        curves = None
-        if self.curves:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.curves.items()}
-            curves = save(tensors, metadata={"format": "pt"})
-        settings = self.to_dict()
-        settings[CURVES_HASH_KEY] = None if curves is None else hashlib.sha256(curves).hexdigest()
-        payload = (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        os.makedirs(save_directory, exist_ok=True)
-        _save_pair(os.fspath(save_directory), payload, curves)
+        write_pair(save_directory, self.to_dict(), self.curves)
         if push_to_hub:
             from .hub import push_folder
 
@@ -421,12 +407,10 @@ class RateQuantConfig:
         folder = os.path.join(path, subfolder) if subfolder else path
         backup_path = None
         if os.path.isdir(folder):
-            config_path = os.path.join(folder, CONFIG_NAME)
+            config_path, curves_path, backup_path = pair_paths(folder)
             if not os.path.isfile(config_path):
                 raise FileNotFoundError(f"No {CONFIG_NAME} in {folder!r}: is this a RateQuantConfig folder saved "
                                         "with `save_pretrained`?")
-            curves_path = os.path.join(folder, CURVES_NAME)
-            backup_path = os.path.join(folder, BACKUP_NAME)
         elif looks_local(path):
             raise FileNotFoundError(f"{folder!r} is not a folder. Pass a folder saved with `save_pretrained` or a "
                                     "Hub repo id ('user/name').")
@@ -435,14 +419,7 @@ class RateQuantConfig:
                        local_files_only=local_files_only)
             config_path = hub_file(CONFIG_NAME, required=True, **hub)
             curves_path = hub_file(CURVES_NAME, required=False, **hub)
-        data = _read_settings(config_path)
-        recorded = _recorded_curves_hash(data, config_path)
-        if curves_path is None and isinstance(recorded, str):  # a Hub repo without the file, or offline
-            logger.warning("%s records fitted curves but %s could not be downloaded: loading the allocation without "
-                           "them.", config_path, CURVES_NAME)
-            recorded = None
-        raw, source = _committed_curves(curves_path, backup_path, recorded, config_path)
-        curves = None if raw is None else _parse_curves(raw, source)
+        data, curves = read_pair(config_path, curves_path, backup_path)
         try:
             return cls.from_dict(data, curves)
         except ValueError as e:
@@ -464,14 +441,6 @@ def _known_fields(cls: type, data: dict, ignore: tuple[str, ...] = ()) -> dict:
 
 # ---- checking loaded values ----------------------------------------------------------------------------------------
 _MAX_INT = 2**31 - 1  # group sizes, token counts and model dimensions all fit in an int32
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """`repr` of a bad value for an error message, cut to `limit` characters, with its type."""
-    text = repr(value)
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return f"{text} ({type(value).__name__})"
 
 
 def _check_int(name: str, value: Any, least: int, most: int = _MAX_INT) -> None:
@@ -588,218 +557,7 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
         return False
 
 
-# ---- reading files ---------------------------------------------------------------------------------------------
-CURVES_HASH_KEY = "curves_sha256"  # in the JSON: sha256 of the curves file saved with it, or null for none
-BACKUP_NAME = f".{CURVES_NAME}.prev"  # the committed curves while a save is replacing them (empty file: none)
-_UNRECORDED = object()  # a JSON written before the curves hash was recorded
-
-
-def _read_settings(path: str) -> dict:
-    """The JSON object of a config file; anything else is a `ValueError` naming the file."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is harmless
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): it is not a {CONFIG_NAME} or it "
-                         "is corrupted. Save the config again.") from e
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except RecursionError as e:
-        raise ValueError(f"{path} is not a valid config: its JSON is nested too deeply to read.") from e
-    except ValueError as e:  # JSONDecodeError, a duplicate key, an integer too long to convert
-        raise ValueError(f"{path} is not valid JSON: {e}. Save the config again, or fix the file by hand.") from e
-    if not isinstance(data, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
-        raise ValueError(f"{path} must hold a JSON object of settings ({{\"key_bits\": ..., ...}}), not {kind}.")
-    return data
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice in one object (which one is meant is ambiguous)")
-        out[key] = value
-    return out
-
-
-def _recorded_curves_hash(data: dict, config_path: str) -> Any:
-    """Pop the curves hash from `data`: a hex digest, None (saved without curves) or `_UNRECORDED` (older file)."""
-    recorded = data.pop(CURVES_HASH_KEY, _UNRECORDED)
-    if recorded is None or recorded is _UNRECORDED:
-        return recorded
-    if not isinstance(recorded, str) or not re.fullmatch(r"[0-9a-f]{64}", recorded):
-        raise ValueError(f"{config_path}: {CURVES_HASH_KEY}={_short(recorded)} must be the sha256 (64 lowercase hex "
-                         f"digits) of the {CURVES_NAME} saved with it, or null. Save the config again.")
-    return recorded
-
-
-def _committed_curves(
-    curves_path: str | None, backup_path: str | None, recorded: Any, config_path: str
-) -> tuple[bytes | None, str | None]:
-    """The bytes and path of the curves file that belongs to the settings, `(None, None)` for none.
-
-    The JSON names its curves by hash; while a save is under way (or after one was killed) the folder may hold the new
-    curves next to the old settings, with the old curves kept in `BACKUP_NAME`, which is then the one used.
-    """
-    if recorded is None:
-        return None, None
-    has_backup = backup_path is not None and os.path.isfile(backup_path)
-    has_curves = curves_path is not None and os.path.isfile(curves_path)
-    if recorded is _UNRECORDED:  # an older file, or one whose save was interrupted: only a backup can tell
-        if has_backup:
-            raw = _read_bytes(backup_path)
-            return (raw, backup_path) if raw else (None, None)  # an empty backup: the config had no curves
-        return (_read_bytes(curves_path), curves_path) if has_curves else (None, None)
-    for path, present in ((curves_path, has_curves), (backup_path, has_backup)):
-        if present:
-            raw = _read_bytes(path)
-            if hashlib.sha256(raw).hexdigest() == recorded:
-                return raw, path
-    if not has_curves:
-        raise ValueError(f"{config_path} records fitted curves (sha256 {recorded[:12]}...) but there is no "
-                         f"{curves_path}: copy both files of the config together, or save it again.")
-    raw = _read_bytes(curves_path)
-    _parse_curves(raw, curves_path)  # an unreadable file is the more specific diagnosis
-    raise ValueError(f"{curves_path} does not belong to {config_path}: its sha256 is "
-                     f"{hashlib.sha256(raw).hexdigest()[:12]}..., the config records {recorded[:12]}.... The curves "
-                     "were replaced or edited after the config was saved, or the two files come from different "
-                     "saves. Save the config again, or download both files again.")
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _parse_curves(raw: bytes, path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    try:
-        return load(raw)
-    except Exception as e:  # safetensors raises its own error type for truncated or corrupted files
-        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupted. Save the "
-                         "config again, or re-download it with a fresh cache.") from e
-
-
-# ---- saving both files as a pair -----------------------------------------------------------------------------------
-def _save_pair(folder: str, settings: bytes, curves: bytes | None) -> None:
-    """Replace the config in `folder` by `settings` and `curves` (None: no curves file), all or nothing.
-
-    1. Both files are written to temporary names (and flushed to disk): a failure here changes nothing.
-    2. The curves that belong to the current JSON are kept aside in `BACKUP_NAME` (an empty file when it has none).
-    3. The curves file is replaced (or removed): the current JSON still loads, from the backup.
-    4. The JSON is replaced: the commit. 5. The backup is removed.
-    A failure in 2-4 puts the previous curves back; a kill leaves a folder that `from_pretrained` reads as before.
-    """
-    config_path, curves_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, CURVES_NAME)
-    backup_path = os.path.join(folder, BACKUP_NAME)
-    temps = [_write_temp(folder, CONFIG_NAME, settings)]
-    kept = committed = False
-    try:
-        if curves is not None:
-            temps.append(_write_temp(folder, CURVES_NAME, curves))
-        kept = _keep_committed_curves(folder)
-        if curves is not None:
-            os.replace(temps[1], curves_path)
-        elif os.path.exists(curves_path):
-            os.remove(curves_path)
-        _sync_folder(folder)
-        os.replace(temps[0], config_path)
-        committed = True
-        _sync_folder(folder)
-    except BaseException:
-        if kept and not committed:
-            _restore_backup(curves_path, backup_path)
-        raise
-    finally:
-        for tmp in temps:
-            _remove_quietly(tmp)
-    _remove_quietly(backup_path)
-
-
-def _keep_committed_curves(folder: str) -> bool:
-    """Copy the curves the current JSON uses to `BACKUP_NAME`; False when there is no loadable JSON to keep."""
-    config_path, backup_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, BACKUP_NAME)
-    try:
-        data = _read_settings(config_path)
-        raw, source = _committed_curves(os.path.join(folder, CURVES_NAME), backup_path,
-                                        _recorded_curves_hash(data, config_path), config_path)
-    except (OSError, ValueError):
-        return False  # no config yet, or a broken one: there is nothing loadable to keep
-    if source == backup_path:
-        return True  # an earlier save was interrupted: the backup already holds the committed curves
-    tmp = _temp_path(folder, BACKUP_NAME)
-    try:
-        if raw is None:
-            _write_new(tmp, b"")  # the config has no curves: an empty backup says so
-        else:
-            try:
-                os.link(source, tmp)  # a second name for the same bytes: nothing to copy or flush
-            except OSError:  # no hard links on this file system
-                _write_new(tmp, raw)
-        os.replace(tmp, backup_path)  # made durable with the curves' replacement, before the JSON is replaced
-    finally:
-        _remove_quietly(tmp)
-    return True
-
-
-def _restore_backup(curves_path: str, backup_path: str) -> None:
-    """Best effort after a failed save: put the committed curves back under their name (the JSON was not replaced)."""
-    try:
-        if os.path.getsize(backup_path):
-            os.replace(backup_path, curves_path)
-            _remove_quietly(backup_path)  # a rename between two links to one file does nothing
-        else:
-            _remove_quietly(curves_path)
-            os.remove(backup_path)
-    except OSError:
-        logger.warning("Could not put the previous curves back after a failed save; %s still loads from %s.",
-                       os.path.dirname(curves_path), backup_path)
-
-
-def _temp_path(folder: str, name: str) -> str:
-    """A hidden, unused name next to `name` (never read as a config, never uploaded)."""
-    return os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
-
-
-def _write_temp(folder: str, name: str, data: bytes) -> str:
-    return _write_new(_temp_path(folder, name), data)
-
-
-def _write_new(path: str, data: bytes) -> str:
-    """Write `data` to the new file `path`, flushed to disk; permissions follow the umask."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        _remove_quietly(path)
-        raise
-    return path
-
-
-def _sync_folder(folder: str) -> None:
-    """Make the renames in `folder` durable (POSIX; elsewhere a no-op)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-__all__ = ["CONFIG_NAME", "CURVES_NAME", "KEEP_BITS", "ModelFingerprint", "RateQuantConfig", "SCHEMA_VERSION"]
+__all__ = [
+    "BACKUP_NAME", "CONFIG_NAME", "CURVES_HASH_KEY", "CURVES_NAME", "KEEP_BITS", "ModelFingerprint", "RateQuantConfig",
+    "SCHEMA_VERSION",
+]

@@ -221,10 +221,10 @@ def _crash_at(monkeypatch, step: int):
     """Make the `step`-th rename, removal or link of the next save raise `_Killed` (0: count them, never crash)."""
     import os
 
-    from hf_ratequant import config as config_module
+    from hf_ratequant import storage
 
     calls = []
-    monkeypatch.setattr(config_module, "_restore_backup", lambda *args: None)  # a killed process cleans nothing
+    monkeypatch.setattr(storage, "_restore_backup", lambda *args: None)  # a killed process cleans nothing
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what this test is about; speed is
     for name in ("replace", "remove", "link"):
         real = getattr(os, name)
