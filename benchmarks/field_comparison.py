@@ -263,28 +263,25 @@ def _f(x, fmt: str, na: str = "-") -> str:
 
 
 def frontier_verdicts(rows: list[Row]) -> list[str]:
-    """For every RateQuant point: the best other method at the same or fewer average bits, and the smallest cache
-    of the same or better quality."""
+    """For every RateQuant point, the two frontier checks against every method that is not RateQuant: the best
+    perplexity at the same or fewer average bits, and the best perplexity with the same or a smaller cache."""
     ok = [r for r in rows if r.available and r.perplexity is not None and r.avg_bits is not None]
+    others = [o for o in ok if o.family != "ratequant"]
     lines = []
-    for r in ok:
-        if r.family != "ratequant":
-            continue
-        others = [o for o in ok if o.family not in ("ratequant",) and o.avg_bits <= r.avg_bits + 1e-9]
-        best = min(others, key=lambda o: o.perplexity, default=None)
-        same_q = [o for o in ok if o is not r and o.perplexity <= r.perplexity and o.cache_mib is not None]
-        smaller = min(same_q, key=lambda o: o.cache_mib, default=None)
-        verdict = "below" if best is None or r.perplexity < best.perplexity else "NOT below"
-        line = (f"- {r.method}: ppl {r.perplexity:.3f}, KL {r.kl:.4f} — {verdict} every other method at <= "
-                f"{r.avg_bits:g} bits")
-        if best is not None:
-            line += f" (best: {best.method}, ppl {best.perplexity:.3f}, KL {best.kl:.4f})"
-        if smaller is not None and r.cache_mib is not None:
-            line += (f"; smallest cache of equal or better perplexity: {smaller.method} {smaller.cache_mib:.2f} MiB"
-                     f" vs {r.cache_mib:.2f} MiB" + (" (ours is smaller)" if r.cache_mib < smaller.cache_mib else ""))
-        else:
-            line += "; no other method reaches this perplexity with any cache size"
-        lines.append(line)
+    for r in (r for r in ok if r.family == "ratequant"):
+        checks = []
+        for what, fits in (
+            (f"at <= {r.avg_bits:g} bits", lambda o: o.avg_bits <= r.avg_bits + 1e-9),
+            (f"with a cache <= {r.cache_mib:.2f} MiB", lambda o: o.cache_mib is not None and r.cache_mib is not None
+             and o.cache_mib <= r.cache_mib + 1e-6),
+        ):
+            best = min((o for o in others if fits(o)), key=lambda o: o.perplexity, default=None)
+            if best is None:
+                checks.append(f"{what}: no other method")
+            else:
+                verdict = "**below**" if r.perplexity < best.perplexity else "NOT below"
+                checks.append(f"{what}: {verdict} the best other, {best.method} ({best.perplexity:.3f})")
+        lines.append(f"- {r.method} (ppl {r.perplexity:.3f}, KL {r.kl:.4f}): " + "; ".join(checks))
     return lines
 
 
@@ -310,7 +307,8 @@ def markdown(payload: dict) -> str:
     ]
     for r in rows:
         if not r.available:
-            out.append(f"| {r.method} | {_f(r.avg_bits, 'g')} | unavailable: {r.error or r.note} | | | | | |")
+            why = (r.error or r.note).removeprefix("unavailable: ")
+            out.append(f"| {r.method} | {_f(r.avg_bits, 'g')} | unavailable: {why} | | | | | |")
             continue
         out.append(
             f"| {r.method} | {_f(r.avg_bits, 'g', '16')} | {_f(r.perplexity, '.3f')} | {_f(r.kl, '.4f')} | "
@@ -330,7 +328,6 @@ FAMILY_STYLE = {
     "quanto": ("QuantizedCache quanto", "tab:gray", "s", "--"),
     "hqq": ("QuantizedCache HQQ", "tab:brown", "D", "--"),
     "kvq": ("kvq package", "tab:pink", "x", ":"),
-    "kvq-rule": ("kvq beta=4 rule", "tab:olive", "v", ":"),
 }
 QUANTIZER_COLOR = {"kivi": "tab:blue", "token": "tab:orange", "rotated": "tab:green"}
 
@@ -348,15 +345,18 @@ def plot_frontier(rows: list[Row], full_ppl: float, path: str, memory_tokens: in
             key = (r.family, r.quantizer) if r.family in ("ratequant", "kvq-rule") else (
                 ("fixed", r.quantizer) if r.family in ("uniform", "split") else (r.family, None))
             groups.setdefault(key, []).append(r)
+            if r.family == "uniform" and r.avg_bits == 2:  # with b_min = 2, RateQuant at 2 bits is uniform-2
+                groups.setdefault(("ratequant", r.quantizer), []).append(r)
     for (family, q), pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
         pts = sorted(pts, key=lambda r: r.avg_bits)
         if family == "ratequant":
             label, color, marker, ls = f"RateQuant {q}", QUANTIZER_COLOR.get(q, "k"), "o", "-"
         elif family == "fixed":
             label, color, marker, ls = f"{q} uniform / K-V split", QUANTIZER_COLOR.get(q, "k"), "^", ":"
+        elif family == "kvq-rule":
+            label, color, marker, ls = f"kvq beta=4 rule, {q}", QUANTIZER_COLOR.get(q, "k"), "v", "-."
         else:
             label, color, marker, ls = FAMILY_STYLE.get(family, (family, "k", ".", "-"))
-            label += f" ({q})" if q else ""
         lw = 2.2 if family == "ratequant" else 1.2
         axes[0].plot([r.avg_bits for r in pts], [r.kl for r in pts], marker=marker, ls=ls, color=color, lw=lw,
                      label=label, alpha=0.9 if family == "ratequant" else 0.6)
@@ -414,15 +414,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-repeats", type=int, default=3)
     p.add_argument("--max-wait", type=float, default=120.0, help="seconds the decode timing may wait for quiet")
     p.add_argument("--output-dir", default=RESULTS_DIR)
+    p.add_argument("--from-json", metavar="PATH", help="only redraw the table and plot of a finished run's JSON")
     args = p.parse_args(argv)
     if args.configs_from in ("", "none"):
         args.configs_from = None
     return args
 
 
+def write_report(payload: dict, output_dir: str) -> str:
+    """field_comparison.md, .json and field_frontier.png in `output_dir`; returns the markdown."""
+    os.makedirs(output_dir, exist_ok=True)
+    rows = [Row(**r) for r in payload["rows"]]
+    plot_frontier(rows, payload["full_ppl"], os.path.join(output_dir, "field_frontier.png"),
+                  payload["settings"]["memory_tokens"])
+    md = markdown(payload)
+    stem = os.path.join(output_dir, "field_comparison")
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(md)
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, default=str)
+    return md
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.from_json:  # redraw the table and the plot of a finished run
+        with open(args.from_json, encoding="utf-8") as f:
+            print(write_report(json.load(f), args.output_dir))
+        return 0
     sys.path.insert(0, HERE)
     from hf_ratequant.config import ModelFingerprint
     from hf_ratequant.data import load_text, tokenize_windows
@@ -494,16 +514,9 @@ def main(argv=None) -> int:
         eval_source=eval_source, eval_tokens=int(windows.shape[0] * (windows.shape[1] - 1)), full_ppl=full_ppl,
         passkey_trials=len(trials), rows=[asdict(r) for r in rows], total_s=time.perf_counter() - start,
     )
-    os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, "field_comparison")
-    plot_frontier(rows, full_ppl, os.path.join(args.output_dir, "field_frontier.png"), args.memory_tokens)
-    md = markdown(payload)
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(md)
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, default=str)
-    print(md)
-    logger.info("wrote %s.md/.json and field_frontier.png (%.1f min)", stem, payload["total_s"] / 60)
+    print(write_report(payload, args.output_dir))
+    logger.info("wrote field_comparison.md/.json and field_frontier.png to %s (%.1f min)", args.output_dir,
+                payload["total_s"] / 60)
     return 0
 
 
