@@ -21,7 +21,8 @@ each quantizer; kvq's fixed beta = 4 allocation rule on RateQuant's own measurem
 RateQuant for each quantizer at budgets 2.5, 3, 3.5 and 4 (at 2 bits with b_min = 2 the only allocation is uniform
 2 bits, so RateQuant-2 *is* uniform-2).
 
-    python benchmarks/field_comparison.py                 # CPU fp32, default model (~35 min on 2 cores)
+    pip install -e ".[baselines]"                         # optimum-quanto and hqq for QuantizedCache
+    python benchmarks/field_comparison.py                 # CPU fp32, default model (~1 h on 2 cores)
     python benchmarks/field_comparison.py --device cuda --dtype bfloat16
     python benchmarks/field_comparison.py --model Qwen/Qwen3-8B --device cuda --dtype bfloat16 \\
         --configs-from none --output-dir results/qwen3-8b      # calibrates every budget; needs the Hub

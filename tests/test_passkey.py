@@ -1,5 +1,6 @@
 """Passkey retrieval through the cache, and `hf-ratequant eval` with it, on the embedded default model."""
 
+import importlib.util
 import json
 import re
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from transformers import QuantizedCache
 
-from hf_ratequant import RateQuantConfig
+from hf_ratequant import RateQuantCache, RateQuantConfig
 from hf_ratequant.cli import main
 from hf_ratequant.evaluation import evaluate_quality
 from hf_ratequant.passkey import evaluate_passkey, passkey_trials, run_passkey
@@ -62,8 +63,11 @@ def test_shared_prefill_equals_a_prefill_forward_through_each_cache(smollm):
         "2-bit": RateQuantConfig.uniform(model.config, bits=2, residual_length=32),
         "mixed": RateQuantConfig.uniform(model.config, key_bits=3, value_bits=2, quantizer="token",
                                          residual_length=32),
-        "quanto": lambda: QuantizedCache(backend="quanto", config=model.config, nbits=2, residual_length=32),
+        "factory": lambda: RateQuantCache(config=model.config, quant_config=RateQuantConfig.uniform(
+            model.config, bits=3, quantizer="rotated", residual_length=32)),
     }
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):  # the baselines extra
+        caches["quanto"] = lambda: QuantizedCache(backend="quanto", config=model.config, nbits=2, residual_length=32)
     shared = run_passkey(model, tok, trials, caches, max_new_tokens=6, progress=False)
     for name, cache in caches.items():
         alone = run_passkey(model, tok, trials, {name: cache}, max_new_tokens=6, progress=False)[name]
@@ -74,11 +78,19 @@ def test_evaluate_quality_measures_any_cache_factory(smollm):
     model, tok = smollm
     ids = tok("\n".join(["The quick brown fox jumps over the lazy dog."] * 40), return_tensors="pt")["input_ids"]
     windows = ids[:, :192]
-    quanto = evaluate_quality(model, windows, lambda: QuantizedCache(backend="quanto", config=model.config, nbits=2,
-                                                                     residual_length=32), chunk=64, progress=False)
+    two_bits = RateQuantConfig.uniform(model.config, bits=2, residual_length=32)
+    by_config = evaluate_quality(model, windows, two_bits, chunk=64, progress=False)
+    by_factory = evaluate_quality(model, windows, lambda: RateQuantCache(config=model.config, quant_config=two_bits),
+                                  chunk=64, progress=False)
+    assert by_factory == by_config
     ours = evaluate_quality(model, windows, RateQuantConfig.uniform(model.config, bits=8, residual_length=32),
                             chunk=64, progress=False)
-    assert quanto.kl > 10 * ours.kl > 0
+    assert by_config.kl > 10 * ours.kl > 0
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):  # the baselines extra
+        quanto = evaluate_quality(model, windows, lambda: QuantizedCache(backend="quanto", config=model.config,
+                                                                         nbits=2, residual_length=32),
+                                  chunk=64, progress=False)
+        assert quanto.kl > 10 * ours.kl
     with pytest.raises(TypeError, match="not a transformers Cache"):
         evaluate_quality(model, windows, lambda: "a cache", chunk=64, progress=False)
     with pytest.raises(TypeError, match="cache_config must be"):
