@@ -56,6 +56,46 @@ def test_pack_roundtrip_is_exact_and_tight(bits, n, rows, seed):
     assert torch.equal(unpack(packed, bits, n), codes)
 
 
+@pytest.mark.parametrize("lookup", [True, False], ids=["table-lookup", "shifts"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_both_unpack_paths_agree_on_odd_layouts(bits, lookup, monkeypatch):
+    """The CPU table-lookup path and the shift path (used elsewhere) give the same codes, also for non-contiguous
+    input, one row, and a row length that is not a multiple of 8."""
+    from hf_ratequant.quantizers import packing
+
+    monkeypatch.setattr(packing, "_use_lookup", lambda packed, b: lookup and b != 4)
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 13, 64, 67):
+        codes = torch.randint(0, 2**bits, (3, 5, n), generator=g, dtype=torch.int64).to(torch.uint8)
+        packed = pack(codes, bits)
+        assert torch.equal(unpack(packed, bits, n), codes)
+        assert torch.equal(unpack(packed[:, 1:4], bits, n), codes[:, 1:4])
+        assert torch.equal(unpack(packed[2, 3], bits, n), codes[2, 3])
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_broadcast_dequantization_matches_the_group_layout(name, dtype, kind):
+    """Designs with `chunked_groups` dequantize by broadcasting scales over the codes as they lie; the result equals
+    the generic path through `_to_groups` (up to the rounding of a fused multiply-add in float32), also when written
+    into a strided view of a larger tensor."""
+    q = get_quantizer(name, 32)
+    x = (torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    for bits in (1, 2, 3, 4, 8):
+        block = q.quantize(x, bits, kind)
+        fast = q.dequantize(block, kind)
+        big = torch.full((2, 5, 70, 64), float("nan"), dtype=dtype)
+        q.dequantize(block, kind, out=big[:, 1:4, 3:67])
+        assert torch.equal(big[:, 1:4, 3:67], fast)
+        assert big[:, [0, 4]].isnan().all() and big[:, :, :3].isnan().all() and big[:, :, 67:].isnan().all()
+        generic = type(q)(group_size=32)
+        generic.chunked_groups = False
+        slow = generic.dequantize(block, kind)
+        assert fast.dtype == slow.dtype == dtype and fast.shape == x.shape
+        torch.testing.assert_close(fast.float(), slow.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
+
+
 @pytest.mark.parametrize("bits", [0, 9, 16])
 def test_pack_rejects_bad_bits(bits):
     with pytest.raises(ValueError, match="allowed bit-widths"):

@@ -151,6 +151,11 @@ class Quantizer:
         """Inverse of `_to_groups`."""
         raise NotImplementedError
 
+    chunked_groups: bool = False
+    """Whether every group is `time_block` consecutive tokens times one contiguous chunk of `head_dim / n_groups`
+    channels (`n_groups` the last size of the scales). Dequantization then broadcasts the scales over the codes as
+    they lie, which is much faster than going through `_to_groups` (a transposed copy for per-channel keys)."""
+
     rotates: bool = False
     """Whether `_rotate`/`_unrotate` do anything (dequantization can then not write straight into `out`)."""
 
@@ -219,14 +224,25 @@ class Quantizer:
         shape = codes.shape
         # fp32 math for 16-bit dtypes on CPU is faster and exact enough; on GPU stay in the model's dtype.
         work = torch.float32 if codes.device.type == "cpu" else dtype
-        g = self._to_groups(codes, kind).to(work)  # (B, H, T // tb, n_groups, group_len)
-        scale, zero = q.scale.to(work).unsqueeze(-1), q.zero.to(work).unsqueeze(-1)
         # float16 only: a value within half a step of 65504 may be reconstructed just past it (inf once rounded).
         fmax = torch.finfo(dtype).max if dtype == torch.float16 else None
-        if out is not None and work == dtype and not self.rotates:
-            res = torch.addcmul(zero, g, scale, out=self._to_groups(out, kind))
-            return res if fmax is None else res.clamp_(-fmax, fmax)
-        x = self._unrotate(self._from_groups(torch.addcmul(zero, g, scale), kind, shape))
+        direct = out is not None and work == dtype and not self.rotates
+        if self.chunked_groups:
+            # Codes stay in their (B, H, T, D) layout; scales and zero-points broadcast over it (no transposed copy).
+            b, h, t, d = shape
+            tb, n_groups = q.time_block, q.scale.shape[-1]
+            x = out if direct else torch.empty(shape, dtype=work, device=codes.device)
+            chunks = (b, h, t // tb, tb, n_groups, d // n_groups)
+            view = x.view(chunks)
+            view.copy_(codes.reshape(chunks))
+            view.mul_(q.scale[:, :, :, None, :, None]).add_(q.zero[:, :, :, None, :, None])
+        else:
+            g = self._to_groups(codes, kind).to(work)  # (B, H, T // tb, n_groups, group_len)
+            scale, zero = q.scale.to(work)[..., None], q.zero.to(work)[..., None]
+            x = self._from_groups(torch.addcmul(zero, g, scale), kind, shape)
+        if direct:
+            return x if fmax is None else x.clamp_(-fmax, fmax)
+        x = self._unrotate(x)
         if fmax is not None:
             x = x.clamp_(-fmax, fmax)
         x = x.to(dtype)

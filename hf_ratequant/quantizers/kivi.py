@@ -27,6 +27,8 @@ class KIVIQuantizer(Quantizer):
                 f"(e.g. {_power_of_two_divisor(head_dim, self.group_size)})."
             )
 
+    chunked_groups = True
+
     def _to_groups(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         b, h, t, d = x.shape
         g = self.group_size

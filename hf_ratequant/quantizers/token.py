@@ -16,6 +16,8 @@ class TokenQuantizer(Quantizer):
             every design is built the same way.
     """
 
+    chunked_groups = True
+
     def _to_groups(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         return x.unsqueeze(-2)  # (B, H, T, 1, D)
 
