@@ -183,11 +183,30 @@ def linearity(rows: list[Row]) -> dict[str, dict]:
     return out
 
 
+def step_growth(rows: list[Row]) -> dict[str, dict]:
+    """Per cache: how fast the median decode step grows with the context, the least-squares slope in ms per 1k
+    tokens over every measured length, and that slope over `DynamicCache`'s (<= 1: grows no faster)."""
+    out = {}
+    for name in dict.fromkeys(r.cache for r in rows):
+        pts = [(r.context, r.median_step_ms) for r in rows if r.cache == name and r.median_step_ms is not None]
+        if len(pts) < 2:
+            continue
+        mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts) * 1000
+        out[name] = dict(ms_per_1k_tokens=slope, family=next(r.family for r in rows if r.cache == name))
+    base = next((g["ms_per_1k_tokens"] for g in out.values() if g["family"] == "dynamic"), None)
+    for g in out.values():
+        g["vs_dynamic"] = g["ms_per_1k_tokens"] / base if base else None
+    return out
+
+
 def _f(x, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
-def markdown(rows: list[Row], linear: dict, generated: list[dict], args, info: dict, source: str, model) -> str:
+def markdown(
+    rows: list[Row], linear: dict, growth: dict, generated: list[dict], args, info: dict, source: str, model
+) -> str:
     gpu = f", {info['gpu']}" if "gpu" in info else ""
     configs = [os.path.relpath(os.path.normpath(p), os.path.join(HERE, "..")) for p in args.configs]
     head = [
@@ -225,6 +244,10 @@ def markdown(rows: list[Row], linear: dict, generated: list[dict], args, info: d
         rates = ", ".join(f"{x:,.1f}" for x in lin["marginal_bytes_per_token"])
         verdict = "linear" if lin["spread"] <= 1e-3 else "NOT linear"
         head.append(f"- {name}: marginal bytes/token {rates} (spread {100 * lin['spread']:.2f}%): {verdict}")
+    head += ["", "## Growth of the decode step with the context", ""]
+    for name, g in growth.items():
+        ratio = "" if g["vs_dynamic"] is None else f" ({g['vs_dynamic']:.2f}x DynamicCache's growth)"
+        head.append(f"- {name}: +{g['ms_per_1k_tokens']:.2f} ms per 1k tokens of context{ratio}")
     if generated:
         head += [
             "",
@@ -376,8 +399,8 @@ def main(argv=None) -> int:
                 error = f"{type(err).__name__}: {err}"
                 generated.append(dict(cache=spec.name, prompt_tokens=ids.shape[1], error=error))
 
-    linear = linearity(rows)
-    md = markdown(rows, linear, generated, args, info, source, model)
+    linear, growth = linearity(rows), step_growth(rows)
+    md = markdown(rows, linear, growth, generated, args, info, source, model)
     os.makedirs(args.output_dir, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
     with open(os.path.join(args.output_dir, f"long_context{suffix}.md"), "w", encoding="utf-8") as f:
@@ -390,6 +413,7 @@ def main(argv=None) -> int:
         args=vars(args),
         rows=[asdict(r) for r in rows],
         linearity=linear,
+        step_growth=growth,
         generate=generated,
     )
     with open(os.path.join(args.output_dir, f"long_context{suffix}.json"), "w", encoding="utf-8") as f:
