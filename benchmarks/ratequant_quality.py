@@ -133,8 +133,9 @@ def bits_config(bits: torch.Tensor, template, name: str):
 
     return RateQuantConfig(
         key_bits=bits[:, :, 0].tolist(), value_bits=bits[:, :, 1].tolist(), quantizer=template.quantizer,
-        group_size=template.group_size, residual_length=template.residual_length, budget=template.budget,
-        b_min=template.b_min, b_max=template.b_max, method=name, fingerprint=template.fingerprint,
+        group_size=template.group_size, residual_length=template.residual_length,
+        sink_length=template.sink_length, budget=template.budget, b_min=template.b_min, b_max=template.b_max,
+        method=name, fingerprint=template.fingerprint,
     )
 
 
@@ -165,8 +166,8 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
     config = calibrate(
         model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
         seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
-        residual_length=args.residual_length, b_min=args.b_min, b_max=args.b_max, batch_size=args.batch_size,
-        chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
+        residual_length=args.residual_length, sink_length=args.sink_length, b_min=args.b_min, b_max=args.b_max,
+        batch_size=args.batch_size, chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
     )
     calib = dict(wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
     if args.save_configs:
@@ -191,7 +192,8 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
     for k_bits, v_bits in fixed:
         name = f"uniform-{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
         cfg = RateQuantConfig.uniform(model.config, key_bits=k_bits, value_bits=v_bits, quantizer=quantizer,
-                                      group_size=args.group_size, residual_length=args.residual_length)
+                                      group_size=args.group_size, residual_length=args.residual_length,
+                                      sink_length=args.sink_length)
         add(name, "fixed", cfg, val.get(name))
     chosen = add(f"chosen ({winner})", "chosen", config, val.get(winner))
     chosen_bits = config.bits_tensor()
@@ -277,7 +279,8 @@ def markdown(payload: dict) -> str:
         f"b in [{a['b_min']}, {a['b_max']}], calibration batch size {a['batch_size']}.",
         f"- **Evaluation text**: {payload['eval_source']} (sha256 {payload['eval_sha256']}); "
         f"{payload['eval_windows']} windows x {a['window']} tokens = {payload['eval_tokens']} predicted tokens, fed "
-        f"in chunks of {a['chunk']} through the real cache, R = {a['residual_length']}, G = {a['group_size']}.",
+        f"in chunks of {a['chunk']} through the real cache, R = {a['residual_length']}, G = {a['group_size']}, "
+        f"sink tokens S = {a.get('sink_length', 0)} (every quantized cache, fixed and calibrated alike).",
         f"- Full-precision reference log-probs computed once ({payload['reference_mib']:.0f} MiB, kept in "
         f"{a['ref_dtype']}) and shared by every cache; windows evaluated {a['eval_batch_size']} at a time, so every "
         "difference below has a paired standard error over window groups (± 1 SE; few windows: a rough bar).",
@@ -375,6 +378,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--b-max", type=int, default=6)
     p.add_argument("--group-size", type=int, default=32, help="G (default 32)")
     p.add_argument("--residual-length", type=int, default=128, help="R (default 128)")
+    p.add_argument("--sink-length", type=int, default=0,
+                   help="S: first tokens kept in full precision by every quantized cache (default 0)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration (and fwd+bwd) batch size (default 4)")
     p.add_argument("--eval-batch-size", type=int, default=1,
                    help="evaluation windows per batch (default 1: per-window numbers for paired errors)")

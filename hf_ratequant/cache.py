@@ -31,21 +31,29 @@ __all__ = ["RateQuantCache", "RateQuantLayer", "RateQuantSlidingLayer"]
 
 
 class _HeadGroups:
-    """The quantized past of one layer's keys (or values): kv-heads grouped by bit-width.
+    """The past of one layer's keys (or values) that has left the full-precision window.
 
-    For every distinct bit-width it holds the head indices and one [`QuantizedBlock`] (or, for 16 bits, a plain
-    tensor) with the tokens `[0, num_tokens)` of those heads.
+    The first `sink_length` tokens ever appended (the attention sinks) are kept as they are, all heads in one tensor.
+    The tokens after them are quantized, kv-heads grouped by bit-width: for every distinct bit-width the head indices
+    and one [`QuantizedBlock`] (or, for 16 bits, a plain tensor) with those heads' tokens.
     """
 
-    def __init__(self, bits_per_head: list[int], quantizer: Quantizer, kind: str):
+    def __init__(self, bits_per_head: list[int], quantizer: Quantizer, kind: str, sink_length: int = 0):
         self.quantizer, self.kind = quantizer, kind
+        self.sink_length = sink_length
+        self.sink: torch.Tensor | None = None  # (batch, heads, <= sink_length, head_dim), kept as is
+        self.sink_room = sink_length  # tokens the sink still takes: 0 once full, or once its front was dropped
         self.num_heads = len(bits_per_head)
         self.classes: list[tuple[int, list[int]]] = [
             (bits, [h for h, b in enumerate(bits_per_head) if b == bits]) for bits in sorted(set(bits_per_head))
         ]
         self.index: list[slice | torch.Tensor] = []
         self.data: list[QuantizedBlock | torch.Tensor | None] = [None] * len(self.classes)
-        self.num_tokens = 0
+        self.num_tokens = 0  # sink tokens included
+
+    @property
+    def num_sink(self) -> int:
+        return 0 if self.sink is None else self.sink.shape[2]
 
     def to_device(self, device: torch.device) -> None:
         """Build the head selectors on `device`: a slice where a class's heads are contiguous, else an index tensor;
@@ -68,21 +76,34 @@ class _HeadGroups:
         return self.quantizer.time_block(self.kind)
 
     def non_finite(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`None` if the heads to be quantized hold only finite values in `x` `(batch, heads, tokens, head_dim)`,
-        else a `(heads, tokens, head_dim)` mask of their non-finite elements (16-bit heads are stored as is)."""
+        """`None` if the heads to be quantized hold only finite values in the tokens of `x` `(batch, heads, tokens,
+        head_dim)` that will be quantized, else a `(heads, tokens, head_dim)` mask of their non-finite elements
+        (16-bit heads and sink tokens are stored as is)."""
         quantized = [h for bits, heads in self.classes if bits != KEEP_BITS for h in heads]
-        if not quantized:
+        sink = min(self.sink_room, x.shape[2])
+        if not quantized or sink == x.shape[2]:
             return None
-        part = x if len(quantized) == self.num_heads else x[:, quantized]
+        part = x[:, :, sink:] if len(quantized) == self.num_heads else x[:, quantized, sink:]
         if torch.isfinite(part).all():
             return None
         bad = ~torch.isfinite(x).any(0)  # (heads, tokens, head_dim): non-finite in any batch row
+        bad[:, :sink] = False
         keep = torch.zeros(self.num_heads, dtype=torch.bool, device=x.device)
         keep[quantized] = True
         return bad & keep[:, None, None]
 
     def append(self, x: torch.Tensor) -> None:
-        """Quantize `x` `(batch, heads, tokens, head_dim)` and append it along tokens."""
+        """Append `x` `(batch, heads, tokens, head_dim)` along tokens: into the sink while it has room, the rest
+        quantized."""
+        sink = min(self.sink_room, x.shape[2])
+        if sink:
+            part = x[:, :, :sink].clone()
+            self.sink = part if self.sink is None else torch.cat([self.sink, part], dim=2)
+            self.sink_room -= sink
+            self.num_tokens += sink
+            x = x[:, :, sink:]
+            if x.shape[2] == 0:
+                return
         for i, ((bits, _), sel) in enumerate(zip(self.classes, self.index)):
             part = x[:, sel]
             new = part.clone() if bits == KEEP_BITS else self.quantizer.quantize(part, bits, self.kind)
@@ -97,6 +118,12 @@ class _HeadGroups:
 
     def dequantize_into(self, out: torch.Tensor) -> None:
         """Write the dequantized past into `out` `(batch, heads, num_tokens, head_dim)`."""
+        ns = self.num_sink
+        if ns:
+            out[:, :, :ns] = self.sink
+            out = out[:, :, ns:]
+        if ns == self.num_tokens:  # nothing quantized yet
+            return
         for (bits, _), runs, data in zip(self.classes, self.runs, self.data):
             # One call per run of consecutive heads (one per class when a class's heads are contiguous), written
             # straight into the output: cheaper than a scatter on CPU and GPU alike.
@@ -108,27 +135,47 @@ class _HeadGroups:
                     self.quantizer.dequantize(part, self.kind, out=out[:, layer_heads])
 
     def dequantize(self, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
-        """Dequantized tokens `[start, stop)`; `start` must be a multiple of `time_block`."""
+        """Dequantized tokens `[start, stop)`; `start` must be a multiple of `time_block` (the sink's length is)."""
+        ns = self.num_sink
+        out = like.new_empty(like.shape[0], self.num_heads, stop - start, like.shape[-1])
+        if start < ns:
+            out[:, :, : min(stop, ns) - start] = self.sink[:, :, start : min(stop, ns)]
+        if stop <= ns:
+            return out
+        q_start, q_stop = max(start, ns) - ns, stop - ns  # in the quantized tokens
         tb = self.time_block
-        aligned_stop = -(-stop // tb) * tb
-        out = like.new_empty(like.shape[0], self.num_heads, aligned_stop - start, like.shape[-1])
+        aligned_stop = -(-q_stop // tb) * tb
+        part = like.new_empty(like.shape[0], self.num_heads, aligned_stop - q_start, like.shape[-1])
         for (bits, _), sel, data in zip(self.classes, self.index, self.data):
             if bits == KEEP_BITS:
-                out[:, sel] = data[:, :, start:aligned_stop]
+                part[:, sel] = data[:, :, q_start:aligned_stop]
             else:
-                out[:, sel] = self.quantizer.dequantize(data.tokens(start, aligned_stop), self.kind)
-        return out[:, :, : stop - start]
+                part[:, sel] = self.quantizer.dequantize(data.tokens(q_start, aligned_stop), self.kind)
+        out[:, :, max(start, ns) - start :] = part[:, :, : q_stop - q_start]
+        return out
 
     def keep(self, start: int, stop: int) -> None:
-        """Keep only the tokens `[start, stop)` (both multiples of `time_block`)."""
+        """Keep only the tokens `[start, stop)` (both multiples of `time_block`). Sink tokens cut from the end
+        return to the window and re-enter the sink when they leave it again; once the front is dropped (sliding
+        windows), the sink takes no more tokens."""
+        ns = self.num_sink
+        if ns:
+            self.sink = self.sink[:, :, start:stop] if start < min(stop, ns) else None
+            if start:
+                self.sink_room = 0
+            elif stop < ns:
+                self.sink_room += ns - stop
+        q_start, q_stop = max(start - ns, 0), max(stop - ns, 0)
         for i, (bits, _) in enumerate(self.classes):
             data = self.data[i]
             if data is not None:
-                self.data[i] = data[:, :, start:stop] if bits == KEEP_BITS else data.tokens(start, stop)
+                self.data[i] = data[:, :, q_start:q_stop] if bits == KEEP_BITS else data.tokens(q_start, q_stop)
         self.num_tokens = stop - start
 
     def map(self, fn) -> None:
         """Apply `fn` to every stored tensor (batch reordering, device moves)."""
+        if self.sink is not None:
+            self.sink = fn(self.sink)
         for i, (bits, _) in enumerate(self.classes):
             data = self.data[i]
             if data is not None:
@@ -136,11 +183,12 @@ class _HeadGroups:
 
     def clear(self) -> None:
         self.data = [None] * len(self.classes)
+        self.sink, self.sink_room = None, self.sink_length
         self.num_tokens = 0
 
     @property
     def nbytes(self) -> int:
-        total = 0
+        total = 0 if self.sink is None else self.sink.numel() * self.sink.element_size()
         for (bits, _), data in zip(self.classes, self.data):
             if data is not None:
                 total += data.numel() * data.element_size() if bits == KEEP_BITS else data.nbytes
@@ -159,6 +207,8 @@ class RateQuantLayer(DynamicLayer):
         residual_length (`int`): tokens kept in full precision (R).
         group_size (`int`): tokens leave the window in multiples of this (G).
         layer_idx (`int`, *optional*): the layer's index in the model, used in error messages.
+        sink_length (`int`, *optional*, defaults to 0): the first tokens kept as they are when they leave the window
+            (attention sinks); a multiple of `group_size`.
     """
 
     is_croppable = True
@@ -171,8 +221,11 @@ class RateQuantLayer(DynamicLayer):
         residual_length: int,
         group_size: int,
         layer_idx: int | None = None,
+        sink_length: int = 0,
     ):
         super().__init__()
+        if sink_length < 0 or sink_length % group_size:
+            raise ValueError(f"sink_length={sink_length} must be a non-negative multiple of group_size={group_size}.")
         self.layer_idx = layer_idx
         if len(key_bits) != len(value_bits):
             raise ValueError(f"{len(key_bits)} key bit-widths but {len(value_bits)} value bit-widths.")
@@ -180,8 +233,9 @@ class RateQuantLayer(DynamicLayer):
         self.quantizer = quantizer
         self.residual_length = residual_length
         self.group_size = group_size
-        self.past_keys = _HeadGroups(self.key_bits, quantizer, "key")
-        self.past_values = _HeadGroups(self.value_bits, quantizer, "value")
+        self.sink_length = sink_length
+        self.past_keys = _HeadGroups(self.key_bits, quantizer, "key", sink_length)
+        self.past_values = _HeadGroups(self.value_bits, quantizer, "value", sink_length)
 
     def __repr__(self):
         return f"{type(self).__name__}(key_bits={self.key_bits}, value_bits={self.value_bits})"
@@ -482,10 +536,11 @@ class RateQuantCache(DynamicCache):
         for i, (kb, vb) in enumerate(zip(quant_config.key_bits, quant_config.value_bits)):
             args = (kb, vb, quantizer, quant_config.residual_length, quant_config.group_size)
             window = fp.window(layer_types[i]) if layer_types is not None else None
+            kwargs = dict(layer_idx=i, sink_length=quant_config.sink_length)
             if window is not None:
-                layers.append(RateQuantSlidingLayer(*args, layer_idx=i, sliding_window=window))
+                layers.append(RateQuantSlidingLayer(*args, sliding_window=window, **kwargs))
             else:
-                layers.append(RateQuantLayer(*args, layer_idx=i))
+                layers.append(RateQuantLayer(*args, **kwargs))
         self.quant_config = quant_config
         # `Cache.__init__` directly: `DynamicCache.__init__` would build its own (unquantized) layers.
         super(DynamicCache, self).__init__(layers=layers)

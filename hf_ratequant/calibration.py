@@ -92,19 +92,20 @@ class _CaptureCache(DynamicCache):
 
 def residual_split_mask(
     seq_len: int, residual_length: int, group_size: int, fingerprint: ModelFingerprint, dtype: torch.dtype,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", sink_length: int = 0,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Additive attention masks `(1, 1, seq_len, 2 * seq_len)` over `[far copy, near copy]` of the keys.
 
-    Query i reads key j < i from the far copy when the cache holds it quantized while token i is decoded (the first
-    `((i - residual_length) // group_size) * group_size` tokens: the cache flushes whole groups once its
-    full-precision window exceeds `residual_length`), and from the near copy otherwise. Each layer type keeps its own
-    window (sliding or chunked attention). One tensor for single-type models, a `{layer_type: mask}` dict otherwise
-    (what transformers' mixed-attention models accept).
+    Query i reads key j < i from the far copy when the cache holds it quantized while token i is decoded (tokens
+    `sink_length <= j` among the first `((i - residual_length) // group_size) * group_size`: the cache flushes whole
+    groups once its full-precision window exceeds `residual_length`, and keeps the first `sink_length` as they are),
+    and from the near copy otherwise. Each layer type keeps its own window (sliding or chunked attention). One tensor
+    for single-type models, a `{layer_type: mask}` dict otherwise (what transformers' mixed-attention models accept).
     """
     i = torch.arange(seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
     quantized = ((i - residual_length).clamp_min(0) // group_size) * group_size
+    far = (j < quantized) & (j >= sink_length)
     masks = {}
     for layer_type in dict.fromkeys(fingerprint.layer_types):
         allowed = j <= i
@@ -113,20 +114,23 @@ def residual_split_mask(
             allowed &= (i // window) == (j // window)
         elif window:
             allowed &= (i - j) < window
-        both = torch.cat([allowed & (j < quantized), allowed & (j >= quantized)], dim=1)
+        both = torch.cat([allowed & far, allowed & ~far], dim=1)
         mask = torch.zeros(both.shape, dtype=dtype, device=device).masked_fill_(~both, torch.finfo(dtype).min)
         masks[layer_type] = mask[None, None]
     return next(iter(masks.values())) if len(masks) == 1 else masks
 
 
 def capture_states(
-    model: Any, input_ids: torch.LongTensor, *, residual_length: int | None = None, group_size: int = 32
+    model: Any, input_ids: torch.LongTensor, *, residual_length: int | None = None, group_size: int = 32,
+    sink_length: int = 0,
 ) -> list[tuple[torch.Tensor, ...]]:
     """Post-RoPE keys and values of every layer with the gradient of the LM loss with respect to them.
 
     Args:
         residual_length (`int`, *optional*): when given, the gradients flow only through attention to keys the
             cache would hold quantized (see [`residual_split_mask`]); by default through all attention.
+        sink_length (`int`, *optional*, defaults to 0): with `residual_length`, the first tokens the cache keeps
+            as they are (no gradient flows to them).
 
     Returns:
         `list[tuple]`: per layer `(keys, values, key_grads, value_grads)`, each `(batch, kv_heads, tokens, head_dim)`.
@@ -139,7 +143,7 @@ def capture_states(
     kwargs = {}
     if split:
         kwargs["attention_mask"] = residual_split_mask(ids.shape[1], residual_length, group_size, fp, model.dtype,
-                                                       device)
+                                                       device, sink_length)
     with calibration_mode(model), torch.enable_grad():
         out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True, **kwargs)
         missing = [i for i, layer in enumerate(cache.layers) if not hasattr(layer, "captured")]
@@ -200,13 +204,15 @@ def measure_distortion(
     group_size: int = 32,
     batch_size: int = 4,
     residual_length: int | None = None,
+    sink_length: int = 0,
     progress: bool = True,
 ) -> torch.Tensor:
     """Gradient-weighted distortion of every unit at every bit-width: float64 `(layers, kv_heads, 2, n_bits)`,
     `[..., 0, :]` keys and `[..., 1, :]` values, summed over `windows`. With `residual_length`, gradients flow only
-    through the attention the cache serves from quantized tokens ([`capture_states`])."""
+    through the attention the cache serves from quantized tokens ([`capture_states`]), sink tokens excluded."""
     return measure_distortions(model, windows, [quantizer], bit_grid, group_size=group_size, batch_size=batch_size,
-                               residual_length=residual_length, progress=progress)[quantizer]
+                               residual_length=residual_length, sink_length=sink_length,
+                               progress=progress)[quantizer]
 
 
 def measure_distortions(
@@ -218,6 +224,7 @@ def measure_distortions(
     group_size: int = 32,
     batch_size: int = 4,
     residual_length: int | None = None,
+    sink_length: int = 0,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """[`measure_distortion`] for several quantizer designs on the same captured states (one forward and backward
@@ -226,7 +233,8 @@ def measure_distortions(
     totals: dict[str, torch.Tensor] = {}
     desc = f"calibrate {', '.join(quantizers)}"
     for ids in tqdm(torch.split(windows, batch_size), desc=desc, disable=not progress):
-        states = capture_states(model, ids, residual_length=residual_length, group_size=group_size)
+        states = capture_states(model, ids, residual_length=residual_length, group_size=group_size,
+                                sink_length=sink_length)
         for name, q in designs.items():
             table = torch.stack([
                 torch.stack([fisher_distortion(k, gk, q, "key", bit_grid),
@@ -296,6 +304,7 @@ def _config_from_bits(bits: torch.Tensor, template: RateQuantConfig, method: str
         quantizer=template.quantizer,
         group_size=template.group_size,
         residual_length=template.residual_length,
+        sink_length=template.sink_length,
         budget=template.budget,
         b_min=template.b_min,
         b_max=template.b_max,
@@ -316,6 +325,7 @@ def calibrate(
     n_validation: int = 4,
     group_size: int = 32,
     residual_length: int = 128,
+    sink_length: int = 0,
     b_min: int = 2,
     b_max: int = 6,
     batch_size: int = 4,
@@ -339,6 +349,9 @@ def calibrate(
         seq_len (`int`, *optional*, defaults to 512): tokens per window.
         n_validation (`int`, *optional*, defaults to 4): further windows, held back from the fit, on which the
             candidates are compared (0 or `validate=False` skips validation and returns the closed-form allocation).
+        sink_length (`int`, *optional*, defaults to 0): the first tokens of every sequence the cache keeps in full
+            precision (attention sinks; a multiple of `group_size`, e.g. 32). The measure and the validation both
+            see the cache with them.
         b_min (`int`, *optional*, defaults to 2), b_max (`int`, *optional*, defaults to 6): bounds of every unit's
             bits (one-bit units are risky: their distortion is far from the fitted curve).
         residual_aware (`bool`, *optional*, defaults to `True`): weight each unit's error only by the attention that
@@ -360,8 +373,8 @@ def calibrate(
         raise ValueError(f"b_min={b_min} and b_max={b_max} leave fewer than two bit-widths to fit a curve on.")
     template = RateQuantConfig(
         key_bits=[[b_min] * fp.num_kv_heads] * fp.num_layers, value_bits=[[b_min] * fp.num_kv_heads] * fp.num_layers,
-        quantizer=quantizer, group_size=group_size, residual_length=residual_length, budget=budget, b_min=b_min,
-        b_max=b_max, fingerprint=fp,
+        quantizer=quantizer, group_size=group_size, residual_length=residual_length, sink_length=sink_length,
+        budget=budget, b_min=b_min, b_max=b_max, fingerprint=fp,
     )
     n_validation = n_validation if validate else 0
     procs = Processes()
@@ -369,7 +382,7 @@ def calibrate(
         lambda: calibration_windows(tokenizer, data, seq_len=seq_len, n_windows=n_samples + n_validation,
                                     column=data_column), "loading the calibration data")
     procs.agree((fp.geometry(), fp.layer_types, fp.model_type, text_fingerprint(text), tuple(windows.shape),
-                 quantizer, budget, group_size, residual_length, b_min, b_max), "model, data or settings")
+                 quantizer, budget, group_size, residual_length, sink_length, b_min, b_max), "model, data or settings")
     fit_windows, val_windows = windows[:n_samples], windows[n_samples:]
     my_fit = procs.shard(fit_windows, "calibration")
     my_val = procs.shard(val_windows, "validation")
@@ -382,7 +395,8 @@ def calibrate(
     procs.agree(residual_aware, "residual-aware measure")
     table = procs.run(lambda: measure_distortion(
         model, my_fit, quantizer, bit_grid, group_size=group_size, batch_size=batch_size,
-        residual_length=residual_length if residual_aware else None, progress=progress and procs.is_main,
+        residual_length=residual_length if residual_aware else None, sink_length=sink_length,
+        progress=progress and procs.is_main,
     ), "measuring the distortion")
     table = procs.sum(table)
     measure_s = time.perf_counter() - t0

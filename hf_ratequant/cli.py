@@ -46,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         cache_config = RateQuantConfig.uniform(
             model.config, bits=args.bits, quantizer=args.quantizer, group_size=args.group_size,
-            residual_length=args.residual_length,
+            residual_length=args.residual_length, sink_length=args.sink_length,
         )
     text, source = load_text("pydoc", split="test")
     context_ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[:, : args.context_tokens]
@@ -63,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     n_new = out.shape[1] - input_ids.shape[1]
     print(f"model: {model.config._name_or_path}  context: {input_ids.shape[1]} tokens of {source}")
     print(f"cache: {cache_config.quantizer}, {cache_config.average_bits:g} average bits "
-          f"(G={cache_config.group_size}, R={cache_config.residual_length})")
+          f"(G={cache_config.group_size}, R={cache_config.residual_length}, S={cache_config.sink_length})")
     print("\n--- RateQuantCache output ---")
     print(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip())
     same = int((out[0, -n_new:] == ref_out[0, -n_new:]).sum()) if ref_out.shape == out.shape else "n/a"
@@ -78,20 +78,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_cache_spec(spec: str, model):
-    """`none`/`fp16`, `uniform:BITS`, `kv:KBITS,VBITS`, or a saved config folder."""
+def _parse_cache_spec(spec: str, model, sink_length: int = 0):
+    """`none`/`fp16`, `uniform:BITS`, `kv:KBITS,VBITS` (with `sink_length` sink tokens), or a saved config folder."""
     from .config import RateQuantConfig
 
     if spec in ("none", "full", "fp16", "dynamic"):
         return None
     if spec.startswith("uniform:"):
-        return RateQuantConfig.uniform(model.config, bits=_int_bits(spec, spec[8:]))
+        return RateQuantConfig.uniform(model.config, bits=_int_bits(spec, spec[8:]), sink_length=sink_length)
     if spec.startswith("kv:"):
         parts = spec[3:].split(",")
         if len(parts) != 2:
             raise ValueError(f"Cache spec {spec!r}: write kv:KBITS,VBITS, e.g. kv:3,2.")
         return RateQuantConfig.uniform(model.config, key_bits=_int_bits(spec, parts[0]),
-                                       value_bits=_int_bits(spec, parts[1]))
+                                       value_bits=_int_bits(spec, parts[1]), sink_length=sink_length)
     import os
 
     from .hub import looks_local
@@ -124,7 +124,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     config = calibrate(
         model, tokenizer, args.data, quantizer=args.quantizer, budget=args.budget, n_samples=args.samples,
         seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
-        residual_length=args.residual_length, b_min=args.b_min, b_max=args.b_max, data_column=args.data_column,
+        residual_length=args.residual_length, sink_length=args.sink_length, b_min=args.b_min, b_max=args.b_max,
+        data_column=args.data_column,
     )
     from .distributed import Processes
 
@@ -165,7 +166,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .passkey import passkey_trials, run_passkey
 
     model, tokenizer = load_model(args.model)
-    configs = {spec: _parse_cache_spec(spec, model) for spec in args.cache}  # bad specs fail before any work
+    # bad specs fail before any work
+    configs = {spec: _parse_cache_spec(spec, model, args.sink_length) for spec in args.cache}
     trials = (passkey_trials(tokenizer, args.passkey, args.passkey_depths,
                              max_positions=getattr(model.config, "max_position_embeddings", None))
               if args.passkey else [])
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quantizer", default="kivi", choices=available_quantizers())
     demo.add_argument("--group-size", type=int, default=32)
     demo.add_argument("--residual-length", type=int, default=128)
+    demo.add_argument("--sink-length", type=int, default=0,
+                      help="first tokens kept in full precision (attention sinks; a multiple of G, e.g. 32)")
     demo.add_argument("--context-tokens", type=int, default=1024)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.set_defaults(func=cmd_demo)
@@ -269,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seq-len", type=int, default=512)
     cal.add_argument("--group-size", type=int, default=32)
     cal.add_argument("--residual-length", type=int, default=128)
+    cal.add_argument("--sink-length", type=int, default=0,
+                     help="first tokens kept in full precision (attention sinks; a multiple of G, e.g. 32)")
     cal.add_argument("--b-min", type=int, default=2)
     cal.add_argument("--b-max", type=int, default=6)
     cal.add_argument("--output", "-o", required=True, help="folder to save the config to")
@@ -292,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--window", type=int, default=1024)
     ev.add_argument("--windows", type=int, default=8)
     ev.add_argument("--chunk", type=int, default=64)
+    ev.add_argument("--sink-length", type=int, default=0, help="sink tokens of the 'uniform:' and 'kv:' caches "
+                    "(first tokens kept in full precision; a multiple of 32)")
     ev.add_argument("--passkey", type=int, nargs="+", metavar="TOKENS",
                     help="also score passkey retrieval at these context lengths, e.g. 1024 2048 4096 6144")
     ev.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],

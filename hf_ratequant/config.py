@@ -22,7 +22,10 @@ from .storage import BACKUP_NAME, CONFIG_NAME, CURVES_HASH_KEY, CURVES_NAME, _sh
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The newest schema this library reads. Version 2 added `sink_length`; a config without sinks is still written
+as version 1 (without the key), so older releases keep reading it, and one with sinks as version 2, which they
+refuse with an "upgrade" message instead of silently serving it without its sinks."""
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -142,6 +145,8 @@ class RateQuantConfig:
         quantizer (`str`, *optional*, defaults to `"kivi"`): registered quantizer design.
         group_size (`int`, *optional*, defaults to 32): group size G of the quantizer.
         residual_length (`int`, *optional*, defaults to 128): most recent tokens kept in full precision (R).
+        sink_length (`int`, *optional*, defaults to 0): the first tokens of a sequence kept in full precision (the
+            attention sinks, S), a multiple of `group_size`; 0 in configs saved before this field existed.
         budget (`float`, *optional*): the average-bit budget the allocation was made for.
         b_min (`int`, *optional*, defaults to 1), b_max (`int`, *optional*, defaults to 8): allocation bounds.
         method (`str`, *optional*, defaults to `"uniform"`): how the bits were chosen.
@@ -162,6 +167,7 @@ class RateQuantConfig:
     quantizer: str = "kivi"
     group_size: int = 32
     residual_length: int = 128
+    sink_length: int = 0
     budget: float | None = None
     b_min: int = 1
     b_max: int = 8
@@ -186,6 +192,7 @@ class RateQuantConfig:
         quantizer: str = "kivi",
         group_size: int = 32,
         residual_length: int = 128,
+        sink_length: int = 0,
     ) -> RateQuantConfig:
         """A fixed allocation: every key at `key_bits` (default `bits`), every value at `value_bits` (default `bits`).
 
@@ -210,6 +217,7 @@ class RateQuantConfig:
             quantizer=quantizer,
             group_size=group_size,
             residual_length=residual_length,
+            sink_length=sink_length,
             budget=(key_bits + value_bits) / 2,
             method=method,
             fingerprint=fp,
@@ -223,12 +231,17 @@ class RateQuantConfig:
             raise ValueError(
                 f"Unknown quantizer {_short(self.quantizer)}: registered quantizers are {available_quantizers()}."
             )
-        for name, least in (("group_size", 1), ("residual_length", 0)):
+        for name, least in (("group_size", 1), ("residual_length", 0), ("sink_length", 0)):
             _check_int(name, getattr(self, name), least)
         if self.residual_length % self.group_size:
             raise ValueError(
                 f"residual_length={self.residual_length} must be a multiple of group_size={self.group_size}, so "
                 "tokens leave the full-precision window in whole groups (KIVI uses R=128, G=32)."
+            )
+        if self.sink_length % self.group_size:
+            raise ValueError(
+                f"sink_length={self.sink_length} must be a multiple of group_size={self.group_size}, so the "
+                f"quantized tokens after the sinks still form whole groups (e.g. sink_length={self.group_size})."
             )
         self._check_search_settings()
         if isinstance(self.fingerprint, dict):
@@ -324,6 +337,9 @@ class RateQuantConfig:
     def to_dict(self) -> dict:
         """JSON-serialisable settings (without the `curves` tensors)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "curves"}
+        if not self.sink_length:
+            del d["sink_length"]
+        d["version"] = 2 if self.sink_length else 1  # the oldest schema that can read this config
         d["fingerprint"] = dataclasses.asdict(self.fingerprint) if self.fingerprint else None
         if d["fingerprint"]:
             d["fingerprint"]["layer_types"] = list(d["fingerprint"]["layer_types"])

@@ -188,7 +188,8 @@ def model_card(
         f"{config.average_bits:g} average bits", "",
         f"A calibrated per-(layer, kv-head) bit allocation for `hf_ratequant.RateQuantCache`: keys and values of "
         f"every kv-head are stored at their own bit-width (packed codes, {config.quantizer} quantizer, group size "
-        f"{config.group_size}, the last {config.residual_length} tokens kept in full precision). Keys get "
+        f"{config.group_size}, the last {config.residual_length} tokens"
+        f"{f' and the first {config.sink_length}' if config.sink_length else ''} kept in full precision). Keys get "
         f"{bits[..., 0].mean():.2f} bits on average, values {bits[..., 1].mean():.2f}; method: `{config.method}`.", "",
         f"Model geometry: {fp.describe() if fp else 'not recorded'}. The cache refuses a model of another "
         "architecture or geometry.", "",

@@ -106,6 +106,25 @@ def test_calibrate_end_to_end(model):
     RateQuantCache(config=model.config, quant_config=cfg)
 
 
+def test_calibrate_with_sinks_measures_and_validates_the_cache_with_them(model, monkeypatch):
+    import hf_ratequant.calibration as calibration
+
+    seen = []
+    real = calibration.evaluate_quality
+    monkeypatch.setattr(calibration, "evaluate_quality",
+                        lambda m, w, cfg, **kw: seen.append(cfg) or real(m, w, cfg, **kw))
+    kwargs = dict(quantizer="kivi", budget=2.5, n_samples=2, n_validation=1, seq_len=64, group_size=8,
+                  residual_length=8, b_min=2, b_max=4, progress=False)
+    plain = calibrate(model, WordTokenizer(), [corpus(2000)], **kwargs)
+    cfg = calibrate(model, WordTokenizer(), [corpus(2000)], sink_length=16, **kwargs)
+    assert cfg.sink_length == 16 and plain.sink_length == 0
+    assert {c.sink_length for c in seen} == {0, 16} and seen[-1].sink_length == 16  # validated with its sinks
+    # The first 16 tokens are never read quantized, so their error carries no weight: the measure changes.
+    assert not torch.equal(cfg.curves["distortion"], plain.curves["distortion"])
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        calibrate(model, WordTokenizer(), [corpus(2000)], sink_length=12, **kwargs)
+
+
 def test_calibrate_bad_input(model):
     with pytest.raises(ValueError, match="tokens"):
         calibrate(model, WordTokenizer(), [corpus(50)], seq_len=64, n_samples=2, n_validation=1, group_size=8,

@@ -38,6 +38,7 @@ from hf_ratequant.quantizers import available_quantizers
 ARTIFACT = Path(__file__).resolve().parent.parent / "hub_artifacts" / "SmolLM2-135M-Instruct-ratequant-kivi-2.5"
 BASE_TEXT = (ARTIFACT / CONFIG_NAME).read_bytes()
 BASE = json.loads(BASE_TEXT)
+BASE["sink_length"] = 0  # written only when not 0 (schema 2); typed all the same
 BASE_CURVES_BYTES = (ARTIFACT / CURVES_NAME).read_bytes()
 LAYERS, HEADS = BASE["fingerprint"]["num_layers"], BASE["fingerprint"]["num_kv_heads"]  # 30, 3
 INT32_MAX = 2**31 - 1
@@ -270,10 +271,11 @@ RULES = {
     "quantizer": lambda v: isinstance(v, str) and v in available_quantizers(),
     "group_size": lambda v: _is_int(v, 1) and BASE["residual_length"] % v == 0,
     "residual_length": lambda v: _is_int(v, 0) and v % BASE["group_size"] == 0,
+    "sink_length": lambda v: _is_int(v, 0) and v % BASE["group_size"] == 0,
     "budget": _opt(lambda v: type(v) in (int, float) and 1 <= v <= 16),
     "b_min": lambda v: _is_bits(v) and v <= BASE["b_max"], "b_max": lambda v: _is_bits(v) and v >= BASE["b_min"],
     "method": lambda v: isinstance(v, str), "calibration": lambda v: isinstance(v, dict),
-    "version": lambda v: type(v) is int and v == 1, "fingerprint": lambda v: v is None,
+    "version": lambda v: type(v) is int and v in (1, 2), "fingerprint": lambda v: v is None,
     CURVES_HASH_KEY: lambda v: v is None or v == BASE[CURVES_HASH_KEY],
     "fingerprint.architecture": lambda v: isinstance(v, str),
     "fingerprint.num_layers": lambda v: type(v) is int and v == LAYERS,
@@ -336,7 +338,9 @@ def _check_field(tmp_path, category: str, path: tuple, value) -> None:
     data = _set(BASE, path, value)
     result = attempt(category, write_case(tmp_path / "c", data, rehash=path[0] != CURVES_HASH_KEY),
                      "load" if ok else "error", _mention(path), f"{'.'.join(map(str, path))} = {value!r:.60}")
-    if ok and path[0] != CURVES_HASH_KEY:  # what loads is what the file said
+    if ok and path[0] in ("version", "sink_length"):  # to_dict writes the oldest version that reads the config,
+        assert getattr(result, path[0]) == value, f"{path}: {value!r} -> {getattr(result, path[0])!r}"  # no 0 sinks
+    elif ok and path[0] != CURVES_HASH_KEY:  # what loads is what the file said
         node = result.to_dict()
         for key in path:
             node = node[key]
@@ -386,13 +390,14 @@ def test_extra_keys_are_tolerated(tmp_path, base_config):
 
 
 def test_schema_versions(tmp_path):
-    for version in (2, 3, 99, 10**6, 10**30, "2", "1", "v1", 1.0, 2.5, 0, -1, None, True, False, [], [1], {},
+    for version in (3, 99, 10**6, 10**30, "2", "1", "v1", 1.0, 2.5, 0, -1, None, True, False, [], [1], {},
                     math.nan, math.inf):
         attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), version)), "error",
                 ("version",), f"version {version!r}")
-    newer = attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), 2)), "error")
+    newer = attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), 3)), "error")
     assert "newer" in str(newer) and "upgrade" in str(newer)
-    attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), 1)), "load")
+    for version in (1, 2):  # 2 added sink_length, which BASE leaves at its default
+        attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), version)), "load")
 
 
 # ---- 3. shapes that disagree ------------------------------------------------------------------------------------
