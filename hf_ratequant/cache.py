@@ -160,7 +160,8 @@ class _HeadGroups:
         windows), the sink takes no more tokens."""
         ns = self.num_sink
         if ns:
-            self.sink = self.sink[:, :, start:stop] if start < min(stop, ns) else None
+            # A copy, so the part cut off is freed (and `nbytes` stays true).
+            self.sink = self.sink[:, :, start:stop].clone() if start < min(stop, ns) else None
             if start:
                 self.sink_room = 0
             elif stop < ns:
@@ -315,7 +316,8 @@ class RateQuantLayer(DynamicLayer):
             heads = bad.flatten(1).any(1).nonzero().flatten().tolist()
             positions = (bad.any(2).any(0).nonzero().flatten() + first).tolist()
             shown = ", ".join(map(str, positions[:8])) + (", ..." if len(positions) > 8 else "")
-            nan, inf = int(torch.isnan(x[:, heads]).sum()), int(torch.isinf(x[:, heads]).sum())
+            quantized = x[:, heads, min(past.sink_room, x.shape[2]) :]  # sink tokens are kept as they are
+            nan, inf = int(torch.isnan(quantized).sum()), int(torch.isinf(quantized).sum())
             what = " and ".join(f"{name} ({count} values)" for name, count in (("NaN", nan), ("inf", inf)) if count)
             layer = "this layer" if self.layer_idx is None else f"layer {self.layer_idx}"
             raise NonFiniteError(
@@ -450,6 +452,7 @@ class RateQuantSlidingLayer(RateQuantLayer):
         if self.past_keys.num_tokens == 0 and excess > 0:  # the window alone is longer than the attention window
             self.keys, self.values = self.keys[:, :, excess:], self.values[:, :, excess:]
             self.dropped += excess
+            self.past_keys.sink_room = self.past_values.sink_room = 0  # the first tokens are gone: no sinks
 
     def get_seq_length(self) -> int:
         return self.dropped + super().get_seq_length()

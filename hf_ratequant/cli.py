@@ -42,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model)
     if args.config:
-        cache_config = RateQuantConfig.from_pretrained(args.config)
+        cache_config = _saved_config(args.config, args.sink_length)
     else:
         cache_config = RateQuantConfig.uniform(
             model.config, bits=args.bits, quantizer=args.quantizer, group_size=args.group_size,
@@ -97,7 +97,7 @@ def _parse_cache_spec(spec: str, model, sink_length: int = 0):
     from .hub import looks_local
 
     if os.path.isdir(spec) or (":" not in spec and not looks_local(spec) and "/" in spec):
-        return RateQuantConfig.from_pretrained(spec)  # a saved folder or a Hub repo id
+        return _saved_config(spec, sink_length)  # a saved folder or a Hub repo id
     if ":" not in spec and looks_local(spec):
         raise FileNotFoundError(f"Cache spec {spec!r}: no such folder. Pass a folder saved with "
                                 "RateQuantConfig.save_pretrained, a Hub repo id ('user/name'), 'none', "
@@ -106,6 +106,20 @@ def _parse_cache_spec(spec: str, model, sink_length: int = 0):
         f"Unknown cache spec {spec!r}: accepted are 'none' (full precision), 'uniform:BITS', 'kv:KBITS,VBITS', a "
         "folder saved with RateQuantConfig.save_pretrained, or a Hub repo id ('user/name')."
     )
+
+
+def _saved_config(spec: str, sink_length: int):
+    """A saved config; `--sink-length` cannot change it (its allocation was calibrated with its own sinks)."""
+    from .config import RateQuantConfig
+
+    config = RateQuantConfig.from_pretrained(spec)
+    if sink_length and sink_length != config.sink_length:
+        raise ValueError(
+            f"--sink-length {sink_length} does not apply to the saved config {spec!r}, which keeps "
+            f"{config.sink_length} sink tokens (its allocation was calibrated with them): drop --sink-length, or "
+            f"calibrate a config with `hf-ratequant calibrate --sink-length {sink_length}`."
+        )
+    return config
 
 
 def _int_bits(spec: str, text: str) -> int:

@@ -175,7 +175,7 @@ class RateQuantConfig:
     fingerprint: ModelFingerprint | None = None
     calibration: dict = field(default_factory=dict)
     curves: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    version: int = SCHEMA_VERSION
+    version: int = 1  # set by validate(): the oldest schema that represents the config (2 with sinks)
 
     def __post_init__(self):
         self.validate()
@@ -243,6 +243,7 @@ class RateQuantConfig:
                 f"sink_length={self.sink_length} must be a multiple of group_size={self.group_size}, so the "
                 f"quantized tokens after the sinks still form whole groups (e.g. sink_length={self.group_size})."
             )
+        self.version = 2 if self.sink_length else 1  # the oldest schema that represents this config
         self._check_search_settings()
         if isinstance(self.fingerprint, dict):
             self.fingerprint = _fingerprint_from_dict(self.fingerprint)
@@ -339,7 +340,6 @@ class RateQuantConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "curves"}
         if not self.sink_length:
             del d["sink_length"]
-        d["version"] = 2 if self.sink_length else 1  # the oldest schema that can read this config
         d["fingerprint"] = dataclasses.asdict(self.fingerprint) if self.fingerprint else None
         if d["fingerprint"]:
             d["fingerprint"]["layer_types"] = list(d["fingerprint"]["layer_types"])
@@ -467,8 +467,8 @@ def _check_int(name: str, value: Any, least: int, most: int = _MAX_INT) -> None:
 def _check_version(version: Any) -> None:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version={_short(version)} is not a schema version: it must be a positive integer (this "
-                         f"hf-ratequant writes {SCHEMA_VERSION}). A saved file with this version is damaged: save the "
-                         "config again.")
+                         f"hf-ratequant reads 1 to {SCHEMA_VERSION}). A saved file with this version is damaged: save "
+                         "the config again.")
     if version > SCHEMA_VERSION:
         raise ValueError(
             f"This RateQuantConfig has schema version {version!r}, newer than the {SCHEMA_VERSION} this "

@@ -56,7 +56,8 @@ def evaluation_rows(model, windows, config, reference, chunk: int) -> list[dict]
         name = f"uniform {k}-bit" if k == v else f"keys {k} / values {v} bits"
         caches.append((name, RateQuantConfig.uniform(model.config, key_bits=k, value_bits=v,
                                                      quantizer=config.quantizer, group_size=config.group_size,
-                                                     residual_length=config.residual_length)))
+                                                     residual_length=config.residual_length,
+                                                     sink_length=config.sink_length)))
     caches.append((f"**this config** ({config.method})", config))
     rows = []
     for name, cfg in caches:
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0])
     p.add_argument("--calib-data", default=None, help="default: WikiText-2 train (local text offline)")
     p.add_argument("--eval-data", default=None, help="default: WikiText-2 test (local text offline)")
+    p.add_argument("--sink-length", type=int, default=0, help="attention sinks of the calibrated configs (0)")
     p.add_argument("--windows", type=int, default=4, help="held-out windows of --window tokens for the card")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=64)
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
             if args.configs_from:  # reuse configs calibrated by benchmarks/ratequant_quality.py
                 config = RateQuantConfig.from_pretrained(os.path.join(args.configs_from, f"{quantizer}-{budget:g}"))
             else:
-                config = calibrate(model, tokenizer, args.calib_data, quantizer=quantizer, budget=budget)
+                config = calibrate(model, tokenizer, args.calib_data, quantizer=quantizer, budget=budget,
+                                   sink_length=args.sink_length)
             rows = evaluation_rows(model, windows, config, reference, args.chunk)
             name = artifact_name(base, quantizer, budget)
             write_artifact(os.path.join(args.out, name), config, rows, f"{args.org}/{name}")

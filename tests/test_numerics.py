@@ -488,17 +488,13 @@ class QuantizeSpy:
                 self.seen.setdefault((self.current, kind, head), []).append(position)
 
 
+@pytest.mark.parametrize("sinks", [0, 16])
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
-def test_every_token_is_quantized_exactly_once(tiny_llama, cache_factory, quantizer):
+def test_every_token_is_quantized_exactly_once(tiny_llama, quantizer, sinks):
     r, g, prompt_len, new = 16, 8, 45, 150
-    cache = cache_factory(
-        tiny_llama,
-        quantizer=quantizer,
-        key_bits=MIXED_KEY_BITS,
-        value_bits=MIXED_VALUE_BITS,
-        residual_length=r,
-        group_size=g,
-    )
+    quant = RateQuantConfig(key_bits=MIXED_KEY_BITS, value_bits=MIXED_VALUE_BITS, quantizer=quantizer, group_size=g,
+                            residual_length=r, sink_length=sinks)
+    cache = RateQuantCache(config=tiny_llama.config, quant_config=quant)
     with QuantizeSpy(tiny_llama, cache) as spy:
         out = tiny_llama.generate(
             prompt(prompt_len, batch=2),
@@ -520,10 +516,12 @@ def test_every_token_is_quantized_exactly_once(tiny_llama, cache_factory, quanti
                 if bits == 16:  # kept as is: never goes through the quantizer
                     assert positions == []
                 else:  # each position that left the window exactly once, in order, and nothing else
-                    assert positions == list(range(left)), (i, kind, head)
-    # Prefill quantizes its whole groups in one call; then every call is exactly one group of G tokens.
+                    assert positions == list(range(sinks, left)), (i, kind, head)  # the sinks: never
+        if sinks:  # kept exactly as the first update gave them
+            assert torch.equal(layer.past_keys.sink, spy.history[i]["key"][0][:, :, :sinks])
+    # Prefill quantizes its whole groups (after the sinks) in one call; then every call is one group of G tokens.
     first_flush = (prompt_len - r) // g * g
-    assert set(spy.chunks) == {first_flush, g}
+    assert set(spy.chunks) == {c for c in (first_flush - sinks, g) if c}
 
 
 def test_transformers_quantized_cache_requantizes_old_tokens(tiny_llama, monkeypatch):

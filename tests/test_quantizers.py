@@ -96,6 +96,28 @@ def test_broadcast_dequantization_matches_the_group_layout(name, dtype, kind):
         torch.testing.assert_close(fast.float(), slow.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
 
 
+@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_work_dtype_rounds_once_and_does_not_overflow(name, dtype, monkeypatch):
+    """Off the CPU dequantization computes in the model's dtype; forced here on CPU: code * scale + zero is rounded
+    once (no double rounding, no float16 overflow of code * scale near 65504), equal to the float32 path."""
+    from hf_ratequant.quantizers import base
+
+    q = get_quantizer(name, 32)
+    x = torch.linspace(-60000, 60000, 64).to(dtype).view(1, 1, 1, 64).repeat(1, 2, 32, 1)
+    x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for kind in KINDS:
+        for bits in (2, 8):
+            block = q.quantize(x, bits, kind)
+            reference = q.dequantize(block, kind)  # float32 work on CPU
+            monkeypatch.setattr(base, "_work_dtype", lambda device, dt: dt)
+            got = q.dequantize(block, kind)
+            monkeypatch.undo()
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got.float(), reference.float(), rtol=2 ** -7 if name == "rotated" else 0,
+                                       atol=0 if name != "rotated" else 64)
+
+
 @pytest.mark.parametrize("bits", [0, 9, 16])
 def test_pack_rejects_bad_bits(bits):
     with pytest.raises(ValueError, match="allowed bit-widths"):

@@ -81,6 +81,25 @@ def test_crop_past_the_sinks_keeps_them():
     assert torch.equal(keys[:, :, :S], k[:, :, :S])
 
 
+def test_exactly_the_sinks_flushed_then_crop_reorder_and_iterate(tiny_llama):
+    quant = RateQuantConfig.uniform(tiny_llama.config, bits=4, group_size=G, residual_length=R, sink_length=S)
+    cache = RateQuantCache(config=tiny_llama.config, quant_config=quant)
+    k, v = states(S + R, batch=2)  # the first S tokens leave the window, straight into the sinks
+    for i in range(len(cache.layers)):
+        cache.update(k, v, i)
+    first = cache.layers[0]
+    assert first.past_keys.num_sink == S and first.past_keys.num_tokens == S  # nothing quantized
+    assert all(torch.equal(keys, k) and torch.equal(values, v) for keys, values, _ in cache)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(first.past_values.sink, v[[1, 0], :, :S])
+    cache.crop(S)
+    assert cache.get_seq_length() == S and first.past_keys.sink_room == 0
+    before = first.nbytes
+    cache.crop(G)  # inside the sinks: the part cut off is freed
+    assert first.past_keys.num_sink == G and first.nbytes < before
+    assert first.past_keys.sink.untyped_storage().nbytes() == first.past_keys.sink.numel() * 4
+
+
 def test_sliding_layer_drops_the_sinks_with_the_window():
     k, v = states(120)
     sliding = layer(sliding_window=40)
@@ -99,8 +118,9 @@ def test_non_finite_sink_tokens_are_kept_but_later_tokens_refused():
     assert torch.isnan(cache.past_keys.sink).any()
     k2, v2 = states(100)
     k2[0, 0, 40, 0] = float("inf")  # leaves the window quantized
+    k2[0, 0, 3, 0] = float("nan")  # a sink: kept, neither reported nor counted
     fresh = layer()
-    with pytest.raises(NonFiniteError, match=r"kv-heads \[0\] at token positions 40"):
+    with pytest.raises(NonFiniteError, match=r"contain inf \(1 values\) in kv-heads \[0\] at token positions 40,"):
         fresh.update(k2, v2)
     assert fresh.get_seq_length() == 0
 
@@ -136,6 +156,7 @@ def test_config_sink_length_is_validated_and_saved(tmp_path, tiny_llama):
         with pytest.raises(ValueError, match=match):
             RateQuantConfig.uniform(tiny_llama.config, bits=4, group_size=G, residual_length=R, sink_length=bad)
     quant = RateQuantConfig.uniform(tiny_llama.config, bits=4, group_size=G, residual_length=R, sink_length=S)
+    assert RateQuantConfig.from_dict(quant.to_dict()) == quant and quant.version == 2
     quant.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert saved["sink_length"] == S and saved["version"] == 2  # older releases refuse it rather than drop the sinks
@@ -143,6 +164,7 @@ def test_config_sink_length_is_validated_and_saved(tmp_path, tiny_llama):
     plain = RateQuantConfig.uniform(tiny_llama.config, bits=4, group_size=G, residual_length=R).to_dict()
     assert "sink_length" not in plain and plain["version"] == 1  # without sinks: readable by older releases
     assert RateQuantConfig.from_dict(plain).sink_length == 0
+    assert RateQuantConfig.from_dict(plain) == RateQuantConfig.from_dict({**plain, "version": 2})  # v2, no sinks
 
 
 def test_calibration_mask_never_reads_sinks_from_the_quantized_copy():

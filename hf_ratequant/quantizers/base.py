@@ -222,8 +222,7 @@ class Quantizer:
         dtype = q.scale.dtype
         codes = unpack(q.codes, q.bits, q.head_dim)  # uint8 (B, H, T, D)
         shape = codes.shape
-        # fp32 math for 16-bit dtypes on CPU is faster and exact enough; on GPU stay in the model's dtype.
-        work = torch.float32 if codes.device.type == "cpu" else dtype
+        work = _work_dtype(codes.device, dtype)
         # float16 only: a value within half a step of 65504 may be reconstructed just past it (inf once rounded).
         fmax = torch.finfo(dtype).max if dtype == torch.float16 else None
         direct = out is not None and work == dtype and not self.rotates
@@ -235,7 +234,11 @@ class Quantizer:
             chunks = (b, h, t // tb, tb, n_groups, d // n_groups)
             view = x.view(chunks)
             view.copy_(codes.reshape(chunks))
-            view.mul_(q.scale[:, :, :, None, :, None]).add_(q.zero[:, :, :, None, :, None])
+            scale, zero = q.scale[:, :, :, None, :, None], q.zero[:, :, :, None, :, None]
+            if work == torch.float32:  # two passes, cheaper than an in-place addcmul on CPU
+                view.mul_(scale).add_(zero)
+            else:  # 16-bit work (GPU): one rounding, and code * scale may not fit float16 before zero is added
+                torch.addcmul(zero, view, scale, out=view)
         else:
             g = self._to_groups(codes, kind).to(work)  # (B, H, T // tb, n_groups, group_len)
             scale, zero = q.scale.to(work)[..., None], q.zero.to(work)[..., None]
@@ -249,6 +252,12 @@ class Quantizer:
         if out is not None:
             out.copy_(x)
         return x
+
+
+def _work_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype dequantization computes in: float32 on CPU (faster there than 16-bit math, and exact enough), the
+    model's dtype elsewhere."""
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
