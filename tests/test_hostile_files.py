@@ -38,7 +38,7 @@ from hf_ratequant.quantizers import available_quantizers
 ARTIFACT = Path(__file__).resolve().parent.parent / "hub_artifacts" / "SmolLM2-135M-Instruct-ratequant-kivi-2.5"
 BASE_TEXT = (ARTIFACT / CONFIG_NAME).read_bytes()
 BASE = json.loads(BASE_TEXT)
-BASE["sink_length"] = 0  # written only when not 0 (schema 2); typed all the same
+BASE.setdefault("sink_length", 0)  # written only when not 0 (schema 2); typed all the same
 BASE_CURVES_BYTES = (ARTIFACT / CURVES_NAME).read_bytes()
 LAYERS, HEADS = BASE["fingerprint"]["num_layers"], BASE["fingerprint"]["num_kv_heads"]  # 30, 3
 INT32_MAX = 2**31 - 1
@@ -269,7 +269,7 @@ RULES = {
     "value_bits[]": lambda v: isinstance(v, list) and len(v) == HEADS and all(map(_is_bits, v)),
     "key_bits[][]": _is_bits, "value_bits[][]": _is_bits,
     "quantizer": lambda v: isinstance(v, str) and v in available_quantizers(),
-    "group_size": lambda v: _is_int(v, 1) and BASE["residual_length"] % v == 0,
+    "group_size": lambda v: _is_int(v, 1) and BASE["residual_length"] % v == 0 and BASE["sink_length"] % v == 0,
     "residual_length": lambda v: _is_int(v, 0) and v % BASE["group_size"] == 0,
     "sink_length": lambda v: _is_int(v, 0) and v % BASE["group_size"] == 0,
     "budget": _opt(lambda v: type(v) in (int, float) and 1 <= v <= 16),
