@@ -18,12 +18,16 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--quantizer", default="kivi")
     parser.add_argument("--budget", type=float, default=2.5)
+    parser.add_argument("--sink-length", type=int, default=32, help="first tokens kept in full precision")
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows for the fit")
+    parser.add_argument("--validation", type=int, default=8, help="held-back calibration windows")
     parser.add_argument("--windows", type=int, default=4, help="1024-token evaluation windows")
     parser.add_argument("--output", default="ratequant-config")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
-    config = calibrate(model, tokenizer, quantizer=args.quantizer, budget=args.budget)
+    config = calibrate(model, tokenizer, quantizer=args.quantizer, budget=args.budget, sink_length=args.sink_length,
+                       n_samples=args.samples, n_validation=args.validation)
     config.save_pretrained(args.output)
     print(f"calibration chose {config.method}; saved to {args.output}")
 
@@ -33,7 +37,8 @@ def main() -> None:
     n_units = config.num_layers * config.num_kv_heads
     for k, v in fixed_allocations(n_units, n_units, args.budget, config.b_min, config.b_max):
         caches[f"keys {k} / values {v}"] = RateQuantConfig.uniform(model.config, key_bits=k, value_bits=v,
-                                                                   quantizer=args.quantizer)
+                                                                   quantizer=args.quantizer,
+                                                                   sink_length=args.sink_length)
     print(f"{'cache':<32}{'perplexity':>12}{'KL':>10}")
     for name, cfg in caches.items():
         res = evaluate_quality(model, windows, cfg, reference=reference)
