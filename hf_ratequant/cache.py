@@ -30,6 +30,12 @@ from .quantizers import KEEP_BITS, NonFiniteError, QuantizedBlock, Quantizer, ge
 __all__ = ["RateQuantCache", "RateQuantLayer", "RateQuantSlidingLayer"]
 
 
+def _scatter_classes(device: torch.device) -> bool:
+    """Whether heads of one bit-width that lie in several runs are dequantized together and scattered (off the CPU)
+    rather than run by run (on the CPU)."""
+    return device.type != "cpu"
+
+
 class _HeadGroups:
     """The past of one layer's keys (or values) that has left the full-precision window.
 
@@ -124,9 +130,15 @@ class _HeadGroups:
             out = out[:, :, ns:]
         if ns == self.num_tokens:  # nothing quantized yet
             return
-        for (bits, _), runs, data in zip(self.classes, self.runs, self.data):
-            # One call per run of consecutive heads (one per class when a class's heads are contiguous), written
-            # straight into the output: cheaper than a scatter on CPU and GPU alike.
+        for (bits, _), sel, runs, data in zip(self.classes, self.index, self.runs, self.data):
+            if len(runs) > 1 and _scatter_classes(out.device):
+                # Off the CPU every call costs kernel launches: one dequantization per class and one scatter
+                # (an H100, Qwen3-8B layer, 32k tokens, heads alternating 2/3 bits: 4.2 -> 1.2 ms for K + V).
+                whole = data if bits == KEEP_BITS else self.quantizer.dequantize(data, self.kind)
+                out.index_copy_(1, sel, whole)
+                continue
+            # On the CPU, one call per run of consecutive heads, written straight into the output, is cheaper than
+            # a scatter (one per class when a class's heads are contiguous).
             for layer_heads, class_heads in runs:
                 if bits == KEEP_BITS:
                     out[:, layer_heads] = data[:, class_heads]

@@ -398,7 +398,7 @@ def calibrate(
         residual_length=residual_length if residual_aware else None, sink_length=sink_length,
         progress=progress and procs.is_main,
     ), "measuring the distortion")
-    table = procs.sum(table)
+    table = procs.sum(table).cpu()  # measured on the model's device; the fit and allocation are CPU math
     measure_s = time.perf_counter() - t0
     fit = fit_curves(table, bit_grid)
     candidates = allocation_candidates(table, bit_grid, budget)

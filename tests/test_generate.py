@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_ratequant import RateQuantCache, RateQuantConfig, available_quantizers
+from hf_ratequant.quantizers import get_quantizer
 
 QUANTIZERS = available_quantizers()
 MIXED_KEY_BITS = [[8, 2], [3, 16]]
@@ -156,6 +157,31 @@ def test_mixed_per_head_bits_store_each_head_at_its_bits(tiny_llama, cache_facto
             quantized = sorted(b for b in errors if b != 16)
             if len(quantized) == 2 and quantized[1] - quantized[0] >= 2:
                 assert errors[quantized[1]] < errors[quantized[0]], (kind, layer_idx, errors)
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.parametrize("scatter", [False, True], ids=["per-run", "per-class"])
+def test_heads_of_one_width_in_several_runs_dequantize_in_place(device, quantizer, scatter, monkeypatch):
+    """Heads of one bit-width that are not adjacent (2 bits at heads 0, 2, 4; 16 bits at 1 and 5) land at their own
+    places, whether dequantized run by run (the CPU's way) or per bit-width and scattered (the GPU's way)."""
+    from hf_ratequant import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_scatter_classes", lambda dev: scatter)
+    bits = [2, 16, 2, 3, 2, 16]
+    groups = cache_module._HeadGroups(bits, get_quantizer(quantizer, 8), "value", sink_length=8)
+    groups.to_device(torch.device(device))
+    x = torch.randn(2, len(bits), 40, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    groups.append(x[:, :, :24])
+    groups.append(x[:, :, 24:])
+    out = torch.full_like(x, float("nan"))
+    groups.dequantize_into(out)
+    assert torch.equal(out[:, :, :8], x[:, :, :8])  # the sink
+    assert torch.equal(out[:, [1, 5]], x[:, [1, 5]])  # 16-bit heads are exact
+    for head, b in enumerate(bits):
+        if b != 16:
+            alone = get_quantizer(quantizer, 8).quantize(x[:, head : head + 1, 8:], b, "value")
+            want = get_quantizer(quantizer, 8).dequantize(alone, "value")
+            torch.testing.assert_close(out[:, head : head + 1, 8:], want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
