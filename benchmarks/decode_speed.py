@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from _common import machine
+from _common import MODEL_HELP, benchmark_ids, load_benchmark_model, machine
 
 logger = logging.getLogger("benchmarks.decode_speed")
 
@@ -495,7 +495,7 @@ def describe(args, info: dict, source: str, model_name: str) -> str:
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), device "
         f"{info['device']}{gpu}; torch {info['torch']}, transformers {info.get('transformers')}, optimum-quanto "
         f"{info['optimum-quanto']}, hqq {info['hqq']}.\n\n"
-        f"Default model ({model_name}) in {args.dtype}; context from {source}.",
+        f"Model: {model_name}, in {args.dtype}; context from {source}; SDPA backend: {args.sdpa}.",
         f"Every cache is filled with the same prefill states, then {args.steps} greedy decode steps are timed;",
         f"median of {args.repeats} interleaved runs.",
         f"RateQuant G={args.group_size}, R={r}; QuantizedCache q_group_size={args.qc_group_size},",
@@ -516,6 +516,12 @@ def describe(args, info: dict, source: str, model_name: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP + " (default smollm2)")
+    p.add_argument(
+        "--sdpa", default="default", choices=["default", "flash", "efficient", "math"],
+        help="pin the SDPA backend (default: PyTorch's choice; on an H100 with torch 2.11 that is cuDNN, which\n"
+        "spends about 1.5 ms of CPU building a graph for every new context length, whichever cache comes first)",
+    )
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096], help="context lengths (default 1024 4096)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per run (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="runs per cache; the median is reported (default 3)")
@@ -555,22 +561,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sdpa == "default":
+        return run(args)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH}[args.sdpa]
+    with sdpa_kernel([backend]):
+        return run(args)
+
+
+def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     from transformers.utils import logging as hf_logging
-
-    from hf_ratequant import load_default_model
-    from hf_ratequant.data import load_text, tokenize_windows
 
     hf_logging.disable_progress_bar()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     info = machine(device, packages=("optimum-quanto", "hqq"))
     logger.info("Machine: %s", info)
     start = time.perf_counter()
-    model, tokenizer = load_default_model(dtype=dtype)
-    model.to(device)
-    logger.info("Loaded the default model in %.1f s.", time.perf_counter() - start)
-    text, source = load_text(args.text)
-    ids_all = tokenize_windows(tokenizer, text, seq_len=max(args.contexts), n_windows=1).to(device)
+    model, tokenizer, model_name = load_benchmark_model(args.model, dtype, device)
+    logger.info("Loaded %s in %.1f s.", model_name, time.perf_counter() - start)
+    ids_all, source = benchmark_ids(tokenizer, model, args.text, max(args.contexts), device)
     specs = cache_specs(model.config, args)
 
     # Warm-up at a short context: lazy imports of the backends, first-call allocations.
@@ -617,7 +629,7 @@ def main(argv=None) -> int:
         del states
     add_ratios(results)
 
-    header = describe(args, info, source, model.config._name_or_path)
+    header = describe(args, info, source, model_name)
     md = "\n".join(
         [header, markdown_table(results), "", "## Goals (issue)", "", *goals(results, max(args.contexts)), ""]
     )
@@ -625,7 +637,7 @@ def main(argv=None) -> int:
         f.write(md)
     payload = dict(
         machine=info,
-        model=model.config._name_or_path,
+        model=model_name,
         text=source,
         args=vars(args),
         background_cpu_busy=background,

@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from _common import machine
+from _common import MODEL_HELP, benchmark_ids, load_benchmark_model, machine
 from decode_speed import (
     DTYPES,
     CacheSpec,
@@ -216,7 +216,7 @@ def markdown(
         f"{info['device']}{gpu}; torch {info['torch']}, transformers {info.get('transformers')}; load average at "
         f"the start {info.get('load_average_start')}.",
         "",
-        f"Default model ({model.config._name_or_path}, {model.config.max_position_embeddings} positions) in "
+        f"Model ({model.config._name_or_path}, {model.config.max_position_embeddings} positions) in "
         f"{args.dtype}; context from {source}. Every cache is filled with the same prefill states, then "
         f"{args.steps} greedy decode steps are timed, {args.repeats} interleaved runs; 'median step' is the median "
         f"step of the median run, 'mean ms/token' that run's total over its steps (it includes the steps that "
@@ -278,6 +278,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8064], help="context lengths (1024 2048 4096\n"
         "8064: with the decode steps the longest stays within the model's 8192 positions)"
     )
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP + " (default smollm2)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per run (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="runs per cache; the median is reported (default 3)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
@@ -312,26 +313,21 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     from transformers.utils import logging as hf_logging
 
-    from hf_ratequant import load_default_model
-    from hf_ratequant.data import load_text, tokenize_windows
-
     hf_logging.disable_progress_bar()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     info = machine(device)
     logger.info("Machine: %s", info)
     start = time.perf_counter()
-    model, tokenizer = load_default_model(dtype=dtype)
-    model.to(device)
-    logger.info("Loaded the default model in %.1f s.", time.perf_counter() - start)
+    model, tokenizer, model_name = load_benchmark_model(args.model, dtype, device)
+    logger.info("Loaded %s in %.1f s.", model_name, time.perf_counter() - start)
     limit = model.config.max_position_embeddings
     contexts = sorted(args.contexts)
     for what, tokens in (("--contexts + --steps", contexts[-1] + args.steps),
                          ("--generate-context + --generate-tokens", args.generate_context + args.generate_tokens)):
         if tokens > limit:
             raise SystemExit(f"{what} = {tokens} tokens exceeds the model's {limit} positions: lower them.")
-    text, source = load_text(args.text)
     longest = max(contexts[-1], args.generate_context)
-    ids_all = tokenize_windows(tokenizer, text, seq_len=longest, n_windows=1).to(device)
+    ids_all, source = benchmark_ids(tokenizer, model, args.text, longest, device)
     specs = cache_specs(model.config, args)
 
     # Warm-up at a short context: first-call allocations, lazy imports.

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from _common import load_average, machine
+from _common import load_average, machine, time_fwd_bwd
 
 logger = logging.getLogger("benchmarks.ratequant_quality")
 
@@ -104,28 +104,6 @@ def paired(a: Row, b: Row, metric: str) -> tuple[float, float | None]:
     mean = sum(d) / len(d)
     se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
     return mean, se
-
-
-def time_fwd_bwd(model, ids: torch.LongTensor, batch_size: int) -> dict:
-    """One plain forward + backward pass (every parameter requiring grad, `loss.backward()`) over `ids`."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        for p, _ in flags:
-            p.requires_grad_(True)
-        model.eval()  # calibration runs in eval mode too
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        with torch.enable_grad():
-            for batch in torch.split(ids, batch_size):
-                out = model(input_ids=batch, labels=batch, use_cache=False)
-                out.loss.backward()
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    finally:
-        for p, flag in flags:
-            p.grad = None
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return dict(wall_s=wall, cpu_s=cpu, tokens=int(ids.numel()), batch_size=batch_size)
 
 
 def bits_config(bits: torch.Tensor, template, name: str):

@@ -1,0 +1,117 @@
+"""Calibration wall time against one plain forward + backward pass over the same calibration tokens.
+
+The issue's bar: calibration (measure, fit, allocation and validation) costs at most 3x one forward + backward pass
+over its fit tokens. Both are timed in one run, on the same model, device and batch size; the median of `--repeats`
+runs of each is reported.
+
+    python benchmarks/calibration_speed.py                                   # default model, CPU, float32
+    python benchmarks/calibration_speed.py --device cuda --dtype bfloat16 --model Qwen/Qwen3-8B
+    python benchmarks/calibration_speed.py --device cuda --dtype bfloat16 --model random:qwen3-8b \\
+        --tokenizer PATH    # timing only, without downloading the weights (any tokenizer folder will do)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+from _common import MODEL_HELP, load_benchmark_model, machine, time_fwd_bwd
+
+logger = logging.getLogger("benchmarks.calibration_speed")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP + " (default smollm2)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's own)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--quantizer", default="kivi")
+    p.add_argument("--budget", type=float, default=2.5)
+    p.add_argument("--samples", type=int, default=16, help="fit windows (default 16)")
+    p.add_argument("--validation", type=int, default=8, help="validation windows (default 8)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--sink-length", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--data", default=None, help="calibration text (default: hf_ratequant's default)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--output-dir", default=RESULTS_DIR)
+    p.add_argument("--tag", default="")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from transformers import AutoTokenizer
+
+    from hf_ratequant import calibrate
+    from hf_ratequant.data import load_text, tokenize_windows
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    info = machine(device)
+    model, tokenizer, model_name = load_benchmark_model(args.model, dtype, device)
+    if args.tokenizer is not None:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
+    if tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer: name one with --tokenizer.")
+    text, source = load_text(args.data, split="train")
+    ids = tokenize_windows(tokenizer, text, seq_len=args.seq_len, n_windows=args.samples).to(device)
+
+    fwd_bwd, calib, parts = [], [], []
+    for _ in range(args.repeats):
+        _sync(device)
+        fwd_bwd.append(time_fwd_bwd(model, ids, args.batch_size)["wall_s"])
+        _sync(device)
+        start = time.perf_counter()
+        config = calibrate(model, tokenizer, data=args.data, quantizer=args.quantizer, budget=args.budget,
+                           n_samples=args.samples, n_validation=args.validation, seq_len=args.seq_len,
+                           sink_length=args.sink_length, batch_size=args.batch_size, progress=False)
+        _sync(device)
+        calib.append(time.perf_counter() - start)
+        parts.append(config.calibration["seconds"])
+        logger.info("fwd+bwd %.2f s, calibration %.2f s (%s)", fwd_bwd[-1], calib[-1], parts[-1])
+    fb, cal = statistics.median(fwd_bwd), statistics.median(calib)
+    ratio = cal / fb
+    gpu = f", {info['gpu']}" if "gpu" in info else ""
+    lines = [
+        "# Calibration time against one forward + backward pass",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, device {info['device']}{gpu}; torch {info['torch']}, "
+        f"transformers {info.get('transformers')}. Model: {model_name}, in {args.dtype}. Text: {source}. "
+        f"{args.quantizer} at {args.budget} bits, {args.samples} fit + {args.validation} validation windows of "
+        f"{args.seq_len} tokens, sinks {args.sink_length}, batch {args.batch_size}; median of {args.repeats} runs.",
+        "",
+        "| fwd+bwd s (fit tokens) | calibration s | of which measure s | validate s | ratio (goal <= 3x) |",
+        "|---|---|---|---|---|",
+        f"| {fb:.2f} | {cal:.2f} | {statistics.median(p['measure'] for p in parts):.2f} "
+        f"| {statistics.median(p['validate'] for p in parts):.2f} | {ratio:.2f}x {'PASS' if ratio <= 3 else 'FAIL'} |",
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    os.makedirs(args.output_dir, exist_ok=True)
+    suffix = f"_{args.tag}" if args.tag else ""
+    with open(os.path.join(args.output_dir, f"calibration_speed{suffix}.md"), "w", encoding="utf-8") as f:
+        f.write(report)
+    with open(os.path.join(args.output_dir, f"calibration_speed{suffix}.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(machine=info, args=vars(args), model=model_name, fwd_bwd_s=fwd_bwd, calibration_s=calib,
+                       parts=parts, ratio=ratio), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
