@@ -146,6 +146,7 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
         seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
         residual_length=args.residual_length, sink_length=args.sink_length, b_min=args.b_min, b_max=args.b_max,
         batch_size=args.batch_size, chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
+        measure=args.measure,
     )
     calib = dict(wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
     if args.save_configs:
@@ -254,7 +255,9 @@ def markdown(payload: dict) -> str:
         "",
         f"- **Calibration text**: {payload['calib_source']} (sha256 {payload['calib_sha256']}); "
         f"{a['samples']} fit windows + {a['validation']} validation windows of {a['seq_len']} tokens, "
-        f"b in [{a['b_min']}, {a['b_max']}], calibration batch size {a['batch_size']}.",
+        f"b in [{a['b_min']}, {a['b_max']}], calibration batch size {a['batch_size']}, measure: "
+        f"{a.get('measure', 'state')} (gradient-weighted error of the "
+        f"{'attention output' if a.get('measure') == 'output' else 'states'}).",
         f"- **Evaluation text**: {payload['eval_source']} (sha256 {payload['eval_sha256']}); "
         f"{payload['eval_windows']} windows x {a['window']} tokens = {payload['eval_tokens']} predicted tokens, fed "
         f"in chunks of {a['chunk']} through the real cache, R = {a['residual_length']}, G = {a['group_size']}, "
@@ -366,6 +369,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plain-measure", action="store_true",
                    help="weight errors by gradients through all attention, the residual window included (the "
                         "measure before residual-aware calibration; for comparison)")
+    p.add_argument("--measure", choices=["output", "state"], default="output",
+                   help="calibrate's measure: gradient-weighted error of the attention output (default) or of the "
+                        "states themselves (the measure before)")
     p.add_argument("--all-candidates", action="store_true",
                    help="also evaluate the RateQuant candidates calibration did not choose (default: only the "
                         "closed form and kvq's beta = 4 rule next to the chosen one)")

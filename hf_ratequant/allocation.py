@@ -12,6 +12,8 @@ distortion `D_u(b) = alpha_u * beta_u ** (-b)`. We pick integer bits `b_u` in `[
   same as taking the `total - n_units * b_min` largest gains overall (ties: lower bit first, then lower unit index).
 - [`allocate_from_table`] does the same from a table of measured distortions. Convex rows use the greedy; otherwise an
   exact dynamic program over the total bit count is used.
+- [`descent_path`] walks from a given allocation (a fixed keys/values split) towards the table's optimum, one bit
+  moved per step, so that calibration can also try allocations part of the way there.
 
 All functions are deterministic and work in float64 on CPU.
 """
@@ -330,3 +332,53 @@ def fixed_allocations(
         for v in range(b_min, b_max + 1)
         if abs(n_units_k * k + n_units_v * v - target) <= _TOTAL_TOL
     ]
+
+
+def descent_path(distortion: torch.Tensor, bit_grid: torch.Tensor, start: torch.Tensor) -> list[torch.LongTensor]:
+    """The allocations met by steepest descent on a measured table from `start`, one bit moved per step.
+
+    Every step moves one bit from the unit that loses least by giving it up to the unit that gains most by receiving
+    it, as long as the table predicts a strict improvement; the sum of bits never changes. Stopping early keeps an
+    allocation close to `start` (e.g. the best fixed keys/values split), where a measured table's predictions of small
+    moves are more trustworthy than its prediction of the far-away optimum.
+
+    Args:
+        distortion (`torch.Tensor`): `(n_units, n_bits)`, column `j` the distortion at `bit_grid[j]` bits.
+        bit_grid (`torch.Tensor`): consecutive increasing integers, e.g. `[2, 3, 4, 5, 6]`.
+        start (`torch.Tensor`): `(n_units,)` integer bits within `bit_grid`.
+
+    Returns:
+        `list[torch.LongTensor]`: the allocation after each step (empty if no step improves on `start`).
+
+    Example:
+        >>> table = torch.tensor([[4.0, 2.0, 1.0], [64.0, 16.0, 4.0]])
+        >>> descent_path(table, torch.tensor([2, 3, 4]), torch.tensor([4, 3]))
+        [tensor([3, 4])]
+    """
+    grid = torch.as_tensor(bit_grid)
+    table = _as_float64(distortion)
+    b_lo, b_hi = int(grid[0]), int(grid[-1])
+    bits = torch.as_tensor(start).long().clone()
+    if table.dim() != 2 or table.shape != (bits.numel(), grid.numel()):
+        raise ValueError(f"distortion must have shape (n_units, n_bits) = ({bits.numel()}, {grid.numel()}), got "
+                         f"{tuple(table.shape)}.")
+    if bool(((bits < b_lo) | (bits > b_hi)).any()):
+        bad = _first_bad(bits, (bits < b_lo) | (bits > b_hi))
+        raise ValueError(f"start must lie within [{b_lo}, {b_hi}], got {bad}.")
+    rows = torch.arange(bits.numel())
+    path = []
+    for _ in range(bits.numel() * grid.numel()):  # every step lowers the total: it ends well before this
+        j = bits - b_lo
+        gain = torch.where(bits < b_hi, table[rows, j] - table[rows, (j + 1).clamp_max(grid.numel() - 1)],
+                           torch.tensor(-math.inf, dtype=torch.float64))
+        loss = torch.where(bits > b_lo, table[rows, (j - 1).clamp_min(0)] - table[rows, j],
+                           torch.tensor(math.inf, dtype=torch.float64))
+        up = int(gain.argmax())
+        loss[up] = math.inf
+        down = int(loss.argmin())
+        if not gain[up] > loss[down]:
+            break
+        bits[up] += 1
+        bits[down] -= 1
+        path.append(bits.clone())
+    return path

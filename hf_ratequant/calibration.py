@@ -4,8 +4,9 @@
    post-RoPE keys and values through transformers' own cache API (so every architecture the cache serves is seen),
    make them leaves that require grad, and keep them with their gradients. Model weights are frozen for the pass and
    restored afterwards (`calibration_mode`).
-2. **Measure.** For every unit and bit-width in play, the gradient-weighted error of the real quantizer
-   ([`fisher_distortion`]); fit D_u(b) = alpha_u * beta_u^(-b) per unit ([`fit_curves`]).
+2. **Measure.** For every unit and bit-width in play, the gradient-weighted error that the real quantizer causes in
+   the layer's attention output, attention recomputed with the quantized states ([`output_distortion`]; or in the
+   states themselves, [`fisher_distortion`]); fit D_u(b) = alpha_u * beta_u^(-b) per unit ([`fit_curves`]).
 3. **Allocate** by reverse waterfilling ([`allocate_bits`]) and, exactly, from the measured table.
 4. **Validate.** Every candidate (RateQuant allocations and every fixed keys/values split of the same budget) is
    evaluated by KL to the full-precision cache, through the real cache, on calibration windows held back from the
@@ -16,18 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from huggingface_hub.utils import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .allocation import allocate_bits, allocate_from_table, fixed_allocations
+from .allocation import allocate_bits, allocate_from_table, descent_path, fixed_allocations
 from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, text_fingerprint, tokenize_windows
-from .distortion import fisher_distortion, fit_curves, fixed_beta_fit
+from .distortion import fisher_distortion, fit_curves, fixed_beta_fit, output_distortion
 from .distributed import Processes
 from .evaluation import evaluate_quality, reference_logprobs
 from .quantizers import get_quantizer
@@ -90,6 +93,55 @@ class _CaptureCache(DynamicCache):
         super(DynamicCache, self).__init__(layers=[_CaptureLayer(split) for _ in range(num_layers)])
 
 
+_RECORDING_NAME = "ratequant_recording"
+
+
+@dataclass
+class _Recording:
+    implementation: Any  # the model's own attention implementation, which does the work
+    calls: list = field(default_factory=list)  # (module, query, key, value, mask, kwargs, output) per call
+
+
+_ACTIVE: list[_Recording] = []
+
+
+def _inner_attention(module: Any, implementation: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"{type(module).__name__} has no eager_attention_forward to record attention with.")
+    return eager
+
+
+def _recording_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention implementation that runs the model's own one and keeps its inputs and output."""
+    rec = _ACTIVE[-1]
+    inner = _inner_attention(module, rec.implementation)
+    out, weights = inner(module, query, key, value, attention_mask, **kwargs)
+    rec.calls.append((module, inner, query.detach(), key.detach(), value.detach(), attention_mask, kwargs, out))
+    return out, weights
+
+
+@contextlib.contextmanager
+def _record_attention(model: Any):
+    """Route every attention call of `model` through [`_recording_attention`]; always restore the implementation."""
+    from transformers import AttentionInterface
+
+    implementation = model.config._attn_implementation
+    AttentionInterface.register(_RECORDING_NAME, _recording_attention)
+    rec = _Recording(implementation)
+    _ACTIVE.append(rec)
+    try:
+        model.set_attn_implementation(_RECORDING_NAME)
+        yield rec.calls
+    finally:
+        _ACTIVE.pop()
+        model.set_attn_implementation(implementation)
+
+
 def residual_split_mask(
     seq_len: int, residual_length: int, group_size: int, fingerprint: ModelFingerprint, dtype: torch.dtype,
     device: torch.device | str = "cpu", sink_length: int = 0,
@@ -122,8 +174,8 @@ def residual_split_mask(
 
 def capture_states(
     model: Any, input_ids: torch.LongTensor, *, residual_length: int | None = None, group_size: int = 32,
-    sink_length: int = 0,
-) -> list[tuple[torch.Tensor, ...]]:
+    sink_length: int = 0, attention: bool = False,
+) -> list[tuple]:
     """Post-RoPE keys and values of every layer with the gradient of the LM loss with respect to them.
 
     Args:
@@ -131,9 +183,13 @@ def capture_states(
             cache would hold quantized (see [`residual_split_mask`]); by default through all attention.
         sink_length (`int`, *optional*, defaults to 0): with `residual_length`, the first tokens the cache keeps
             as they are (no gradient flows to them).
+        attention (`bool`, *optional*, defaults to `False`): also record every layer's attention (through a
+            recording attention implementation that runs the model's own) for [`output_distortion`].
 
     Returns:
-        `list[tuple]`: per layer `(keys, values, key_grads, value_grads)`, each `(batch, kv_heads, tokens, head_dim)`.
+        `list[tuple]`: per layer `(keys, values, key_grads, value_grads)`, each `(batch, kv_heads, tokens, head_dim)`;
+        with `attention=True` a fifth element, `(attend, keys, values, grad_out, n_quantized)`: the arguments of
+        [`output_distortion`] for that layer (only the queries that read quantized keys are recomputed).
     """
     fp = ModelFingerprint.from_model_config(model.config)
     split = residual_length is not None
@@ -144,8 +200,12 @@ def capture_states(
     if split:
         kwargs["attention_mask"] = residual_split_mask(ids.shape[1], residual_length, group_size, fp, model.dtype,
                                                        device, sink_length)
-    with calibration_mode(model), torch.enable_grad():
+    recording = _record_attention(model) if attention else contextlib.nullcontext([])
+    with calibration_mode(model), torch.enable_grad(), recording as calls:
         out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True, **kwargs)
+        if attention and len(calls) != fp.num_layers:
+            raise ValueError(f"{fp.architecture}: {len(calls)} attention calls for {fp.num_layers} layers; the "
+                             "attention-output measure needs one per layer (use measure='state').")
         missing = [i for i, layer in enumerate(cache.layers) if not hasattr(layer, "captured")]
         if missing:
             raise ValueError(
@@ -164,12 +224,28 @@ def capture_states(
         leaves = [t for layer in cache.layers for t in layer.captured]
         # The sum over windows of each window's mean token loss: a window's gradients do not depend on which other
         # windows share its batch (so any batching, or sharding across processes, measures the same table).
-        grads = torch.autograd.grad(out.loss * ids.shape[0], leaves, allow_unused=True)
+        outputs = [call[-1] for call in calls]
+        grads = torch.autograd.grad(out.loss * ids.shape[0], leaves + outputs, allow_unused=True)
     result = []
+    seq_len = ids.shape[1]
+    # The first query that reads any token from the quantized (far) copy; earlier rows see no quantization error.
+    first = min(seq_len, residual_length + sink_length + group_size) if split else 0
     for i, layer in enumerate(cache.layers):
         k, v = layer.captured
         gk, gv = grads[2 * i], grads[2 * i + 1]
-        result.append((k.detach(), v.detach(), _or_zeros(gk, k), _or_zeros(gv, v)))
+        row = (k.detach(), v.detach(), _or_zeros(gk, k), _or_zeros(gv, v))
+        if attention:
+            module, inner, query, key, value, mask, kw, output = calls[i]
+            start = first if isinstance(mask, torch.Tensor) else 0  # a causal flag instead of a mask: every row
+            q, m = query[:, :, start:], (mask[..., start:, :] if start else mask)
+
+            def attend(keys, values, module=module, inner=inner, q=q, m=m, kw=kw):
+                with torch.no_grad():
+                    return inner(module, q, keys, values, m, **kw)[0]
+
+            g_out = _or_zeros(grads[len(leaves) + i], output)[:, start:]
+            row += ((attend, key, value, g_out, seq_len),)
+        result.append(row)
     return result
 
 
@@ -195,6 +271,11 @@ def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad.detach()
 
 
+MEASURES = ("output", "state")
+"""`"output"`: gradient-weighted error of the attention output recomputed with the quantized states
+([`output_distortion`]); `"state"`: gradient-weighted error of the states themselves ([`fisher_distortion`])."""
+
+
 def measure_distortion(
     model: Any,
     windows: torch.LongTensor,
@@ -206,13 +287,15 @@ def measure_distortion(
     residual_length: int | None = None,
     sink_length: int = 0,
     progress: bool = True,
+    measure: str = "output",
 ) -> torch.Tensor:
     """Gradient-weighted distortion of every unit at every bit-width: float64 `(layers, kv_heads, 2, n_bits)`,
     `[..., 0, :]` keys and `[..., 1, :]` values, summed over `windows`. With `residual_length`, gradients flow only
-    through the attention the cache serves from quantized tokens ([`capture_states`]), sink tokens excluded."""
+    through the attention the cache serves from quantized tokens ([`capture_states`]), sink tokens excluded.
+    `measure` is one of [`MEASURES`]."""
     return measure_distortions(model, windows, [quantizer], bit_grid, group_size=group_size, batch_size=batch_size,
                                residual_length=residual_length, sink_length=sink_length,
-                               progress=progress)[quantizer]
+                               progress=progress, measure=measure)[quantizer]
 
 
 def measure_distortions(
@@ -226,26 +309,34 @@ def measure_distortions(
     residual_length: int | None = None,
     sink_length: int = 0,
     progress: bool = True,
+    measure: str = "output",
 ) -> dict[str, torch.Tensor]:
     """[`measure_distortion`] for several quantizer designs on the same captured states (one forward and backward
     pass per batch whatever the number of designs): `{quantizer: (layers, kv_heads, 2, n_bits)}`."""
+    if measure not in MEASURES:
+        raise ValueError(f"Unknown measure {measure!r}: choose one of {', '.join(MEASURES)}.")
     designs = {name: get_quantizer(name, group_size) for name in quantizers}
     totals: dict[str, torch.Tensor] = {}
     desc = f"calibrate {', '.join(quantizers)}"
     for ids in tqdm(torch.split(windows, batch_size), desc=desc, disable=not progress):
         states = capture_states(model, ids, residual_length=residual_length, group_size=group_size,
-                                sink_length=sink_length)
+                                sink_length=sink_length, attention=measure == "output")
         for name, q in designs.items():
-            table = torch.stack([
-                torch.stack([fisher_distortion(k, gk, q, "key", bit_grid),
-                             fisher_distortion(v, gv, q, "value", bit_grid)], dim=1)
-                for k, v, gk, gv in states
-            ])  # (layers, kv_heads, 2, n_bits)
+            if measure == "output":
+                table = torch.stack([output_distortion(*row[4], q, bit_grid) for row in states])
+            else:
+                table = torch.stack([
+                    torch.stack([fisher_distortion(k, gk, q, "key", bit_grid),
+                                 fisher_distortion(v, gv, q, "value", bit_grid)], dim=1)
+                    for k, v, gk, gv in states
+                ])  # (layers, kv_heads, 2, n_bits)
             totals[name] = table if name not in totals else totals[name] + table
     return totals
 
 
 KEY_WEIGHTS = (0.25, 4.0, 16.0)
+DESCENT_FRACTIONS = (0.125, 0.25, 0.5)
+"""How far along the descent from the best fixed split (towards the measured optimum) the extra candidates lie."""
 
 
 def allocation_candidates(
@@ -334,6 +425,7 @@ def calibrate(
     residual_aware: bool = True,
     data_column: str | None = None,
     progress: bool = True,
+    measure: str = "output",
 ) -> RateQuantConfig:
     """Calibrate a RateQuant allocation of `budget` average bits for `quantizer` on `model`.
 
@@ -357,6 +449,9 @@ def calibrate(
         residual_aware (`bool`, *optional*, defaults to `True`): weight each unit's error only by the attention that
             reads it quantized (the cache keeps the last `residual_length` tokens in full precision); falls back to
             all attention, with a warning, on a model that does not honour a custom attention mask.
+        measure (`str`, *optional*, defaults to `"output"`): `"output"` weights the error of each layer's attention
+            output, recomputed with the quantized keys or values (exact through the softmax, about 30% more time);
+            `"state"` the error of the states themselves (first order: it underrates coarse key quantization).
 
     Returns:
         [`RateQuantConfig`]: the winning allocation, with the fitted curves and the validation scores.
@@ -368,6 +463,8 @@ def calibrate(
     start = time.perf_counter()
     fp = ModelFingerprint.from_model_config(model.config)
     get_quantizer(quantizer, group_size)  # fail early on an unknown design
+    if measure not in MEASURES:
+        raise ValueError(f"Unknown measure {measure!r}: choose one of {', '.join(MEASURES)}.")
     bit_grid = list(range(b_min, b_max + 1))
     if len(bit_grid) < 2:
         raise ValueError(f"b_min={b_min} and b_max={b_max} leave fewer than two bit-widths to fit a curve on.")
@@ -382,7 +479,8 @@ def calibrate(
         lambda: calibration_windows(tokenizer, data, seq_len=seq_len, n_windows=n_samples + n_validation,
                                     column=data_column), "loading the calibration data")
     procs.agree((fp.geometry(), fp.layer_types, fp.model_type, text_fingerprint(text), tuple(windows.shape),
-                 quantizer, budget, group_size, residual_length, sink_length, b_min, b_max), "model, data or settings")
+                 quantizer, budget, group_size, residual_length, sink_length, b_min, b_max, measure),
+                "model, data or settings")
     fit_windows, val_windows = windows[:n_samples], windows[n_samples:]
     my_fit = procs.shard(fit_windows, "calibration")
     my_val = procs.shard(val_windows, "validation")
@@ -396,7 +494,7 @@ def calibrate(
     table = procs.run(lambda: measure_distortion(
         model, my_fit, quantizer, bit_grid, group_size=group_size, batch_size=batch_size,
         residual_length=residual_length if residual_aware else None, sink_length=sink_length,
-        progress=progress and procs.is_main,
+        progress=progress and procs.is_main, measure=measure,
     ), "measuring the distortion")
     table = procs.sum(table).cpu()  # measured on the model's device; the fit and allocation are CPU math
     measure_s = time.perf_counter() - t0
@@ -411,21 +509,36 @@ def calibrate(
     scores: dict[str, float] = {}
     t0 = time.perf_counter()
     if len(val_windows):
-        validated = {n: b for n, b in candidates.items() if n != "kvq-beta4"}
+        reference = []
 
-        def kl_sums() -> torch.Tensor:  # per candidate: KL summed over this process's tokens, and the token count
-            ref = reference_logprobs(model, my_val, batch_size=batch_size)
-            sums = []
-            for name, bits in validated.items():
-                res = evaluate_quality(model, my_val, _config_from_bits(bits, template, name), chunk=chunk,
-                                       batch_size=batch_size, progress=False, reference=ref)
-                sums.append([res.kl * res.tokens, res.tokens])
-            return torch.tensor(sums, dtype=torch.float64)
+        def validate(batch: dict[str, torch.Tensor]) -> None:
+            def kl_sums() -> torch.Tensor:  # per candidate: KL summed over this process's tokens, and the tokens
+                if not reference:
+                    reference.append(reference_logprobs(model, my_val, batch_size=batch_size))
+                sums = []
+                for name, bits in batch.items():
+                    res = evaluate_quality(model, my_val, _config_from_bits(bits, template, name), chunk=chunk,
+                                           batch_size=batch_size, progress=False, reference=reference[0])
+                    sums.append([res.kl * res.tokens, res.tokens])
+                return torch.tensor(sums, dtype=torch.float64)
 
-        sums = procs.sum(procs.run(kl_sums, "validating the candidates"))
-        for name, (kl_sum, tokens) in zip(validated, sums.tolist()):
-            scores[name] = kl_sum / tokens
-            logger.info("validation KL %-22s %.5f", name, scores[name])
+            sums = procs.sum(procs.run(kl_sums, "validating the candidates"))
+            for name, (kl_sum, tokens) in zip(batch, sums.tolist()):
+                scores[name] = kl_sum / tokens
+                logger.info("validation KL %-26s %.5f", name, scores[name])
+
+        validate({n: b for n, b in candidates.items() if n != "kvq-beta4"})
+        fixed = [n for n in scores if not n.startswith(("ratequant", "kvq"))]
+        if fixed:
+            # Part of the way from the best fixed split towards the measured optimum: small moves from a split known
+            # to be good, where the measure's predictions are the most reliable.
+            origin = min(fixed, key=scores.get)
+            path = descent_path(table.reshape(-1, len(bit_grid)), torch.tensor(bit_grid),
+                                candidates[origin].reshape(-1))
+            steps = sorted({max(1, round(len(path) * f)) for f in DESCENT_FRACTIONS}) if path else []
+            near = {f"ratequant-from-{origin}-{s}": path[s - 1].reshape(candidates[origin].shape) for s in steps}
+            candidates.update(near)
+            validate(near)
         winner = min(scores, key=scores.get)
     else:
         winner = "ratequant"
@@ -439,7 +552,9 @@ def calibrate(
         "fit_tokens": int(fit_windows.numel()),
         "validation_tokens": int(val_windows.numel()),
         "seq_len": seq_len,
-        "measure": "gradient-weighted squared quantization error (diagonal Fisher), summed over tokens"
+        "measure": ("gradient-weighted squared error of the attention output recomputed with the quantized states"
+                    if measure == "output" else "gradient-weighted squared quantization error of the states")
+        + " (diagonal Fisher), summed over tokens"
         + (", gradients through the quantized part of the cache only" if residual_aware else ""),
         "residual_aware": residual_aware,
         "bit_grid": bit_grid,

@@ -139,7 +139,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         model, tokenizer, args.data, quantizer=args.quantizer, budget=args.budget, n_samples=args.samples,
         seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
         residual_length=args.residual_length, sink_length=args.sink_length, b_min=args.b_min, b_max=args.b_max,
-        data_column=args.data_column,
+        data_column=args.data_column, measure=args.measure,
     )
     from .distributed import Processes
 
@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first tokens kept in full precision (attention sinks; a multiple of G, e.g. 32)")
     cal.add_argument("--b-min", type=int, default=2)
     cal.add_argument("--b-max", type=int, default=6)
+    cal.add_argument("--measure", choices=["output", "state"], default="output",
+                     help="what a unit's error is weighed on: the attention output (default) or the states")
     cal.add_argument("--output", "-o", required=True, help="folder to save the config to")
     cal.add_argument("--push-to-hub", metavar="REPO", help="also push the saved config to this Hub repo")
     cal.add_argument("--private", action="store_true", help="create the Hub repo private")

@@ -6,18 +6,21 @@ states x (post-RoPE keys or values of one kv-head) and the gradient g of the los
     D_u(b) = sum_{tokens, channels} g^2 * (Q_b(x) - x)^2,
 
 where Q_b is the real quantizer at b bits. Raw reconstruction error alone carries no importance (every unit looks
-alike); the squared gradient says how much the model's output cares about each error.
+alike); the squared gradient says how much the model's output cares about each error. [`output_distortion`] takes
+the same measure one step later, on the attention output recomputed with the quantized states (exact through the
+softmax), with the gradient of the loss with respect to that output.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .quantizers import Quantizer
 
-__all__ = ["CurveFit", "fisher_distortion", "fit_curves", "fixed_beta_fit"]
+__all__ = ["CurveFit", "fisher_distortion", "fit_curves", "fixed_beta_fit", "output_distortion"]
 
 _TINY = 1e-30
 
@@ -46,6 +49,55 @@ def fisher_distortion(
         err = quantizer.dequantize(quantizer.quantize(x, bits, kind), kind) - x
         out.append((w * err.square()).sum(dim=(0, 2, 3)).double())  # (H,)
     return torch.stack(out, dim=-1)  # (H, n_bits)
+
+
+def output_distortion(
+    attend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    grad_out: torch.Tensor,
+    n_quantized: int,
+    quantizer: Quantizer,
+    bit_grid: list[int],
+) -> torch.Tensor:
+    """Gradient-weighted error of one layer's *attention output* when its keys (or its values) are quantized.
+
+    The first-order measure on the states ([`fisher_distortion`]) misjudges keys: their error acts through the
+    softmax, which is far from linear at 2-3 bits. Here attention itself is recomputed with the quantized states, so
+    the softmax is exact, and only the step from the attention output to the loss is linearised. Every kv-head's
+    states are quantized at once (a query head only reads its own kv-head), so one attention call measures all
+    heads of a layer at one bit-width.
+
+    Args:
+        attend (`Callable`): `attend(keys, values)` -> the layer's attention output `(batch, tokens, q_heads,
+            head_dim)` for the queries being measured.
+        keys, values (`torch.Tensor`): `(batch, kv_heads, kv_tokens, head_dim)`, as attention receives them.
+        grad_out (`torch.Tensor`): the loss gradient with respect to that output, same shape as the output.
+        n_quantized (`int`): the first `n_quantized` key/value tokens are the ones the cache would quantize (the
+            rest, if any, are the full-precision copies of the residual-aware split).
+        quantizer (`Quantizer`): the design whose error is measured.
+        bit_grid (`list[int]`): bit-widths to measure.
+
+    Returns:
+        `torch.Tensor`: float64 `(kv_heads, 2, len(bit_grid))`, keys then values.
+    """
+    kv_heads = keys.shape[1]
+    w = grad_out.float().square()
+    base = attend(keys, values).float()
+
+    def quantized(x: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
+        usable = n_quantized - n_quantized % quantizer.time_block(kind)
+        part = x[:, :, :usable]
+        q = quantizer.dequantize(quantizer.quantize(part, bits, kind), kind).to(x.dtype)
+        return torch.cat([q, x[:, :, usable:]], dim=2)
+
+    out = torch.empty(kv_heads, 2, len(bit_grid), dtype=torch.float64)
+    for i, bits in enumerate(bit_grid):
+        for kind_idx, (k, v) in enumerate(((quantized(keys, "key", bits), values),
+                                           (keys, quantized(values, "value", bits)))):
+            err = (attend(k, v).float() - base).square_().mul_(w).sum(dim=(0, 1, 3))  # (q_heads,)
+            out[:, kind_idx, i] = err.view(kv_heads, -1).sum(-1).double().cpu()
+    return out
 
 
 @dataclass

@@ -250,3 +250,39 @@ TABLE = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [3.0, 2.0, 1.0]], dtype=
 def test_bad_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- descent from a given allocation ------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 7), st.integers(0, 2**31 - 1))
+def test_descent_path_moves_one_bit_per_step_and_ends_at_the_optimum(n_units, seed):
+    from hf_ratequant.allocation import descent_path
+
+    g = torch.Generator().manual_seed(seed)
+    alpha = torch.rand(n_units, generator=g, dtype=torch.float64) * 10 + 0.01
+    beta = torch.rand(n_units, generator=g, dtype=torch.float64) * 4 + 1.5
+    grid = torch.tensor([2, 3, 4, 5])
+    table = alpha[:, None] * beta[:, None] ** (-grid.double())  # convex rows
+    start = torch.randint(2, 6, (n_units,), generator=g)
+    path = descent_path(table, grid, start)
+    total = lambda b: float(table[torch.arange(n_units), b - 2].sum())  # noqa: E731
+    previous = start
+    for bits in path:
+        assert int(bits.sum()) == int(start.sum()) and bits.min() >= 2 and bits.max() <= 5
+        assert sorted((bits - previous).abs().tolist())[-2:] == [1, 1] and int((bits != previous).sum()) == 2
+        assert total(bits) < total(previous)
+        previous = bits
+    budget = float(start.double().mean())
+    if (budget * n_units) % 1 == 0:
+        assert total(previous) == pytest.approx(total(allocate_from_table(table, grid, budget)), rel=1e-12)
+
+
+def test_descent_path_from_the_optimum_is_empty_and_bad_starts_are_refused():
+    from hf_ratequant.allocation import descent_path
+
+    table = torch.tensor([[4.0, 2.0, 1.0], [64.0, 16.0, 4.0]])
+    assert descent_path(table, torch.tensor([2, 3, 4]), torch.tensor([3, 4])) == []
+    with pytest.raises(ValueError, match=r"start must lie within \[2, 4\], got \[1\] = 5"):
+        descent_path(table, torch.tensor([2, 3, 4]), torch.tensor([3, 5]))
+    with pytest.raises(ValueError, match=r"shape \(n_units, n_bits\) = \(3, 3\)"):
+        descent_path(table, torch.tensor([2, 3, 4]), torch.tensor([3, 3, 3]))

@@ -97,13 +97,26 @@ def test_candidates_meet_the_budget():
 
 def test_calibrate_end_to_end(model):
     cfg = calibrate(model, WordTokenizer(), [corpus(2000)], quantizer="kivi", budget=2.5, n_samples=2,
-                    n_validation=2, seq_len=64, group_size=8, residual_length=8, b_min=2, b_max=4, progress=False)
+                    n_validation=2, seq_len=64, group_size=8, residual_length=8, b_min=2, b_max=4, chunk=16,
+                    progress=False)
     assert isinstance(cfg, RateQuantConfig) and cfg.average_bits == 2.5
     scores = cfg.calibration["validation_kl"]
+    assert all(kl > 0 for kl in scores.values())  # chunks of 16: later chunks read quantized tokens
     assert {"ratequant", "K3V2", "K2V3", "uniform-2"} - set(scores) == {"uniform-2"}
     assert cfg.method == min((n for n in scores if n != "kvq-beta4"), key=scores.get)
     assert set(cfg.curves) >= {"alpha", "beta", "distortion"} and cfg.curves["alpha"].shape == (2, 2, 2)
     RateQuantCache(config=model.config, quant_config=cfg)
+    # Part of the way from the best fixed split towards the measured optimum: validated too, and on the budget.
+    from hf_ratequant.allocation import descent_path
+
+    origin = min((n for n in scores if not n.startswith(("ratequant", "kvq"))), key=scores.get)
+    k, v = (3, 2) if origin == "K3V2" else (2, 3)
+    start = torch.tensor([k, v]).repeat(4)  # (layer, head, kind) flattened
+    path = descent_path(cfg.curves["distortion"].double().reshape(-1, 3), torch.tensor([2, 3, 4]), start)
+    near = {n: torch.tensor(b) for n, b in cfg.calibration["candidates"].items() if n.startswith("ratequant-from")}
+    assert {n.rsplit("-", 1)[0] for n in near} == ({f"ratequant-from-{origin}"} if path else set())
+    for name, bits in near.items():
+        assert name in scores and torch.equal(bits.reshape(-1), path[int(name.rsplit("-", 1)[1]) - 1])
 
 
 def test_calibrate_with_sinks_measures_and_validates_the_cache_with_them(model, monkeypatch):
@@ -222,3 +235,51 @@ def test_non_finite_activations_name_the_layer(model):
     ids = torch.randint(0, len(WORDS), (1, 32))
     with pytest.raises(ValueError, match=r"Layer 1 produced non-finite keys.*dtype"):
         capture_states(broken, ids)
+
+
+# ---- the attention-output measure ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_recording_attention_leaves_the_model_as_it_was(model, implementation):
+    import copy
+
+    m = copy.deepcopy(model)
+    m.set_attn_implementation(implementation)
+    ids = torch.randint(0, len(WORDS), (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = m(ids).logits
+    rows = capture_states(m, ids, residual_length=8, group_size=8, sink_length=8, attention=True)
+    assert m.config._attn_implementation == implementation
+    assert all(len(row) == 5 for row in rows)
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, logits)
+    # The recorded attention reproduces the layer's output for the measured query rows (here from row 24 on).
+    attend, keys, values, grad_out, n_quantized = rows[1][4]
+    assert keys.shape == (2, 2, 96, 32) and n_quantized == 48 and grad_out.shape == (2, 48 - 24, 4, 32)
+    assert attend(keys, values).shape == grad_out.shape
+
+
+def test_output_measure_quantizes_all_heads_at_once_as_if_one_by_one(model):
+    """One attention call with every kv-head quantized gives each kv-head the error it would have alone (a query
+    head reads only its own kv-head), summed over that kv-head's query heads."""
+    from hf_ratequant.distortion import output_distortion
+    from hf_ratequant.quantizers import get_quantizer
+
+    ids = torch.randint(0, len(WORDS), (2, 64), generator=torch.Generator().manual_seed(4))
+    attend, keys, values, g, n = capture_states(model, ids, residual_length=8, group_size=8, attention=True)[0][4]
+    q = get_quantizer("token", 8)
+    table = output_distortion(attend, keys, values, g, n, q, [2, 3])
+    assert table.shape == (2, 2, 2) and (table[..., 0] > table[..., 1]).all()
+    base = attend(keys, values)
+    for head in range(2):
+        for kind_idx, kind in enumerate(("key", "value")):
+            k, v = keys.clone(), values.clone()
+            x = k if kind == "key" else v
+            x[:, head : head + 1, :n] = q.dequantize(q.quantize(x[:, head : head + 1, :n], 2, kind), kind)
+            err = ((attend(k, v) - base).square() * g.square())[:, :, 2 * head : 2 * head + 2].sum()
+            assert table[head, kind_idx, 0].item() == pytest.approx(err.item(), rel=1e-5)
+
+
+def test_unknown_measure_is_refused(model):
+    ids = torch.randint(0, len(WORDS), (1, 32))
+    with pytest.raises(ValueError, match="Unknown measure 'fisher': choose one of output, state"):
+        measure_distortion(model, ids, "kivi", [2, 3], group_size=8, progress=False, measure="fisher")
