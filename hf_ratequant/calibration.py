@@ -510,21 +510,30 @@ def calibrate(
     t0 = time.perf_counter()
     if len(val_windows):
         reference = []
+        scored: dict[tuple[int, ...], float] = {}  # allocation -> KL: candidates that coincide are evaluated once
 
         def validate(batch: dict[str, torch.Tensor]) -> None:
+            todo: dict[tuple[int, ...], str] = {}
+            for name, bits in batch.items():
+                todo.setdefault(tuple(bits.reshape(-1).tolist()), name)
+            todo = {key: name for key, name in todo.items() if key not in scored}
+
             def kl_sums() -> torch.Tensor:  # per candidate: KL summed over this process's tokens, and the tokens
                 if not reference:
                     reference.append(reference_logprobs(model, my_val, batch_size=batch_size))
                 sums = []
-                for name, bits in batch.items():
-                    res = evaluate_quality(model, my_val, _config_from_bits(bits, template, name), chunk=chunk,
+                for name in todo.values():
+                    res = evaluate_quality(model, my_val, _config_from_bits(batch[name], template, name), chunk=chunk,
                                            batch_size=batch_size, progress=False, reference=reference[0])
                     sums.append([res.kl * res.tokens, res.tokens])
-                return torch.tensor(sums, dtype=torch.float64)
+                return torch.tensor(sums, dtype=torch.float64).reshape(-1, 2)
 
-            sums = procs.sum(procs.run(kl_sums, "validating the candidates"))
-            for name, (kl_sum, tokens) in zip(batch, sums.tolist()):
-                scores[name] = kl_sum / tokens
+            if todo:
+                sums = procs.sum(procs.run(kl_sums, "validating the candidates"))
+                for key, (kl_sum, tokens) in zip(todo, sums.tolist()):
+                    scored[key] = kl_sum / tokens
+            for name, bits in batch.items():
+                scores[name] = scored[tuple(bits.reshape(-1).tolist())]
                 logger.info("validation KL %-26s %.5f", name, scores[name])
 
         validate({n: b for n, b in candidates.items() if n != "kvq-beta4"})

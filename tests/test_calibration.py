@@ -283,3 +283,25 @@ def test_unknown_measure_is_refused(model):
     ids = torch.randint(0, len(WORDS), (1, 32))
     with pytest.raises(ValueError, match="Unknown measure 'fisher': choose one of output, state"):
         measure_distortion(model, ids, "kivi", [2, 3], group_size=8, progress=False, measure="fisher")
+
+
+def test_candidates_that_coincide_are_validated_once(model, monkeypatch):
+    import hf_ratequant.calibration as calibration
+
+    evaluated = []
+    real = calibration.evaluate_quality
+
+    def counting(model, windows, config, **kwargs):
+        evaluated.append(tuple(config.bits_tensor().reshape(-1).tolist()))
+        return real(model, windows, config, **kwargs)
+
+    monkeypatch.setattr(calibration, "evaluate_quality", counting)
+    cfg = calibrate(model, WordTokenizer(), [corpus(2000)], quantizer="kivi", budget=2.5, n_samples=2,
+                    n_validation=2, seq_len=64, group_size=8, residual_length=8, b_min=2, b_max=4, chunk=16,
+                    progress=False)
+    candidates = {**cfg.calibration["candidates"], "K3V2": [[[3, 2]] * 2] * 2, "K2V3": [[[2, 3]] * 2] * 2}
+    validated = {n: tuple(torch.tensor(b).reshape(-1).tolist()) for n, b in candidates.items() if n != "kvq-beta4"}
+    assert len(evaluated) == len(set(evaluated)) == len(set(validated.values())) < len(validated)
+    for name, bits in validated.items():  # coinciding candidates share one score
+        assert cfg.calibration["validation_kl"][name] == cfg.calibration["validation_kl"][
+            next(n for n, b in validated.items() if b == bits)]
