@@ -305,3 +305,28 @@ def test_candidates_that_coincide_are_validated_once(model, monkeypatch):
     for name, bits in validated.items():  # coinciding candidates share one score
         assert cfg.calibration["validation_kl"][name] == cfg.calibration["validation_kl"][
             next(n for n, b in validated.items() if b == bits)]
+
+
+def test_validation_halves_the_field_before_scoring_the_finalists_on_every_window(model, monkeypatch):
+    import hf_ratequant.calibration as calibration
+
+    calls = []
+    real = calibration.evaluate_quality
+
+    def counting(model, windows, config, **kwargs):
+        calls.append((tuple(config.bits_tensor().reshape(-1).tolist()), windows.shape[0]))
+        return real(model, windows, config, **kwargs)
+
+    monkeypatch.setattr(calibration, "evaluate_quality", counting)
+    monkeypatch.setattr(calibration, "VALIDATION_FINALISTS", 2)  # this model's candidates are few: keep 2
+    cfg = calibrate(model, WordTokenizer(), [corpus(4000)], quantizer="token", budget=3, n_samples=2,
+                    n_validation=4, seq_len=64, group_size=8, residual_length=8, b_min=2, b_max=4, chunk=16,
+                    progress=False)
+    distinct = len({bits for bits, _ in calls})
+    first, second = [b for b, _ in calls[:distinct]], [b for b, _ in calls[distinct:]]
+    assert all(n == 2 for _, n in calls)  # each half of the 4 validation windows
+    assert len(set(first)) == distinct and set(second) <= set(first)
+    assert len(second) == len(set(second)) == 2 < distinct
+    cal = cfg.calibration
+    assert cfg.method in cal["validation_finalists"]
+    assert cal["validation_kl"][cfg.method] == min(cal["validation_kl"][n] for n in cal["validation_finalists"])
