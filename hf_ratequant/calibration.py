@@ -337,10 +337,10 @@ def measure_distortions(
 KEY_WEIGHTS = (4.0,)
 """Key weights of the `ratequant-keys-xW` candidates. With the state measure x0.25, x4 and x16 were tried; with the
 attention-output measure x0.25 and x16 never won on the default model (12 budgets x designs), x4 twice."""
-DESCENT_FRACTIONS = (0.125, 0.25, 0.5)
+DESCENT_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
+"""How far along the descent from the best fixed split (towards the measured optimum) the extra candidates lie."""
 VALIDATION_FINALISTS = 3
 """Candidates scored on every validation window; the others only on the first half (successive halving)."""
-"""How far along the descent from the best fixed split (towards the measured optimum) the extra candidates lie."""
 
 
 def allocation_candidates(
