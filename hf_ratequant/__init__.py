@@ -6,7 +6,7 @@ from .cache import RateQuantCache, RateQuantLayer, RateQuantSlidingLayer
 from .calibration import calibrate
 from .config import ModelFingerprint, RateQuantConfig
 from .evaluation import evaluate_kl, evaluate_perplexity
-from .models import DEFAULT_MODEL, load_default_model, load_model
+from .models import DEFAULT_MODEL, default_config_path, load_default_model, load_model
 from .passkey import evaluate_passkey
 from .quantizers import available_quantizers, get_quantizer, register_quantizer
 
@@ -20,6 +20,7 @@ __all__ = [
     "__version__",
     "available_quantizers",
     "calibrate",
+    "default_config_path",
     "evaluate_kl",
     "evaluate_passkey",
     "evaluate_perplexity",

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, default_config_path
 from .quantizers import ALLOWED_BITS, available_quantizers
 
 logger = logging.getLogger("hf_ratequant")
@@ -40,14 +40,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_text
     from .models import load_model
 
+    uniform_only = {"--quantizer": args.quantizer, "--group-size": args.group_size,
+                    "--residual-length": args.residual_length}
+    config_path = args.config
+    if config_path is None and args.bits is None:
+        if args.model != DEFAULT_MODEL:
+            raise ValueError(f"No calibrated config ships for {args.model!r}: pass --config (a folder made with "
+                             "`hf-ratequant calibrate`, or a Hub repo id) or --bits for a uniform cache.")
+        config_path = default_config_path()  # the shipped calibration of the embedded model
+    if config_path is not None:
+        given = [flag for flag, value in uniform_only.items() if value is not None]
+        if args.bits is not None or given:
+            raise ValueError(f"{' and '.join((['--bits'] if args.bits is not None else []) + given)} only apply "
+                             f"to a uniform cache, not to the calibrated config {config_path!r}: drop them, or "
+                             "pass --bits for a uniform cache.")
     model, tokenizer = load_model(args.model)
-    if args.config:
-        cache_config = _saved_config(args.config, args.sink_length)
+    if config_path is not None:
+        cache_config = _saved_config(config_path, args.sink_length)
+        kind = f"calibrated per head ({cache_config.method})"
     else:
         cache_config = RateQuantConfig.uniform(
-            model.config, bits=args.bits, quantizer=args.quantizer, group_size=args.group_size,
-            residual_length=args.residual_length, sink_length=args.sink_length,
+            model.config, bits=args.bits, quantizer=args.quantizer or "kivi", group_size=args.group_size or 32,
+            residual_length=args.residual_length or 128, sink_length=args.sink_length,
         )
+        kind = "uniform"
     text, source = load_text("pydoc", split="test")
     context_ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[:, : args.context_tokens]
     question = tokenizer("\n\nIn one sentence, the text above explains", return_tensors="pt").input_ids
@@ -62,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     n_new = out.shape[1] - input_ids.shape[1]
     print(f"model: {model.config._name_or_path}  context: {input_ids.shape[1]} tokens of {source}")
-    print(f"cache: {cache_config.quantizer}, {cache_config.average_bits:g} average bits "
+    print(f"cache: {cache_config.quantizer}, {cache_config.average_bits:g} average bits, {kind} "
           f"(G={cache_config.group_size}, R={cache_config.residual_length}, S={cache_config.sink_length})")
     print("\n--- RateQuantCache output ---")
     print(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip())
@@ -265,11 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate with a RateQuantCache and compare bytes and speed")
     demo.add_argument("--model", default=DEFAULT_MODEL, help="Hub id, local folder, or 'smollm2' (embedded)")
-    demo.add_argument("--config", help="a saved RateQuantConfig folder (default: uniform --bits)")
-    demo.add_argument("--bits", type=int, default=4, choices=ALLOWED_BITS)
-    demo.add_argument("--quantizer", default="kivi", choices=available_quantizers())
-    demo.add_argument("--group-size", type=int, default=32)
-    demo.add_argument("--residual-length", type=int, default=128)
+    demo.add_argument("--config", help="a saved RateQuantConfig folder or Hub repo id (default, for the embedded "
+                      "model: the calibrated kivi 2.5-bit config shipped with the package)")
+    demo.add_argument("--bits", type=int, default=None, choices=ALLOWED_BITS,
+                      help="a uniform cache of these bits instead of a calibrated config")
+    demo.add_argument("--quantizer", default=None, choices=available_quantizers(),
+                      help="quantizer of the uniform cache (default kivi)")
+    demo.add_argument("--group-size", type=int, default=None, help="G of the uniform cache (default 32)")
+    demo.add_argument("--residual-length", type=int, default=None, help="R of the uniform cache (default 128)")
     demo.add_argument("--sink-length", type=int, default=0,
                       help="first tokens kept in full precision (attention sinks; a multiple of G, e.g. 32)")
     demo.add_argument("--context-tokens", type=int, default=1024)

