@@ -352,15 +352,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
     p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8: 8k tokens)")
     p.add_argument("--chunk", type=int, default=64, help="tokens fed per forward pass (default 64)")
-    p.add_argument("--samples", type=int, default=8, help="calibration fit windows (calibrate's n_samples)")
-    p.add_argument("--validation", type=int, default=4, help="calibration validation windows (n_validation)")
+    p.add_argument("--samples", type=int, default=16, help="calibration fit windows (calibrate's n_samples, 16)")
+    p.add_argument("--validation", type=int, default=8, help="calibration validation windows (n_validation, 8)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
-    p.add_argument("--b-min", type=int, default=2)
+    p.add_argument("--b-min", type=int, default=1)
     p.add_argument("--b-max", type=int, default=6)
     p.add_argument("--group-size", type=int, default=32, help="G (default 32)")
     p.add_argument("--residual-length", type=int, default=128, help="R (default 128)")
-    p.add_argument("--sink-length", type=int, default=0,
-                   help="S: first tokens kept in full precision by every quantized cache (default 0)")
+    p.add_argument("--sink-length", type=int, default=32,
+                   help="S: first tokens kept in full precision by every quantized cache (default 32, calibrate's)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration (and fwd+bwd) batch size (default 4)")
     p.add_argument("--eval-batch-size", type=int, default=1,
                    help="evaluation windows per batch (default 1: per-window numbers for paired errors)")

@@ -334,13 +334,26 @@ def measure_distortions(
     return totals
 
 
+DEFAULT_SINK_TOKENS = 32
+"""`calibrate`'s default attention sinks: at least this many first tokens, rounded up to whole groups."""
 KEY_WEIGHTS = (4.0,)
 """Key weights of the `ratequant-keys-xW` candidates. With the state measure x0.25, x4 and x16 were tried; with the
 attention-output measure x0.25 and x16 never won on the default model (12 budgets x designs), x4 twice."""
+def validation_rungs(n_windows: int) -> list[int]:
+    """How successive halving splits `n_windows` validation windows into rungs: a quarter, a quarter and the half
+    left from 8 windows on, two halves from 4, one rung below that. Candidates scored on the first rung are cut to
+    `VALIDATION_FINALISTS` x 2 before the second and to `VALIDATION_FINALISTS` before the third."""
+    if n_windows >= 8:
+        return [n_windows // 4, n_windows // 4, n_windows - 2 * (n_windows // 4)]
+    if n_windows >= 4:
+        return [n_windows // 2, n_windows - n_windows // 2]
+    return [n_windows]
+
+
 DESCENT_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
 """How far along the descent from the best fixed split (towards the measured optimum) the extra candidates lie."""
 VALIDATION_FINALISTS = 3
-"""Candidates scored on every validation window; the others only on the first half (successive halving)."""
+"""Candidates scored on every validation window; the others only on the first rungs (see [`validation_rungs`])."""
 
 
 def allocation_candidates(
@@ -415,13 +428,13 @@ def calibrate(
     quantizer: str = "kivi",
     budget: float = 2.5,
     *,
-    n_samples: int = 8,
+    n_samples: int = 16,
     seq_len: int = 512,
-    n_validation: int = 4,
+    n_validation: int = 8,
     group_size: int = 32,
     residual_length: int = 128,
-    sink_length: int = 0,
-    b_min: int = 2,
+    sink_length: int | None = None,
+    b_min: int = 1,
     b_max: int = 6,
     batch_size: int = 4,
     chunk: int = 64,
@@ -441,15 +454,17 @@ def calibrate(
             `data_column`, default `"text"`), a text file or a list of strings.
         quantizer (`str`, *optional*, defaults to `"kivi"`): registered quantizer design.
         budget (`float`, *optional*, defaults to 2.5): average bits over all units.
-        n_samples (`int`, *optional*, defaults to 8): calibration windows used for the fit.
+        n_samples (`int`, *optional*, defaults to 16): calibration windows used for the fit.
         seq_len (`int`, *optional*, defaults to 512): tokens per window.
-        n_validation (`int`, *optional*, defaults to 4): further windows, held back from the fit, on which the
+        n_validation (`int`, *optional*, defaults to 8): further windows, held back from the fit, on which the
             candidates are compared (0 or `validate=False` skips validation and returns the closed-form allocation).
-        sink_length (`int`, *optional*, defaults to 0): the first tokens of every sequence the cache keeps in full
-            precision (attention sinks; a multiple of `group_size`, e.g. 32). The measure and the validation both
-            see the cache with them.
-        b_min (`int`, *optional*, defaults to 2), b_max (`int`, *optional*, defaults to 6): bounds of every unit's
-            bits (one-bit units are risky: their distortion is far from the fitted curve).
+        sink_length (`int`, *optional*): the first tokens of every sequence the cache keeps in full precision
+            (attention sinks; a multiple of `group_size`); by default the smallest multiple of `group_size` of at
+            least 32 (32 for G = 32). 0 quantizes them like every other token, as KIVI does. The measure and the
+            validation both see the cache with them.
+        b_min (`int`, *optional*, defaults to 1), b_max (`int`, *optional*, defaults to 6): bounds of every unit's
+            bits. One-bit units (values of unimportant heads, mostly) pay for more bits elsewhere; validation
+            refuses them where they do not.
         residual_aware (`bool`, *optional*, defaults to `True`): weight each unit's error only by the attention that
             reads it quantized (the cache keeps the last `residual_length` tokens in full precision); falls back to
             all attention, with a warning, on a model that does not honour a custom attention mask.
@@ -467,6 +482,16 @@ def calibrate(
     start = time.perf_counter()
     fp = ModelFingerprint.from_model_config(model.config)
     get_quantizer(quantizer, group_size)  # fail early on an unknown design
+    if sink_length is None:
+        sink_length = -(-DEFAULT_SINK_TOKENS // group_size) * group_size
+    if residual_aware and seq_len <= residual_length + sink_length + group_size:
+        raise ValueError(
+            f"seq_len={seq_len} is too short to measure anything: the cache keeps the first sink_length="
+            f"{sink_length} and the last residual_length={residual_length} tokens in full precision and quantizes "
+            f"whole groups of group_size={group_size}, so no query of such a window reads a quantized token. Use "
+            f"seq_len > {residual_length + sink_length + group_size} (512 by default), or a smaller residual_length "
+            "or sink_length."
+        )
     if measure not in MEASURES:
         raise ValueError(f"Unknown measure {measure!r}: choose one of {', '.join(MEASURES)}.")
     bit_grid = list(range(b_min, b_max + 1))
@@ -513,10 +538,12 @@ def calibrate(
     scores: dict[str, float] = {}
     t0 = time.perf_counter()
     if len(val_windows):
-        # Successive halving (one process, >= 4 windows): every candidate is scored on the first half of the
-        # validation windows, the VALIDATION_FINALISTS best on all of them, and the winner is the best finalist.
-        halve = procs.count == 1 and len(my_val) >= 4
-        parts = [my_val[: len(my_val) // 2], my_val[len(my_val) // 2 :]] if halve else [my_val]
+        # Successive halving (one process): every candidate is scored on the first rung of validation windows, and
+        # each further rung adds windows for the best of the candidates still in the race, down to the
+        # VALIDATION_FINALISTS scored on every window; the winner is the best finalist.
+        sizes = validation_rungs(len(my_val)) if procs.count == 1 else [len(my_val)]
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        parts = [my_val[a:b] for a, b in zip(bounds, bounds[1:])]
         reference: dict[int, list[torch.Tensor]] = {}  # per part: full-precision log-probs, per batch
         sums: dict[tuple[int, ...], list[list[float]]] = {}  # allocation -> [KL sum, tokens] per part scored
         bits_of: dict[tuple[int, ...], torch.Tensor] = {}
@@ -564,18 +591,20 @@ def calibrate(
             near = {f"ratequant-from-{origin}-{s}": path[s - 1].reshape(candidates[origin].shape) for s in steps}
             candidates.update(near)
             add(near)
-        finalists = list(scores)
-        if halve:
-            ranked = sorted(dict.fromkeys(key_of(candidates[n]) for n in scores), key=kl)[:VALIDATION_FINALISTS]
-            score(ranked, 1)
-            finalists = [n for n in scores if key_of(candidates[n]) in ranked]
-            for name in finalists:
-                scores[name] = kl(key_of(candidates[name]))
+        racing = list(dict.fromkeys(key_of(candidates[n]) for n in scores))
+        for rung in range(1, len(parts)):
+            racing = sorted(racing, key=kl)[: VALIDATION_FINALISTS * 2 ** (len(parts) - 1 - rung)]
+            score(racing, rung)
+        finalists = [n for n in scores if key_of(candidates[n]) in racing]
+        windows_scored = {}
         for name in scores:
-            logger.info("validation KL %-26s %.5f%s", name, scores[name], "" if name in finalists else " (half)")
+            scores[name] = kl(key_of(candidates[name]))
+            windows_scored[name] = sum(sizes[: len(sums[key_of(candidates[name])])])
+            logger.info("validation KL %-26s %.5f (%d of %d windows)", name, scores[name], windows_scored[name],
+                        len(my_val))
         winner = min(finalists, key=scores.get)
     else:
-        finalists = []
+        finalists, windows_scored = [], {}
         winner = "ratequant"
     validate_s = time.perf_counter() - t0
 
@@ -596,6 +625,7 @@ def calibrate(
         "winner": winner,
         "validation_kl": scores,
         "validation_finalists": finalists,
+        "validation_windows": windows_scored,
         "gain_vs_best_fixed": (1 - scores[winner] / best_fixed) if best_fixed else None,
         "beta_median": {"key": float(fit.beta[:, :, 0].median()), "value": float(fit.beta[:, :, 1].median())},
         "fit_r2_median": float(fit.r2.median()),

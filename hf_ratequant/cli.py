@@ -301,14 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--data-column", default=None, help="text column of a datasets dataset (default: text)")
     cal.add_argument("--quantizer", default="kivi", choices=available_quantizers())
     cal.add_argument("--budget", type=float, default=2.5, help="average bits over all units")
-    cal.add_argument("--samples", type=int, default=8, help="calibration windows for the fit")
-    cal.add_argument("--validation", type=int, default=4, help="held-back windows to validate candidates on")
+    cal.add_argument("--samples", type=int, default=16, help="calibration windows for the fit")
+    cal.add_argument("--validation", type=int, default=8, help="held-back windows to validate candidates on")
     cal.add_argument("--seq-len", type=int, default=512)
     cal.add_argument("--group-size", type=int, default=32)
     cal.add_argument("--residual-length", type=int, default=128)
-    cal.add_argument("--sink-length", type=int, default=0,
-                     help="first tokens kept in full precision (attention sinks; a multiple of G, e.g. 32)")
-    cal.add_argument("--b-min", type=int, default=2)
+    cal.add_argument("--sink-length", type=int, default=None,
+                     help="first tokens kept in full precision (attention sinks; a multiple of G; default: 32, in "
+                     "whole groups; 0 for none)")
+    cal.add_argument("--b-min", type=int, default=1)
     cal.add_argument("--b-max", type=int, default=6)
     cal.add_argument("--measure", choices=["output", "state"], default="output",
                      help="what a unit's error is weighed on: the attention output (default) or the states")

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0])
     p.add_argument("--calib-data", default=None, help="default: WikiText-2 train (local text offline)")
     p.add_argument("--eval-data", default=None, help="default: WikiText-2 test (local text offline)")
-    p.add_argument("--sink-length", type=int, default=0, help="attention sinks of the calibrated configs (0)")
+    p.add_argument("--sink-length", type=int, default=None,
+                   help="attention sinks of the calibrated configs (default: calibrate's, 32 tokens)")
     p.add_argument("--windows", type=int, default=4, help="held-out windows of --window tokens for the card")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=64)

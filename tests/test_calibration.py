@@ -128,14 +128,19 @@ def test_calibrate_with_sinks_measures_and_validates_the_cache_with_them(model, 
                         lambda m, w, cfg, **kw: seen.append(cfg) or real(m, w, cfg, **kw))
     kwargs = dict(quantizer="kivi", budget=2.5, n_samples=2, n_validation=1, seq_len=64, group_size=8,
                   residual_length=8, b_min=2, b_max=4, progress=False)
-    plain = calibrate(model, WordTokenizer(), [corpus(2000)], **kwargs)
+    plain = calibrate(model, WordTokenizer(), [corpus(2000)], sink_length=0, **kwargs)
     cfg = calibrate(model, WordTokenizer(), [corpus(2000)], sink_length=16, **kwargs)
     assert cfg.sink_length == 16 and plain.sink_length == 0
     assert {c.sink_length for c in seen} == {0, 16} and seen[-1].sink_length == 16  # validated with its sinks
+    # By default: at least 32 sink tokens, in whole groups.
+    assert calibrate(model, WordTokenizer(), [corpus(2000)], **{**kwargs, "group_size": 8}).sink_length == 32
     # The first 16 tokens are never read quantized, so their error carries no weight: the measure changes.
     assert not torch.equal(cfg.curves["distortion"], plain.curves["distortion"])
     with pytest.raises(ValueError, match="multiple of group_size"):
         calibrate(model, WordTokenizer(), [corpus(2000)], sink_length=12, **kwargs)
+    # Windows too short for any query to read a quantized token: said before any work is done.
+    with pytest.raises(ValueError, match=r"seq_len=48 is too short .* Use seq_len > 48"):
+        calibrate(model, WordTokenizer(), [corpus(2000)], sink_length=32, **{**kwargs, "seq_len": 48})
 
 
 def test_calibrate_bad_input(model):
@@ -330,3 +335,40 @@ def test_validation_halves_the_field_before_scoring_the_finalists_on_every_windo
     cal = cfg.calibration
     assert cfg.method in cal["validation_finalists"]
     assert cal["validation_kl"][cfg.method] == min(cal["validation_kl"][n] for n in cal["validation_finalists"])
+    assert {cal["validation_windows"][n] for n in cal["validation_finalists"]} == {4}
+
+
+def test_validation_rungs():
+    from hf_ratequant.calibration import validation_rungs
+
+    assert validation_rungs(8) == [2, 2, 4] and validation_rungs(10) == [2, 2, 6]
+    assert validation_rungs(4) == [2, 2] and validation_rungs(5) == [2, 3] and validation_rungs(3) == [3]
+    for n in range(1, 40):
+        assert sum(validation_rungs(n)) == n and min(validation_rungs(n)) >= 1
+
+
+def test_validation_with_eight_windows_climbs_three_rungs(model, monkeypatch):
+    """All candidates on 2 windows, the best 2 x F on 2 more, the best F on the last 4 (F = VALIDATION_FINALISTS)."""
+    import hf_ratequant.calibration as calibration
+
+    calls = []
+    real = calibration.evaluate_quality
+
+    def counting(model, windows, config, **kwargs):
+        calls.append((tuple(config.bits_tensor().reshape(-1).tolist()), windows.shape[0]))
+        return real(model, windows, config, **kwargs)
+
+    monkeypatch.setattr(calibration, "evaluate_quality", counting)
+    monkeypatch.setattr(calibration, "VALIDATION_FINALISTS", 1)
+    cfg = calibrate(model, WordTokenizer(), [corpus(8000)], quantizer="token", budget=3, n_samples=2,
+                    n_validation=8, seq_len=64, group_size=8, residual_length=8, b_min=2, b_max=4, chunk=16,
+                    progress=False)
+    distinct = len({bits for bits, _ in calls})
+    assert distinct > 2
+    assert [n for _, n in calls] == [2] * distinct + [2] * 2 + [4]
+    second, third = [b for b, _ in calls[distinct : distinct + 2]], calls[-1][0]
+    assert third in second
+    cal = cfg.calibration
+    assert cfg.method in cal["validation_finalists"]
+    assert {cal["validation_windows"][n] for n in cal["validation_finalists"]} == {8}
+    assert sorted(set(cal["validation_windows"].values())) == [2, 4, 8]

@@ -42,8 +42,8 @@ def test_disk_offloaded_model_calibrates_like_the_plain_one(saved, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(saved).eval()
     offloaded = AutoModelForCausalLM.from_pretrained(saved, device_map=DEVICE_MAP,
                                                      offload_folder=str(tmp_path / "offload")).eval()
-    settings = dict(n_samples=2, n_validation=1, seq_len=48, group_size=8, residual_length=8, b_min=2, b_max=4,
-                    progress=False)
+    settings = dict(n_samples=2, n_validation=1, seq_len=48, group_size=8, residual_length=8, sink_length=0,
+                    b_min=2, b_max=4, progress=False)
     a = calibrate(plain, WordTokenizer(), [corpus(1000)], **settings)
     b = calibrate(offloaded, WordTokenizer(), [corpus(1000)], **settings)
     assert a.bits_tensor().tolist() == b.bits_tensor().tolist()
