@@ -209,12 +209,22 @@ def model_card(
         lines += ["## Calibration", "",
                   f"Calibrated on {cal.get('source', 'unrecorded text')} ({cal.get('fit_tokens', '?')} tokens for the "
                   f"fit, {cal.get('validation_tokens', '?')} held back for validation). Measure: {cal.get('measure')}."
-                  " Every candidate below was evaluated through the real cache on the held-back windows (KL to the "
-                  "full-precision cache); the best one is this config.", "",
-                  "| candidate | validation KL |", "|---|---|"]
-        for name, kl in sorted(cal["validation_kl"].items(), key=lambda kv: kv[1]):
+                  " Every candidate below was evaluated through the real cache on held-back windows (KL to the "
+                  "full-precision cache); the best one is this config.", ""]
+        scored = cal.get("validation_windows") or {}
+        if scored:  # successive halving: KLs over different numbers of windows are not comparable with each other
+            lines[-1:] = [f" Successive halving: every candidate was scored on the first {min(scored.values())} "
+                          f"windows, the best ones on more; this config is the best of those scored on all "
+                          f"{max(scored.values())}.", ""]
+            lines += ["| candidate | validation KL | windows scored |", "|---|---|---|"]
+            order = sorted(cal["validation_kl"].items(), key=lambda kv: (-scored.get(kv[0], 0), kv[1]))
+        else:
+            lines += ["| candidate | validation KL |", "|---|---|"]
+            order = sorted(cal["validation_kl"].items(), key=lambda kv: kv[1])
+        for name, kl in order:
             mark = " (this config)" if name == cal.get("winner") else ""
-            lines.append(f"| {name}{mark} | {kl:.5f} |")
+            windows = f" {scored[name]} |" if name in scored else (" |" if scored else "")
+            lines.append(f"| {name}{mark} | {kl:.5f} |{windows}")
         beta = cal.get("beta_median") or {}
         if beta:
             lines += ["", f"Fitted distortion curves D(b) = alpha * beta^(-b): median beta {beta['key']:.2f} (keys), "

@@ -188,3 +188,22 @@ def test_network_failure_mid_download(hub, tmp_path):
     assert not any(f == CONFIG_NAME or f.endswith(".json") and "snapshots" in f for f in cached)
     hub.cut_downloads = 0  # the network is back: nothing half-written in the cache gets in the way
     assert RateQuantConfig.from_pretrained(REPO).to_dict() == RateQuantConfig.from_pretrained(folder).to_dict()
+
+
+def test_card_says_how_many_windows_each_candidate_was_scored_on():
+    from hf_ratequant.hub import model_card
+
+    config = _calibrated_like(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=32))
+    # Successive halving: K3V2 lost on the first 2 windows with a lower KL than the winner has over all 8.
+    config.calibration["validation_kl"] = {"ratequant-measured": 0.01, "K3V2": 0.005, "ratequant": 0.02}
+    config.calibration["validation_windows"] = {"ratequant-measured": 8, "K3V2": 2, "ratequant": 4}
+    card = model_card(config, REPO)
+    rows = [line for line in card.splitlines() if line.startswith("| ") and "windows" not in line]
+    assert rows[-3:] == ["| ratequant-measured (this config) | 0.01000 | 8 |", "| ratequant | 0.02000 | 4 |",
+                         "| K3V2 | 0.00500 | 2 |"]
+    assert "scored on the first 2 windows" in card and "scored on all 8" in card
+
+    del config.calibration["validation_windows"]  # a config calibrated before successive halving
+    card = model_card(config, REPO)
+    assert "| K3V2 | 0.00500 |\n| ratequant-measured (this config) | 0.01000 |" in card and "halving" not in card
