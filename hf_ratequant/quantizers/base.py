@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from . import cpu_kernel
 from .packing import PACKABLE_BITS, pack, unpack
 
 KEEP_BITS = 16
@@ -220,9 +221,9 @@ class Quantizer:
                 copy when the caller assembles a larger tensor.
         """
         dtype = q.scale.dtype
-        codes = unpack(q.codes, q.bits, q.head_dim)  # uint8 (B, H, T, D)
-        shape = codes.shape
-        work = _work_dtype(codes.device, dtype)
+        device = q.codes.device
+        shape = torch.Size((*q.codes.shape[:3], q.head_dim))
+        work = _work_dtype(device, dtype)
         # float16 only: a value within half a step of 65504 may be reconstructed just past it (inf once rounded).
         fmax = torch.finfo(dtype).max if dtype == torch.float16 else None
         direct = out is not None and work == dtype and not self.rotates
@@ -230,16 +231,18 @@ class Quantizer:
             # Codes stay in their (B, H, T, D) layout; scales and zero-points broadcast over it (no transposed copy).
             b, h, t, d = shape
             tb, n_groups = q.time_block, q.scale.shape[-1]
-            x = out if direct else torch.empty(shape, dtype=work, device=codes.device)
-            chunks = (b, h, t // tb, tb, n_groups, d // n_groups)
-            view = x.view(chunks)
-            view.copy_(codes.reshape(chunks))
-            scale, zero = q.scale[:, :, :, None, :, None], q.zero[:, :, :, None, :, None]
-            if work == torch.float32:  # two passes, cheaper than an in-place addcmul on CPU
-                view.mul_(scale).add_(zero)
-            else:  # 16-bit work (GPU): one rounding, and code * scale may not fit float16 before zero is added
-                torch.addcmul(zero, view, scale, out=view)
+            x = out if direct else torch.empty(shape, dtype=work, device=device)
+            if not cpu_kernel.dequantize_into(q, x):  # the one-pass CPU kernel, where it applies: same result
+                chunks = (b, h, t // tb, tb, n_groups, d // n_groups)
+                view = x.view(chunks)
+                view.copy_(unpack(q.codes, q.bits, q.head_dim).reshape(chunks))
+                scale, zero = q.scale[:, :, :, None, :, None], q.zero[:, :, :, None, :, None]
+                if work == torch.float32:  # two passes, cheaper than an in-place addcmul on CPU
+                    view.mul_(scale).add_(zero)
+                else:  # 16-bit work (GPU): one rounding, and code * scale may not fit float16 before zero is added
+                    torch.addcmul(zero, view, scale, out=view)
         else:
+            codes = unpack(q.codes, q.bits, q.head_dim)  # uint8 (B, H, T, D)
             g = self._to_groups(codes, kind).to(work)  # (B, H, T // tb, n_groups, group_len)
             scale, zero = q.scale.to(work)[..., None], q.zero.to(work)[..., None]
             x = self._from_groups(torch.addcmul(zero, g, scale), kind, shape)

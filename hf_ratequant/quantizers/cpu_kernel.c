@@ -1,0 +1,121 @@
+/* Dequantization of packed codes on the CPU, one pass: codes -> float32 value = code * scale + zero.
+ *
+ * Compiled on first use by cpu_kernel.py (cc -O3 -march=native -fopenmp) and loaded with ctypes; PyTorch ops are used
+ * wherever it is unavailable. It reproduces those ops bit for bit: the product and the sum are rounded separately
+ * (no fused multiply-add), as `mul_` then `add_` do.
+ *
+ * Layout (see packing.py): a row of D codes (D a multiple of 8) is D / 8 words of `bits` bytes, each word holding 8
+ * codes little-endian, code j in bits [j * bits, (j + 1) * bits). Scales and zero-points have one row per `tb` tokens
+ * of `ng` groups; group g covers channels [g * D / ng, (g + 1) * D / ng).
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+/* The 8 codes of `bits` bits in the low 8 * bits bits of w, one per byte, in order (three halving steps). */
+static inline uint64_t spread(uint64_t w, const int bits) {
+    if (bits == 8) return w;
+    const uint64_t low2 = (1ull << (2 * bits)) - 1, low1 = (1ull << bits) - 1;
+    const uint64_t m16 = low2 | (low2 << 32), m8 = low1 * 0x0001000100010001ull;
+    w &= (1ull << (8 * bits)) - 1;
+    w = (w & ((1ull << (4 * bits)) - 1)) | ((w >> (4 * bits)) << 32); /* codes 0-3 | codes 4-7 */
+    w = (w & m16) | ((w & (m16 << (2 * bits))) << (16 - 2 * bits));    /* pairs to 16-bit lanes */
+    w = (w & m8) | ((w & (m8 << bits)) << (8 - bits));                  /* singles to bytes */
+    return w;
+}
+
+/* 8 bytes from p, never reading at or past `end` (the end of the codes' storage). */
+static inline uint64_t load_word(const uint8_t *p, const uint8_t *end) {
+    uint64_t x = 0;
+    if (end - p >= 8)
+        memcpy(&x, p, 8); /* a fixed size: one load */
+    else
+        memcpy(&x, p, (size_t)(end - p));
+    return x;
+}
+
+/* o[0..8) = the 8 codes in the bytes of x, times s plus z: per channel (s[0..8), z[0..8)) or one pair for all. */
+static inline void affine8(uint64_t x, float *o, const float *s, const float *z) {
+#if defined(__AVX2__)
+    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)x)));
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(s)), _mm256_loadu_ps(z)));
+#else
+    for (int j = 0; j < 8; j++) o[j] = (float)((x >> (8 * j)) & 0xFF) * s[j] + z[j];
+#endif
+}
+
+static inline void affine8_one(uint64_t x, float *o, float s, float z) {
+#if defined(__AVX2__)
+    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)x)));
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_mul_ps(v, _mm256_set1_ps(s)), _mm256_set1_ps(z)));
+#else
+    for (int j = 0; j < 8; j++) o[j] = (float)((x >> (8 * j)) & 0xFF) * s + z;
+#endif
+}
+
+static inline __attribute__((always_inline)) void rows_bits(
+    const uint8_t *codes, const uint8_t *end, const int64_t *cs, const float *scale, const float *zero,
+    const int64_t *ss, float *out, const int64_t *os, int64_t H, int64_t T, int64_t D, const int bits, int64_t tb,
+    int64_t ng, int64_t first, int64_t last) {
+    const int64_t chunk = D / ng, nwords = D / 8, words_per_group = chunk / 8;
+    for (int64_t bh = first / T; bh * T < last; bh++) {
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t t0 = first > bh * T ? first - bh * T : 0, t1 = last < (bh + 1) * T ? last - bh * T : T;
+        const uint8_t *codes_bh = codes + b * cs[0] + h * cs[1];
+        const float *scale_bh = scale + b * ss[0] + h * ss[1], *zero_bh = zero + b * ss[0] + h * ss[1];
+        float *out_bh = out + b * os[0] + h * os[1];
+        for (int64_t t = t0; t < t1; t++) {
+            const uint8_t *p = codes_bh + t * cs[2];
+            const float *s = scale_bh + (t / tb) * ss[2], *z = zero_bh + (t / tb) * ss[2];
+            float *o = out_bh + t * os[2];
+            if (chunk == 1) { /* a scale per channel (per-channel keys) */
+                for (int64_t w = 0; w < nwords; w++)
+                    affine8(spread(load_word(p + w * bits, end), bits), o + 8 * w, s + 8 * w, z + 8 * w);
+            } else { /* a scale per group of `chunk` channels, a multiple of 8 */
+                for (int64_t g = 0; g < ng; g++)
+                    for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; w++)
+                        affine8_one(spread(load_word(p + w * bits, end), bits), o + 8 * w, s[g], z[g]);
+            }
+        }
+    }
+}
+
+static void rows(const uint8_t *codes, const uint8_t *end, const int64_t *cs, const float *scale,
+                 const float *zero, const int64_t *ss, float *out, const int64_t *os, int64_t H, int64_t T,
+                 int64_t D, int bits, int64_t tb, int64_t ng, int64_t first, int64_t last) {
+    switch (bits) { /* one specialised loop per bit-width: the shifts and masks become constants */
+#define RQ_CASE(k) \
+    case k: rows_bits(codes, end, cs, scale, zero, ss, out, os, H, T, D, k, tb, ng, first, last); break;
+        RQ_CASE(1) RQ_CASE(2) RQ_CASE(3) RQ_CASE(4) RQ_CASE(5) RQ_CASE(6) RQ_CASE(7) RQ_CASE(8)
+#undef RQ_CASE
+    }
+}
+
+/* codes: uint8 (B, H, T, D * bits / 8) with strides cs[0..3) (last stride 1), readable up to `end`;
+ * scale, zero: float32 (B, H, T / tb, ng), strides ss[0..3); out: float32 (B, H, T, D), strides os[0..3).
+ * Rows (b, h, t) are split evenly over `threads` OpenMP threads (when compiled with OpenMP and worth it). */
+int rq_dequantize(const uint8_t *codes, const uint8_t *end, const int64_t *cs, const float *scale,
+                  const float *zero, const int64_t *ss, float *out, const int64_t *os, int64_t B, int64_t H,
+                  int64_t T, int64_t D, int bits, int64_t tb, int64_t ng, int threads) {
+    if (bits < 1 || bits > 8 || D % 8 || ng < 1 || D % ng || (D / ng != 1 && (D / ng) % 8) || tb < 1) return 1;
+    const int64_t n = B * H * T;
+    if (n <= 0) return 0; /* nothing to write (and T = 0 must not be divided by) */
+#if defined(_OPENMP)
+    if (threads > 1 && n * D >= (1 << 15)) {
+#pragma omp parallel num_threads(threads)
+        {
+            const int64_t k = omp_get_thread_num(), m = omp_get_num_threads();
+            rows(codes, end, cs, scale, zero, ss, out, os, H, T, D, bits, tb, ng, n * k / m, n * (k + 1) / m);
+        }
+        return 0;
+    }
+#endif
+    (void)threads;
+    rows(codes, end, cs, scale, zero, ss, out, os, H, T, D, bits, tb, ng, 0, n);
+    return 0;
+}

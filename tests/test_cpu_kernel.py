@@ -1,0 +1,193 @@
+"""The compiled CPU dequantization kernel: the same bits as PyTorch ops everywhere it applies, a clean fallback
+everywhere it does not (no compiler, a failing compiler, switched off, a layout it is not made for)."""
+
+import logging
+import shutil
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_ratequant.quantizers import available_quantizers, cpu_kernel, get_quantizer, unpack
+
+HAS_CC = cpu_kernel._compiler() is not None
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """A kernel state of its own (loaded again on first use, into a temporary cache folder), restored afterwards."""
+    monkeypatch.setenv("HF_RATEQUANT_CACHE", str(tmp_path / "rq_cache"))
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    return tmp_path / "rq_cache" / "kernels"
+
+
+def _reference(quantizer, q, kind, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setenv(cpu_kernel.ENV_SWITCH, "0")
+        return quantizer.dequantize(q, kind)
+
+
+@pytest.mark.skipif(not HAS_CC or sys.byteorder != "little", reason="needs a C compiler on a little-endian CPU")
+def test_kernel_builds_where_a_compiler_exists():
+    assert cpu_kernel.available()
+    assert cpu_kernel._state["path"].is_file()
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+@pytest.mark.parametrize("name", available_quantizers())
+@pytest.mark.parametrize("kind", ["key", "value"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_equals_pytorch_ops_bit_for_bit(name, kind, dtype, monkeypatch):
+    quantizer = get_quantizer(name, group_size=16)
+    used = []
+    real = cpu_kernel.dequantize_into
+    monkeypatch.setattr(cpu_kernel, "dequantize_into", lambda q, out: used.append(real(q, out)) or used[-1])
+    gen = torch.Generator().manual_seed(0)
+    for bits in range(1, 9):
+        x = (torch.randn(2, 3, 48, 64, generator=gen) * 4).to(dtype)
+        x[:, 1, :, 5] *= 40  # an outlier channel
+        q = quantizer.quantize(x, bits, kind)
+        used.clear()
+        got = quantizer.dequantize(q, kind)
+        assert used == [True], f"{bits} bits: the kernel was not used"
+        assert torch.equal(got, _reference(quantizer, q, kind, monkeypatch)), f"{bits} bits"
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+def test_kernel_writes_head_slices_into_a_view(monkeypatch):
+    """The cache dequantizes runs of heads (strided views of the packed past) into slices of a larger tensor."""
+    quantizer = get_quantizer("kivi", group_size=8)
+    x = torch.randn(2, 5, 32, 32)
+    for bits, kind in [(3, "key"), (2, "value")]:
+        q = quantizer.quantize(x, bits, kind)
+        part = q.map(lambda t: t[:, 1:4])  # heads 1..3: not contiguous
+        out = torch.full((2, 7, 40, 32), 7.0)
+        quantizer.dequantize(part, kind, out=out[:, 2:5, 4:36])
+        expected = _reference(quantizer, q, kind, monkeypatch)[:, 1:4]
+        assert torch.equal(out[:, 2:5, 4:36], expected)
+        untouched = torch.ones_like(out, dtype=torch.bool)
+        untouched[:, 2:5, 4:36] = False
+        assert (out[untouched] == 7.0).all()
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(available_quantizers()),
+    kind=st.sampled_from(["key", "value"]),
+    bits=st.integers(1, 8),
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    blocks=st.integers(0, 5),
+    head_dim=st.sampled_from([8, 16, 24, 64, 128]),
+    threads=st.sampled_from([1, 2]),
+)
+def test_kernel_equals_pytorch_ops_on_random_shapes(name, kind, bits, batch, heads, blocks, head_dim, threads):
+    group = 8
+    quantizer = get_quantizer(name, group_size=group)
+    x = torch.randn(batch, heads, blocks * group, head_dim) * 3
+    q = quantizer.quantize(x if blocks else torch.randn(batch, heads, group, head_dim), bits, kind)
+    q = q.tokens(0, blocks * group)  # zero tokens: what cropping can leave
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.empty_like(x)
+        assert cpu_kernel.dequantize_into(q, got)  # every head_dim here is a multiple of 8, every group too
+    finally:
+        torch.set_num_threads(previous)
+    codes = unpack(q.codes, q.bits, q.head_dim)
+    tb, ng = q.time_block, q.scale.shape[-1]
+    scale = q.scale.repeat_interleave(tb, 2).repeat_interleave(head_dim // ng, 3)
+    zero = q.zero.repeat_interleave(tb, 2).repeat_interleave(head_dim // ng, 3)
+    assert torch.equal(got, codes.float() * scale + zero)
+
+
+def test_layouts_the_kernel_is_not_made_for_fall_back(monkeypatch):
+    """head_dim not a multiple of 8, or value groups of a number of channels that is not: PyTorch ops, same values."""
+    cases = [(get_quantizer("token"), (1, 2, 4, 12)), (get_quantizer("kivi", group_size=4), (1, 2, 4, 16))]
+    for quantizer, shape in cases:
+        q = quantizer.quantize(torch.randn(shape), 3, "value")
+        out = torch.empty(shape)
+        assert not cpu_kernel.supports(q, out)
+        assert cpu_kernel.dequantize_into(q, out) is False
+        assert torch.equal(quantizer.dequantize(q, "value"), _reference(quantizer, q, "value", monkeypatch))
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    q = get_quantizer("kivi").quantize(torch.randn(1, 1, 32, 64), 2, "value")
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    assert not cpu_kernel.enabled() and not cpu_kernel.available()
+    assert cpu_kernel.dequantize_into(q, torch.empty(1, 1, 32, 64)) is False
+
+
+def test_no_compiler_warns_once_and_falls_back(fresh_kernel, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    quantizer = get_quantizer("kivi")
+    q = quantizer.quantize(torch.randn(1, 2, 64, 64), 2, "key")
+    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+        first = quantizer.dequantize(q, "key")
+        second = quantizer.dequantize(q, "key")
+    warnings = [r for r in caplog.records if "No C compiler found" in r.getMessage()]
+    assert len(warnings) == 1 and cpu_kernel.ENV_SWITCH in warnings[0].getMessage()
+    assert not cpu_kernel.available()
+    assert torch.equal(first, second) and torch.equal(first, _reference(quantizer, q, "key", monkeypatch))
+
+
+@pytest.mark.skipif(shutil.which("false") is None, reason="needs the `false` command")
+def test_a_failing_compiler_warns_and_falls_back(fresh_kernel, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")
+    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+        assert not cpu_kernel.available()
+    assert any("Could not compile the CPU dequantization kernel" in r.getMessage() for r in caplog.records)
+    assert not fresh_kernel.exists() or not list(fresh_kernel.iterdir())  # no half-written library left
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+def test_compiled_once_then_reused(fresh_kernel, monkeypatch):
+    assert cpu_kernel.available()
+    built = sorted(fresh_kernel.glob("*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+
+    def no_compiling(*args, **kwargs):
+        if "--version" not in args[0]:
+            raise AssertionError("compiled again")
+        return __import__("subprocess").CompletedProcess(args[0], 0, stdout="", stderr="")
+
+    real_version = cpu_kernel._compiler_version(cpu_kernel._compiler())
+    monkeypatch.setattr(cpu_kernel, "_compiler_version", lambda cc: real_version)
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", no_compiling)
+    assert cpu_kernel.available()
+    assert sorted(fresh_kernel.glob("*.so")) == built
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+def test_generation_is_the_same_with_and_without_the_kernel(tiny_llama, cache_factory, monkeypatch):
+    """Greedy decoding through a mixed-precision cache: identical tokens and logits either way."""
+    key_bits = [[2, 3], [4, 1]]
+    value_bits = [[3, 2], [8, 2]]
+    ids = torch.randint(2, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        cache = cache_factory(tiny_llama, key_bits=key_bits, value_bits=value_bits, residual_length=8, group_size=8)
+        return tiny_llama.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+
+    with_kernel = run()
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    without = run()
+    assert torch.equal(with_kernel.sequences, without.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(with_kernel.logits, without.logits))
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+@pytest.mark.parametrize("bits", [2, 8])
+def test_zero_tokens(bits):
+    """A block cropped to nothing (8-bit codes need no packing, so such a block also comes out of `quantize`)."""
+    quantizer = get_quantizer("kivi", group_size=8)
+    q = quantizer.quantize(torch.randn(1, 2, 8, 16), bits, "value").tokens(0, 0)
+    out = torch.empty(1, 2, 0, 16)
+    assert cpu_kernel.dequantize_into(q, out)
+    assert quantizer.dequantize(q, "value").shape == (1, 2, 0, 16)
