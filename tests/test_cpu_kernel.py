@@ -191,3 +191,11 @@ def test_zero_tokens(bits):
     out = torch.empty(1, 2, 0, 16)
     assert cpu_kernel.dequantize_into(q, out)
     assert quantizer.dequantize(q, "value").shape == (1, 2, 0, 16)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+def test_a_damaged_cached_library_is_rebuilt(fresh_kernel, monkeypatch):
+    built = cpu_kernel._build(cpu_kernel._compiler())  # compiled, not loaded (never overwrite a mapped library)
+    built.write_bytes(b"not a shared library")
+    assert cpu_kernel.available()
+    assert built.read_bytes()[:4] == b"\x7fELF" or sys.platform != "linux"

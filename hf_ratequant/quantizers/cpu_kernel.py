@@ -144,7 +144,12 @@ def _load():
             start = time.perf_counter()
             try:
                 path = _build(cc)
-                lib = ctypes.CDLL(str(path))
+                try:
+                    lib = ctypes.CDLL(str(path))
+                except OSError:  # a damaged file in the cache (a full disk, an edit): build it again, once
+                    path.unlink(missing_ok=True)
+                    path = _build(cc)
+                    lib = ctypes.CDLL(str(path))
                 fn = lib.rq_dequantize
                 p = ctypes.c_void_p
                 fn.argtypes = [p, p, p, p, p, p, p, p, *[ctypes.c_int64] * 4, ctypes.c_int, ctypes.c_int64,
