@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_ratequant.quantizers import available_quantizers, cpu_kernel, get_quantizer, unpack
+from hf_ratequant.quantizers.rotated import fwht, hadamard
 
 HAS_CC = cpu_kernel._compiler() is not None
 
@@ -21,6 +22,17 @@ def fresh_kernel(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_RATEQUANT_CACHE", str(tmp_path / "rq_cache"))
     monkeypatch.setattr(cpu_kernel, "_state", {})
     return tmp_path / "rq_cache" / "kernels"
+
+
+def _rotated_reference(q, dtype):
+    """What the kernel computes for the rotated design, in PyTorch: dequantize, then the Hadamard passes."""
+    codes = unpack(q.codes, q.bits, q.head_dim).float()
+    scale = q.scale.float().repeat_interleave(q.time_block, 2).repeat_interleave(q.head_dim // q.scale.shape[-1], 3)
+    zero = q.zero.float().repeat_interleave(q.time_block, 2).repeat_interleave(q.head_dim // q.scale.shape[-1], 3)
+    x = fwht(codes * scale + zero, q.head_dim & -q.head_dim)
+    if dtype == torch.float16:
+        x = x.clamp(-65504, 65504)
+    return x.to(dtype)
 
 
 def _reference(quantizer, q, kind, monkeypatch):
@@ -43,7 +55,7 @@ def test_kernel_equals_pytorch_ops_bit_for_bit(name, kind, dtype, monkeypatch):
     quantizer = get_quantizer(name, group_size=16)
     used = []
     real = cpu_kernel.dequantize_into
-    monkeypatch.setattr(cpu_kernel, "dequantize_into", lambda q, out: used.append(real(q, out)) or used[-1])
+    monkeypatch.setattr(cpu_kernel, "dequantize_into", lambda q, o, **kw: used.append(real(q, o, **kw)) or used[-1])
     gen = torch.Generator().manual_seed(0)
     for bits in range(1, 9):
         x = (torch.randn(2, 3, 48, 64, generator=gen) * 4).to(dtype)
@@ -52,7 +64,14 @@ def test_kernel_equals_pytorch_ops_bit_for_bit(name, kind, dtype, monkeypatch):
         used.clear()
         got = quantizer.dequantize(q, kind)
         assert used == [True], f"{bits} bits: the kernel was not used"
-        assert torch.equal(got, _reference(quantizer, q, kind, monkeypatch)), f"{bits} bits"
+        reference = _reference(quantizer, q, kind, monkeypatch)
+        if quantizer.rotates:  # the kernel's Hadamard passes round differently from the ops' matrix product
+            assert torch.equal(got, _rotated_reference(q, dtype)), f"{bits} bits"
+            one_ulp = torch.finfo(dtype).eps  # a 1e-7 difference can round a 16-bit value the other way
+            torch.testing.assert_close(got.float(), reference.float(), rtol=max(one_ulp, 1e-5),
+                                       atol=1e-5 * reference.float().abs().max().item(), msg=f"{bits} bits")
+        else:
+            assert torch.equal(got, reference), f"{bits} bits"
 
 
 @pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
@@ -83,8 +102,11 @@ def test_kernel_writes_head_slices_into_a_view(monkeypatch):
     blocks=st.integers(0, 5),
     head_dim=st.sampled_from([8, 16, 24, 64, 128]),
     threads=st.sampled_from([1, 2]),
+    hadamard_log2=st.integers(0, 7),
 )
-def test_kernel_equals_pytorch_ops_on_random_shapes(name, kind, bits, batch, heads, blocks, head_dim, threads):
+def test_kernel_equals_pytorch_ops_on_random_shapes(
+    name, kind, bits, batch, heads, blocks, head_dim, threads, hadamard_log2
+):
     group = 8
     quantizer = get_quantizer(name, group_size=group)
     x = torch.randn(batch, heads, blocks * group, head_dim) * 3
@@ -94,14 +116,35 @@ def test_kernel_equals_pytorch_ops_on_random_shapes(name, kind, bits, batch, hea
     torch.set_num_threads(threads)
     try:
         got = torch.empty_like(x)
-        assert cpu_kernel.dequantize_into(q, got)  # every head_dim here is a multiple of 8, every group too
+        block = min(1 << hadamard_log2, head_dim & -head_dim)  # a power of two dividing head_dim
+        assert cpu_kernel.dequantize_into(q, got, hadamard=block)  # every head_dim and group here: multiples of 8
     finally:
         torch.set_num_threads(previous)
     codes = unpack(q.codes, q.bits, q.head_dim)
     tb, ng = q.time_block, q.scale.shape[-1]
     scale = q.scale.repeat_interleave(tb, 2).repeat_interleave(head_dim // ng, 3)
     zero = q.zero.repeat_interleave(tb, 2).repeat_interleave(head_dim // ng, 3)
-    assert torch.equal(got, codes.float() * scale + zero)
+    assert torch.equal(got, fwht(codes.float() * scale + zero, block))
+
+
+@pytest.mark.parametrize("head_dim", [8, 64, 96, 128])
+def test_fwht_is_the_hadamard_product(head_dim):
+    """The kernel's inverse rotation (passes of sums and differences) is the product by the +-1 block-diagonal
+    Hadamard matrix, which the rotated design's PyTorch path multiplies by, to float rounding."""
+    x = torch.randn(3, 5, head_dim, dtype=torch.float64)
+    block = head_dim & -head_dim
+    matrix = hadamard(head_dim) * block**0.5
+    assert torch.allclose(fwht(x, block), x @ matrix, rtol=0, atol=1e-12)
+    quantizer = get_quantizer("rotated")
+    assert quantizer.kernel_hadamard(head_dim) == block
+    y = x.float()
+    torch.testing.assert_close(fwht(y, block), quantizer._unrotate(y), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_a_bad_hadamard_block():
+    q = get_quantizer("token").quantize(torch.randn(1, 1, 4, 64), 2, "key")
+    for block in (3, 48, 128):  # not a power of two; not dividing head_dim
+        assert cpu_kernel.dequantize_into(q, torch.empty(1, 1, 4, 64), hadamard=block) is False
 
 
 def test_layouts_the_kernel_is_not_made_for_fall_back(monkeypatch):
@@ -199,3 +242,19 @@ def test_a_damaged_cached_library_is_rebuilt(fresh_kernel, monkeypatch):
     built.write_bytes(b"not a shared library")
     assert cpu_kernel.available()
     assert built.read_bytes()[:4] == b"\x7fELF" or sys.platform != "linux"
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+def test_rotated_generation_with_and_without_the_kernel(tiny_llama, cache_factory, monkeypatch):
+    """The rotated design: the kernel's Hadamard passes and the matrix product differ only by float rounding."""
+    ids = torch.randint(2, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+
+    def run():
+        cache = cache_factory(tiny_llama, bits=4, quantizer="rotated", residual_length=8, group_size=8)
+        return tiny_llama(ids, past_key_values=cache).logits, cache
+
+    with_kernel, cache = run()
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    without, _ = run()
+    assert cache.layers[0].past_keys.num_tokens == 32  # the past really went through the quantizer
+    torch.testing.assert_close(with_kernel, without, rtol=0, atol=1e-4)

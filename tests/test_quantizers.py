@@ -78,8 +78,8 @@ def test_both_unpack_paths_agree_on_odd_layouts(bits, lookup, monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_broadcast_dequantization_matches_the_group_layout(name, dtype, kind):
     """Designs with `chunked_groups` dequantize by broadcasting scales over the codes as they lie; the result equals
-    the generic path through `_to_groups` (up to the rounding of a fused multiply-add in float32), also when written
-    into a strided view of a larger tensor."""
+    the generic path through `_to_groups` (up to the rounding of a fused multiply-add in float32, and of the order
+    of the sums of the inverse rotation), also when written into a strided view of a larger tensor."""
     q = get_quantizer(name, 32)
     x = (torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
     for bits in (1, 2, 3, 4, 8):
@@ -93,7 +93,9 @@ def test_broadcast_dequantization_matches_the_group_layout(name, dtype, kind):
         generic.chunked_groups = False
         slow = generic.dequantize(block, kind)
         assert fast.dtype == slow.dtype == dtype and fast.shape == x.shape
-        torch.testing.assert_close(fast.float(), slow.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
+        # rotated: the CPU kernel's inverse Hadamard passes round differently from the matrix product
+        rtol = 1e-5 if q.rotates and dtype == torch.float32 else 0
+        torch.testing.assert_close(fast.float(), slow.float(), rtol=rtol, atol=1e-5 if dtype == torch.float32 else 0)
 
 
 @pytest.mark.parametrize("name", QUANTIZERS)

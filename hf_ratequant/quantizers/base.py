@@ -158,7 +158,12 @@ class Quantizer:
     they lie, which is much faster than going through `_to_groups` (a transposed copy for per-channel keys)."""
 
     rotates: bool = False
-    """Whether `_rotate`/`_unrotate` do anything (dequantization can then not write straight into `out`)."""
+    """Whether `_rotate`/`_unrotate` do anything."""
+
+    def kernel_hadamard(self, head_dim: int) -> int:
+        """For a design whose `_unrotate` on the CPU is the unnormalised Hadamard transform of blocks of channels:
+        the block size, which the CPU kernel then applies itself; 0 otherwise."""
+        return 0
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -226,13 +231,17 @@ class Quantizer:
         work = _work_dtype(device, dtype)
         # float16 only: a value within half a step of 65504 may be reconstructed just past it (inf once rounded).
         fmax = torch.finfo(dtype).max if dtype == torch.float16 else None
-        direct = out is not None and work == dtype and not self.rotates
+        in_place = out is not None and work == dtype  # reconstruct straight into `out`
         if self.chunked_groups:
             # Codes stay in their (B, H, T, D) layout; scales and zero-points broadcast over it (no transposed copy).
             b, h, t, d = shape
             tb, n_groups = q.time_block, q.scale.shape[-1]
-            x = out if direct else torch.empty(shape, dtype=work, device=device)
-            if not cpu_kernel.dequantize_into(q, x):  # the one-pass CPU kernel, where it applies: same result
+            x = out if in_place else torch.empty(shape, dtype=work, device=device)
+            hadamard = self.kernel_hadamard(d) if self.rotates else 0
+            if cpu_kernel.dequantize_into(q, x, hadamard=hadamard):  # the one-pass CPU kernel: the same result
+                unrotated = hadamard > 0
+            else:
+                unrotated = False
                 chunks = (b, h, t // tb, tb, n_groups, d // n_groups)
                 view = x.view(chunks)
                 view.copy_(unpack(q.codes, q.bits, q.head_dim).reshape(chunks))
@@ -246,11 +255,13 @@ class Quantizer:
             g = self._to_groups(codes, kind).to(work)  # (B, H, T // tb, n_groups, group_len)
             scale, zero = q.scale.to(work)[..., None], q.zero.to(work)[..., None]
             x = self._from_groups(torch.addcmul(zero, g, scale), kind, shape)
-        if direct:
-            return x if fmax is None else x.clamp_(-fmax, fmax)
-        x = self._unrotate(x)
+            unrotated = False
+        if self.rotates and not unrotated:
+            x = self._unrotate(x)  # a new tensor
         if fmax is not None:
             x = x.clamp_(-fmax, fmax)
+        if x is out:
+            return out
         x = x.to(dtype)
         if out is not None:
             out.copy_(x)

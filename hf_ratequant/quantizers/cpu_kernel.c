@@ -1,4 +1,5 @@
-/* Dequantization of packed codes on the CPU, one pass: codes -> float32 value = code * scale + zero.
+/* Dequantization of packed codes on the CPU, one pass: codes -> float32 value = code * scale + zero, then, for
+ * designs that rotate (rotated.py), the inverse Hadamard transform of each row.
  *
  * Compiled on first use by cpu_kernel.py (cc -O3 -march=native -fopenmp) and loaded with ctypes; PyTorch ops are used
  * wherever it is unavailable. It reproduces those ops bit for bit: the product and the sum are rounded separately
@@ -58,10 +59,51 @@ static inline void affine8_one(uint64_t x, float *o, float s, float z) {
 #endif
 }
 
+/* In place, the unnormalised Sylvester-Hadamard transform of every `block` consecutive values of o[0..D) (block a
+ * power of two dividing D): stages h = 1, 2, 4, ... < block, each replacing the pair (a, b) = (o[i], o[i + h]) by
+ * (a + b, a - b), in the order rotated.py's PyTorch version uses, so that the two agree bit for bit. */
+static inline void fwht_row(float *o, int64_t D, int64_t block) {
+#if defined(__AVX2__)
+    if (D % 8 == 0) {
+        for (int64_t i = 0; i < D; i += 8) { /* h = 1, 2, 4: inside one vector of 8 */
+            __m256 v = _mm256_loadu_ps(o + i), t;
+            if (block > 1) {
+                t = _mm256_permute_ps(v, 0xB1); /* lanes 1 0 3 2 ... */
+                v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xAA);
+            }
+            if (block > 2) {
+                t = _mm256_permute_ps(v, 0x4E); /* lanes 2 3 0 1 ... */
+                v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xCC);
+            }
+            if (block > 4) {
+                t = _mm256_permute2f128_ps(v, v, 0x01); /* the two halves swapped */
+                v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xF0);
+            }
+            _mm256_storeu_ps(o + i, v);
+        }
+        for (int64_t h = 8; h < block; h *= 2) /* h >= 8: whole vectors */
+            for (int64_t base = 0; base < D; base += 2 * h)
+                for (int64_t k = base; k < base + h; k += 8) {
+                    __m256 a = _mm256_loadu_ps(o + k), b = _mm256_loadu_ps(o + k + h);
+                    _mm256_storeu_ps(o + k, _mm256_add_ps(a, b));
+                    _mm256_storeu_ps(o + k + h, _mm256_sub_ps(a, b));
+                }
+        return;
+    }
+#endif
+    for (int64_t h = 1; h < block; h *= 2)
+        for (int64_t base = 0; base < D; base += 2 * h)
+            for (int64_t k = base; k < base + h; k++) {
+                const float a = o[k], b = o[k + h];
+                o[k] = a + b;
+                o[k + h] = a - b;
+            }
+}
+
 static inline __attribute__((always_inline)) void rows_bits(
     const uint8_t *codes, const uint8_t *end, const int64_t *cs, const float *scale, const float *zero,
     const int64_t *ss, float *out, const int64_t *os, int64_t H, int64_t T, int64_t D, const int bits, int64_t tb,
-    int64_t ng, int64_t first, int64_t last) {
+    int64_t ng, int64_t hadamard, int64_t first, int64_t last) {
     const int64_t chunk = D / ng, nwords = D / 8, words_per_group = chunk / 8;
     for (int64_t bh = first / T; bh * T < last; bh++) {
         const int64_t b = bh / H, h = bh % H;
@@ -81,16 +123,17 @@ static inline __attribute__((always_inline)) void rows_bits(
                     for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; w++)
                         affine8_one(spread(load_word(p + w * bits, end), bits), o + 8 * w, s[g], z[g]);
             }
+            if (hadamard > 1) fwht_row(o, D, hadamard);
         }
     }
 }
 
 static void rows(const uint8_t *codes, const uint8_t *end, const int64_t *cs, const float *scale,
                  const float *zero, const int64_t *ss, float *out, const int64_t *os, int64_t H, int64_t T,
-                 int64_t D, int bits, int64_t tb, int64_t ng, int64_t first, int64_t last) {
+                 int64_t D, int bits, int64_t tb, int64_t ng, int64_t hadamard, int64_t first, int64_t last) {
     switch (bits) { /* one specialised loop per bit-width: the shifts and masks become constants */
 #define RQ_CASE(k) \
-    case k: rows_bits(codes, end, cs, scale, zero, ss, out, os, H, T, D, k, tb, ng, first, last); break;
+    case k: rows_bits(codes, end, cs, scale, zero, ss, out, os, H, T, D, k, tb, ng, hadamard, first, last); break;
         RQ_CASE(1) RQ_CASE(2) RQ_CASE(3) RQ_CASE(4) RQ_CASE(5) RQ_CASE(6) RQ_CASE(7) RQ_CASE(8)
 #undef RQ_CASE
     }
@@ -98,11 +141,13 @@ static void rows(const uint8_t *codes, const uint8_t *end, const int64_t *cs, co
 
 /* codes: uint8 (B, H, T, D * bits / 8) with strides cs[0..3) (last stride 1), readable up to `end`;
  * scale, zero: float32 (B, H, T / tb, ng), strides ss[0..3); out: float32 (B, H, T, D), strides os[0..3).
+ * hadamard > 1: then every row gets the unnormalised Hadamard transform of each `hadamard` consecutive channels.
  * Rows (b, h, t) are split evenly over `threads` OpenMP threads (when compiled with OpenMP and worth it). */
 int rq_dequantize(const uint8_t *codes, const uint8_t *end, const int64_t *cs, const float *scale,
                   const float *zero, const int64_t *ss, float *out, const int64_t *os, int64_t B, int64_t H,
-                  int64_t T, int64_t D, int bits, int64_t tb, int64_t ng, int threads) {
+                  int64_t T, int64_t D, int bits, int64_t tb, int64_t ng, int64_t hadamard, int threads) {
     if (bits < 1 || bits > 8 || D % 8 || ng < 1 || D % ng || (D / ng != 1 && (D / ng) % 8) || tb < 1) return 1;
+    if (hadamard < 0 || (hadamard > 1 && ((hadamard & (hadamard - 1)) || D % hadamard))) return 1;
     const int64_t n = B * H * T;
     if (n <= 0) return 0; /* nothing to write (and T = 0 must not be divided by) */
 #if defined(_OPENMP)
@@ -110,12 +155,12 @@ int rq_dequantize(const uint8_t *codes, const uint8_t *end, const int64_t *cs, c
 #pragma omp parallel num_threads(threads)
         {
             const int64_t k = omp_get_thread_num(), m = omp_get_num_threads();
-            rows(codes, end, cs, scale, zero, ss, out, os, H, T, D, bits, tb, ng, n * k / m, n * (k + 1) / m);
+            rows(codes, end, cs, scale, zero, ss, out, os, H, T, D, bits, tb, ng, hadamard, n * k / m, n * (k + 1) / m);
         }
         return 0;
     }
 #endif
     (void)threads;
-    rows(codes, end, cs, scale, zero, ss, out, os, H, T, D, bits, tb, ng, 0, n);
+    rows(codes, end, cs, scale, zero, ss, out, os, H, T, D, bits, tb, ng, hadamard, 0, n);
     return 0;
 }

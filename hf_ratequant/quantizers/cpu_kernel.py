@@ -152,8 +152,8 @@ def _load():
                     lib = ctypes.CDLL(str(path))
                 fn = lib.rq_dequantize
                 p = ctypes.c_void_p
-                fn.argtypes = [p, p, p, p, p, p, p, p, *[ctypes.c_int64] * 4, ctypes.c_int, ctypes.c_int64,
-                               ctypes.c_int64, ctypes.c_int]
+                fn.argtypes = [p, p, p, p, p, p, p, p, *[ctypes.c_int64] * 4, ctypes.c_int, *[ctypes.c_int64] * 3,
+                               ctypes.c_int]
                 fn.restype = ctypes.c_int
                 _state["path"] = path
                 logger.info("CPU dequantization kernel ready in %.1f s: %s", time.perf_counter() - start, path)
@@ -192,11 +192,18 @@ def supports(q: QuantizedBlock, out: torch.Tensor) -> bool:
     )
 
 
-def dequantize_into(q: QuantizedBlock, out: torch.Tensor) -> bool:
+def dequantize_into(q: QuantizedBlock, out: torch.Tensor, hadamard: int = 0) -> bool:
     """Write `codes * scale + zero` of `q` into the float32 tensor `out` `(batch, heads, tokens, head_dim)` (a view
     of a larger tensor is fine); False, with nothing written, when the kernel is off, unavailable, or not made for
-    this layout (the caller then uses PyTorch ops)."""
-    if not enabled() or not supports(q, out):
+    this layout (the caller then uses PyTorch ops).
+
+    Args:
+        hadamard (`int`, *optional*): if > 1, a power of two dividing head_dim: every row then also gets the
+            unnormalised Sylvester-Hadamard transform of each `hadamard` consecutive channels (`rotated.fwht`'s
+            result, bit for bit).
+    """
+    bad_block = hadamard > 1 and (hadamard & (hadamard - 1) or q.head_dim % hadamard)
+    if bad_block or not enabled() or not supports(q, out):
         return False
     fn = _load()
     if fn is None:
@@ -212,7 +219,7 @@ def dequantize_into(q: QuantizedBlock, out: torch.Tensor) -> bool:
     status = fn(
         codes.data_ptr(), end, _Int64x3(*codes.stride()[:3]), scale.data_ptr(), zero.data_ptr(),
         _Int64x3(*scale.stride()[:3]), out.data_ptr(), _Int64x3(*out.stride()[:3]),
-        b, h, t, q.head_dim, q.bits, q.time_block, scale.shape[-1], torch.get_num_threads(),
+        b, h, t, q.head_dim, q.bits, q.time_block, scale.shape[-1], max(hadamard, 0), torch.get_num_threads(),
     )
     return status == 0  # non-zero: a layout the kernel refuses, nothing written
 
