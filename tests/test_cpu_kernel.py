@@ -258,3 +258,15 @@ def test_rotated_generation_with_and_without_the_kernel(tiny_llama, cache_factor
     without, _ = run()
     assert cache.layers[0].past_keys.num_tokens == 32  # the past really went through the quantizer
     torch.testing.assert_close(with_kernel, without, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+def test_an_unusable_cache_folder_falls_back_to_the_temp_dir(monkeypatch, tmp_path):
+    """`HF_RATEQUANT_CACHE` pointing below a file (as a read-only or broken home would): built in the temp dir."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("HF_RATEQUANT_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(cpu_kernel.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    assert cpu_kernel.available()
+    assert cpu_kernel._state["path"].parent.parent.parent == tmp_path / "tmp"

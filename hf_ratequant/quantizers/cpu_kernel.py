@@ -60,10 +60,20 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
+    """Where compiled kernels are kept: `$HF_RATEQUANT_CACHE/kernels` (default `~/.cache/hf_ratequant/kernels`), or,
+    when that cannot be created or written (a read-only home), a folder of this user's in the temporary directory."""
     root = os.environ.get("HF_RATEQUANT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hf_ratequant"
     )
-    return Path(root) / "kernels"
+    user = getattr(os, "getuid", lambda: os.environ.get("USERNAME", "user"))()
+    for folder in (Path(root) / "kernels", Path(tempfile.gettempdir()) / f"hf_ratequant-{user}" / "kernels"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise RuntimeError(f"no writable folder for the compiled kernel ({Path(root) / 'kernels'} or the temp dir)")
 
 
 def _compiler() -> list[str] | None:
@@ -106,7 +116,6 @@ def _build(cc: list[str]) -> Path:
         target = folder / f"dequantize-{key}-{tag}.so"
         if target.is_file():
             return target
-        folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=folder)  # concurrent builds: rename wins
         os.close(fd)
         try:
