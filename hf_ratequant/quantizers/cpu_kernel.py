@@ -6,8 +6,8 @@ sharing torch's runtime), writing straight into the tensor that attention reads.
 bit for bit, so it changes speed only (tested).
 
 It is compiled with the system C compiler (`$CC`, else `cc`; about 0.3 s) into
-`$HF_RATEQUANT_CACHE` (default `~/.cache/hf_ratequant`)`/kernels/`, one file per source, compiler, flags and CPU, and
-reused from there. Without a compiler, or if compiling fails, a warning says so once and dequantization stays on
+`$HF_RATEQUANT_CACHE` (default `~/.cache/hf_ratequant`)`/kernels/` (a folder in the temp dir where that is not
+writable), one file per source, compiler, flags and CPU, and reused from there. Without a compiler, or if compiling fails, a warning says so once and dequantization stays on
 PyTorch ops. `HF_RATEQUANT_CPU_KERNEL=0` turns the kernel off. Only rows whose head_dim is a multiple of 8 (and whose
 groups span a multiple of 8 channels, or one) go through it; anything else uses PyTorch ops.
 """
