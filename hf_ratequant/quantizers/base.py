@@ -238,7 +238,7 @@ class Quantizer:
             tb, n_groups = q.time_block, q.scale.shape[-1]
             x = out if in_place else torch.empty(shape, dtype=work, device=device)
             hadamard = self.kernel_hadamard(d) if self.rotates else 0
-            if cpu_kernel.dequantize_into(q, x, hadamard=hadamard):  # the one-pass CPU kernel: the same result
+            if cpu_kernel.dequantize_into(q, x, hadamard=hadamard):  # the one-pass CPU kernel, where it applies
                 unrotated = hadamard > 0
             else:
                 unrotated = False

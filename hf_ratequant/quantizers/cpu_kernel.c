@@ -2,8 +2,9 @@
  * designs that rotate (rotated.py), the inverse Hadamard transform of each row.
  *
  * Compiled on first use by cpu_kernel.py (cc -O3 -march=native -fopenmp) and loaded with ctypes; PyTorch ops are used
- * wherever it is unavailable. It reproduces those ops bit for bit: the product and the sum are rounded separately
- * (no fused multiply-add), as `mul_` then `add_` do.
+ * wherever it is unavailable. It reproduces their dequantization bit for bit: the product and the sum are rounded
+ * separately (no fused multiply-add), as `mul_` then `add_` do. The Hadamard passes reproduce rotated.fwht bit for
+ * bit, which rounds differently from the matrix product the PyTorch path uses.
  *
  * Layout (see packing.py): a row of D codes (D a multiple of 8) is D / 8 words of `bits` bytes, each word holding 8
  * codes little-endian, code j in bits [j * bits, (j + 1) * bits). Scales and zero-points have one row per `tb` tokens
