@@ -32,7 +32,7 @@ from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, text_fingerprint, tokenize_windows
 from .distortion import fisher_distortion, fit_curves, fixed_beta_fit, output_distortion
 from .distributed import Processes
-from .evaluation import evaluate_quality, reference_logprobs
+from .evaluation import SharedPrefix, evaluate_quality, reference_logprobs, shared_prefix
 from .quantizers import get_quantizer
 
 logger = logging.getLogger(__name__)
@@ -545,6 +545,7 @@ def calibrate(
         bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         parts = [my_val[a:b] for a, b in zip(bounds, bounds[1:])]
         reference: dict[int, list[torch.Tensor]] = {}  # per part: full-precision log-probs, per batch
+        prefixes: dict[int, SharedPrefix | None] = {}  # per part: what every candidate's cache serves exactly
         sums: dict[tuple[int, ...], list[list[float]]] = {}  # allocation -> [KL sum, tokens] per part scored
         bits_of: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -557,11 +558,14 @@ def calibrate(
             def kl_sums() -> torch.Tensor:  # per allocation: KL summed over this process's tokens, and the tokens
                 if part not in reference:
                     reference[part] = reference_logprobs(model, parts[part], batch_size=batch_size)
+                    prefixes[part] = shared_prefix(model, parts[part], template, chunk=chunk, batch_size=batch_size,
+                                                   reference=reference[part])
                 ref = reference[part]
                 out = []
                 for k in todo:
                     res = evaluate_quality(model, parts[part], _config_from_bits(bits_of[k], template, "candidate"),
-                                           chunk=chunk, batch_size=batch_size, progress=False, reference=ref)
+                                           chunk=chunk, batch_size=batch_size, progress=False, reference=ref,
+                                           prefix=prefixes[part])
                     out.append([res.kl * res.tokens, res.tokens])
                 return torch.tensor(out, dtype=torch.float64).reshape(-1, 2)
 

@@ -19,7 +19,7 @@ from huggingface_hub.utils import tqdm
 from transformers import Cache, DynamicCache
 
 from .cache import RateQuantCache
-from .config import RateQuantConfig
+from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, tokenize_windows
 
 logger = logging.getLogger(__name__)
@@ -27,12 +27,15 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CacheLike",
     "QualityResult",
+    "SharedPrefix",
     "evaluate_kl",
     "evaluate_perplexity",
     "evaluate_quality",
     "evaluation_windows",
+    "exact_prefix_length",
     "make_cache",
     "reference_logprobs",
+    "shared_prefix",
 ]
 
 
@@ -84,6 +87,117 @@ def make_cache(model: Any, cache_config: CacheLike) -> Cache:
                     f"transformers Cache, got {type(cache_config).__name__}.")
 
 
+@dataclass
+class _ChunkScore:
+    nll: float
+    kl: float
+    tokens: int
+
+
+def _score_chunk(
+    logits: torch.Tensor, prev_logits: torch.Tensor | None, piece: torch.LongTensor, ref_logp: torch.Tensor | None,
+) -> _ChunkScore:
+    """NLL of the targets of one chunk, and their KL from `ref_logp` (the reference log-probs of the same targets)."""
+    # Predictions for the tokens of this chunk: the last logit of the previous chunk, then all but the last.
+    pred = logits[:, :-1] if prev_logits is None else torch.cat([prev_logits, logits[:, :-1]], 1)
+    target = piece if prev_logits is not None else piece[:, 1:]
+    logp = F.log_softmax(pred, dim=-1)
+    nll = -logp.gather(-1, target.unsqueeze(-1)).sum().item()
+    kl = 0.0
+    if ref_logp is not None:
+        kl = F.kl_div(logp, ref_logp.to(logp.device, logp.dtype), log_target=True, reduction="sum").item()
+    return _ChunkScore(nll, kl, target.numel())
+
+
+def _reference_slice(reference: torch.Tensor, start: int, piece: torch.LongTensor) -> torch.Tensor:
+    """The precomputed reference log-probs predicting the targets of the chunk that starts at `start`."""
+    first = max(start, 1) - 1  # logit index predicting the first target of this chunk
+    return reference[:, first : first + piece.shape[1] - (start == 0)]
+
+
+def exact_prefix_length(config: RateQuantConfig, chunk: int, window: int) -> int:
+    """Tokens at the start of a `window`-token sequence fed in chunks of `chunk` that `config`'s cache serves
+    exactly: the chunks before the first one that reads a quantized token. The cache quantizes whole groups of G
+    tokens older than its last R, so after s tokens it holds ((s - R) // G) * G of them outside the window
+    (whatever the chunking), of which the first S are sinks kept as they are."""
+    r, s, g = config.residual_length, config.sink_length, config.group_size
+    start = 0
+    while start < window and max(start - r, 0) // g * g <= s:
+        start += chunk
+    return min(start, window)
+
+
+@dataclass
+class SharedPrefix:
+    """The part of every window that all caches of one residual window, sink length and group size serve in full
+    precision, computed once (see [`shared_prefix`]): its scores and the states a cache holds after it."""
+
+    length: int
+    chunk: int
+    batch_size: int
+    windows: torch.LongTensor
+    states: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per batch, per layer: keys and values
+    last_logits: list[torch.Tensor]  # per batch: the logits predicting the first token after the prefix
+    scores: list[list[_ChunkScore]]  # per batch, per chunk
+    with_kl: bool
+
+    def check(self, config: RateQuantConfig, windows: torch.LongTensor, chunk: int, batch_size: int) -> None:
+        if (chunk, batch_size) != (self.chunk, self.batch_size) or not torch.equal(windows.cpu(), self.windows):
+            raise ValueError(
+                "This SharedPrefix was computed for other windows, chunk or batch_size "
+                f"(chunk={self.chunk}, batch_size={self.batch_size}, windows {tuple(self.windows.shape)}): compute "
+                "it with shared_prefix() for the windows and settings being evaluated."
+            )
+        length = exact_prefix_length(config, chunk, windows.shape[1])
+        if length != self.length:
+            raise ValueError(
+                f"This SharedPrefix covers {self.length} tokens but a cache with residual_length="
+                f"{config.residual_length}, sink_length={config.sink_length} and group_size={config.group_size} is "
+                f"exact for {length}: compute it with shared_prefix() for this config."
+            )
+
+
+def _windowed_layers_fit(model: Any, window: int) -> bool:
+    fp = ModelFingerprint.from_model_config(model.config)
+    return all((fp.window(t) or window) >= window for t in fp.layer_types)
+
+
+@torch.inference_mode()
+def shared_prefix(
+    model: Any,
+    windows: torch.LongTensor,
+    config: RateQuantConfig,
+    *,
+    chunk: int = 64,
+    batch_size: int = 4,
+    reference: list[torch.Tensor] | None = None,
+) -> SharedPrefix | None:
+    """Run, once, the chunks that every cache with `config`'s residual window, sinks and group size serves in full
+    precision ([`exact_prefix_length`]), for [`evaluate_quality`]`(..., prefix=...)` to start every such cache
+    after them: the same results, bit for bit, without recomputing the start of every window for every cache (192
+    of 512 tokens with R = 128, S = 32, G = 32 and chunks of 64; at least the first chunk, read from an empty cache).
+    `None` for models with sliding-window layers shorter than the windows, whose caches drop tokens."""
+    if not _windowed_layers_fit(model, windows.shape[1]):
+        return None
+    length = exact_prefix_length(config, chunk, windows.shape[1])
+    device = model.get_input_embeddings().weight.device
+    states, last, scores = [], [], []
+    for batch_idx, ids in enumerate(torch.split(windows, batch_size)):
+        ids = ids.to(device)
+        cache = DynamicCache(config=model.config)
+        prev, batch_scores = None, []
+        for start in range(0, length, chunk):
+            piece = ids[:, start : min(start + chunk, length)]
+            logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
+            ref = _reference_slice(reference[batch_idx], start, piece) if reference is not None else None
+            batch_scores.append(_score_chunk(logits, prev, piece, ref))
+            prev = logits[:, -1:]
+        states.append([(layer.keys, layer.values) for layer in cache.layers])
+        last.append(prev)
+        scores.append(batch_scores)
+    return SharedPrefix(length, chunk, batch_size, windows.cpu(), states, last, scores, reference is not None)
+
+
 @torch.inference_mode()
 def evaluate_quality(
     model: Any,
@@ -95,6 +209,7 @@ def evaluate_quality(
     with_kl: bool = True,
     progress: bool = True,
     reference: list[torch.Tensor] | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> QualityResult:
     """Perplexity of `cache_config`'s cache and its KL divergence from the full-precision cache, on `windows`.
 
@@ -111,43 +226,51 @@ def evaluate_quality(
         reference (`list[torch.Tensor]`, *optional*): precomputed full-precision log-probabilities, one
             `(batch_size, window - 1, vocab)` tensor per batch (see [`reference_logprobs`]); saves the lockstep pass
             when the same windows are evaluated for many caches.
+        prefix ([`SharedPrefix`], *optional*): the start of the windows that this `RateQuantConfig`'s cache serves
+            in full precision, computed once by [`shared_prefix`] (with the same `reference`) for many configs of
+            the same residual window, sinks and group size; the cache starts after it. Results are unchanged.
     """
     if chunk < 1 or windows.shape[1] < 2:
         raise ValueError(f"Need chunk >= 1 and windows of at least 2 tokens (got chunk={chunk}, "
                          f"window={windows.shape[1]}).")
+    want_kl = with_kl and cache_config is not None
+    if prefix is not None:
+        if not isinstance(cache_config, RateQuantConfig):
+            raise ValueError("A SharedPrefix can only start a RateQuantConfig's cache, whose flush rule it relies on.")
+        prefix.check(cache_config, windows, chunk, batch_size)
+        if want_kl and (reference is None or not prefix.with_kl):
+            raise ValueError("With a SharedPrefix, KL needs the precomputed `reference` (given to shared_prefix too).")
     device = model.get_input_embeddings().weight.device
     nll_sum, kl_sum, count = 0.0, 0.0, 0
-    want_kl = with_kl and cache_config is not None
     batches = list(torch.split(windows, batch_size))
-    bar = tqdm(total=len(batches) * math.ceil(windows.shape[1] / chunk), desc="evaluate", disable=not progress)
+    begin = prefix.length if prefix is not None else 0
+    bar = tqdm(total=len(batches) * math.ceil((windows.shape[1] - begin) / chunk), desc="evaluate",
+               disable=not progress)
     for batch_idx, ids in enumerate(batches):
         ids = ids.to(device)
         cache = make_cache(model, cache_config)
         ref_cache = DynamicCache(config=model.config) if want_kl and reference is None else None
         prev_logits = prev_ref = None
-        for start in range(0, ids.shape[1], chunk):
+        if prefix is not None:
+            for part in prefix.scores[batch_idx]:  # in order, so the sums are the ones of feeding them
+                nll_sum, kl_sum, count = nll_sum + part.nll, kl_sum + part.kl, count + part.tokens
+            for layer_idx, (k, v) in enumerate(prefix.states[batch_idx]):
+                cache.update(k.clone(), v.clone(), layer_idx)
+            prev_logits = prefix.last_logits[batch_idx]
+        for start in range(begin, ids.shape[1], chunk):
             piece = ids[:, start : start + chunk]
             logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
-            ref_logits = (
-                model(input_ids=piece, past_key_values=ref_cache, use_cache=True).logits.float()
-                if ref_cache is not None
-                else None
-            )
-            # Predictions for the tokens of this chunk: the last logit of the previous chunk, then all but the last.
-            pred = logits[:, :-1] if prev_logits is None else torch.cat([prev_logits, logits[:, :-1]], 1)
-            target = piece if prev_logits is not None else piece[:, 1:]
-            logp = F.log_softmax(pred, dim=-1)
-            nll_sum += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
-            count += target.numel()
             if reference is not None and want_kl:
-                first = max(start, 1) - 1  # logit index predicting the first target of this chunk
-                ref_logp = reference[batch_idx][:, first : first + target.shape[1]].to(logp.device, logp.dtype)
-                kl_sum += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+                ref_logp = _reference_slice(reference[batch_idx], start, piece)
             elif want_kl:
+                ref_logits = model(input_ids=piece, past_key_values=ref_cache, use_cache=True).logits.float()
                 ref_pred = ref_logits[:, :-1] if prev_ref is None else torch.cat([prev_ref, ref_logits[:, :-1]], 1)
                 ref_logp = F.log_softmax(ref_pred, dim=-1)
-                kl_sum += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
                 prev_ref = ref_logits[:, -1:]
+            else:
+                ref_logp = None
+            part = _score_chunk(logits, prev_logits, piece, ref_logp)
+            nll_sum, kl_sum, count = nll_sum + part.nll, kl_sum + part.kl, count + part.tokens
             prev_logits = logits[:, -1:]
             bar.update(1)
     bar.close()

@@ -372,3 +372,29 @@ def test_validation_with_eight_windows_climbs_three_rungs(model, monkeypatch):
     assert cfg.method in cal["validation_finalists"]
     assert {cal["validation_windows"][n] for n in cal["validation_finalists"]} == {8}
     assert sorted(set(cal["validation_windows"].values())) == [2, 4, 8]
+
+
+def test_validation_shares_the_exact_start_of_its_windows_without_changing_a_score(model, monkeypatch):
+    """Validation runs the chunks every candidate's cache serves in full precision once (`shared_prefix`); the
+    scores are the ones of running them for every candidate, bit for bit."""
+    import hf_ratequant.calibration as calibration
+
+    kwargs = dict(quantizer="token", budget=2.5, n_samples=2, n_validation=4, seq_len=64, group_size=8,
+                  residual_length=8, sink_length=8, b_min=1, b_max=4, chunk=8, progress=False)
+    shared = calibrate(model, WordTokenizer(), [corpus(4000)], **kwargs)
+    lengths = []
+    real = calibration.shared_prefix
+
+    def spying(*args, **kw):
+        prefix = real(*args, **kw)
+        lengths.append(prefix.length)
+        return prefix
+
+    monkeypatch.setattr(calibration, "shared_prefix", spying)
+    assert calibrate(model, WordTokenizer(), [corpus(4000)], **kwargs).calibration["validation_kl"] == \
+        shared.calibration["validation_kl"]
+    assert lengths and set(lengths) == {24}  # the chunk starting at 24 reads the first quantized group (16..23)
+    monkeypatch.setattr(calibration, "shared_prefix", lambda *args, **kw: None)
+    alone = calibrate(model, WordTokenizer(), [corpus(4000)], **kwargs)
+    assert alone.calibration["validation_kl"] == shared.calibration["validation_kl"]
+    assert alone.calibration["winner"] == shared.calibration["winner"]

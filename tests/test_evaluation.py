@@ -68,3 +68,102 @@ def test_precomputed_reference_gives_the_same_kl(model, windows):
     cached = evaluate_quality(model, windows, cfg, chunk=16, batch_size=2, progress=False, reference=ref)
     assert cached.kl == pytest.approx(lockstep.kl, rel=1e-4)
     assert cached.perplexity == pytest.approx(lockstep.perplexity, rel=1e-6)
+
+
+# ---- the shared prefix: the start of the windows that every cache of one (R, S, G) serves exactly ---------------
+
+
+def _mixed(model, quantizer, residual_length, sink_length, group_size=8, seed=0):
+    from hf_ratequant.config import ModelFingerprint
+
+    fp = ModelFingerprint.from_model_config(model.config)
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(1, 5, (fp.num_layers, fp.num_kv_heads, 2), generator=g).tolist()
+    return RateQuantConfig(
+        key_bits=[[u[0] for u in layer] for layer in bits], value_bits=[[u[1] for u in layer] for layer in bits],
+        quantizer=quantizer, group_size=group_size, residual_length=residual_length, sink_length=sink_length,
+        budget=2.5, b_min=1, b_max=4, fingerprint=fp,
+    )
+
+
+@pytest.mark.parametrize("quantizer", ["kivi", "token", "rotated"])
+@pytest.mark.parametrize(("residual_length", "sink_length", "chunk"),
+                         [(16, 8, 8), (24, 0, 16), (8, 16, 12), (80, 8, 8)])
+def test_shared_prefix_gives_the_same_results_bit_for_bit(model, windows, quantizer, residual_length, sink_length,
+                                                          chunk):
+    from hf_ratequant.evaluation import exact_prefix_length, shared_prefix
+
+    ref = reference_logprobs(model, windows, batch_size=2)
+    configs = [_mixed(model, quantizer, residual_length, sink_length, seed=s) for s in range(2)]
+    prefix = shared_prefix(model, windows, configs[0], chunk=chunk, batch_size=2, reference=ref)
+    length = exact_prefix_length(configs[0], chunk, windows.shape[1])
+    assert prefix is not None and prefix.length == length > 0
+    for cfg in configs:
+        plain = evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=2, progress=False, reference=ref)
+        shared = evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=2, progress=False, reference=ref,
+                                  prefix=prefix)
+        assert (shared.perplexity, shared.kl, shared.tokens) == (plain.perplexity, plain.kl, plain.tokens)
+        assert (shared.kl > 1e-6) == (length < windows.shape[1])  # R = 80: all 96 tokens are served exactly
+        no_kl = evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=2, progress=False, with_kl=False,
+                                 prefix=prefix)
+        assert no_kl.perplexity == plain.perplexity
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_exact_prefix_length_is_where_the_cache_first_serves_a_quantized_token(model, seed):
+    """Against the cache itself: feed chunks and look at what it holds quantized before each one."""
+    from hf_ratequant import RateQuantCache
+    from hf_ratequant.evaluation import exact_prefix_length
+
+    g = torch.Generator().manual_seed(seed)
+    group = 2 ** int(torch.randint(0, 4, (1,), generator=g))  # dividing head_dim, as the quantizers need
+    residual, sinks = (group * int(torch.randint(0, 12, (1,), generator=g)),
+                       group * int(torch.randint(0, 4, (1,), generator=g)))
+    chunk, window = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(2, 120, (1,), generator=g))
+    cfg = RateQuantConfig.uniform(model.config, bits=2, group_size=group, residual_length=residual, sink_length=sinks)
+    cache = RateQuantCache(config=model.config, quant_config=cfg)
+    k = torch.zeros(1, 2, 1, 32)
+    expected = window
+    for start in range(0, window, chunk):
+        if cache.layers[0].past_keys.num_tokens > sinks:  # this chunk reads quantized tokens
+            expected = start
+            break
+        n = min(chunk, window - start)
+        cache.update(k.expand(1, 2, n, 32).clone(), k.expand(1, 2, n, 32).clone(), 0)
+    assert exact_prefix_length(cfg, chunk, window) == expected
+
+
+def test_shared_prefix_refuses_other_settings(model, windows):
+    from hf_ratequant.evaluation import shared_prefix
+
+    ref = reference_logprobs(model, windows, batch_size=2)
+    cfg = _mixed(model, "kivi", 16, 8)
+    prefix = shared_prefix(model, windows, cfg, chunk=8, batch_size=2, reference=ref)
+    with pytest.raises(ValueError, match="residual_length=24.*exact for"):
+        evaluate_quality(model, windows, _mixed(model, "kivi", 24, 8), chunk=8, batch_size=2, progress=False,
+                         reference=ref, prefix=prefix)
+    with pytest.raises(ValueError, match="other windows, chunk or batch_size"):
+        evaluate_quality(model, windows, cfg, chunk=16, batch_size=2, progress=False, reference=ref, prefix=prefix)
+    with pytest.raises(ValueError, match="other windows, chunk or batch_size"):
+        evaluate_quality(model, windows.flip(1), cfg, chunk=8, batch_size=2, progress=False, reference=ref,
+                         prefix=prefix)
+    with pytest.raises(ValueError, match="only start a RateQuantConfig"):
+        evaluate_quality(model, windows, None, chunk=8, batch_size=2, progress=False, prefix=prefix)
+    with pytest.raises(ValueError, match="precomputed `reference`"):
+        evaluate_quality(model, windows, cfg, chunk=8, batch_size=2, progress=False, prefix=prefix)
+    no_ref = shared_prefix(model, windows, cfg, chunk=8, batch_size=2)
+    with pytest.raises(ValueError, match="precomputed `reference`"):
+        evaluate_quality(model, windows, cfg, chunk=8, batch_size=2, progress=False, reference=ref, prefix=no_ref)
+
+
+def test_what_is_shared_without_a_residual_window_or_with_short_sliding_windows(model, windows):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from hf_ratequant.evaluation import shared_prefix
+
+    assert shared_prefix(model, windows, _mixed(model, "kivi", 0, 0), chunk=8, batch_size=2).length == 8  # 1st chunk
+    torch.manual_seed(0)
+    sliding = MistralForCausalLM(MistralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=48)).eval()
+    assert shared_prefix(sliding, windows, _mixed(sliding, "kivi", 16, 8), chunk=8, batch_size=2) is None
