@@ -71,9 +71,15 @@ class Row:
 # ---- evaluation -------------------------------------------------------------------------------------------------
 
 
+_PREFIXES: dict[tuple, object] = {}
+"""`shared_prefix` per (windows, window group, R, S, G, chunk): the start of the windows every RateQuant cache of one
+residual window, sink length and group size serves in full precision, run once for all of them."""
+
+
 def evaluate(model, windows, refs, group: int, cfg, chunk: int) -> dict:
     """Evaluate `cfg` (None: full precision) window group by window group against the shared reference."""
-    from hf_ratequant.evaluation import evaluate_quality
+    from hf_ratequant import RateQuantConfig
+    from hf_ratequant.evaluation import evaluate_quality, shared_prefix
 
     nll, kls, toks = [], [], []
     t0 = time.perf_counter()
@@ -81,7 +87,14 @@ def evaluate(model, windows, refs, group: int, cfg, chunk: int) -> dict:
         ids = windows[g * group : (g + 1) * group]
         if ref.shape[0] != ids.shape[0]:  # evaluate_quality does not check this; a mismatch would broadcast
             raise RuntimeError(f"reference batch {g} has {ref.shape[0]} windows, the evaluated batch {ids.shape[0]}")
-        r = evaluate_quality(model, ids, cfg, chunk=chunk, batch_size=group, progress=False, reference=[ref])
+        prefix = None
+        if isinstance(cfg, RateQuantConfig):
+            key = (id(windows), g, cfg.residual_length, cfg.sink_length, cfg.group_size, chunk)
+            if key not in _PREFIXES:
+                _PREFIXES[key] = shared_prefix(model, ids, cfg, chunk=chunk, batch_size=group, reference=[ref])
+            prefix = _PREFIXES[key]
+        r = evaluate_quality(model, ids, cfg, chunk=chunk, batch_size=group, progress=False, reference=[ref],
+                             prefix=prefix)
         nll.append(math.log(r.perplexity))
         kls.append(r.kl)
         toks.append(r.tokens)

@@ -21,7 +21,7 @@ from .allocation import allocate_bits, fixed_allocations
 from .calibration import calibration_windows, measure_distortions, residual_split_works
 from .config import ModelFingerprint, RateQuantConfig
 from .distortion import CurveFit, fit_curves, fixed_beta_fit
-from .evaluation import evaluate_quality, reference_logprobs
+from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
 from .quantizers import available_quantizers
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def mismatch_study(
     """
     fp = ModelFingerprint.from_model_config(model.config)
     reference = reference_logprobs(model, windows, batch_size=batch_size)
+    prefix = None
     n_heads = fp.num_layers * fp.num_kv_heads
     b_min, b_max = min(next(iter(curves.values())).bit_grid), max(next(iter(curves.values())).bit_grid)
     rows = []
@@ -131,8 +132,10 @@ def mismatch_study(
         plans.append(("kvq beta=4", "mismatched", kvq.allocation(budget)))
         for name, kind, bits in plans:
             cfg = _config(bits, b_name, fp, name, budget, group_size, residual_length)
+            if prefix is None:  # every config here shares R, S and G: their exact start is run once
+                prefix = shared_prefix(model, windows, cfg, chunk=chunk, batch_size=batch_size, reference=reference)
             res = evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=batch_size, progress=False,
-                                   reference=reference)
+                                   reference=reference, prefix=prefix)
             rows.append(dict(quantizer=b_name, allocation=name, kind=kind, perplexity=res.perplexity, kl=res.kl,
                              key_bits=float(bits[..., 0].double().mean()),
                              units_changed=int((bits != own).sum()), rank_agreement=_spearman(bits, own)))
