@@ -18,22 +18,22 @@ during prefill.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import attention as fused_attention
+from . import ops
 from .config import RateQuantConfig
-from .quantizers import KEEP_BITS, NonFiniteError, QuantizedBlock, Quantizer, get_quantizer
+from .quantizers import KEEP_BITS, NonFiniteError, QuantizedBlock, Quantizer, get_quantizer, packed_size
 
 __all__ = ["RateQuantCache", "RateQuantLayer", "RateQuantSlidingLayer"]
 
 
-def _scatter_classes(device: torch.device) -> bool:
-    """Whether heads of one bit-width that lie in several runs are dequantized together and scattered (off the CPU)
-    rather than run by run (on the CPU)."""
-    return device.type != "cpu"
+ATTENTION_MODES = ("auto", "fused", "dequantize")
 
 
 class _HeadGroups:
@@ -62,20 +62,13 @@ class _HeadGroups:
         return 0 if self.sink is None else self.sink.shape[2]
 
     def to_device(self, device: torch.device) -> None:
-        """Build the head selectors on `device`: a slice where a class's heads are contiguous, else an index tensor;
-        and, for dequantization, each class's runs of consecutive heads as (slice of the layer, slice of the class)."""
-        self.index, self.runs = [], []
+        """Build the head selectors on `device`: a slice where a class's heads are contiguous, else an index tensor."""
+        self.index = []
         for _, heads in self.classes:
             if heads == list(range(heads[0], heads[-1] + 1)):
                 self.index.append(slice(heads[0], heads[-1] + 1))
             else:
                 self.index.append(torch.tensor(heads, device=device))
-            runs, first = [], 0
-            for i in range(1, len(heads) + 1):
-                if i == len(heads) or heads[i] != heads[i - 1] + 1:
-                    runs.append((slice(heads[first], heads[i - 1] + 1), slice(first, i)))
-                    first = i
-            self.runs.append(runs)
 
     @property
     def time_block(self) -> int:
@@ -122,29 +115,27 @@ class _HeadGroups:
                 self.data[i] = QuantizedBlock.cat([old, new])
         self.num_tokens += x.shape[2]
 
-    def dequantize_into(self, out: torch.Tensor) -> None:
-        """Write the dequantized past into `out` `(batch, heads, num_tokens, head_dim)`."""
-        ns = self.num_sink
-        if ns:
-            out[:, :, :ns] = self.sink
-            out = out[:, :, ns:]
-        if ns == self.num_tokens:  # nothing quantized yet
-            return
-        for (bits, _), sel, runs, data in zip(self.classes, self.index, self.runs, self.data):
-            if len(runs) > 1 and _scatter_classes(out.device):
-                # Off the CPU every call costs kernel launches: one dequantization per class and one scatter
-                # (an H100, Qwen3-8B layer, 32k tokens, heads alternating 2/3 bits: 4.2 -> 1.2 ms for K + V).
-                whole = data if bits == KEEP_BITS else self.quantizer.dequantize(data, self.kind)
-                out.index_copy_(1, sel, whole)
-                continue
-            # On the CPU, one call per run of consecutive heads, written straight into the output, is cheaper than
-            # a scatter (one per class when a class's heads are contiguous).
-            for layer_heads, class_heads in runs:
-                if bits == KEEP_BITS:
-                    out[:, layer_heads] = data[:, class_heads]
-                else:
-                    part = data if len(runs) == 1 else data.map(lambda t, h=class_heads: t[:, h])
-                    self.quantizer.dequantize(part, self.kind, out=out[:, layer_heads])
+    def op_args(self, window: torch.Tensor, head_bits: list[int]) -> tuple:
+        """The arguments of the `hf_ratequant` ops for this past: `(sink, data, scale, zero, head_bits)` (see
+        [`ops.PastPart`]); `window` `(batch, heads, tokens, head_dim)` gives the shapes of empty parts."""
+        b, _, _, d = window.shape
+        sink = self.sink if self.sink is not None else window.new_empty(b, self.num_heads, 0, d)
+        data, scale, zero = [], [], []
+        for (bits, heads), block in zip(self.classes, self.data):
+            if bits == KEEP_BITS:
+                data.append(block if block is not None else window.new_empty(b, len(heads), 0, d))
+                scale.append(window.new_empty(0))
+                zero.append(window.new_empty(0))
+            elif block is None:  # nothing quantized yet
+                data.append(torch.empty(b, len(heads), 0, packed_size(d, bits), dtype=torch.uint8,
+                                        device=window.device))
+                scale.append(window.new_empty(b, len(heads), 0, 1))
+                zero.append(window.new_empty(b, len(heads), 0, 1))
+            else:
+                data.append(block.codes)
+                scale.append(block.scale)
+                zero.append(block.zero)
+        return sink, data, scale, zero, head_bits
 
     def dequantize(self, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
         """Dequantized tokens `[start, stop)`; `start` must be a multiple of `time_block` (the sink's length is)."""
@@ -222,6 +213,13 @@ class RateQuantLayer(DynamicLayer):
         layer_idx (`int`, *optional*): the layer's index in the model, used in error messages.
         sink_length (`int`, *optional*, defaults to 0): the first tokens kept as they are when they leave the window
             (attention sinks); a multiple of `group_size`.
+        attention (`str`, *optional*, defaults to `"auto"`): how attention reads the packed past. `"fused"`: `update`
+            returns the window tagged with the packed past, for the `"ratequant"` attention implementation to run
+            the fused decode-attention op (only while `attn_config` uses that implementation). `"dequantize"`:
+            `update` returns the dequantized history, for any attention. `"auto"`: fused on CUDA where the kernel
+            supports the states (dtype, head_dim; else one warning naming the reason), dequantize elsewhere.
+        attn_config (`PretrainedConfig`, *optional*): the (text) config whose `_attn_implementation` the model's
+            attention reads; the fused path is only taken while it is `"ratequant"`.
     """
 
     is_croppable = True
@@ -235,8 +233,15 @@ class RateQuantLayer(DynamicLayer):
         group_size: int,
         layer_idx: int | None = None,
         sink_length: int = 0,
+        attention: str = "auto",
+        attn_config: Any = None,
     ):
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention={attention!r} must be one of {ATTENTION_MODES}.")
+        self.attention = attention
+        self.attn_config = _SharedRef(attn_config)
+        self.fused = False
         if sink_length < 0 or sink_length % group_size:
             raise ValueError(f"sink_length={sink_length} must be a non-negative multiple of group_size={group_size}.")
         self.layer_idx = layer_idx
@@ -266,7 +271,20 @@ class RateQuantLayer(DynamicLayer):
         self.values = value_states[:, :, :0].clone()
         self.past_keys.to_device(self.device)
         self.past_values.to_device(self.device)
+        self.fused = self._use_fused(key_states)
         self.is_initialized = True
+
+    def _use_fused(self, states: torch.Tensor) -> bool:
+        """Whether `update` serves the fused decode-attention op (see `attention`)."""
+        if self.attention != "auto":
+            return self.attention == "fused"
+        if states.device.type != "cuda":
+            return False
+        reason = ops.fused_unavailable_reason(states.device, states.dtype, states.shape[-1])
+        if reason is not None:
+            _warn_once(f"RateQuantCache: {reason}; decoding dequantizes the past and runs the model's attention "
+                       "instead of the fused kernel (slower, same results).")
+        return reason is None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new states; return the whole history as attention should see it.
@@ -286,8 +304,12 @@ class RateQuantLayer(DynamicLayer):
         if n:  # check before anything changes, so that a refused update leaves the layer as it was
             self._check_finite(window_keys[:, :, :n], window_values[:, :, :n])
         self.keys, self.values = window_keys, window_values
-        keys = self._with_past(self.past_keys, self.keys)
-        values = self._with_past(self.past_values, self.values)
+        if self.past_keys.num_tokens == 0:
+            keys, values = self.keys, self.values
+        elif self.fused and self.attn_config.uses(fused_attention.ATTENTION_NAME):
+            keys, values = self._tagged_window()
+        else:
+            keys, values = self._history()
         self._flush()
         return keys, values
 
@@ -304,15 +326,34 @@ class RateQuantLayer(DynamicLayer):
         return -1
 
     # ---- internals -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _with_past(past: _HeadGroups, window: torch.Tensor) -> torch.Tensor:
-        if past.num_tokens == 0:
-            return window
-        b, h, t, d = window.shape
-        out = window.new_empty(b, h, past.num_tokens + t, d)  # (batch, kv_heads, past + window, head_dim)
-        past.dequantize_into(out[:, :, : past.num_tokens])
-        out[:, :, past.num_tokens :] = window
-        return out
+    def _op_args(self) -> tuple:
+        keys = self.past_keys.op_args(self.keys, self.key_bits)
+        return (*keys, *self.past_values.op_args(self.values, self.value_bits))
+
+    def _history(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every token held, `(batch, kv_heads, tokens, head_dim)`: one `dequantize_layer` op."""
+        return torch.ops.hf_ratequant.dequantize_layer(
+            *self._op_args(), self.keys, self.values, self.quantizer.name, self.group_size
+        )
+
+    def _tagged_window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window (new tokens included), as views tagged with the packed past for the fused attention op. The
+        tag holds the tensors as they are now: the flush that follows replaces them, so attention sees this step's
+        tokens as the dequantize path would (in full precision until after this step)."""
+        args = self._op_args()
+        past = fused_attention.FusedPast(args[:5], args[5:], self.keys, self.values, self.quantizer.name,
+                                         self.group_size)
+        keys, values = self.keys.view_as(self.keys), self.values.view_as(self.values)
+        setattr(keys, fused_attention.TAG, past)
+        return keys, values
+
+    def past_parts(self) -> tuple[ops.PastPart, ops.PastPart]:
+        """The stored past of keys and values as the kernels read it (sinks and quantized tokens; the window is
+        `self.keys` / `self.values`)."""
+        k = ops.PastPart.from_args(*self.past_keys.op_args(self.keys, self.key_bits), self.past_keys.time_block)
+        v = ops.PastPart.from_args(*self.past_values.op_args(self.values, self.value_bits),
+                                   self.past_values.time_block)
+        return k, v
 
     def _flush_length(self, window: int) -> int:
         """How many tokens leave a window of `window` tokens: the whole groups older than the last R."""
@@ -499,6 +540,29 @@ class RateQuantSlidingLayer(RateQuantLayer):
         super().reset()
 
 
+class _SharedRef:
+    """A reference to the model's config that copies of the cache share (`copy.deepcopy` of a prefix cache must
+    still see the model's current attention implementation, not a frozen copy of it)."""
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def uses(self, implementation: str) -> bool:
+        return getattr(self.config, "_attn_implementation", None) == implementation
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 def _check_query_length(query_length: int) -> None:
     """Refuse a forward pass over no tokens before the model fails on it with an obscure reshape error."""
     if query_length == 0:
@@ -507,6 +571,28 @@ def _check_query_length(query_length: int) -> None:
             "(batch, 0)?): there is nothing to attend from. Give at least one token, e.g. the tokenizer's BOS token. "
             "The cache was not changed."
         )
+
+
+def _attention_config(config: Any, attention: str) -> Any:
+    """The text config whose attention the fused path relies on, switched to `"ratequant"` where that path may run;
+    `None` where it will not."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention={attention!r} must be one of {ATTENTION_MODES}.")
+    if attention == "dequantize" or config is None:
+        if attention == "fused":
+            raise ValueError("attention='fused' needs the model's config (RateQuantCache(config=model.config, ...) "
+                             "or from_pretrained(..., model=model)): the cache switches its attention implementation.")
+        return None
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if attention == "auto" and not torch.cuda.is_available():
+        return text
+    if not fused_attention.use_fused_attention(text) and attention == "fused":
+        raise ValueError(
+            f"attention='fused' needs the model's attention implementation to be 'sdpa' (or 'ratequant'), but it is "
+            f"{getattr(text, '_attn_implementation', None)!r}: load the model with attn_implementation='sdpa', or use "
+            "attention='auto' or 'dequantize'."
+        )
+    return text
 
 
 class RateQuantCache(DynamicCache):
@@ -521,6 +607,13 @@ class RateQuantCache(DynamicCache):
         config (`PretrainedConfig`, *optional*): the model's config; checked against `quant_config` and used to find
             sliding-window layers.
         quant_config (`RateQuantConfig`): the bit allocation and quantizer.
+        attention (`str`, *optional*, defaults to `"auto"`): `"auto"` decodes with the fused Triton kernel over the
+            packed past on CUDA (falling back with one warning where it cannot), `"fused"` asks for that path on any
+            device (on the CPU its PyTorch reference), `"dequantize"` dequantizes the past every step for the
+            model's own attention. The fused path needs `config`: where CUDA is available (or with `"fused"`), a
+            model config whose attention is `"sdpa"` is switched to `"ratequant"` (sdpa plus the fused op, through
+            transformers' `AttentionInterface`; see [`hf_ratequant.attention`]), which changes nothing for any
+            other cache.
 
     Example:
         >>> from hf_ratequant import RateQuantCache, RateQuantConfig, load_default_model
@@ -536,9 +629,11 @@ class RateQuantCache(DynamicCache):
         config: Any = None,
         *,
         quant_config: RateQuantConfig,
+        attention: str = "auto",
     ):
         if not isinstance(quant_config, RateQuantConfig):
             raise TypeError(f"quant_config must be a RateQuantConfig, got {type(quant_config).__name__}.")
+        attn_config = _attention_config(config, attention)
         if config is not None:
             fp = quant_config.check_model(config)
         elif quant_config.fingerprint is not None:
@@ -551,7 +646,8 @@ class RateQuantCache(DynamicCache):
         for i, (kb, vb) in enumerate(zip(quant_config.key_bits, quant_config.value_bits)):
             args = (kb, vb, quantizer, quant_config.residual_length, quant_config.group_size)
             window = fp.window(layer_types[i]) if layer_types is not None else None
-            kwargs = dict(layer_idx=i, sink_length=quant_config.sink_length)
+            kwargs = dict(layer_idx=i, sink_length=quant_config.sink_length, attention=attention,
+                          attn_config=attn_config)
             if window is not None:
                 layers.append(RateQuantSlidingLayer(*args, sliding_window=window, **kwargs))
             else:
@@ -580,21 +676,21 @@ class RateQuantCache(DynamicCache):
             model (`PreTrainedModel`, *optional*): the model the cache is for; its config is checked against the
                 allocation's fingerprint and a mismatch is refused.
             model_config (`PretrainedConfig`, *optional*): alternatively, the model's config.
-            kwargs: passed to [`RateQuantConfig.from_pretrained`] (e.g. `revision`).
+            kwargs: passed to [`RateQuantConfig.from_pretrained`] (e.g. `revision`) and `attention` to the cache.
         """
+        attention = kwargs.pop("attention", "auto")
         if isinstance(config_or_path, RateQuantConfig):
             quant_config = config_or_path
         else:
             quant_config = RateQuantConfig.from_pretrained(config_or_path, **kwargs)
         if model is not None:
             model_config = model.config
-        return cls(config=model_config, quant_config=quant_config)
+        return cls(config=model_config, quant_config=quant_config, attention=attention)
 
     def __iter__(self):
         for layer in self.layers:
             n = layer.past_keys.num_tokens if layer.is_initialized else 0
-            keys = layer._with_past(layer.past_keys, layer.keys) if n else layer.keys
-            values = layer._with_past(layer.past_values, layer.values) if n else layer.values
+            keys, values = layer._history() if n else (layer.keys, layer.values)
             yield keys, values, None
 
     @property

@@ -4,9 +4,16 @@ Nothing here touches the network or the user's Hub cache; every model is built f
 """
 
 import copy
+import os
 
 import pytest
 import torch
+
+# Triton kernels run under Triton's interpreter where there is no GPU (decided when a kernel is defined, so before
+# hf_ratequant.triton_kernels is imported); a kernel that fails raises instead of falling back.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_RATEQUANT_STRICT_KERNELS", "1")
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_ratequant import RateQuantCache, RateQuantConfig

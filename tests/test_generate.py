@@ -165,16 +165,19 @@ def test_heads_of_one_width_in_several_runs_dequantize_in_place(device, quantize
     """Heads of one bit-width that are not adjacent (2 bits at heads 0, 2, 4; 16 bits at 1 and 5) land at their own
     places, whether dequantized run by run (the CPU's way) or per bit-width and scattered (the GPU's way)."""
     from hf_ratequant import cache as cache_module
+    from hf_ratequant import ops
 
-    monkeypatch.setattr(cache_module, "_scatter_classes", lambda dev: scatter)
+    monkeypatch.setattr(ops, "_scatter_classes", lambda dev: scatter)
     bits = [2, 16, 2, 3, 2, 16]
     groups = cache_module._HeadGroups(bits, get_quantizer(quantizer, 8), "value", sink_length=8)
     groups.to_device(torch.device(device))
     x = torch.randn(2, len(bits), 40, 32, generator=torch.Generator().manual_seed(0)).to(device)
     groups.append(x[:, :, :24])
     groups.append(x[:, :, 24:])
-    out = torch.full_like(x, float("nan"))
-    groups.dequantize_into(out)
+    window = x[:, :, :0]
+    part = ops.PastPart.from_args(*groups.op_args(window, bits), groups.time_block)
+    out = ops._dequantize_part(part, groups.quantizer, "value", window)
+    assert out.shape == x.shape
     assert torch.equal(out[:, :, :8], x[:, :, :8])  # the sink
     assert torch.equal(out[:, [1, 5]], x[:, [1, 5]])  # 16-bit heads are exact
     for head, b in enumerate(bits):

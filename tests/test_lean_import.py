@@ -1,4 +1,4 @@
-"""Importing the package stays lean: datasets, matplotlib and gguf load only when used. (transformers itself
+"""Importing the package stays lean: datasets, matplotlib, gguf and triton load only when used. (transformers itself
 imports quanto and hqq at import time when they are installed; that is not ours to change.)"""
 
 import subprocess
@@ -8,7 +8,7 @@ import sys
 def test_import_does_not_pull_heavy_optional_modules():
     code = (
         "import sys, hf_ratequant; "
-        "print(','.join(m for m in ('datasets', 'matplotlib', 'gguf') if m in sys.modules))"
+        "print(','.join(m for m in ('datasets', 'matplotlib', 'gguf', 'triton') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""

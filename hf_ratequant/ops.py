@@ -1,0 +1,332 @@
+"""The cache's kernels as `torch.library` ops, so that the cache calls one op per layer and step and torch's
+dispatcher picks the implementation.
+
+- `hf_ratequant::dequantize_layer`: the keys and values attention reads, `(batch, kv_heads, tokens, head_dim)` each:
+  sinks, the packed past of every bit class dequantized, and the full-precision window, in one tensor per kind.
+- `hf_ratequant::decode_attention`: attention of the new token(s) over sinks + packed past + window, without writing
+  the 16-bit past to memory (flash-decoding over the packed codes).
+
+Implementations: on CUDA the Triton kernels of [`hf_ratequant.triton_kernels`]; everywhere else (and on CUDA where
+Triton is missing or cannot compile, with one warning naming the reason) the PyTorch reference below, which is what
+the CPU always ran: the quantizers' own dequantization (with the CPU kernel) and `scaled_dot_product_attention` over
+its result. Both ops have fake (meta) implementations, so `torch.compile` traces through them.
+
+`HF_RATEQUANT_STRICT_KERNELS=1` turns a failing Triton kernel into an exception instead of a warning and a fallback
+(the test suite sets it).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class PastPart(NamedTuple):
+    """The stored past of one layer's keys (or values) as the kernels read it.
+
+    Tokens are laid out as `[sink | quantized | window]`; the window is passed beside it.
+
+    Attributes:
+        sink (`torch.Tensor`): `(batch, heads, S, head_dim)` in the model's dtype, S >= 0 (the attention sinks).
+        data (`list[torch.Tensor]`): one entry per bit class: `uint8` packed codes `(batch, Hc, Tq, ceil(head_dim *
+            bits / 8))`, or for 16 bits the plain states `(batch, Hc, Tq, head_dim)` in the model's dtype. Every class
+            holds the same Tq >= 0 tokens; the last dimension is contiguous, the others may be strided.
+        scale (`list[torch.Tensor]`): per class `(batch, Hc, Tq // time_block, n_groups)` in the model's dtype (an
+            empty tensor for 16 bits); element `(t, d)` of a head uses `scale[..., t // time_block, d // (head_dim //
+            n_groups)]`. Last dimension contiguous.
+        zero (`list[torch.Tensor]`): the zero-points (group minima), laid out like `scale`.
+        bits (`list[int]`): each class's bit-width, 1..8 or 16.
+        head_class (`list[int]`): for every kv-head of the layer, the index of its class.
+        head_local (`list[int]`): for every kv-head, its index inside its class's tensors (dimension 1).
+        time_block (`int`): tokens sharing one row of scales (kivi keys: the group size; otherwise 1).
+    """
+
+    sink: torch.Tensor
+    data: list[torch.Tensor]
+    scale: list[torch.Tensor]
+    zero: list[torch.Tensor]
+    bits: list[int]
+    head_class: list[int]
+    head_local: list[int]
+    time_block: int
+
+    @classmethod
+    def from_args(cls, sink, data, scale, zero, head_bits: list[int], time_block: int) -> PastPart:
+        """The part described by the flat op arguments (classes in ascending bits, heads in order inside each)."""
+        classes = sorted(set(head_bits))
+        head_class = [classes.index(b) for b in head_bits]
+        head_local = [head_bits[:h].count(b) for h, b in enumerate(head_bits)]
+        return cls(sink, list(data), list(scale), list(zero), classes, head_class, head_local, time_block)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.head_class)
+
+    @property
+    def num_quantized(self) -> int:
+        return self.data[0].shape[2] if self.data else 0
+
+
+FUSED_MAX_QUERY = 16
+"""Longest query (new tokens in one forward pass) the fused decode-attention op serves; longer ones (prefill
+chunks) dequantize and run the model's own attention."""
+
+
+# ---- the PyTorch reference -----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _quantizer(name: str, group_size: int):
+    from .quantizers import get_quantizer
+
+    return get_quantizer(name, group_size)
+
+
+def _dequantize_part(part: PastPart, quantizer, kind: str, window: torch.Tensor) -> torch.Tensor:
+    """`[sink | dequantized past | window]` of one kind, `(batch, heads, tokens, head_dim)` in the window's dtype."""
+    from .quantizers import KEEP_BITS, QuantizedBlock
+
+    b, h, w, d = window.shape
+    s, t = part.sink.shape[2], part.num_quantized
+    out = window.new_empty(b, h, s + t + w, d)
+    out[:, :, :s] = part.sink
+    out[:, :, s + t :] = window
+    if t == 0:
+        return out
+    past = out[:, :, s : s + t]
+    scatter = _scatter_classes(out.device)
+    for c, bits in enumerate(part.bits):
+        heads = [i for i, k in enumerate(part.head_class) if k == c]
+        data = part.data[c]
+        block = None
+        if bits != KEEP_BITS:
+            block = QuantizedBlock(data, part.scale[c], part.zero[c], bits, d, part.time_block)
+        runs = _runs(heads)
+        if len(runs) > 1 and scatter:
+            # Off the CPU every call costs kernel launches: one dequantization per class and one scatter
+            # (an H100, Qwen3-8B layer, 32k tokens, heads alternating 2/3 bits: 4.2 -> 1.2 ms for K + V).
+            whole = data if block is None else quantizer.dequantize(block, kind)
+            past.index_copy_(1, torch.tensor(heads, device=out.device), whole)
+            continue
+        # On the CPU, one call per run of consecutive heads, written straight into the output, is cheaper than a
+        # scatter (one per class when its heads are contiguous).
+        for layer_heads, class_heads in runs:
+            if block is None:
+                past[:, layer_heads] = data[:, class_heads]
+            else:
+                one = block if len(runs) == 1 else block.map(lambda x, sel=class_heads: x[:, sel])
+                quantizer.dequantize(one, kind, out=past[:, layer_heads])
+    return out
+
+
+def _scatter_classes(device: torch.device) -> bool:
+    """Whether heads of one bit-width that lie in several runs are dequantized together and scattered (off the CPU)
+    rather than run by run (on the CPU)."""
+    return device.type != "cpu"
+
+
+def _runs(heads: list[int]) -> list[tuple[slice, slice]]:
+    """Runs of consecutive heads as (slice of the layer's heads, slice of the class's heads)."""
+    runs, first = [], 0
+    for i in range(1, len(heads) + 1):
+        if i == len(heads) or heads[i] != heads[i - 1] + 1:
+            runs.append((slice(heads[first], heads[i - 1] + 1), slice(first, i)))
+            first = i
+    return runs
+
+
+def _reference_attention(query, attention_mask, keys, values, scaling: float) -> torch.Tensor:
+    """What the model's sdpa attention computes over the dequantized states: `(batch, q_heads, q_len, head_dim)`."""
+    n_rep = query.shape[1] // keys.shape[1]
+    if n_rep > 1:
+        keys = keys.repeat_interleave(n_rep, dim=1)
+        values = values.repeat_interleave(n_rep, dim=1)
+    q_len, kv_len = query.shape[2], keys.shape[2]
+    if attention_mask is None and q_len > 1:  # causal, aligned to the end of the past
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=attention_mask, scale=scaling
+    )
+
+
+# ---- Triton, where it applies --------------------------------------------------------------------------------------
+def _strict() -> bool:
+    return os.environ.get("HF_RATEQUANT_STRICT_KERNELS", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+_broken: dict[str, str] = {}  # op name -> why its Triton kernel is no longer tried in this process
+
+
+@functools.lru_cache(maxsize=None)
+def triton_unavailable_reason(device_index: int | None = None) -> str | None:
+    """Why the Triton kernels cannot run on this CUDA device (`None` when they can): no Triton, or a GPU older than
+    compute capability 8.0 (Ampere)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install 'hf-ratequant[gpu]')"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 8:
+        return f"the GPU has compute capability {major}.{minor}; the kernels need 8.0 (Ampere) or newer"
+    return None
+
+
+def fused_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the fused decode-attention kernel cannot serve a layer on `device` with states of `dtype` and
+    `head_dim` (`None` when it can)."""
+    if device.type != "cuda":
+        return f"the cache is on {device.type}, the fused kernel runs on CUDA"
+    reason = triton_unavailable_reason(device.index)
+    if reason is None:
+        from . import triton_kernels
+
+        reason = triton_kernels.unsupported_reason(head_dim, dtype)
+    return reason
+
+
+def _run_triton(op: str, fn, fallback):
+    """Run a Triton implementation; on failure warn once and fall back (raise under `HF_RATEQUANT_STRICT_KERNELS`)."""
+    if op not in _broken:
+        try:
+            return fn()
+        except Exception as err:  # a compile or launch error: never silent
+            if _strict():
+                raise
+            _broken[op] = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"hf_ratequant: the Triton kernel of {op} failed ({_broken[op]}); using the PyTorch implementation "
+                "from now on in this process (slower, same results). Please report this with your GPU and versions.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return fallback()
+
+
+# ---- the ops ---------------------------------------------------------------------------------------------------
+_PAST = "Tensor {p}_sink, Tensor[] {p}_data, Tensor[] {p}_scale, Tensor[] {p}_zero, int[] {p}_head_bits"
+_LIB = torch.library.Library("hf_ratequant", "DEF")
+_LIB.define(
+    f"dequantize_layer({_PAST.format(p='k')}, {_PAST.format(p='v')}, Tensor k_window, Tensor v_window, "
+    "str quantizer, int group_size) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    f"decode_attention(Tensor query, Tensor? attention_mask, {_PAST.format(p='k')}, {_PAST.format(p='v')}, "
+    "Tensor k_window, Tensor v_window, str quantizer, int group_size, float scaling) -> Tensor"
+)
+
+
+def _parts(quantizer: str, group_size: int, k_args, v_args) -> tuple[object, PastPart, PastPart]:
+    q = _quantizer(quantizer, group_size)
+    k = PastPart.from_args(*k_args, q.time_block("key"))
+    v = PastPart.from_args(*v_args, q.time_block("value"))
+    return q, k, v
+
+
+def _dequantize_layer_reference(ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size):
+    q, k, v = _parts(quantizer, group_size, (ks, kd, kc, kz, kb), (vs, vd, vc, vz, vb))
+    return _dequantize_part(k, q, "key", k_window), _dequantize_part(v, q, "value", v_window)
+
+
+def _dequantize_layer_cuda(ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size):
+    args = (ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size)
+    if triton_unavailable_reason(k_window.device.index) is not None:
+        return _dequantize_layer_reference(*args)
+
+    def run():
+        from . import triton_kernels
+
+        q, k, v = _parts(quantizer, group_size, args[:5], args[5:10])
+        return triton_kernels.dequantize_layer(k, v, k_window, v_window, rotated=q.rotates)
+
+    return _run_triton("dequantize_layer", run, lambda: _dequantize_layer_reference(*args))
+
+
+def _decode_attention_reference(query, mask, ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer,
+                                group_size, scaling):
+    keys, values = _dequantize_layer_reference(
+        ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size
+    )
+    return _reference_attention(query, mask, keys, values, scaling)
+
+
+def _decode_attention_triton(query, mask, ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer,
+                             group_size, scaling):
+    from . import triton_kernels
+
+    q, k, v = _parts(quantizer, group_size, (ks, kd, kc, kz, kb), (vs, vd, vc, vz, vb))
+    return triton_kernels.decode_attention(query, mask, k, v, k_window, v_window, scaling, rotated=q.rotates)
+
+
+def _decode_attention_cuda(*args):
+    if triton_unavailable_reason(args[0].device.index) is not None:
+        return _decode_attention_reference(*args)
+    return _run_triton("decode_attention", lambda: _decode_attention_triton(*args),
+                       lambda: _decode_attention_reference(*args))
+
+
+def _decode_attention_cpu(*args):
+    if cpu_backend() == "triton":  # Triton's interpreter, for tests
+        return _decode_attention_triton(*args)
+    return _decode_attention_reference(*args)
+
+
+def _dequantize_layer_cpu(*args):
+    if cpu_backend() == "triton":
+        from . import triton_kernels
+
+        q, k, v = _parts(args[12], args[13], args[:5], args[5:10])
+        return triton_kernels.dequantize_layer(k, v, args[10], args[11], rotated=q.rotates)
+    return _dequantize_layer_reference(*args)
+
+
+_CPU_BACKEND = {"name": "reference"}
+
+
+def cpu_backend(name: str | None = None) -> str:
+    """The implementation the ops use on CPU tensors: "reference" (PyTorch ops and the CPU kernel; the default) or
+    "triton" (the Triton kernels under Triton's interpreter, `TRITON_INTERPRET=1`: slow, for tests). With `name`,
+    set it first."""
+    if name is not None:
+        if name not in ("reference", "triton"):
+            raise ValueError(f"cpu_backend must be 'reference' or 'triton', got {name!r}.")
+        _CPU_BACKEND["name"] = name
+    return _CPU_BACKEND["name"]
+
+
+def _dequantize_layer_fake(ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size):
+    def shape(sink, data, window):
+        t = data[0].shape[2] if data else 0
+        return (window.shape[0], window.shape[1], sink.shape[2] + t + window.shape[2], window.shape[3])
+
+    return k_window.new_empty(shape(ks, kd, k_window)), v_window.new_empty(shape(vs, vd, v_window))
+
+
+def _decode_attention_fake(query, *args):
+    return torch.empty_like(query)
+
+
+_LIB.impl("dequantize_layer", _dequantize_layer_cpu, "CPU")
+_LIB.impl("dequantize_layer", _dequantize_layer_cuda, "CUDA")
+_LIB.impl("decode_attention", _decode_attention_cpu, "CPU")
+_LIB.impl("decode_attention", _decode_attention_cuda, "CUDA")
+torch.library.register_fake("hf_ratequant::dequantize_layer", _dequantize_layer_fake, lib=_LIB)
+torch.library.register_fake("hf_ratequant::decode_attention", _decode_attention_fake, lib=_LIB)
+
+
+def part_args(part: PastPart, head_bits: list[int]) -> tuple:
+    """The flat op arguments of one kind: `(sink, data, scale, zero, head_bits)`."""
+    return part.sink, part.data, part.scale, part.zero, head_bits
+
+
+def dequantize_layer(k: PastPart, v: PastPart, k_window, v_window, k_bits, v_bits, quantizer: str, group_size: int):
+    """`(keys, values)` attention reads: see the module docstring."""
+    return torch.ops.hf_ratequant.dequantize_layer(
+        *part_args(k, k_bits), *part_args(v, v_bits), k_window, v_window, quantizer, group_size
+    )
