@@ -222,6 +222,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness tasks scored through each cache (see `hf_ratequant.harness`), one table row per cache,
+    task and metric, with the bytes the caches held and the wall time."""
+    import json
+
+    from .harness import RateQuantLM, evaluate, load_tasks  # needs lm-eval: an ImportError says what to install
+    from .models import load_model
+
+    specs = args.cache
+    if not specs:
+        if args.model != DEFAULT_MODEL:
+            raise ValueError(f"Pass --cache for {args.model!r} (e.g. --cache none kv:3,2 path/to/config): no "
+                             "calibrated config ships for it.")
+        specs = ["none", default_config_path()]
+    model, tokenizer = load_model(args.model)
+    for spec in specs:  # bad specs fail before any work
+        _parse_cache_spec(spec, model, args.sink_length)
+    manager, objects = load_tasks(args.tasks, args.include_path)
+    lm = RateQuantLM(pretrained=model, tokenizer=tokenizer, cache=None, chunk=args.chunk, batch_size=args.batch_size,
+                     max_length=args.max_length, device=str(model.device))
+    rows = []
+    for spec in specs:
+        for task in objects:
+            start = time.perf_counter()
+            res = evaluate(model, tokenizer, [], spec, loaded=(manager, [task]), lm=lm, batch_size=args.batch_size,
+                           limit=args.limit, num_fewshot=args.num_fewshot, chunk=args.chunk,
+                           sink_length=args.sink_length, bootstrap_iters=args.bootstrap_iters,
+                           gen_kwargs=args.gen_kwargs, apply_chat_template=args.apply_chat_template)
+            seconds = time.perf_counter() - start
+            info, stats = res["ratequant"], res["ratequant"]["stats"]
+            for task_name, metrics in res["results"].items():
+                for key, value in metrics.items():
+                    metric, _, flt = key.partition(",")
+                    if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                        continue
+                    stderr = metrics.get(f"{metric}_stderr,{flt}")
+                    rows.append({
+                        "cache": spec, "avg_bits": info["average_bits"], "task": task_name, "metric": metric,
+                        "filter": flt, "value": value, "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                        "samples": res.get("n-samples", {}).get(task_name, {}).get("effective"),
+                        "bytes_per_row": stats["mean_bytes_per_row"], "vs_16bit": stats["vs_16bit"],
+                        "quantized_read_share": stats["quantized_read_share"], "seconds": seconds,
+                    })
+    print(f"{'cache':<28}{'bits':>6}  {'task':<20}{'metric':<18}{'value':>9}{'stderr':>9}"
+          f"{'KiB/row':>10}{'vs 16-bit':>10}{'s':>8}")
+    for r in rows:
+        cache = r["cache"] if len(r["cache"]) <= 27 else "..." + r["cache"][-24:]
+        stderr = f"{r['stderr']:>9.4f}" if r["stderr"] is not None else f"{'':>9}"
+        ratio = f"{r['vs_16bit']:>10.3f}" if r["vs_16bit"] is not None else f"{'':>10}"
+        print(f"{cache:<28}{r['avg_bits']:>6.3g}  {r['task']:<20}{r['metric']:<18}{r['value']:>9.4f}{stderr}"
+              f"{r['bytes_per_row'] / 1024:>10.1f}{ratio}{r['seconds']:>8.1f}")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Fit every quantizer's curves on one model, print the beta table, allocate for each design with every
     design's curves, evaluate on held-out text, write the tables and PNG plots."""
@@ -342,6 +399,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the key sits in the filler, as fractions (default 0.1 0.5 0.9)")
     ev.add_argument("--json", help="also write the rows as JSON to this path")
     ev.set_defaults(func=cmd_eval)
+
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks scored through each cache (needs lm-eval)")
+    le.add_argument("--model", default=DEFAULT_MODEL)
+    le.add_argument("--tasks", nargs="+", required=True,
+                    help="lm-eval task names, task YAML files, or tasks found under --include-path")
+    le.add_argument("--include-path", default=None, help="a folder of task YAMLs (local tasks; offline, tasks must "
+                    "read local files: dataset_path: json with dataset_kwargs.data_files)")
+    le.add_argument("--cache", nargs="+", default=None, help="'none', 'uniform:BITS', 'kv:KBITS,VBITS', a config "
+                    "folder or Hub repo id (default, for the embedded model: none and the shipped kivi 2.5 config)")
+    le.add_argument("--sink-length", type=int, default=0, help="sink tokens of the 'uniform:' and 'kv:' caches "
+                    "(first tokens kept in full precision; a multiple of 32)")
+    le.add_argument("--batch-size", type=int, default=1)
+    le.add_argument("--chunk", type=int, default=64, help="tokens per forward pass when scoring loglikelihoods")
+    le.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if below 1)")
+    le.add_argument("--num-fewshot", type=int, default=None)
+    le.add_argument("--max-length", type=int, default=None, help="context limit in tokens (default: the model's)")
+    le.add_argument("--gen-kwargs", default=None, help="generation arguments for generate_until tasks, as lm-eval "
+                    "takes them, e.g. 'max_gen_toks=32'")
+    le.add_argument("--apply-chat-template", action="store_true")
+    le.add_argument("--bootstrap-iters", type=int, default=1000, help="for the stderr of non-mean metrics")
+    le.add_argument("--output", "-o", help="also write the rows as JSON to this path")
+    le.set_defaults(func=cmd_lm_eval)
 
     an = sub.add_parser("analyze", help="fit every quantizer's curves; show what the wrong curves cost")
     an.add_argument("--model", default=DEFAULT_MODEL)
