@@ -60,10 +60,9 @@ class PastPart(NamedTuple):
     @classmethod
     def from_args(cls, sink, data, scale, zero, head_bits: list[int], time_block: int) -> PastPart:
         """The part described by the flat op arguments (classes in ascending bits, heads in order inside each)."""
-        classes = sorted(set(head_bits))
-        head_class = [classes.index(b) for b in head_bits]
-        head_local = [head_bits[:h].count(b) for h, b in enumerate(head_bits)]
-        return cls(sink, list(data), list(scale), list(zero), classes, head_class, head_local, time_block)
+        classes, head_class, head_local = _layout(tuple(head_bits))
+        return cls(sink, list(data), list(scale), list(zero), list(classes), list(head_class), list(head_local),
+                   time_block)
 
     @property
     def num_heads(self) -> int:
@@ -72,6 +71,22 @@ class PastPart(NamedTuple):
     @property
     def num_quantized(self) -> int:
         return self.data[0].shape[2] if self.data else 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(head_bits: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """`(classes, head_class, head_local)` of a layer's per-head bits (cached: the ops run every step)."""
+    classes = tuple(sorted(set(head_bits)))
+    head_class = tuple(classes.index(b) for b in head_bits)
+    head_local = tuple(head_bits[:h].count(b) for h, b in enumerate(head_bits))
+    return classes, head_class, head_local
+
+
+@functools.lru_cache(maxsize=4096)
+def _class_runs(head_class: tuple[int, ...], c: int) -> tuple[list[int], list[tuple[slice, slice]]]:
+    """The heads of class `c` and their runs of consecutive heads (see [`_runs`]), cached."""
+    heads = [i for i, k in enumerate(head_class) if k == c]
+    return heads, _runs(heads)
 
 
 FUSED_MAX_QUERY = 16
@@ -94,19 +109,20 @@ def _dequantize_part(part: PastPart, quantizer, kind: str, window: torch.Tensor)
     b, h, w, d = window.shape
     s, t = part.sink.shape[2], part.num_quantized
     out = window.new_empty(b, h, s + t + w, d)
-    out[:, :, :s] = part.sink
+    if s:
+        out[:, :, :s] = part.sink
     out[:, :, s + t :] = window
     if t == 0:
         return out
     past = out[:, :, s : s + t]
     scatter = _scatter_classes(out.device)
+    head_class = tuple(part.head_class)
     for c, bits in enumerate(part.bits):
-        heads = [i for i, k in enumerate(part.head_class) if k == c]
+        heads, runs = _class_runs(head_class, c)
         data = part.data[c]
         block = None
         if bits != KEEP_BITS:
             block = QuantizedBlock(data, part.scale[c], part.zero[c], bits, d, part.time_block)
-        runs = _runs(heads)
         if len(runs) > 1 and scatter:
             # Off the CPU every call costs kernel launches: one dequantization per class and one scatter
             # (an H100, Qwen3-8B layer, 32k tokens, heads alternating 2/3 bits: 4.2 -> 1.2 ms for K + V).
@@ -196,6 +212,8 @@ def _run_triton(op: str, fn, fallback):
     if op not in _broken:
         try:
             return fn()
+        except torch.OutOfMemoryError:
+            raise  # not the kernel's fault, and the reference would need more memory still
         except Exception as err:  # a compile or launch error: never silent
             if _strict():
                 raise
