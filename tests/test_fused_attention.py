@@ -63,6 +63,13 @@ def generate(model, ids, cache, new_tokens=24, **kwargs):
     return out[:, ids.shape[1]:]
 
 
+def dequantized_and_fused(model, ids, quant_config=None, **kwargs):
+    """Tokens generated with the dequantize path and with the fused path, the same config for both."""
+    quant_config = quant_config or mixed_config(model)
+    return [generate(model, ids, RateQuantCache(config=model.config, quant_config=quant_config, attention=mode),
+                     **kwargs) for mode in ("dequantize", "fused")]
+
+
 def logits_in_chunks(model, ids, cache, chunk):
     out = [model(input_ids=ids[:, i : i + chunk], past_key_values=cache).logits for i in range(0, ids.shape[1], chunk)]
     return torch.cat(out, dim=1)
@@ -99,10 +106,7 @@ def test_fused_left_padded_batch_equals_dequantize(model, device, monkeypatch):
     mask = torch.ones_like(ids)
     ids[0, :7], mask[0, :7] = 0, 0  # row 0 is left-padded by 7 tokens
     kwargs = dict(attention_mask=mask)
-    want = generate(model, ids, RateQuantCache(config=model.config, quant_config=mixed_config(model),
-                                               attention="dequantize"), **kwargs)
-    got = generate(model, ids, RateQuantCache(config=model.config, quant_config=mixed_config(model),
-                                              attention="fused"), **kwargs)
+    want, got = dequantized_and_fused(model, ids, **kwargs)
     assert spy.fused > 0
     assert torch.equal(got, want)
 
@@ -110,10 +114,7 @@ def test_fused_left_padded_batch_equals_dequantize(model, device, monkeypatch):
 def test_fused_beam_search_equals_dequantize(model, device):
     ids = prompt(30, device=device)
     kwargs = dict(num_beams=3, num_return_sequences=2)
-    want = generate(model, ids, RateQuantCache(config=model.config, quant_config=mixed_config(model),
-                                               attention="dequantize"), **kwargs)
-    got = generate(model, ids, RateQuantCache(config=model.config, quant_config=mixed_config(model),
-                                              attention="fused"), **kwargs)
+    want, got = dequantized_and_fused(model, ids, **kwargs)
     assert torch.equal(got, want)
 
 
@@ -122,10 +123,7 @@ def test_fused_assisted_decoding_equals_dequantize(model, device, monkeypatch):
     spy = Spy(monkeypatch)
     ids = prompt(12, device=device).repeat(1, 4)  # repetitive, so that prompt lookup finds candidates
     kwargs = dict(prompt_lookup_num_tokens=4)
-    want = generate(model, ids, RateQuantCache(config=model.config, quant_config=mixed_config(model),
-                                               attention="dequantize"), **kwargs)
-    got = generate(model, ids, RateQuantCache(config=model.config, quant_config=mixed_config(model),
-                                              attention="fused"), **kwargs)
+    want, got = dequantized_and_fused(model, ids, **kwargs)
     assert spy.fused > 0
     assert torch.equal(got, want)
 
@@ -177,8 +175,7 @@ def test_sliding_window_layers_fused_equal_dequantize(device, monkeypatch):
     spy = Spy(monkeypatch)
     ids = prompt(50, device=device)
     qc = RateQuantConfig.uniform(model.config, bits=3, group_size=8, residual_length=8)
-    want = generate(model, ids, RateQuantCache(config=model.config, quant_config=qc, attention="dequantize"))
-    got = generate(model, ids, RateQuantCache(config=model.config, quant_config=qc, attention="fused"))
+    want, got = dequantized_and_fused(model, ids, qc)
     assert spy.fused > 0
     assert torch.equal(got, want)
 
