@@ -346,3 +346,23 @@ def test_triton_backend_generates_the_reference_tokens(model, device, quantizer,
                                               attention="fused"), new_tokens=12)
     assert spy.fused > 0
     assert torch.equal(got, want)
+
+
+def test_auto_on_a_gpu_without_the_kernel_warns_once_and_dequantizes(tiny_llama, monkeypatch):
+    """On CUDA, "auto" takes the fused path where the kernel can run; where it cannot (no Triton, an old GPU, an
+    unsupported head_dim or dtype) one warning names the reason and the layer dequantizes."""
+    from types import SimpleNamespace
+
+    from hf_ratequant import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_WARNED", set())
+    layer = RateQuantCache(quant_config=mixed_config(tiny_llama)).layers[0]
+    states = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16, shape=(1, 2, 5, 32))
+    monkeypatch.setattr(ops, "fused_unavailable_reason", lambda *a: "Triton is not installed (pip install x)")
+    with pytest.warns(RuntimeWarning, match="Triton is not installed"):
+        assert layer._use_fused(states) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert layer._use_fused(states) is False  # once per reason
+    monkeypatch.setattr(ops, "fused_unavailable_reason", lambda *a: None)
+    assert layer._use_fused(states) is True
