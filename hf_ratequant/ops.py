@@ -252,18 +252,18 @@ def _dequantize_layer_reference(ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window
     return _dequantize_part(k, q, "key", k_window), _dequantize_part(v, q, "value", v_window)
 
 
-def _dequantize_layer_cuda(ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size):
-    args = (ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size)
-    if triton_unavailable_reason(k_window.device.index) is not None:
+def _dequantize_layer_triton(ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size):
+    from . import triton_kernels
+
+    q, k, v = _parts(quantizer, group_size, (ks, kd, kc, kz, kb), (vs, vd, vc, vz, vb))
+    return triton_kernels.dequantize_layer(k, v, k_window, v_window, rotated=q.rotates)
+
+
+def _dequantize_layer_cuda(*args):
+    if triton_unavailable_reason(args[10].device.index) is not None:
         return _dequantize_layer_reference(*args)
-
-    def run():
-        from . import triton_kernels
-
-        q, k, v = _parts(quantizer, group_size, args[:5], args[5:10])
-        return triton_kernels.dequantize_layer(k, v, k_window, v_window, rotated=q.rotates)
-
-    return _run_triton("dequantize_layer", run, lambda: _dequantize_layer_reference(*args))
+    return _run_triton("dequantize_layer", lambda: _dequantize_layer_triton(*args),
+                       lambda: _dequantize_layer_reference(*args))
 
 
 def _decode_attention_reference(query, mask, ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer,
@@ -296,11 +296,8 @@ def _decode_attention_cpu(*args):
 
 
 def _dequantize_layer_cpu(*args):
-    if cpu_backend() == "triton":
-        from . import triton_kernels
-
-        q, k, v = _parts(args[12], args[13], args[:5], args[5:10])
-        return triton_kernels.dequantize_layer(k, v, args[10], args[11], rotated=q.rotates)
+    if cpu_backend() == "triton":  # Triton's interpreter, for tests
+        return _dequantize_layer_triton(*args)
     return _dequantize_layer_reference(*args)
 
 
