@@ -6,9 +6,12 @@ import sys
 
 
 def test_import_does_not_pull_heavy_optional_modules():
+    """Only what transformers itself already imported may be there (it imports triton through hqq, when installed)."""
     code = (
-        "import sys, hf_ratequant; "
-        "print(','.join(m for m in ('datasets', 'matplotlib', 'gguf', 'triton') if m in sys.modules))"
+        "import sys; heavy = ('datasets', 'matplotlib', 'gguf', 'triton'); "
+        "import transformers, transformers.cache_utils; "
+        "before = {m for m in heavy if m in sys.modules}; import hf_ratequant; "
+        "print(','.join(m for m in heavy if m in sys.modules and m not in before))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
