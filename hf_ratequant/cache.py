@@ -350,10 +350,9 @@ class RateQuantLayer(DynamicLayer):
     def past_parts(self) -> tuple[ops.PastPart, ops.PastPart]:
         """The stored past of keys and values as the kernels read it (sinks and quantized tokens; the window is
         `self.keys` / `self.values`)."""
-        k = ops.PastPart.from_args(*self.past_keys.op_args(self.keys, self.key_bits), self.past_keys.time_block)
-        v = ops.PastPart.from_args(*self.past_values.op_args(self.values, self.value_bits),
-                                   self.past_values.time_block)
-        return k, v
+        args = self._op_args()
+        return (ops.PastPart.from_args(*args[:5], self.past_keys.time_block),
+                ops.PastPart.from_args(*args[5:], self.past_values.time_block))
 
     def _flush_length(self, window: int) -> int:
         """How many tokens leave a window of `window` tokens: the whole groups older than the last R."""
