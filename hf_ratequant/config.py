@@ -18,6 +18,7 @@ import torch
 
 from .hub import hub_file, looks_local
 from .quantizers import KEEP_BITS, available_quantizers, check_bits
+from .settings import CacheLayout, layout_with
 from .storage import BACKUP_NAME, CONFIG_NAME, CURVES_HASH_KEY, CURVES_NAME, _short, pair_paths, read_pair, write_pair
 
 logger = logging.getLogger(__name__)
@@ -189,12 +190,16 @@ class RateQuantConfig:
         *,
         key_bits: int | None = None,
         value_bits: int | None = None,
-        quantizer: str = "kivi",
-        group_size: int = 32,
-        residual_length: int = 128,
-        sink_length: int = 0,
+        quantizer: str | None = None,
+        group_size: int | None = None,
+        residual_length: int | None = None,
+        sink_length: int | None = None,
+        layout: CacheLayout | None = None,
     ) -> RateQuantConfig:
         """A fixed allocation: every key at `key_bits` (default `bits`), every value at `value_bits` (default `bits`).
+
+        The layout (quantizer, G, R, S) is [`CacheLayout`]'s, the same a calibrated config gets by default (32 sink
+        tokens included); `layout=` or the single fields change it (`sink_length=0` for none, as KIVI does).
 
         Args:
             model_config (`PretrainedConfig` or `ModelFingerprint`): the model's config.
@@ -209,19 +214,29 @@ class RateQuantConfig:
         fp = model_config if isinstance(model_config, ModelFingerprint) else ModelFingerprint.from_model_config(
             model_config
         )
-        rows, cols = fp.num_layers, fp.num_kv_heads
+        fields = dict(quantizer=quantizer, group_size=group_size, residual_length=residual_length,
+                      sink_length=sink_length)
+        layout = layout_with(layout, **fields)
+        bits_table = torch.tensor([key_bits, value_bits]).expand(fp.num_layers, fp.num_kv_heads, 2)
         method = "uniform" if key_bits == value_bits else "kv-split"
+        return cls.from_bits(bits_table, layout, fingerprint=fp, method=method, budget=(key_bits + value_bits) / 2)
+
+    @classmethod
+    def from_bits(
+        cls, bits: torch.Tensor, layout: CacheLayout, *, fingerprint: ModelFingerprint | None = None,
+        method: str = "ratequant", budget: float | None = None, b_min: int = 1, b_max: int = 8,
+    ) -> RateQuantConfig:
+        """A config from a `(num_layers, num_kv_heads, 2)` bit table (`[..., 0]` keys, `[..., 1]` values)."""
         return cls(
-            key_bits=[[key_bits] * cols for _ in range(rows)],
-            value_bits=[[value_bits] * cols for _ in range(rows)],
-            quantizer=quantizer,
-            group_size=group_size,
-            residual_length=residual_length,
-            sink_length=sink_length,
-            budget=(key_bits + value_bits) / 2,
-            method=method,
-            fingerprint=fp,
+            key_bits=bits[..., 0].tolist(), value_bits=bits[..., 1].tolist(), quantizer=layout.quantizer,
+            group_size=layout.group_size, residual_length=layout.residual_length, sink_length=layout.sink_length,
+            budget=budget, b_min=b_min, b_max=b_max, method=method, fingerprint=fingerprint,
         )
+
+    @property
+    def layout(self) -> CacheLayout:
+        """The cache layout (quantizer, G, R, S) of this config."""
+        return CacheLayout(self.quantizer, self.group_size, self.residual_length, self.sink_length)
 
     # ---- validation ------------------------------------------------------------------------------------------
     def validate(self) -> None:
