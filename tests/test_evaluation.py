@@ -167,3 +167,35 @@ def test_what_is_shared_without_a_residual_window_or_with_short_sliding_windows(
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, sliding_window=48)).eval()
     assert shared_prefix(sliding, windows, _mixed(sliding, "kivi", 16, 8), chunk=8, batch_size=2) is None
+
+
+def test_kl_equals_the_kl_computed_by_hand_from_raw_logits(windows):
+    """KL(full precision || quantized cache) per predicted token, from the raw logits of both, with nothing of
+    `evaluate_quality`'s code: the windows fed chunk by chunk through a fresh `RateQuantCache`, the reference one
+    forward pass over each whole window."""
+    from hf_ratequant import RateQuantCache
+
+    torch.manual_seed(0)  # larger weights than the default init: peaked distributions, a KL far above float noise
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                         initializer_range=0.2)).eval()
+
+    cfg = RateQuantConfig.uniform(model.config, key_bits=1, value_bits=2, group_size=8, residual_length=8,
+                                  sink_length=0)
+    chunk = 16
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in windows:
+            ids = ids[None]
+            cache = RateQuantCache(config=model.config, quant_config=cfg)
+            logits = torch.cat([model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits
+                                for s in range(0, ids.shape[1], chunk)], dim=1)[0, :-1].double()
+            ref = model(input_ids=ids).logits[0, :-1].double()
+            p_ref = torch.softmax(ref, -1)
+            kl = (p_ref * (torch.log(p_ref) - torch.log(torch.softmax(logits, -1)))).sum(-1)
+            total, tokens = total + kl.sum().item(), tokens + kl.numel()
+    res = evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=2, progress=False)
+    assert res.tokens == tokens
+    assert res.kl > 1e-4  # far from zero (16 bits: below 1e-9), so the comparison means something
+    # evaluate_quality works in float32 log-probabilities (~4.6 nats each), the hand computation in float64
+    assert res.kl == pytest.approx(total / tokens, rel=2e-3)
