@@ -90,8 +90,9 @@ def make_cache(
     value_bits=None,
     residual_length: int = 16,
     group_size: int = 8,
+    sink_length: int = 0,
 ) -> RateQuantCache:
-    """A `RateQuantCache` for `model`.
+    """A `RateQuantCache` for `model` (no sink tokens unless asked: most tests are about the packed past).
 
     `key_bits` / `value_bits` may be integers (a uniform split of keys and values) or `num_layers x num_kv_heads`
     tables (a per-head allocation); otherwise every unit gets `bits`.
@@ -103,6 +104,7 @@ def make_cache(
             quantizer=quantizer,
             group_size=group_size,
             residual_length=residual_length,
+            sink_length=sink_length,
         )
     else:
         quant_config = RateQuantConfig.uniform(
@@ -113,6 +115,7 @@ def make_cache(
             quantizer=quantizer,
             group_size=group_size,
             residual_length=residual_length,
+            sink_length=sink_length,
         )
     return RateQuantCache(config=model.config, quant_config=quant_config)
 
@@ -120,7 +123,7 @@ def make_cache(
 @pytest.fixture
 def cache_factory():
     """`cache_factory(model, bits=4, quantizer="kivi", key_bits=None, value_bits=None, residual_length=16,
-    group_size=8)` -> a fresh `RateQuantCache`."""
+    group_size=8, sink_length=0)` -> a fresh `RateQuantCache`."""
     return make_cache
 
 

@@ -44,7 +44,7 @@ def test_16_bits_has_zero_kl_and_same_perplexity(model, windows):
 def test_fewer_bits_more_kl(model, windows):
     kls = [
         evaluate_kl(model, None, windows, RateQuantConfig.uniform(model.config, bits=b, group_size=8,
-                                                                    residual_length=0), chunk=16)
+                                                                    residual_length=0, sink_length=0), chunk=16)
         for b in (8, 4, 2)
     ]
     assert 0 < kls[0] < kls[1] < kls[2]
