@@ -23,13 +23,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .ops import PastPart
+if TYPE_CHECKING:  # annotations only: ops imports this module when a kernel is asked for
+    from .ops import PastPart
 
 __all__ = ["decode_attention", "dequantize_layer", "unsupported_reason"]
 
