@@ -1,8 +1,10 @@
-"""`RateQuantConfig`: which quantizer, which bits for every (layer, kv-head, key/value) unit, and how they were found.
+"""The schema of a saved allocation: `ModelFingerprint` (the model a config fits) and `RateQuantConfig` (which
+quantizer, which bits for every (layer, kv-head, key/value) unit, and how they were found), checked field by field.
 
-Settings are saved as JSON (`ratequant_config.json`), fitted tensors (alpha, beta, sensitivities) as safetensors
-(`ratequant_curves.safetensors`). Nothing else is ever read: no pickle, no remote code. How the two files are written
-and read as a pair is `hf_ratequant.storage`'s business; this module decides what they hold and checks it.
+Settings are saved as JSON (`ratequant_config.json`), fitted tensors (alpha, beta, sensitivities) as safetensors (a
+`ratequant_curves-<hash>.safetensors` the JSON names). Nothing else is ever read: no pickle, no remote code. How the
+files are written and read is `hf_ratequant.storage`'s business, the Hub `hf_ratequant.hub_io`'s: this module decides
+what the files hold and checks it.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ from typing import Any
 
 import torch
 
-from .hub import hub_file, looks_local
+from .hub_io import download_config, looks_local, push_config
 from .quantizers import KEEP_BITS, available_quantizers, check_bits
 from .settings import CacheLayout, layout_with
-from .storage import BACKUP_NAME, CONFIG_NAME, CURVES_HASH_KEY, CURVES_NAME, _short, pair_paths, read_pair, write_pair
+from .storage import BACKUP_NAME, CONFIG_NAME, CURVES_FILE_KEY, CURVES_HASH_KEY, CURVES_NAME, read_folder, save_folder
+from .storage import short_repr as _short
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The newest schema this library reads. Version 2 added `sink_length`; a config without sinks is still written
 as version 1 (without the key), so older releases keep reading it, and one with sinks as version 2, which they
-refuse with an "upgrade" message instead of silently serving it without its sinks."""
+refuse with an "upgrade" message instead of silently serving it without its sinks. Version 3 is the file layout
+in which the JSON names its content-hashed curves file (`hf_ratequant.storage`): a saved config with curves is
+version 3 on disk, whatever its settings need; `RateQuantConfig.version` is the oldest schema of its settings."""
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -368,7 +373,7 @@ class RateQuantConfig:
             raise ValueError(f"A RateQuantConfig is built from a dict of settings (a JSON object), not "
                              f"{_short(data)}.")
         _check_version(data.get("version", SCHEMA_VERSION))
-        known = _known_fields(cls, data, ignore=(CURVES_HASH_KEY,))
+        known = _known_fields(cls, data, ignore=(CURVES_FILE_KEY, CURVES_HASH_KEY))
         missing = [name for name in ("key_bits", "value_bits") if name not in known]
         if missing:
             raise ValueError(f"The settings lack {missing}: the bit tables (num_layers x num_kv_heads lists of "
@@ -378,38 +383,31 @@ class RateQuantConfig:
         return cls(**known, curves=dict(curves or {}))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False, **push_kwargs):
-        """Write `ratequant_config.json` and, when there are fitted tensors, `ratequant_curves.safetensors`.
+        """Write `ratequant_config.json` and, when there are fitted tensors, the curves file it names
+        (`ratequant_curves-<hash>.safetensors`).
 
-        The two files are replaced as a pair: the JSON records the sha256 of the curves it belongs to and is renamed
-        into place last, and the previous curves are kept aside until it is. A save that fails or is killed at any
-        moment leaves the previous config loadable, never new settings with old curves or the reverse; other files in
-        the folder are left alone. With `push_to_hub=True` the saved folder is then pushed with [`push_to_hub`]
-        (`repo_id=` and the other keyword arguments go there); a failed push leaves the saved folder as it is.
+        The curves file is written first, the JSON renamed into place last (see `hf_ratequant.storage`): a save that
+        fails or is killed at any moment leaves the previous config loadable, never new settings with old curves or
+        the reverse; other files in the folder are left alone. With `push_to_hub=True` the saved config is then
+        pushed with [`push_to_hub`] (`repo_id=` and the other keyword arguments go there), with the folder's own
+        `README.md` and `allocation.png` when it has them; a failed push leaves the saved folder as it is.
         """
-        write_pair(save_directory, self.to_dict(), self.curves)
+        save_folder(save_directory, self.to_dict(), self.curves)
         if push_to_hub:
-            from .hub import push_folder
-
-            return push_folder(save_directory, **push_kwargs)
+            return push_config(self, extras_folder=os.fspath(save_directory), **push_kwargs)
         return None
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Save this config with its model card and allocation heatmap to a Hub repo (created if needed).
 
-        Keyword arguments are those of [`hf_ratequant.hub.push_folder`]: `private`, `token`, `revision`,
+        Keyword arguments are those of [`hf_ratequant.hub_io.push_config`]: `private`, `token`, `revision`,
         `commit_message`, `create_pr`, `license`, `evaluation` (held-out quality rows for the card).
 
         Example:
             >>> config = hf_ratequant.calibrate(model, tokenizer, quantizer="kivi", budget=2.5)
             >>> config.push_to_hub("me/smollm2-135m-ratequant-kivi-2.5")
         """
-        import tempfile
-
-        from .hub import push_folder
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return push_folder(tmp, repo_id, **kwargs)
+        return push_config(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -425,8 +423,8 @@ class RateQuantConfig:
         """Load from a local folder saved with [`save_pretrained`] or from a Hub repo.
 
         Args:
-            path_or_repo_id (`str` or `os.PathLike`): a folder holding `ratequant_config.json` (and optionally
-                `ratequant_curves.safetensors`), or a Hub repo id such as `"user/smollm2-ratequant-kivi-2.5"`.
+            path_or_repo_id (`str` or `os.PathLike`): a folder holding `ratequant_config.json` (and the curves
+                file it names, if any), or a Hub repo id such as `"user/smollm2-ratequant-kivi-2.5"`.
             revision (`str`, *optional*): branch, tag or commit of the Hub repo (default: its main branch).
             subfolder (`str`, *optional*): folder inside the repo or local folder.
             token, cache_dir, local_files_only: as in `huggingface_hub.hf_hub_download` (`HF_HUB_OFFLINE=1` is
@@ -436,21 +434,18 @@ class RateQuantConfig:
         """
         path = os.fspath(path_or_repo_id)
         folder = os.path.join(path, subfolder) if subfolder else path
-        backup_path = None
         if os.path.isdir(folder):
-            config_path, curves_path, backup_path = pair_paths(folder)
+            config_path = os.path.join(folder, CONFIG_NAME)
             if not os.path.isfile(config_path):
                 raise FileNotFoundError(f"No {CONFIG_NAME} in {folder!r}: is this a RateQuantConfig folder saved "
                                         "with `save_pretrained`?")
+            data, curves = read_folder(folder)
         elif looks_local(path):
             raise FileNotFoundError(f"{folder!r} is not a folder. Pass a folder saved with `save_pretrained` or a "
                                     "Hub repo id ('user/name').")
         else:
-            hub = dict(repo_id=path, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
-                       local_files_only=local_files_only)
-            config_path = hub_file(CONFIG_NAME, required=True, **hub)
-            curves_path = hub_file(CURVES_NAME, required=False, **hub)
-        data, curves = read_pair(config_path, curves_path, backup_path)
+            config_path, data, curves = download_config(path, revision=revision, subfolder=subfolder, token=token,
+                                                        cache_dir=cache_dir, local_files_only=local_files_only)
         try:
             return cls.from_dict(data, curves)
         except ValueError as e:
@@ -550,7 +545,7 @@ _UNIT_CURVES = ("alpha", "beta", "r2")  # one value per unit: (layers, kv_heads,
 
 def _check_curves(curves: Any, num_layers: int, num_kv_heads: int) -> None:
     """The fitted tensors that hf-ratequant writes must fit the bit tables; other names are kept as they are."""
-    where = f"(saved in {CURVES_NAME})"
+    where = "(saved in the curves file)"
     if not isinstance(curves, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in curves.items()
     ):
@@ -589,6 +584,6 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 
 
 __all__ = [
-    "BACKUP_NAME", "CONFIG_NAME", "CURVES_HASH_KEY", "CURVES_NAME", "KEEP_BITS", "ModelFingerprint", "RateQuantConfig",
-    "SCHEMA_VERSION",
+    "BACKUP_NAME", "CONFIG_NAME", "CURVES_FILE_KEY", "CURVES_HASH_KEY", "CURVES_NAME", "KEEP_BITS", "ModelFingerprint",
+    "RateQuantConfig", "SCHEMA_VERSION",
 ]

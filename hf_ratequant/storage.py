@@ -1,27 +1,32 @@
-"""How a `RateQuantConfig` is stored on disk: two files in one folder, replaced together as a pair.
+"""How saved settings and fitted curves lie on disk: a JSON file and a safetensors file named by its content.
 
 The format:
 
 - `ratequant_config.json` (`CONFIG_NAME`): the settings as one JSON object (UTF-8, keys sorted; a byte-order mark is
-  tolerated, a key that appears twice in one object is refused). It also records `curves_sha256`
-  (`CURVES_HASH_KEY`): the sha256 of the curves file saved with it, or `null` when it was saved without one. A file
-  from before this key existed has none: its curves are taken as they are (from the backup below, if there is one).
-- `ratequant_curves.safetensors` (`CURVES_NAME`): the fitted tensors (alpha, beta, sensitivities, ...), present only
-  when there are any.
+  tolerated, a key that appears twice in one object is refused). When there are curves it names them under
+  `curves_file` (`CURVES_FILE_KEY`): `{"name": "ratequant_curves-<16 hex>.safetensors", "sha256": "<64 hex>"}`.
+- `ratequant_curves-<first 16 hex digits of its sha256>.safetensors` (`curves_file_name`): the fitted tensors
+  (alpha, beta, sensitivities, ...), present only when there are any.
 
-Saving replaces both files so that a save that fails, or a process killed at any moment, leaves either the old pair or
-the new one, never new settings with old curves or the reverse (see `write_pair`). Both files are first written
-(and flushed) under hidden temporary names; the curves that belong to the current JSON are then kept aside in
-`.ratequant_curves.safetensors.prev` (`BACKUP_NAME`; an empty file when that JSON has no curves); the curves file is
-replaced (or removed, when the new config has none); the folder is synced so these renames reach the disk before the
-JSON is renamed into place, last, which is the commit; the backup is removed. Until the commit, the
-folder holds the old JSON, whose recorded hash names the old curves: if the curves file no longer matches, the reader
-takes them from the backup (`read_pair`). After the commit the new JSON names the new curves, which are already in
-place. A later save finds an interrupted one's backup and keeps it rather than the new curves next to it.
+Saving is atomic without any backup: the curves file is written first (to a hidden temporary name, flushed, renamed);
+as its name is its content, it never overwrites the curves the current JSON names. The JSON is then replaced by one
+atomic rename, the commit, and only after it are the curves files no longer named removed. A save that fails or is
+killed before the commit leaves the previous JSON and the curves it names; after it, the new ones; at worst an unnamed
+curves file is left behind, which the next save removes. One process saves into a folder at a time.
+
+Older releases wrote the curves as `ratequant_curves.safetensors` (`CURVES_NAME`), recorded by `curves_sha256`
+(`CURVES_HASH_KEY`; null: no curves), or before that by nothing (the file, if any, taken as it is), and a save of
+theirs killed midway could leave the committed curves in `.ratequant_curves.safetensors.prev` (`BACKUP_NAME`; empty:
+none). All of these folders still read as they did.
+
+Older releases look for the fixed name only, and would load a folder in the new layout as if it had no curves. So a
+JSON that names a curves file is written with schema version 3 (`CURVES_LAYOUT_VERSION`), which they refuse with an
+"upgrade" message; a config without curves needs no new layout: it records `curves_sha256: null`, as they did, and
+keeps the version its settings need, so they still read it.
 
 Only JSON (`json`) and safetensors (`safetensors.torch.load`, from bytes) are ever read: no pickle, no remote code.
-Every malformed file ends in a `ValueError` that names it. Where the files come from (a local folder or a Hub
-download) is the caller's business: this module reads paths and writes folders.
+Every malformed file ends in a `ValueError` that names it. This module knows nothing of `RateQuantConfig` or of the
+Hub: it reads paths and writes folders.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import logging
 import os
 import re
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,63 +46,210 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "ratequant_config.json"
-CURVES_NAME = "ratequant_curves.safetensors"
-CURVES_HASH_KEY = "curves_sha256"  # in the JSON: sha256 of the curves file saved with it, or null for none
-BACKUP_NAME = f".{CURVES_NAME}.prev"  # the committed curves while a save is replacing them (empty file: none)
-_UNRECORDED = object()  # a JSON written before the curves hash was recorded
+CURVES_FILE_KEY = "curves_file"  # in the JSON: {"name": ..., "sha256": ...} of the curves file it belongs to
+CURVES_LAYOUT_VERSION = 3  # the schema version of a JSON that names its curves file (older releases cannot find it)
+CURVES_NAME = "ratequant_curves.safetensors"  # the fixed name older releases used
+CURVES_HASH_KEY = "curves_sha256"  # older releases: sha256 of `CURVES_NAME`; null (still written): no curves
+BACKUP_NAME = f".{CURVES_NAME}.prev"  # older releases: the committed curves while a save replaced them (empty: none)
+_CURVES_FILE = re.compile(r"ratequant_curves-([0-9a-f]{16})\.safetensors")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-# ---- the interface -------------------------------------------------------------------------------------------------
-def pair_paths(folder: str) -> tuple[str, str, str]:
-    """The paths of the settings, the curves and the curves backup of the config saved in `folder`."""
-    return os.path.join(folder, CONFIG_NAME), os.path.join(folder, CURVES_NAME), os.path.join(folder, BACKUP_NAME)
+@dataclass(frozen=True)
+class CurvesRef:
+    """The curves file a JSON belongs to: its `name` in the folder and its `sha256` (None: an old file, unhashed)."""
+
+    name: str
+    sha256: str | None
 
 
-def write_pair(folder: str | os.PathLike, settings: dict, curves: dict[str, torch.Tensor] | None) -> None:
+def curves_file_name(sha256: str) -> str:
+    """The name of a curves file whose content has this sha256 (hex)."""
+    return f"ratequant_curves-{sha256[:16]}.safetensors"
+
+
+def curves_file_for(curves: dict[str, torch.Tensor] | None) -> str | None:
+    """The name `save_folder` gives the file of these curves (None: there are none, so no file)."""
+    raw = _serialise_curves(curves)
+    return None if raw is None else curves_file_name(hashlib.sha256(raw).hexdigest())
+
+
+# ---- writing -------------------------------------------------------------------------------------------------------
+def save_folder(folder: str | os.PathLike, settings: dict, curves: dict[str, torch.Tensor] | None) -> None:
     """Save `settings` (JSON-serialisable) and `curves` (no file when empty or None) in `folder`, created if needed.
 
-    The JSON records the sha256 of the curves under `CURVES_HASH_KEY`; the two files replace the previous pair all or
-    nothing, and other files in the folder are left alone. Nothing is written when either cannot be serialised.
+    The curves file is written first, the JSON replaced last by an atomic rename, then the curves files the JSON no
+    longer names are removed; other files in the folder are left alone. Nothing is written when either cannot be
+    serialised, and a save that raises before the JSON is replaced removes the curves file it added.
     """
+    raw_curves = _serialise_curves(curves)
+    settings = dict(settings)
+    if raw_curves is None:
+        settings[CURVES_HASH_KEY] = None  # "no curves", to this release and to older ones
+    else:
+        sha256 = hashlib.sha256(raw_curves).hexdigest()
+        settings[CURVES_FILE_KEY] = {"name": curves_file_name(sha256), "sha256": sha256}
+        settings["version"] = max(settings.get("version", 1), CURVES_LAYOUT_VERSION)
+    payload = (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    added = None
+    if raw_curves is not None:
+        curves_path = os.path.join(folder, settings[CURVES_FILE_KEY]["name"])
+        added = None if os.path.isfile(curves_path) else curves_path
+        _write_atomically(curves_path, raw_curves)
+        _sync_folder(folder)  # the curves reach the disk before the JSON that names them
+    try:
+        _write_atomically(os.path.join(folder, CONFIG_NAME), payload)
+    except Exception:  # the previous JSON is still the one in place: the file added for the new one is not needed
+        if added is not None:
+            _remove_quietly(added)
+        raise
+    _sync_folder(folder)
+    _remove_unnamed_curves(folder, keep=None if raw_curves is None else settings[CURVES_FILE_KEY]["name"])
+
+
+def _serialise_curves(curves: dict[str, torch.Tensor] | None) -> bytes | None:
+    if not curves:
+        return None
     from safetensors.torch import save
 
-    raw_curves = None
-    if curves:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in curves.items()}
-        raw_curves = save(tensors, metadata={"format": "pt"})
-    settings = {**settings, CURVES_HASH_KEY: None if raw_curves is None else hashlib.sha256(raw_curves).hexdigest()}
-    payload = (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    os.makedirs(folder, exist_ok=True)
-    _save_pair(os.fspath(folder), payload, raw_curves)
+    return save({k: v.detach().cpu().contiguous() for k, v in curves.items()}, metadata={"format": "pt"})
 
 
-def read_pair(
-    config_path: str, curves_path: str | None, backup_path: str | None = None
-) -> tuple[dict, dict[str, torch.Tensor] | None]:
-    """The settings (without `CURVES_HASH_KEY`) and the curves (None: the config has none) of a saved pair.
+def _write_atomically(path: str, data: bytes) -> None:
+    """Replace `path` by `data`: written to a hidden temporary name next to it, flushed, then renamed."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")  # never read as a config, never uploaded
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        _remove_quietly(tmp)
+
+
+def _remove_unnamed_curves(folder: str, keep: str | None) -> None:
+    """Remove the curves files (of this layout or an older one) other than `keep`, the one the JSON names."""
+    for name in sorted(os.listdir(folder)):
+        if name != keep and (name in (CURVES_NAME, BACKUP_NAME) or _CURVES_FILE.fullmatch(name)):
+            _remove_quietly(os.path.join(folder, name))
+
+
+def _sync_folder(folder: str) -> None:
+    """Make the renames in `folder` durable (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---- reading -------------------------------------------------------------------------------------------------------
+def read_folder(folder: str) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """The settings (without the curves reference) and the curves (None: none) saved in a local `folder`."""
+    config_path = os.path.join(folder, CONFIG_NAME)
+    settings, ref = read_settings(config_path)
+    if ref is None:
+        return settings, None
+    curves_path = os.path.join(folder, ref.name)
+    if ref.name == CURVES_NAME and os.path.isfile(os.path.join(folder, BACKUP_NAME)):
+        curves_path = _interrupted_old_save(folder, ref)
+        if curves_path is None:
+            return settings, None  # an empty backup: the committed config had no curves
+    return settings, read_curves(ref, curves_path, config_path)
+
+
+def _interrupted_old_save(folder: str, ref: CurvesRef) -> str | None:
+    """Which file holds the committed curves (None: none) after an older release's save was killed midway.
+
+    Its JSON names the curves by hash, or (older still) not at all: then the backup is the committed one."""
+    curves_path, backup_path = os.path.join(folder, CURVES_NAME), os.path.join(folder, BACKUP_NAME)
+    if ref.sha256 is None:
+        return backup_path if os.path.getsize(backup_path) else None
+    with open(backup_path, "rb") as f:
+        return backup_path if hashlib.sha256(f.read()).hexdigest() == ref.sha256 else curves_path
+
+
+def read_settings(config_path: str) -> tuple[dict, CurvesRef | None]:
+    """The settings of a config file, without the curves reference, and the curves file it names (None: none).
+
+    Raises `ValueError`, naming the file, for a file that is not a JSON object or a curves reference that is malformed.
+    """
+    data = _read_json_object(config_path)
+    if CURVES_FILE_KEY in data and CURVES_HASH_KEY in data:
+        raise ValueError(f"{config_path} has both {CURVES_FILE_KEY} and {CURVES_HASH_KEY}: which curves belong to it "
+                         "is ambiguous. Save the config again.")
+    if CURVES_FILE_KEY in data:
+        return data, _new_curves_ref(data.pop(CURVES_FILE_KEY), config_path)
+    if CURVES_HASH_KEY not in data:
+        return data, CurvesRef(CURVES_NAME, None)  # from before the hash was recorded: the file, if any, as it is
+    recorded = data.pop(CURVES_HASH_KEY)
+    if recorded is None:
+        return data, None
+    if not isinstance(recorded, str) or not _SHA256.fullmatch(recorded):
+        raise ValueError(f"{config_path}: {CURVES_HASH_KEY}={short_repr(recorded)} must be the sha256 (64 lowercase "
+                         f"hex digits) of the {CURVES_NAME} saved with it, or null. Save the config again.")
+    return data, CurvesRef(CURVES_NAME, recorded)
+
+
+def _new_curves_ref(value: Any, config_path: str) -> CurvesRef | None:
+    if value is None:
+        return None
+    sha256 = value.get("sha256") if isinstance(value, dict) else None
+    if not (isinstance(sha256, str) and _SHA256.fullmatch(sha256) and set(value) == {"name", "sha256"}
+            and value["name"] == curves_file_name(sha256)):
+        raise ValueError(f"{config_path}: {CURVES_FILE_KEY}={short_repr(value)} must be null or "
+                         '{"name": "ratequant_curves-<first 16 hex digits of sha256>.safetensors", "sha256": "<64 '
+                         'lowercase hex digits>"}, naming the curves file saved with it. Save the config again.')
+    return CurvesRef(value["name"], sha256)
+
+
+def read_curves(ref: CurvesRef, curves_path: str | None, config_path: str) -> dict[str, torch.Tensor] | None:
+    """The curves `ref` names, read from `curves_path`; None when there are none to read.
 
     Args:
-        config_path (`str`): the JSON file.
-        curves_path (`str`, *optional*): where its curves file is or would be; None when it could not be had (a Hub
-            repo without it, or offline): the settings are then loaded without curves, with a warning if they record
-            some.
-        backup_path (`str`, *optional*): where an interrupted save keeps the committed curves (local folders only).
+        ref (`CurvesRef`): what the JSON at `config_path` says of its curves.
+        curves_path (`str`, *optional*): where the file is or would be; None when it could not be had (a Hub repo
+            without it, or offline): the settings are then loaded without curves, with a warning if they name some.
 
-    Raises `ValueError`, naming the file, for a file that is not valid JSON or safetensors, or curves that do not
-    match the hash the JSON records.
+    Raises `ValueError`, naming the file, for curves that are not safetensors or do not match the recorded hash.
     """
-    data = _read_settings(config_path)
-    recorded = _recorded_curves_hash(data, config_path)
-    if curves_path is None and isinstance(recorded, str):  # a Hub repo without the file, or offline
-        logger.warning("%s records fitted curves but %s could not be downloaded: loading the allocation without "
-                       "them.", config_path, CURVES_NAME)
-        recorded = None
-    raw, source = _committed_curves(curves_path, backup_path, recorded, config_path)
-    return data, None if raw is None else _parse_curves(raw, source)
+    if curves_path is None or not os.path.isfile(curves_path):
+        if ref.sha256 is None:
+            return None  # an old JSON that records nothing, and no curves file: none
+        if curves_path is None:
+            logger.warning("%s names fitted curves but %s could not be downloaded: loading the allocation without "
+                           "them.", config_path, ref.name)
+            return None
+        raise ValueError(f"{config_path} names fitted curves (sha256 {ref.sha256[:12]}...) but there is no "
+                         f"{curves_path}: copy the config's files together, or save it again.")
+    with open(curves_path, "rb") as f:
+        raw = f.read()
+    curves = _parse_curves(raw, curves_path)
+    if ref.sha256 is not None and hashlib.sha256(raw).hexdigest() != ref.sha256:
+        raise ValueError(f"{curves_path} does not belong to {config_path}: its sha256 is "
+                         f"{hashlib.sha256(raw).hexdigest()[:12]}..., the config records {ref.sha256[:12]}.... The "
+                         "curves were replaced or edited after the config was saved, or the files come from "
+                         "different saves. Save the config again, or download its files again.")
+    return curves
 
 
-# ---- reading files -------------------------------------------------------------------------------------------------
-def _read_settings(path: str) -> dict:
+def _read_json_object(path: str) -> dict:
     """The JSON object of a config file; anything else is a `ValueError` naming the file."""
     with open(path, "rb") as f:
         raw = f.read()
@@ -126,55 +279,6 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-def _recorded_curves_hash(data: dict, config_path: str) -> Any:
-    """Pop the curves hash from `data`: a hex digest, None (saved without curves) or `_UNRECORDED` (older file)."""
-    recorded = data.pop(CURVES_HASH_KEY, _UNRECORDED)
-    if recorded is None or recorded is _UNRECORDED:
-        return recorded
-    if not isinstance(recorded, str) or not re.fullmatch(r"[0-9a-f]{64}", recorded):
-        raise ValueError(f"{config_path}: {CURVES_HASH_KEY}={_short(recorded)} must be the sha256 (64 lowercase hex "
-                         f"digits) of the {CURVES_NAME} saved with it, or null. Save the config again.")
-    return recorded
-
-
-def _committed_curves(
-    curves_path: str | None, backup_path: str | None, recorded: Any, config_path: str
-) -> tuple[bytes | None, str | None]:
-    """The bytes and path of the curves file that belongs to the settings, `(None, None)` for none.
-
-    The JSON names its curves by hash; while a save is under way (or after one was killed) the folder may hold the new
-    curves next to the old settings, with the old curves kept in `BACKUP_NAME`, which is then the one used.
-    """
-    if recorded is None:
-        return None, None
-    has_backup = backup_path is not None and os.path.isfile(backup_path)
-    has_curves = curves_path is not None and os.path.isfile(curves_path)
-    if recorded is _UNRECORDED:  # an older file, or one whose save was interrupted: only a backup can tell
-        if has_backup:
-            raw = _read_bytes(backup_path)
-            return (raw, backup_path) if raw else (None, None)  # an empty backup: the config had no curves
-        return (_read_bytes(curves_path), curves_path) if has_curves else (None, None)
-    for path, present in ((curves_path, has_curves), (backup_path, has_backup)):
-        if present:
-            raw = _read_bytes(path)
-            if hashlib.sha256(raw).hexdigest() == recorded:
-                return raw, path
-    if not has_curves:
-        raise ValueError(f"{config_path} records fitted curves (sha256 {recorded[:12]}...) but there is no "
-                         f"{curves_path}: copy both files of the config together, or save it again.")
-    raw = _read_bytes(curves_path)
-    _parse_curves(raw, curves_path)  # an unreadable file is the more specific diagnosis
-    raise ValueError(f"{curves_path} does not belong to {config_path}: its sha256 is "
-                     f"{hashlib.sha256(raw).hexdigest()[:12]}..., the config records {recorded[:12]}.... The curves "
-                     "were replaced or edited after the config was saved, or the two files come from different "
-                     "saves. Save the config again, or download both files again.")
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _parse_curves(raw: bytes, path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
@@ -185,131 +289,16 @@ def _parse_curves(raw: bytes, path: str) -> dict[str, torch.Tensor]:
                          "config again, or re-download it with a fresh cache.") from e
 
 
-# ---- saving both files as a pair -----------------------------------------------------------------------------------
-def _save_pair(folder: str, settings: bytes, curves: bytes | None) -> None:
-    """Replace the config in `folder` by `settings` and `curves` (None: no curves file), all or nothing.
-
-    1. Both files are written to temporary names (and flushed to disk): a failure here changes nothing.
-    2. The curves that belong to the current JSON are kept aside in `BACKUP_NAME` (an empty file when it has none).
-    3. The curves file is replaced (or removed): the current JSON still loads, from the backup.
-    4. The JSON is replaced: the commit. 5. The backup is removed.
-    A failure in 2-4 puts the previous curves back; a kill leaves a folder that `read_pair` reads as before.
-    """
-    config_path, curves_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, CURVES_NAME)
-    backup_path = os.path.join(folder, BACKUP_NAME)
-    temps = [_write_temp(folder, CONFIG_NAME, settings)]
-    kept = committed = False
-    try:
-        if curves is not None:
-            temps.append(_write_temp(folder, CURVES_NAME, curves))
-        kept = _keep_committed_curves(folder)
-        if curves is not None:
-            os.replace(temps[1], curves_path)
-        elif os.path.exists(curves_path):
-            os.remove(curves_path)
-        _sync_folder(folder)
-        os.replace(temps[0], config_path)
-        committed = True
-        _sync_folder(folder)
-    except BaseException:
-        if kept and not committed:
-            _restore_backup(curves_path, backup_path)
-        raise
-    finally:
-        for tmp in temps:
-            _remove_quietly(tmp)
-    _remove_quietly(backup_path)
-
-
-def _keep_committed_curves(folder: str) -> bool:
-    """Copy the curves the current JSON uses to `BACKUP_NAME`; False when there is no loadable JSON to keep."""
-    config_path, backup_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, BACKUP_NAME)
-    try:
-        data = _read_settings(config_path)
-        raw, source = _committed_curves(os.path.join(folder, CURVES_NAME), backup_path,
-                                        _recorded_curves_hash(data, config_path), config_path)
-    except (OSError, ValueError):
-        return False  # no config yet, or a broken one: there is nothing loadable to keep
-    if source == backup_path:
-        return True  # an earlier save was interrupted: the backup already holds the committed curves
-    tmp = _temp_path(folder, BACKUP_NAME)
-    try:
-        if raw is None:
-            _write_new(tmp, b"")  # the config has no curves: an empty backup says so
-        else:
-            try:
-                os.link(source, tmp)  # a second name for the same bytes: nothing to copy or flush
-            except OSError:  # no hard links on this file system
-                _write_new(tmp, raw)
-        os.replace(tmp, backup_path)  # made durable with the curves' replacement, before the JSON is replaced
-    finally:
-        _remove_quietly(tmp)
-    return True
-
-
-def _restore_backup(curves_path: str, backup_path: str) -> None:
-    """Best effort after a failed save: put the committed curves back under their name (the JSON was not replaced)."""
-    try:
-        if os.path.getsize(backup_path):
-            os.replace(backup_path, curves_path)
-            _remove_quietly(backup_path)  # a rename between two links to one file does nothing
-        else:
-            _remove_quietly(curves_path)
-            os.remove(backup_path)
-    except OSError:
-        logger.warning("Could not put the previous curves back after a failed save; %s still loads from %s.",
-                       os.path.dirname(curves_path), backup_path)
-
-
-def _temp_path(folder: str, name: str) -> str:
-    """A hidden, unused name next to `name` (never read as a config, never uploaded)."""
-    return os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
-
-
-def _write_temp(folder: str, name: str, data: bytes) -> str:
-    return _write_new(_temp_path(folder, name), data)
-
-
-def _write_new(path: str, data: bytes) -> str:
-    """Write `data` to the new file `path`, flushed to disk; permissions follow the umask."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        _remove_quietly(path)
-        raise
-    return path
-
-
-def _sync_folder(folder: str) -> None:
-    """Make the renames in `folder` durable (POSIX; elsewhere a no-op)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """`repr` of a bad value for an error message, cut to `limit` characters, with its type (`config` uses it too)."""
+def short_repr(value: Any, limit: int = 60) -> str:
+    """`repr` of a bad value for an error message, cut to `limit` characters, with its type."""
     text = repr(value)
     if len(text) > limit:
         text = text[:limit] + "..."
     return f"{text} ({type(value).__name__})"
 
 
-__all__ = ["BACKUP_NAME", "CONFIG_NAME", "CURVES_HASH_KEY", "CURVES_NAME", "pair_paths", "read_pair", "write_pair"]
+__all__ = [
+    "BACKUP_NAME", "CONFIG_NAME", "CURVES_FILE_KEY", "CURVES_HASH_KEY", "CURVES_LAYOUT_VERSION", "CURVES_NAME",
+    "CurvesRef", "curves_file_for", "curves_file_name", "read_curves", "read_folder", "read_settings", "save_folder",
+    "short_repr",
+]

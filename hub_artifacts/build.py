@@ -6,7 +6,7 @@ full-precision cache, every fixed keys/values split of the budget, uniform bits 
 the calibrated config), then one folder per config:
 
     <out>/<model-name>-ratequant-<quantizer>-<budget>/
-        ratequant_config.json, ratequant_curves.safetensors   the config (what `from_pretrained` reads)
+        ratequant_config.json, ratequant_curves-<hash>.safetensors   the config (what `from_pretrained` reads)
         evaluation.json                                      the held-out rows shown in the card
         README.md, allocation.png                            the model card and the allocation heatmap
 
@@ -17,6 +17,8 @@ exactly what `hf_ratequant.hub.model_card` writes for it, so neither format drif
     python hub_artifacts/build.py --configs-from benchmarks/results/ratequant_quality_configs   # reuse, ~6 min
     python hub_artifacts/build.py --model Qwen/Qwen3-8B --dtype bfloat16 --device-map auto --out qwen3-8b
     python hub_artifacts/build.py --model meta-llama/Llama-3.1-8B --dtype bfloat16 --device-map auto --out llama-3.1-8b
+    python hub_artifacts/build.py --resave        # the folders' config files in the current layout, cards again
+    python hub_artifacts/build.py --resave hf_ratequant/pretrained/SmolLM2-135M-Instruct-kivi-2.5
     hf-ratequant push hub_artifacts/SmolLM2-135M-Instruct-ratequant-kivi-2.5 \
         <your-org>/SmolLM2-135M-Instruct-ratequant-kivi-2.5
 
@@ -81,6 +83,24 @@ def write_artifact(folder: str, config, evaluation: list[dict], repo_id: str) ->
     plot_allocation(config, os.path.join(folder, HEATMAP_NAME))
 
 
+def resave(folders: list[str]) -> None:
+    """Load every config folder and save it again, in the file layout of this hf-ratequant, with its card written
+    again from its `evaluation.json` (the card names the files). Nothing is calibrated or evaluated again."""
+    from hf_ratequant import RateQuantConfig
+    from hf_ratequant.hub import CARD_NAME, model_card
+
+    for folder in folders:
+        config = RateQuantConfig.from_pretrained(folder)
+        config.save_pretrained(folder)  # the curves files the new JSON does not name are removed
+        evaluation_path = os.path.join(folder, "evaluation.json")
+        if os.path.isfile(evaluation_path):
+            with open(evaluation_path, encoding="utf-8") as f:
+                evaluation = json.load(f)
+            with open(os.path.join(folder, CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(model_card(config, evaluation["repo_id"], evaluation=evaluation["rows"]))
+        logging.info("%s saved again", folder)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="Hub id or 'smollm2' (the embedded default model)")
@@ -99,8 +119,14 @@ def main(argv=None) -> int:
                    "(benchmarks/results/ratequant_quality_configs, written by benchmarks/ratequant_quality.py)")
     p.add_argument("--org", default=ORG, help="organisation named in the cards' usage snippet")
     p.add_argument("--out", default=HERE, help="parent folder of the artifact folders (default: hub_artifacts/)")
+    p.add_argument("--resave", nargs="*", metavar="FOLDER",
+                   help="only save these config folders again (default: every artifact folder in --out), see resave()")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.resave is not None:
+        resave(args.resave or sorted(os.path.join(args.out, name) for name in os.listdir(args.out)
+                                     if os.path.isfile(os.path.join(args.out, name, "ratequant_config.json"))))
+        return 0
 
     from hf_ratequant import RateQuantConfig, calibrate, load_model
     from hf_ratequant.evaluation import evaluation_windows, reference_logprobs

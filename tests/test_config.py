@@ -14,6 +14,7 @@ from hf_ratequant import RateQuantCache, RateQuantConfig
 from hf_ratequant.config import (
     BACKUP_NAME,
     CONFIG_NAME,
+    CURVES_FILE_KEY,
     CURVES_HASH_KEY,
     CURVES_NAME,
     SCHEMA_VERSION,
@@ -98,7 +99,8 @@ def test_save_load_roundtrip(tmp_path, llama_config):
     cfg.curves = {"alpha": torch.rand(3, 2, 2), "beta": torch.tensor(4.6)}
     cfg.calibration = {"tokens": 4096, "source": "pydoc"}
     cfg.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, CURVES_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, _curves_name(tmp_path)]
+    assert _curves_name(tmp_path) == f"ratequant_curves-{_curves_sha256(tmp_path)[:16]}.safetensors"
     back = RateQuantConfig.from_pretrained(tmp_path)
     assert back.to_dict() == cfg.to_dict()
     assert back.fingerprint == cfg.fingerprint
@@ -211,13 +213,68 @@ def _which(folder, candidates) -> int:
     return matches[0]
 
 
-def _write_legacy(folder, config):
-    """`config` as saved before the JSON recorded its curves' hash (the Hub artefacts published so far)."""
+def _curves_name(folder) -> str | None:
+    """The curves file the folder's JSON names (None: none)."""
+    ref = json.loads((folder / CONFIG_NAME).read_text()).get(CURVES_FILE_KEY)
+    return ref and ref["name"]
+
+
+def _curves_sha256(folder) -> str:
+    return json.loads((folder / CONFIG_NAME).read_text())[CURVES_FILE_KEY]["sha256"]
+
+
+def _unnamed_curves(folder) -> list[str]:
+    """The curves files in the folder that its JSON does not name (left by an interrupted save)."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(("ratequant_curves", BACKUP_NAME))
+            and p.name != _curves_name(folder)]
+
+
+def _write_old_layout(folder, config, *, hashed: bool):
+    """`config` as older releases saved it: `CURVES_NAME` recorded by its sha256 in the JSON, or (`hashed=False`,
+    the first Hub artefacts) by nothing."""
     config.save_pretrained(folder)
     path = folder / CONFIG_NAME
     data = json.loads(path.read_text())
-    del data[CURVES_HASH_KEY]
+    ref = data.pop(CURVES_FILE_KEY, None)
+    data.pop(CURVES_HASH_KEY, None)
+    data["version"] = config.version
+    if ref:
+        (folder / ref["name"]).rename(folder / CURVES_NAME)
+    if hashed:
+        data[CURVES_HASH_KEY] = ref and ref["sha256"]
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_legacy(folder, config):
+    """`config` as saved before the JSON recorded its curves' hash (the first Hub artefacts)."""
+    _write_old_layout(folder, config, hashed=False)
+
+
+def _write_interrupted_old_save(folder, old, new):
+    """What an older release left when killed saving `new` over `old`: `old`'s JSON, `new`'s curves in place and
+    `old`'s kept in the backup (empty: it had none)."""
+    _write_old_layout(folder / "new", new, hashed=True)
+    _write_old_layout(folder, old, hashed=True)
+    backup = (folder / CURVES_NAME).read_bytes() if (folder / CURVES_NAME).exists() else b""
+    (folder / BACKUP_NAME).write_bytes(backup)
+    if (folder / "new" / CURVES_NAME).exists():
+        shutil.copy(folder / "new" / CURVES_NAME, folder / CURVES_NAME)
+    shutil.rmtree(folder / "new")
+
+
+def test_folders_of_older_releases_still_load(tmp_path, llama_config):
+    a, b, c = _pair_configs(llama_config)
+    for i, (old, new) in enumerate(((a, b), (c, b), (a, c), (b, a))):
+        for hashed in (True, False):
+            _write_old_layout(tmp_path / f"plain-{i}-{hashed}", old, hashed=hashed)
+            assert _same(RateQuantConfig.from_pretrained(tmp_path / f"plain-{i}-{hashed}"), old)
+        folder = tmp_path / f"killed-{i}"
+        folder.mkdir()
+        _write_interrupted_old_save(folder, old, new)
+        assert (folder / BACKUP_NAME).exists() and _same(RateQuantConfig.from_pretrained(folder), old)
+        new.save_pretrained(folder)  # the old files are removed, the new layout loads
+        assert sorted(p.name for p in folder.iterdir()) == sorted(n for n in (CONFIG_NAME, _curves_name(folder)) if n)
+        assert _same(RateQuantConfig.from_pretrained(folder), new)
 
 
 def test_config_without_curves_hash_still_loads(tmp_path, llama_config):
@@ -237,10 +294,7 @@ def _crash_at(monkeypatch, step: int):
     """Make the `step`-th rename, removal or link of the next save raise `_Killed` (0: count them, never crash)."""
     import os
 
-    from hf_ratequant import storage
-
     calls = []
-    monkeypatch.setattr(storage, "_restore_backup", lambda *args: None)  # a killed process cleans nothing
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what this test is about; speed is
     for name in ("replace", "remove", "link"):
         real = getattr(os, name)
@@ -275,12 +329,23 @@ def _save_killed_at(monkeypatch, folder, config, step: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("start", ["with curves", "other curves", "no curves", "older format", "empty folder"])
+def _interrupted_old_save_of_1_over_0(folder, configs):
+    folder.mkdir()
+    _write_interrupted_old_save(folder, configs[0], configs[1])
+
+
+@pytest.mark.parametrize("start", ["with curves", "other curves", "no curves", "older format", "older format killed",
+                                   "empty folder"])
 def test_a_save_killed_at_any_step_leaves_old_or_new(tmp_path, llama_config, monkeypatch, start):
-    """Every step of every kind of save, interrupted, then every step of a second save over what is left."""
+    """Every step of every kind of save, interrupted, then every step of a second save over what is left.
+
+    A save renames the curves file into place, then the JSON (the commit), then removes the curves files the JSON no
+    longer names: killed before the JSON's rename, the old config loads; after it, the new one; never a mix."""
     configs = _pair_configs(llama_config)
-    first = {"with curves": 0, "other curves": 1, "no curves": 2, "older format": 0, "empty folder": None}[start]
-    prepare = {"older format": lambda f: _write_legacy(f, configs[0]), "empty folder": lambda f: f.mkdir()}.get(
+    first = {"with curves": 0, "other curves": 1, "no curves": 2, "older format": 0, "older format killed": 0,
+             "empty folder": None}[start]
+    prepare = {"older format": lambda f: _write_legacy(f, configs[0]), "empty folder": lambda f: f.mkdir(),
+               "older format killed": lambda f: _interrupted_old_save_of_1_over_0(f, configs)}.get(
         start, lambda f: configs[first].save_pretrained(f))
     interrupted_states = 0
     for target in range(3):
@@ -293,7 +358,7 @@ def test_a_save_killed_at_any_step_leaves_old_or_new(tmp_path, llama_config, mon
                 continue  # killed before the first config was committed: nothing to load, as before
             state = _which(folder, configs)
             assert state in (first, target)
-            interrupted_states += (folder / BACKUP_NAME).exists()
+            interrupted_states += bool(_unnamed_curves(folder)) and start != "older format killed"
             # A second save over the interrupted one, killed at each step too: what loads is the state above or it.
             for second in range(3):
                 for step2 in range(1, steps + 3):
@@ -303,9 +368,10 @@ def test_a_save_killed_at_any_step_leaves_old_or_new(tmp_path, llama_config, mon
                     assert _which(again, configs) in ((second,) if finished else (state, second))
                     if finished:
                         assert not [p.name for p in again.iterdir() if p.name.startswith(".")]
+                        assert not _unnamed_curves(again)
                         break
-    assert interrupted_states >= 3 or first is None  # kills did land between the two renames (an empty folder
-    # has no previous curves to keep)
+    assert interrupted_states >= 2 or first is None or start == "older format killed"  # kills did land between
+    # the two renames (an empty folder has no config to keep; an older release's backup is always unnamed)
 
 
 def test_save_keeps_unrelated_files(tmp_path, llama_config):
@@ -316,12 +382,13 @@ def test_save_keeps_unrelated_files(tmp_path, llama_config):
     for config in (a, b, c, a):
         config.save_pretrained(tmp_path)
         assert _same(RateQuantConfig.from_pretrained(tmp_path), config)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, "README.md", "notes", CURVES_NAME])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, "README.md", "notes",
+                                                                 _curves_name(tmp_path)])
     assert (tmp_path / "README.md").read_text() == "my card\n" and (tmp_path / "notes" / "n.txt").read_text() == "x"
 
 
 @pytest.mark.parametrize("step", range(1, 5))
-def test_save_that_raises_midway_restores_the_previous_pair(tmp_path, llama_config, monkeypatch, step):
+def test_save_that_raises_midway_leaves_the_previous_files(tmp_path, llama_config, monkeypatch, step):
     import os
 
     a, b, _ = _pair_configs(llama_config)
@@ -340,7 +407,7 @@ def test_save_that_raises_midway_restores_the_previous_pair(tmp_path, llama_conf
         b.save_pretrained(tmp_path)
     except OSError as e:
         assert "No space left" in str(e)
-        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no backup, no temporary file
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no new curves, no temporary file
         assert _same(RateQuantConfig.from_pretrained(tmp_path), a)
     else:
         assert _same(RateQuantConfig.from_pretrained(tmp_path), b) and step > len(calls)
@@ -377,10 +444,10 @@ def test_sigkill_at_random_moments_leaves_exactly_one_saved_config(tmp_path, lla
     assert (tmp_path / "README.md").read_text() == "my card\n"
     configs[1].save_pretrained(tmp_path)
     assert _same(RateQuantConfig.from_pretrained(tmp_path), configs[1])
-    assert not (tmp_path / BACKUP_NAME).exists()
+    assert not _unnamed_curves(tmp_path)
 
 
-def test_push_sends_the_committed_pair_and_no_backup_or_temporary_file(hub, tmp_path, llama_config, monkeypatch):
+def test_push_sends_the_committed_files_and_no_stray_or_temporary_file(hub, tmp_path, llama_config, monkeypatch):
     from hf_ratequant.hub import push_folder
 
     a, b, _ = _pair_configs(llama_config)
@@ -388,13 +455,14 @@ def test_push_sends_the_committed_pair_and_no_backup_or_temporary_file(hub, tmp_
     commit = 1 + [str(args[-1]).endswith(CONFIG_NAME) for args in calls].index(True)
     folder = tmp_path / "cfg"
     a.save_pretrained(folder)
-    assert not _save_killed_at(monkeypatch, folder, b, commit)  # new curves in place, old settings, old curves aside
+    assert not _save_killed_at(monkeypatch, folder, b, commit)  # b's curves written, a's settings still committed
     (folder / ".tmp-0123-ratequant_config.json").write_text("{}")
-    recorded = json.loads((folder / CONFIG_NAME).read_text())[CURVES_HASH_KEY]
-    assert hashlib.sha256((folder / CURVES_NAME).read_bytes()).hexdigest() != recorded  # b's curves, a's settings
-    assert (folder / BACKUP_NAME).exists() and _same(RateQuantConfig.from_pretrained(folder), a)
+    (b_curves,) = _unnamed_curves(folder)
+    assert hashlib.sha256((folder / _curves_name(folder)).read_bytes()).hexdigest() == _curves_sha256(folder)
+    assert _same(RateQuantConfig.from_pretrained(folder), a)
     push_folder(folder, "local-user/interrupted")
     repo = hub.repos[("model", "local-user/interrupted")]
     uploaded = repo.commits[repo.branches["main"]]
-    assert sorted(uploaded) == sorted([".gitattributes", CONFIG_NAME, CURVES_NAME, "README.md", "allocation.png"])
+    assert sorted(uploaded) == sorted([".gitattributes", CONFIG_NAME, _curves_name(folder), "README.md",
+                                       "allocation.png"])
     assert _same(RateQuantConfig.from_pretrained("local-user/interrupted"), a)

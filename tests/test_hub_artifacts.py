@@ -1,15 +1,18 @@
 """hub_artifacts/ as golden files: every published config re-serialises byte for byte, its card is exactly what
-`model_card` writes, it fits the default model, and the card's usage snippet runs as written against a Hub."""
+`model_card` writes, it fits the default model, the layout older releases wrote loads as the same config, and the
+card's usage snippet runs as written against a Hub."""
 
+import hashlib
 import json
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import hf_ratequant
 from hf_ratequant import RateQuantConfig
-from hf_ratequant.config import CONFIG_NAME, CURVES_NAME
+from hf_ratequant.config import CONFIG_NAME, CURVES_FILE_KEY, CURVES_HASH_KEY, CURVES_NAME
 from hf_ratequant.hub import CARD_NAME, HEATMAP_NAME, model_card
 
 pytest_plugins = ["tests.hub_server"]
@@ -27,7 +30,10 @@ def test_every_artifact_is_there():
 def test_artifact_is_golden(folder, tmp_path, smollm):
     config = RateQuantConfig.from_pretrained(folder)
     config.save_pretrained(tmp_path)
-    for name in (CONFIG_NAME, CURVES_NAME):
+    curves_name = json.loads((folder / CONFIG_NAME).read_text())[CURVES_FILE_KEY]["name"]
+    assert sorted(p.name for p in folder.glob("ratequant_*")) == sorted([CONFIG_NAME, curves_name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, curves_name])
+    for name in (CONFIG_NAME, curves_name):
         assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), f"{name} format drifted"
     evaluation = json.loads((folder / "evaluation.json").read_text())
     card = (folder / CARD_NAME).read_text(encoding="utf-8")
@@ -38,6 +44,29 @@ def test_artifact_is_golden(folder, tmp_path, smollm):
     assert config.average_bits == config.budget and config.quantizer in folder.name
     rows = {r["cache"]: r for r in evaluation["rows"]}
     assert rows["full precision (DynamicCache)"]["kl"] == 0 and len(rows) >= 3
+
+
+@pytest.mark.parametrize("folder", FOLDERS[:1], ids=[p.name for p in FOLDERS[:1]])
+def test_artifact_in_the_older_layout_loads_the_same(folder, tmp_path):
+    """As published before the curves file was named by its hash: `ratequant_curves.safetensors`, recorded by its
+    sha256 or (older still) by nothing. Both load as the artefact, and saving again gives the artefact's files."""
+    settings = json.loads((folder / CONFIG_NAME).read_text())
+    ref = settings.pop(CURVES_FILE_KEY)
+    settings["version"] = 2
+    raw = (folder / ref["name"]).read_bytes()
+    expected = RateQuantConfig.from_pretrained(folder)
+    for recorded in ({CURVES_HASH_KEY: hashlib.sha256(raw).hexdigest()}, {}):
+        old = tmp_path / f"old-{len(recorded)}"
+        old.mkdir()
+        (old / CURVES_NAME).write_bytes(raw)
+        (old / CONFIG_NAME).write_text(json.dumps({**settings, **recorded}, indent=2, sort_keys=True) + "\n")
+        loaded = RateQuantConfig.from_pretrained(old)
+        assert loaded.to_dict() == expected.to_dict() and loaded.curves.keys() == expected.curves.keys()
+        assert all(torch.equal(loaded.curves[k], expected.curves[k]) for k in loaded.curves)
+        loaded.save_pretrained(old)
+        assert sorted(p.name for p in old.iterdir()) == sorted([CONFIG_NAME, ref["name"]])  # the old file removed
+        for name in (CONFIG_NAME, ref["name"]):
+            assert (old / name).read_bytes() == (folder / name).read_bytes()
 
 
 def test_card_snippet_runs_as_written(hub, smollm, monkeypatch, capsys):

@@ -8,7 +8,7 @@ from huggingface_hub import hf_hub_download
 from transformers import LlamaConfig
 
 from hf_ratequant import RateQuantCache, RateQuantConfig
-from hf_ratequant.config import CONFIG_NAME, CURVES_NAME
+from hf_ratequant.config import CONFIG_NAME, CURVES_FILE_KEY, CURVES_HASH_KEY, CURVES_NAME
 
 pytest_plugins = ["tests.hub_server"]
 
@@ -117,7 +117,8 @@ def test_push_pull_round_trip_is_bit_exact(hub, tmp_path):
     from_hub = generate(RateQuantCache.from_pretrained(REPO, model=model))
     assert torch.equal(from_hub, generate(RateQuantCache.from_pretrained(local, model=model)))
     files = {path.rsplit("/", 1)[-1] for _m, path in hub.requests if "/resolve/" in path}
-    assert files == {CONFIG_NAME, CURVES_NAME}
+    with open(hf_hub_download(REPO, CONFIG_NAME), encoding="utf-8") as f:
+        assert files == {CONFIG_NAME, json.load(f)[CURVES_FILE_KEY]["name"]}
     card = open(hf_hub_download(REPO, "README.md"), encoding="utf-8").read()
     assert card.startswith("---\n") and "library_name: hf-ratequant" in card and "- kv-cache" in card
     assert "license: apache-2.0" in card and "![bits per layer and kv-head](allocation.png)" in card
@@ -155,15 +156,33 @@ def test_failed_push_leaves_the_folder_intact(hub, tmp_path):
         push_folder(tmp_path, REPO)  # not a config folder: refused before anything is sent
 
 
+def test_repo_in_the_older_layout_loads(hub, tmp_path):
+    """A repo pushed by an older release: `ratequant_curves.safetensors`, recorded by its sha256 or by nothing."""
+    folder = tmp_path / "cfg"
+    local = _calibrated_like(_tiny_model().config)
+    local.save_pretrained(folder)
+    files = _files(folder)
+    settings = json.loads(files.pop(CONFIG_NAME))
+    ref = settings.pop(CURVES_FILE_KEY)
+    settings["version"] = local.version
+    for repo, recorded in (("local-user/old-hashed", {CURVES_HASH_KEY: ref["sha256"]}), ("local-user/oldest", {})):
+        hub.add_files(repo, {CONFIG_NAME: json.dumps({**settings, **recorded}).encode(),
+                             CURVES_NAME: files[ref["name"]]})
+        pulled = RateQuantConfig.from_pretrained(repo)
+        assert pulled.to_dict() == local.to_dict()
+        assert all(torch.equal(pulled.curves[k], v) for k, v in local.curves.items())
+
+
 def test_truncated_curves_named_and_other_models_refused(hub, tmp_path):
     from transformers import MistralConfig
 
     folder = tmp_path / "cfg"
     _calibrated_like(_tiny_model().config).save_pretrained(folder)
     files = _files(folder)
-    files[CURVES_NAME] = files[CURVES_NAME][: len(files[CURVES_NAME]) // 2]
+    name = json.loads(files[CONFIG_NAME])[CURVES_FILE_KEY]["name"]
+    files[name] = files[name][: len(files[name]) // 2]
     hub.add_files(REPO, files)
-    with pytest.raises(ValueError, match=rf"{CURVES_NAME} is not a readable safetensors file.*truncated"):
+    with pytest.raises(ValueError, match=rf"{name} is not a readable safetensors file.*truncated"):
         RateQuantConfig.from_pretrained(REPO)
     good = _files(folder)
     hub.add_files("local-user/good", good)
