@@ -2,6 +2,7 @@
 text with defaults, what the subcommands print."""
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from hf_ratequant import RateQuantConfig
@@ -72,3 +73,36 @@ def test_saved_config_keeps_its_layout_and_refuses_a_contradiction(llama_config,
 def test_bad_layout_for_a_shorthand_is_refused(llama_config):
     with pytest.raises(ValueError, match="multiple of group_size"):
         parse_cache_spec("kv:3,2").build(llama_config, CacheLayout(sink_length=12))
+
+
+# ---- what the numbers mean: true bits and bytes by part -------------------------------------------------------------
+def test_true_bits_count_scales_and_zero_points(llama_config):
+    from hf_ratequant.footprint import true_bits_per_element
+
+    two = RateQuantConfig.uniform(llama_config, bits=2)
+    assert true_bits_per_element(two, head_dim=32) == 2 + 2 * 16 / 32  # a 16-bit scale and zero-point per 32
+    assert true_bits_per_element(two, head_dim=32, dtype=torch.float32) == 2 + 2 * 32 / 32
+    kept = RateQuantConfig.uniform(llama_config, key_bits=16, value_bits=2)
+    assert true_bits_per_element(kept, head_dim=32) == (16 + 3) / 2
+
+
+@pytest.mark.parametrize("quantizer", ["kivi", "token", "rotated"])
+@pytest.mark.parametrize("tokens, chunk", [(40, 40), (200, 7), (333, 64), (600, 600)])
+def test_cache_bytes_equal_a_real_cache(llama_config, quantizer, tokens, chunk):
+    from hf_ratequant import RateQuantCache
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.footprint import cache_bytes
+
+    config = RateQuantConfig.from_bits(
+        torch.tensor([[[3, 16], [1, 5]], [[2, 2], [8, 4]], [[4, 1], [16, 16]]]),
+        CacheLayout(quantizer=quantizer, residual_length=64),
+    )
+    cache = RateQuantCache(config=llama_config, quant_config=config)
+    states = torch.randn(2, 2, tokens, 32, generator=torch.Generator().manual_seed(0))
+    for start in range(0, tokens, chunk):
+        for layer in range(3):
+            cache.update(states[:, :, start:start + chunk], states[:, :, start:start + chunk], layer)
+    footprint = cache_bytes(config, ModelFingerprint.from_model_config(llama_config), tokens, batch=2,
+                            dtype=torch.float32)
+    assert footprint.total == cache.nbytes and footprint.bytes_16bit == cache.nbytes_16bit()
+    assert footprint.sinks == (32 * 3 * 2 * 2 * 32 * 2 * 4 if tokens >= 64 + 64 else 0)

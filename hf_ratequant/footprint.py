@@ -1,0 +1,131 @@
+"""What a config's bits cost in memory: true bits per element and the bytes of a cache at a given length.
+
+A unit's *code bits* (what `RateQuantConfig.average_bits` averages) leave out the scale and zero-point every group
+stores in the model's dtype; [`true_bits_per_element`] counts them, measured from what the quantizer really stores
+(a small tensor is quantized and its bytes counted). [`cache_bytes`] splits the bytes a `RateQuantCache` holds after
+`tokens` tokens into its three parts:
+
+- the full-precision window: the last R to R + G - 1 tokens, in the model's dtype;
+- the sinks: the first S tokens, in the model's dtype;
+- the quantized part: every other token, at its unit's true bits.
+
+At short prompts every token sits in the window (or the sinks), so a cache of a float32 model holds *more* than a
+16-bit cache; the saving appears once most tokens are quantized (a few thousand tokens).
+
+Example:
+    >>> from transformers import LlamaConfig
+    >>> from hf_ratequant import RateQuantConfig
+    >>> from hf_ratequant.config import ModelFingerprint
+    >>> from hf_ratequant.footprint import cache_bytes, true_bits_per_element
+    >>> model_config = LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, num_attention_heads=4, hidden_size=256)
+    >>> config = RateQuantConfig.uniform(model_config, bits=2)
+    >>> true_bits_per_element(config, head_dim=64)  # 2 code bits + a 16-bit scale and zero-point per 32 elements
+    3.0
+    >>> cache_bytes(config, ModelFingerprint.from_model_config(model_config), tokens=4096).vs_16bit
+    0.219...
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .quantizers import KEEP_BITS, get_quantizer
+from .quantizers.base import KINDS
+
+if TYPE_CHECKING:
+    from .config import ModelFingerprint, RateQuantConfig
+
+__all__ = ["CacheFootprint", "cache_bytes", "true_bits_per_element", "unit_bits_per_element"]
+
+
+@functools.lru_cache(maxsize=None)
+def unit_bits_per_element(quantizer: str, group_size: int, bits: int, kind: str, head_dim: int,
+                          dtype: torch.dtype = torch.float16) -> float:
+    """Bits one stored element of a unit costs: its code bits plus its share of the group's scale and zero-point.
+
+    Measured: `group_size` tokens of `head_dim` channels (a whole number of groups for every design) are quantized
+    and the bytes of the packed codes, scales and zero-points counted. A unit kept at 16 bits costs its dtype's bits.
+    """
+    if bits == KEEP_BITS:
+        return float(torch.finfo(dtype).bits)
+    q = get_quantizer(quantizer, group_size)
+    x = torch.randn(1, 1, group_size, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    block = q.quantize(x, bits, kind)
+    return block.nbytes * 8 / x.numel()
+
+
+def true_bits_per_element(config: RateQuantConfig, head_dim: int, dtype: torch.dtype = torch.float16) -> float:
+    """Mean bits per quantized element over all units of `config` (every unit holds as many elements), scales and
+    zero-points included; compare with `config.average_bits`, the code bits alone."""
+    total = 0.0
+    for kind, table in zip(KINDS, (config.key_bits, config.value_bits)):
+        for row in table:
+            for bits in row:
+                total += unit_bits_per_element(config.quantizer, config.group_size, bits, kind, head_dim, dtype)
+    return total / (2 * config.num_layers * config.num_kv_heads)
+
+
+@dataclass(frozen=True)
+class CacheFootprint:
+    """Bytes of a `RateQuantCache` after some tokens, by part (see the module docstring).
+
+    Attributes:
+        tokens (`int`): tokens held per sequence.
+        quantized (`int`): bytes of the quantized tokens (codes, scales, zero-points, 16-bit units).
+        window (`int`): bytes of the full-precision window of recent tokens.
+        sinks (`int`): bytes of the full-precision sink tokens.
+        bytes_16bit (`int`): bytes a 16-bit `DynamicCache` holds for the same tokens.
+    """
+
+    tokens: int
+    quantized: int
+    window: int
+    sinks: int
+    bytes_16bit: int
+
+    @property
+    def total(self) -> int:
+        return self.quantized + self.window + self.sinks
+
+    @property
+    def vs_16bit(self) -> float:
+        return self.total / self.bytes_16bit if self.bytes_16bit else float("nan")
+
+
+def cache_bytes(config: RateQuantConfig, fingerprint: ModelFingerprint, tokens: int, batch: int = 1,
+                dtype: torch.dtype = torch.float16) -> CacheFootprint:
+    """The bytes a `RateQuantCache` of `config` holds after `tokens` tokens of `batch` sequences, by part.
+
+    Exact for full-attention layers (the window after `tokens` tokens does not depend on how they were fed); a
+    model with sliding-window layers, which drop old tokens, is refused.
+
+    Args:
+        config ([`RateQuantConfig`]): the bits and layout.
+        fingerprint ([`ModelFingerprint`]): the model (layers, kv-heads, head_dim, layer types).
+        tokens (`int`): tokens per sequence.
+        batch (`int`, *optional*, defaults to 1): sequences.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): the model's dtype (window, sinks, scales).
+    """
+    if any(t != "full_attention" for t in fingerprint.layer_types):
+        raise ValueError(f"cache_bytes counts full-attention layers only; {fingerprint.describe()} has sliding-window "
+                         "layers, whose tokens are dropped: measure a real cache's `nbytes` instead.")
+    head_dim, heads, element = fingerprint.head_dim, config.num_kv_heads, torch.finfo(dtype).bits // 8
+    past = max(tokens - config.residual_length, 0) // config.group_size * config.group_size
+    sink_tokens = min(past, config.sink_length)
+    quantized_tokens = past - sink_tokens
+    row = batch * head_dim  # elements per token of one unit
+    quantized = 0.0
+    for kind, table in zip(KINDS, (config.key_bits, config.value_bits)):
+        for layer_bits in table:
+            for bits in layer_bits:
+                per_element = unit_bits_per_element(config.quantizer, config.group_size, bits, kind, head_dim, dtype)
+                quantized += per_element * quantized_tokens * row / 8
+    full_precision = 2 * config.num_layers * heads * row * element  # bytes per token of keys and values
+    return CacheFootprint(
+        tokens=tokens, quantized=round(quantized), window=(tokens - past) * full_precision,
+        sinks=sink_tokens * full_precision, bytes_16bit=2 * config.num_layers * heads * row * 2 * tokens,
+    )
