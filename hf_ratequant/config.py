@@ -545,7 +545,7 @@ _UNIT_CURVES = ("alpha", "beta", "r2")  # one value per unit: (layers, kv_heads,
 
 def _check_curves(curves: Any, num_layers: int, num_kv_heads: int) -> None:
     """The fitted tensors that hf-ratequant writes must fit the bit tables; other names are kept as they are."""
-    where = "(saved in the curves file)"
+    where = "(saved in the ratequant_curves-<hash>.safetensors file)"
     if not isinstance(curves, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in curves.items()
     ):

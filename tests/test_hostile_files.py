@@ -32,14 +32,20 @@ from safetensors.torch import save as save_tensors
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from hf_ratequant import RateQuantCache, RateQuantConfig
-from hf_ratequant.config import BACKUP_NAME, CONFIG_NAME, CURVES_HASH_KEY, CURVES_NAME
+from hf_ratequant.config import BACKUP_NAME, CONFIG_NAME, CURVES_FILE_KEY, CURVES_HASH_KEY, CURVES_NAME
 from hf_ratequant.quantizers import available_quantizers
 
 ARTIFACT = Path(__file__).resolve().parent.parent / "hub_artifacts" / "SmolLM2-135M-Instruct-ratequant-kivi-2.5"
-BASE_TEXT = (ARTIFACT / CONFIG_NAME).read_bytes()
-BASE = json.loads(BASE_TEXT)
+# Most cases damage the artefact in the layout older releases wrote, which every release must read: the curves in
+# `CURVES_NAME`, their sha256 recorded in the JSON. The layout this release writes (a content-named curves file that
+# the JSON names) has its own cases below (`test_curves_file_reference`).
+NEW_TEXT = (ARTIFACT / CONFIG_NAME).read_bytes()
+NEW_REF = json.loads(NEW_TEXT)[CURVES_FILE_KEY]
+BASE_CURVES_BYTES = (ARTIFACT / NEW_REF["name"]).read_bytes()
+BASE = {k: v for k, v in json.loads(NEW_TEXT).items() if k != CURVES_FILE_KEY}
+BASE.update({CURVES_HASH_KEY: NEW_REF["sha256"], "version": 2})
+BASE_TEXT = (json.dumps(BASE, indent=2, sort_keys=True) + "\n").encode()
 BASE.setdefault("sink_length", 0)  # written only when not 0 (schema 2); typed all the same
-BASE_CURVES_BYTES = (ARTIFACT / CURVES_NAME).read_bytes()
 LAYERS, HEADS = BASE["fingerprint"]["num_layers"], BASE["fingerprint"]["num_kv_heads"]  # 30, 3
 INT32_MAX = 2**31 - 1
 
@@ -143,8 +149,10 @@ def attempt(category: str, folder: Path, expect: str, mention: tuple[str, ...] =
     except ValueError as e:
         message = str(e)
         assert expect != "load", f"{case}: refused a file that must load: {message}"
-        assert str(folder) in message and (CONFIG_NAME in message or CURVES_NAME in message or
-                                           BACKUP_NAME in message), f"{case}: the message names no file: {message}"
+        assert str(folder) in message and any(name in message for name in (
+            CONFIG_NAME, CURVES_NAME, BACKUP_NAME, NEW_REF["name"])), f"{case}: the message names no file: {message}"
+        if CURVES_NAME in mention:  # the schema's own checks of the tensors name the file by its new pattern
+            mention = (*mention, "ratequant_curves-<hash>.safetensors")
         assert not mention or any(m in message for m in mention), f"{case}: the message names none of {mention}: " \
                                                                   f"{message}"
         TALLY[category][1] += 1
@@ -275,7 +283,7 @@ RULES = {
     "budget": _opt(lambda v: type(v) in (int, float) and 1 <= v <= 16),
     "b_min": lambda v: _is_bits(v) and v <= BASE["b_max"], "b_max": lambda v: _is_bits(v) and v >= BASE["b_min"],
     "method": lambda v: isinstance(v, str), "calibration": lambda v: isinstance(v, dict),
-    "version": lambda v: type(v) is int and v in (1, 2), "fingerprint": lambda v: v is None,
+    "version": lambda v: type(v) is int and v in (1, 2, 3), "fingerprint": lambda v: v is None,
     CURVES_HASH_KEY: lambda v: v is None or v == BASE[CURVES_HASH_KEY],
     "fingerprint.architecture": lambda v: isinstance(v, str),
     "fingerprint.num_layers": lambda v: type(v) is int and v == LAYERS,
@@ -392,13 +400,13 @@ def test_extra_keys_are_tolerated(tmp_path, base_config):
 
 
 def test_schema_versions(tmp_path):
-    for version in (3, 99, 10**6, 10**30, "2", "1", "v1", 1.0, 2.5, 0, -1, None, True, False, [], [1], {},
+    for version in (4, 99, 10**6, 10**30, "2", "1", "v1", 1.0, 2.5, 0, -1, None, True, False, [], [1], {},
                     math.nan, math.inf):
         attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), version)), "error",
                 ("version",), f"version {version!r}")
-    newer = attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), 3)), "error")
+    newer = attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), 4)), "error")
     assert "newer" in str(newer) and "upgrade" in str(newer)
-    for version in (1, 2):  # 2 added sink_length, which BASE leaves at its default
+    for version in (1, 2, 3):  # 2 added sink_length, which BASE leaves at its default; 3 the named curves file
         attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), version)), "load")
 
 
@@ -692,11 +700,64 @@ def test_odd_files(tmp_path):
         TALLY["odd files"][1] += 1
 
 
+# ---- 6. the curves file the JSON names (the layout this release writes) -----------------------------------------
+def write_new_case(folder: Path, ref=None, curves: bytes | None = None, *, name: str | None = None) -> Path:
+    """The artefact in the current layout: `ref` the JSON's `curves_file` (None: the real one), `curves` the bytes
+    written under `name` (None: the real bytes and name)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / (name or NEW_REF["name"])).write_bytes(BASE_CURVES_BYTES if curves is None else curves)
+    settings = {**json.loads(NEW_TEXT), CURVES_FILE_KEY: NEW_REF if ref is None else ref}
+    (folder / CONFIG_NAME).write_text(json.dumps(settings))
+    return folder
+
+
+def test_curves_file_reference(tmp_path, base_config):
+    """Every malformed `curves_file` is refused naming it; a name is never a path; the file must hash as named."""
+    sha, other = NEW_REF["sha256"], hashlib.sha256(b"other").hexdigest()
+    bad_refs = ["x", 3, [], {}, {"name": NEW_REF["name"]}, {"sha256": sha}, {**NEW_REF, "extra": 1},
+                {**NEW_REF, "sha256": sha.upper()}, {**NEW_REF, "sha256": sha[:63]}, {**NEW_REF, "name": CURVES_NAME},
+                {**NEW_REF, "name": "../" + NEW_REF["name"]}, {**NEW_REF, "name": str(ARTIFACT / NEW_REF["name"])},
+                {**NEW_REF, "name": NEW_REF["name"].upper()}, {"name": NEW_REF["name"], "sha256": other},
+                {**NEW_REF, "name": f"ratequant_curves-{other[:16]}.safetensors"}, {**NEW_REF, "name": None}]
+    for ref in bad_refs:
+        attempt("curves file reference", write_new_case(tmp_path / "c", ref), "error", (CURVES_FILE_KEY,),
+                f"curves_file = {ref!r:.60}")
+    both = write_new_case(tmp_path / "c")
+    (both / CONFIG_NAME).write_text(json.dumps({**json.loads(NEW_TEXT), CURVES_HASH_KEY: sha}))
+    attempt("curves file reference", both, "error", (CURVES_FILE_KEY,), "curves_file and curves_sha256")
+    none = attempt("curves file reference", write_new_case(tmp_path / "c", ref=False), "error", (CURVES_FILE_KEY,),
+                   "curves_file = false")
+    assert "null" in str(none)
+    loaded = attempt("curves file reference", write_new_case(tmp_path / "c"), "load", (), "the artefact as it is")
+    assert same(loaded, base_config)
+    stale = write_new_case(tmp_path / "c")  # files of an older layout beside it are not read
+    (stale / CURVES_NAME).write_bytes(b"garbage")
+    (stale / BACKUP_NAME).write_bytes(b"garbage")
+    assert same(attempt("curves file reference", stale, "load", (), "stale files of the older layout"), base_config)
+    other_curves = save_tensors({"alpha": torch.ones(LAYERS, HEADS, 2)})
+    for what, raw in {"other curves": other_curves, "truncated": BASE_CURVES_BYTES[:-1], "empty": b"",
+                      "byte flipped": BASE_CURVES_BYTES[:-2] + b"!" + BASE_CURVES_BYTES[-1:]}.items():
+        attempt("curves file reference", write_new_case(tmp_path / "c", curves=raw), "error", (NEW_REF["name"],),
+                f"curves file {what}")
+    missing = write_new_case(tmp_path / "c", name="unrelated.safetensors")
+    attempt("curves file reference", missing, "error", (NEW_REF["name"],), "curves file missing")
+    for what, make in {"a folder": lambda p: p.mkdir(), "a link to /dev/zero": lambda p: p.symlink_to("/dev/zero")
+                       }.items():
+        folder = write_new_case(tmp_path / "c", name="unrelated.safetensors")
+        make(folder / NEW_REF["name"])
+        attempt("curves file reference", folder, "error", (NEW_REF["name"],), f"curves file is {what}")
+    null = write_new_case(tmp_path / "c", ref=None)
+    (null / CONFIG_NAME).write_text(json.dumps({**json.loads(NEW_TEXT), CURVES_FILE_KEY: None}))
+    assert not attempt("curves file reference", null, "load", (), "curves_file = null").curves
+
+
 def test_the_guards_catch_what_they_guard():
     with pytest.raises(_Forbidden):
         pickle.loads(pickle.dumps(1))
     with pytest.raises(_Forbidden):
-        torch.load(ARTIFACT / CURVES_NAME)
+        torch.load(ARTIFACT / NEW_REF["name"])
     _LOADING["on"] = True
     try:
         compile("1", "x", "eval")
