@@ -23,14 +23,16 @@ torch.Size([16, 512])
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-import glob
 import hashlib
 import logging
 import os
 import re
+import socket
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +45,9 @@ __all__ = [
     "DEFAULT_TEXT_COLUMN",
     "DatasetUnavailableError",
     "LOCAL_SOURCE",
+    "check_source",
+    "fallback_hint",
+    "hub_offline_reason",
     "is_hub_offline",
     "load_text",
     "local_text",
@@ -61,10 +66,12 @@ _OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 _HELD_OUT_SPLITS = ("test", "validation")
 _PATH_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".rst", ".text", ".csv")
-_FIX_HINT = (
+_PROBE_TIMEOUT_S = 1.5
+_PYTHON_HINT = (
     "Pass a local text file (data='path/to/file.txt'), a list of strings (data=['...', ...]), or "
     f"data='{LOCAL_SOURCE}' to use the Python documentation text shipped with Python."
 )
+_HINT: contextvars.ContextVar[str] = contextvars.ContextVar("hf_ratequant_data_hint", default=_PYTHON_HINT)
 
 
 class DatasetUnavailableError(OSError):
@@ -165,33 +172,6 @@ def _parse_dataset_spec(spec: str, dataset_config: str | None) -> tuple[str, str
 
 def _describe_dataset(name: str, config: str | None, split: str) -> str:
     return f"{name}" + (f":{config}" if config else "") + f" [split={split}]"
-
-
-def _datasets_cache_dir() -> str:
-    cache = os.environ.get("HF_DATASETS_CACHE")
-    if cache:
-        return os.path.expanduser(cache)
-    home = os.environ.get("HF_HOME")
-    if not home:
-        home = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache")), "huggingface")
-    return os.path.join(os.path.expanduser(home), "datasets")
-
-
-def _camelcase_to_snakecase(name: str) -> str:
-    # Same convention as `datasets.naming.camelcase_to_snakecase`, used for the cache folder names.
-    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
-    name = re.sub(r"([a-z\d])([A-Z])", r"\1_\2", name)
-    return name.lower()
-
-
-def _is_cached_locally(name: str) -> bool:
-    """Whether `datasets` has a prepared copy of `name` in its cache (loadable in offline mode)."""
-    parts = name.split("/")
-    parts[-1] = _camelcase_to_snakecase(parts[-1])
-    root = os.path.join(_datasets_cache_dir(), "___".join(parts))
-    if not os.path.isdir(root):
-        return False
-    return any(os.path.isdir(path) for path in glob.glob(os.path.join(glob.escape(root), "*", "*", "*")))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,15 +278,86 @@ def _dataset_text(dataset: Any, requested: str, column: str, max_chars: int | No
     return _join_limited((row if row is not None else "" for row in dataset[column]), max_chars)
 
 
-def _hub_unavailable_reason() -> str | None:
-    """Why the Hub must not be contacted, or `None` if it may be."""
+@contextlib.contextmanager
+def fallback_hint(hint: str) -> Iterator[None]:
+    """Within this block, messages about the text say how to choose it in `hint`'s words (the command line's
+    flags, e.g. "Pass --data FILE or --data pydoc.") instead of the Python `data=` argument."""
+    token = _HINT.set(hint)
+    try:
+        yield
+    finally:
+        _HINT.reset(token)
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be used, or `None` when it can.
+
+    Offline mode set in the environment (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) is honoured as is. Otherwise
+    the Hub endpoint is probed once per process with one TCP connection (at most ~1.5 s); when it does not answer,
+    `huggingface_hub` and `datasets` are put in offline mode for the rest of the process, so they read their caches
+    at once instead of retrying for tens of seconds.
+    """
     offline = is_hub_offline()
-    return f"offline mode is on ({offline})" if offline else None
+    if offline:
+        return f"offline mode is on ({offline})"
+    from huggingface_hub import constants
+
+    reason = _probe_endpoint(constants.ENDPOINT)
+    if reason is not None:
+        _enter_offline_mode()
+    return reason
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_endpoint(endpoint: str) -> str | None:
+    """`None` if a TCP connection to `endpoint` opens within the timeout, else why not."""
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"the Hugging Face Hub ({endpoint}) is unreachable ({type(err).__name__}: {err})"
+    return None
+
+
+def _enter_offline_mode() -> None:
+    """Offline mode for `huggingface_hub`, `datasets` and `transformers` in this process (they read the
+    environment at import: the modules already imported are told directly)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+    logger.info("The Hugging Face Hub is unreachable: offline mode for this process (HF_HUB_OFFLINE=1).")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def check_source(data: str | os.PathLike | Sequence[str] | None) -> None:
+    """Refuse, without reading it, a `data` that [`load_text`] would refuse: a path that is no file (or is a
+    folder), a malformed ``"name:config"``, a type it does not take. Nothing is downloaded."""
+    if data is None or isinstance(data, (list, tuple)):
+        return
+    if not isinstance(data, (str, os.PathLike)):
+        raise TypeError(f"`data` must be None, a string (path, dataset name or '{LOCAL_SOURCE}') or a list of "
+                        f"strings; got {type(data).__name__}.")
+    text = os.fspath(data)
+    if text == LOCAL_SOURCE:
+        return
+    path = os.path.expanduser(text)
+    if isinstance(data, os.PathLike) or os.path.isfile(path) or _looks_like_path(text):
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{text!r} is a directory; pass the path of a UTF-8 text file instead.")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No such local text file: {text!r} (resolved to {os.path.abspath(path)!r}).")
+        return
+    _parse_dataset_spec(text, None)
 
 
 def load_text(
@@ -390,29 +441,27 @@ def load_text(
 def _load_default(
     split: str, column: str | None, dataset_config: str | None, max_chars: int | None
 ) -> tuple[str, str]:
+    """WikiText-2 through `datasets` (offline, from its own cache), else the local text, said in one line."""
     config = dataset_config or DEFAULT_DATASET_CONFIG
     column = column or DEFAULT_TEXT_COLUMN
     requested = _describe_dataset(DEFAULT_DATASET, config, split)
-    reason = _hub_unavailable_reason()
-    if reason is None or _is_cached_locally(DEFAULT_DATASET):
-        try:
-            dataset = _fetch_hub(DEFAULT_DATASET, config, split)
-        except Exception as err:  # any failure to fetch the default source -> documented fallback
-            reason = f"{reason}; loading from the local cache failed" if reason else "loading failed"
-            reason += f" ({type(err).__name__}: {err})"
-        else:
-            return _dataset_text(dataset, requested, column, max_chars), requested
+    reason = hub_offline_reason()
+    try:
+        dataset = _fetch_hub(DEFAULT_DATASET, config, split)
+    except Exception as err:  # any failure to fetch the default source -> documented fallback
+        why = f"{reason} and it is not in the `datasets` cache" if reason else f"loading failed ({_first_line(err)})"
+    else:
+        return _dataset_text(dataset, requested, column, max_chars), requested
     text, source = _load_local(split, max_chars)
-    logger.warning(
-        "Could not load the default dataset %s: %s. Falling back to local text: %s. Scores are NOT comparable "
-        "with WikiText-2 results. Pass `data=` (a local file, a list of strings, or '%s') to choose the text "
-        "explicitly and silence this warning.",
-        requested,
-        reason,
-        source,
-        LOCAL_SOURCE,
-    )
+    logger.warning("Could not load the default dataset %s: %s. Using local text instead: %s (scores are not "
+                   "comparable with WikiText-2 results). %s", requested, why, source, _HINT.get())
     return text, source
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, at most `limit` characters (library errors can span screens)."""
+    line = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {line[:limit]}" + ("..." if len(line) > limit else "")
 
 
 def _load_file(data: str, max_chars: int | None) -> tuple[str, str]:
@@ -441,12 +490,7 @@ def _load_from_string(
     name, config = _parse_dataset_spec(data, dataset_config)
     column = column or DEFAULT_TEXT_COLUMN
     requested = _describe_dataset(name, config, split)
-    reason = _hub_unavailable_reason()
-    if reason is not None and not _is_cached_locally(name):
-        raise DatasetUnavailableError(
-            f"Cannot load dataset {requested}: the Hugging Face Hub cannot be used because {reason} and the "
-            f"dataset is not in the local `datasets` cache ({_datasets_cache_dir()}). {_FIX_HINT}"
-        )
+    reason = hub_offline_reason()
     try:
         dataset = _fetch_hub(name, config, split)
     except Exception as err:
@@ -455,8 +499,9 @@ def _load_from_string(
 
 
 def _load_failed_message(requested: str, reason: str | None, err: BaseException) -> str:
-    why = f"{reason}, and loading from the local cache failed" if reason else "the Hugging Face Hub may be unreachable"
-    return f"Cannot load dataset {requested} ({why}): {type(err).__name__}: {err}. {_FIX_HINT}"
+    why = (f"{reason}, and it is not in the local `datasets` cache" if reason
+           else "the Hugging Face Hub may be unreachable")
+    return f"Cannot load dataset {requested} ({why}): {_first_line(err)}. {_HINT.get()}"
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

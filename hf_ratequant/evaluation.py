@@ -210,6 +210,7 @@ def evaluate_quality(
     progress: bool = True,
     reference: list[torch.Tensor] | None = None,
     prefix: SharedPrefix | None = None,
+    desc: str = "evaluate",
 ) -> QualityResult:
     """Perplexity of `cache_config`'s cache and its KL divergence from the full-precision cache, on `windows`.
 
@@ -229,6 +230,7 @@ def evaluate_quality(
         prefix ([`SharedPrefix`], *optional*): the start of the windows that this `RateQuantConfig`'s cache serves
             in full precision, computed once by [`shared_prefix`] (with the same `reference`) for many configs of
             the same residual window, sinks and group size; the cache starts after it. Results are unchanged.
+        desc (`str`, *optional*, defaults to `"evaluate"`): the progress bar's name (e.g. the cache measured).
     """
     if chunk < 1 or windows.shape[1] < 2:
         raise ValueError(f"Need chunk >= 1 and windows of at least 2 tokens (got chunk={chunk}, "
@@ -244,7 +246,7 @@ def evaluate_quality(
     nll_sum, kl_sum, count = 0.0, 0.0, 0
     batches = list(torch.split(windows, batch_size))
     begin = prefix.length if prefix is not None else 0
-    bar = tqdm(total=len(batches) * math.ceil((windows.shape[1] - begin) / chunk), desc="evaluate",
+    bar = tqdm(total=len(batches) * math.ceil((windows.shape[1] - begin) / chunk), desc=desc,
                disable=not progress)
     for batch_idx, ids in enumerate(batches):
         ids = ids.to(device)

@@ -89,16 +89,20 @@ __all__ = ["CacheStats", "RateQuantLM", "evaluate", "load_tasks", "resolve_cache
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "xml", "sql"}
 
 
-def resolve_cache(cache: Any, model: Any, sink_length: int = 0) -> RateQuantConfig | None:
+def resolve_cache(cache: Any, model: Any, sink_length: int | None = None) -> RateQuantConfig | None:
     """The `RateQuantConfig` (or `None`: full precision) that `cache` names for `model`: `None`/`"none"`, a
-    `RateQuantConfig`, `"uniform:BITS"`, `"kv:KBITS,VBITS"` (with `sink_length` sink tokens), a folder saved with
-    `RateQuantConfig.save_pretrained` or a Hub repo id, as `hf-ratequant eval --cache` accepts them."""
-    from .cli import _parse_cache_spec
+    `RateQuantConfig`, or a spec of `hf_ratequant.cache_spec` (`"uniform:BITS"`, `"kv:KBITS,VBITS"`, a saved config
+    folder or a Hub repo id), as `hf-ratequant eval --cache` accepts them. `sink_length` sets the sinks of the fixed
+    shorthands (default: `CacheLayout`'s 32); a saved config keeps its own and refuses a different one."""
+    from .cache_spec import parse_cache_spec
+    from .settings import layout_with
 
     if cache is None or isinstance(cache, RateQuantConfig):
         config = cache
     elif isinstance(cache, (str, os.PathLike)):
-        config = _parse_cache_spec(os.fspath(cache).strip(), model, sink_length)
+        explicit = () if sink_length is None else ("sink_length",)
+        layout = layout_with(sink_length=None if sink_length is None else int(sink_length))
+        config = parse_cache_spec(cache).build(model.config, layout, explicit=explicit)
     else:
         raise TypeError(f"cache must be a RateQuantConfig, a cache spec string or None, got {type(cache).__name__}.")
     if config is not None:
@@ -208,8 +212,8 @@ class RateQuantLM(HFLM):
         cache (`str`, `RateQuantConfig` or `None`, *optional*, defaults to `None`): the cache to evaluate: `None` or
             `"none"` (a full-precision `DynamicCache`, fed the same way), a `RateQuantConfig`, `"uniform:BITS"`,
             `"kv:KBITS,VBITS"`, a saved config folder or a Hub repo id.
-        sink_length (`int`, *optional*, defaults to 0): sink tokens of `uniform:` and `kv:` caches (a multiple of
-            32); a saved config keeps its own.
+        sink_length (`int`, *optional*): sink tokens of `uniform:` and `kv:` caches (a multiple of 32; default:
+            `CacheLayout`'s 32, as a calibrated config keeps); a saved config keeps its own.
         chunk (`int`, *optional*, defaults to 64): tokens per forward pass when scoring loglikelihoods.
         share_prefix (`bool`, *optional*, defaults to `True`): compute the prefix that all rows of a batch share
             once (the same numbers, up to float rounding).
@@ -221,7 +225,7 @@ class RateQuantLM(HFLM):
         self,
         pretrained: Any,
         cache: Any = None,
-        sink_length: int = 0,
+        sink_length: int | None = None,
         chunk: int = 64,
         share_prefix: bool = True,
         attention: str = "auto",
@@ -245,7 +249,7 @@ class RateQuantLM(HFLM):
                 f"RateQuantLM scores decoder-only (causal) models through their KV cache; this model uses lm-eval's "
                 f"{self.backend!r} backend, whose encoder is not cached. Evaluate it with lm-eval's own 'hf' model."
             )
-        self.quant_config = resolve_cache(cache, self.model, int(sink_length))
+        self.quant_config = resolve_cache(cache, self.model, sink_length)
         self.cache_spec = _describe(cache, self.quant_config)
         self.chunk = int(chunk)
         self.share_prefix = bool(share_prefix)
@@ -432,7 +436,7 @@ def evaluate(
     limit: int | float | None = None,
     num_fewshot: int | None = None,
     chunk: int = 64,
-    sink_length: int = 0,
+    sink_length: int | None = None,
     lm: RateQuantLM | None = None,
     loaded: tuple | None = None,
     **simple_evaluate_kwargs,

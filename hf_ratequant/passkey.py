@@ -160,7 +160,7 @@ def run_passkey(
     device = model.get_input_embeddings().weight.device
     share = len(caches) > 1 and _shareable(model)
     records: dict[str, list[dict]] = {name: [] for name in caches}
-    bar = tqdm(total=len(trials) * len(caches), desc="passkey", disable=not progress)
+    bar = tqdm(total=len(trials) * len(caches), desc="passkey", unit="trial", disable=not progress)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for trial in trials:
         context = trial.context_ids.to(device)
@@ -172,6 +172,7 @@ def run_passkey(
             del ref
         full = torch.cat([context, trial.question_ids.to(device)], dim=1)
         for name, cache_like in caches.items():
+            bar.set_postfix_str(name)
             cache = make_cache(model, cache_like)
             if states is not None:
                 for idx, (k, v) in enumerate(states):

@@ -106,3 +106,113 @@ def test_cache_bytes_equal_a_real_cache(llama_config, quantizer, tokens, chunk):
                             dtype=torch.float32)
     assert footprint.total == cache.nbytes and footprint.bytes_16bit == cache.nbytes_16bit()
     assert footprint.sinks == (32 * 3 * 2 * 2 * 32 * 2 * 4 if tokens >= 64 + 64 else 0)
+
+
+# ---- the command line: every argument checked before any model loads ----------------------------------------------
+@pytest.fixture
+def no_model(monkeypatch):
+    """A model loader that fails the test if a subcommand reaches it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("hf_ratequant.models.load_model", refuse)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["calibrate", "--budget", "9", "-o", "OUT"], r"budget=9 is outside \[b_min, b_max\] = \[1, 6\]"),
+    (["calibrate", "--seq-len", "100", "-o", "OUT"], "seq_len=100 is too short"),
+    (["calibrate", "--sink-length", "12", "-o", "OUT"], "sink_length=12 must be a multiple of group_size=32"),
+    (["calibrate", "--data", "./missing.txt", "-o", "OUT"], "--data ./missing.txt: No such local text file"),
+    (["calibrate", "--device", "cuda:7", "-o", "OUT"], "cuda:7"),
+    (["calibrate", "--model", "./no/such/model", "-o", "OUT"], "no such folder"),
+    (["eval", "--cache", "kv:3"], "kv:KBITS,VBITS"),
+    (["eval", "--cache", "none", "./no/such/config"], "no such folder"),
+    (["eval", "--windows", "-1"], "n_windows=-1"),
+    (["eval", "--cache", "SAVED", "--sink-length", "0"], r"sink_length=0 \(--sink-length\) does not apply"),
+    (["demo", "--config", "SAVED", "--residual-length", "64"], r"residual_length=64 \(--residual-length\)"),
+    (["demo", "--config", "SAVED", "--bits", "4"], "exclude each other"),
+    (["analyze", "--budget", "0.5"], "budget=0.5"),
+    (["lm-eval", "--tasks", "x", "--cache", "uniform:9"], "not a valid bit-width"),
+])
+def test_bad_arguments_fail_before_the_model_loads(no_model, capsys, tmp_path, llama_config, argv, words):
+    import time
+
+    from hf_ratequant.cli import main
+
+    if torch.cuda.device_count() > 7 and "cuda:7" in argv:
+        pytest.skip("this machine has a cuda:7")
+    saved = tmp_path / "saved"
+    RateQuantConfig.uniform(llama_config, bits=4).save_pretrained(saved)
+    argv = [str(saved) if a == "SAVED" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert time.perf_counter() - start < 1.0
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"hf-ratequant {argv[0]}: error:" in err
+    import re
+
+    assert re.search(words, err), err
+
+
+def test_help_shows_every_default_and_the_version(capsys):
+    from hf_ratequant import __version__
+    from hf_ratequant.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--version"])
+    assert __version__ in capsys.readouterr().out
+    for command in ("demo", "calibrate", "eval", "lm-eval", "analyze"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--dtype {auto,float32,bfloat16,float16}" in text and "--device-map" in text
+        if command != "analyze":  # the sinks every cache gets by default
+            assert "(default: 32, the least multiple of G >= 32)" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["calibrate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 2.5)", "(default: 16)", "(default: 8)", "(default: 512)", "(default: output)",
+                    "(default: kivi)", "(default: 128)"):
+        assert default in text, default
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    from hf_ratequant.cli import build_parser
+    from hf_ratequant.settings import CalibrationSettings, EvaluationSettings
+
+    parser = build_parser()
+    calibration, evaluation = CalibrationSettings(), EvaluationSettings()
+    cal = parser.parse_args(["calibrate", "-o", "x"])
+    assert (cal.budget, cal.samples, cal.validation, cal.seq_len, cal.b_min, cal.b_max, cal.measure) == (
+        calibration.budget, calibration.n_samples, calibration.n_validation, calibration.seq_len, calibration.b_min,
+        calibration.b_max, calibration.measure)
+    ev = parser.parse_args(["eval"])
+    assert (ev.window, ev.windows, ev.chunk) == (evaluation.window, evaluation.n_windows, evaluation.chunk)
+    for argv in (["calibrate", "-o", "x"], ["eval"], ["demo"], ["analyze"], ["lm-eval", "--tasks", "t"]):
+        args = parser.parse_args(argv)
+        assert getattr(args, "sink_length", None) is None and args.group_size is None  # unset: CacheLayout's
+        assert (args.device, args.dtype, args.device_map) == ("auto", "auto", None)
+
+
+def test_candidate_legend():
+    from hf_ratequant.cli import candidate_legend
+
+    assert candidate_legend("ratequant-from-K3V2-40") == (
+        "40 steps of descent from the K3V2 split towards the measured optimum")
+    assert candidate_legend("K3V2") == "fixed split: every key at 3 bits, every value at 2"
+    assert "fitted curves" in candidate_legend("ratequant")
+    assert "x4" in candidate_legend("ratequant-keys-x4")
+
+
+def test_load_model_dtype_and_device(monkeypatch):
+    from hf_ratequant.models import resolve_device, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="not one of auto, float32"):
+        resolve_dtype("int8", "cpu")
+    with pytest.raises(ValueError, match="not a torch device"):
+        resolve_device("gpu0")

@@ -155,37 +155,6 @@ def test_fingerprint_reads_sliding_and_gqa():
     assert set(fp.layer_types) == {"sliding_attention"} and fp.sliding_window == 16
 
 
-def test_cli_cache_specs(llama_config):
-    from types import SimpleNamespace
-
-    from hf_ratequant.cli import _parse_cache_spec
-
-    model = SimpleNamespace(config=llama_config)
-    assert _parse_cache_spec("none", model) is None
-    assert _parse_cache_spec("uniform:3", model).average_bits == 3
-    assert _parse_cache_spec("kv:3,2", model).key_bits[0] == [3, 3]
-    for bad, words in [("bogus", "accepted are"), ("kv:3", "kv:KBITS,VBITS"), ("uniform:x", "not an integer"),
-                       ("uniform:9", "not a valid bit-width")]:
-        with pytest.raises(ValueError, match=words):
-            _parse_cache_spec(bad, model)
-
-
-def test_cli_sink_length_applies_to_shorthands_only(llama_config, tmp_path):
-    from types import SimpleNamespace
-
-    from hf_ratequant.cli import _parse_cache_spec
-
-    model = SimpleNamespace(config=llama_config)
-    assert _parse_cache_spec("kv:3,2", model, 32).sink_length == 32
-    assert _parse_cache_spec("uniform:4", model, 0).sink_length == 0
-    RateQuantConfig.uniform(llama_config, bits=4).save_pretrained(tmp_path)
-    assert _parse_cache_spec(str(tmp_path), model).sink_length == 0
-    with pytest.raises(ValueError, match="--sink-length 32 does not apply to the saved config.*keeps 0 sink tokens"):
-        _parse_cache_spec(str(tmp_path), model, 32)
-    with pytest.raises(ValueError, match="multiple of group_size"):
-        _parse_cache_spec("kv:3,2", model, 12)
-
-
 # ---- saving replaces the two files as a pair ----------------------------------------------------------------------
 def _pair_configs(model_config):
     """Three configs that differ in settings and curves: with curves, with other curves, without curves."""

@@ -1,5 +1,6 @@
 """Tests for `hf_ratequant.data` (no network: the Hub is never contacted)."""
 
+import functools
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from hf_ratequant.data import (
     tokenize_windows,
 )
 
+_REAL_PROBE = data._probe_endpoint  # the `online` fixture replaces it
 N_WORDS = 1000
 CORPUS = "The quick brown fox jumps over the lazy dog. Keys and values are quantized, then evaluated!"
 
@@ -48,22 +50,24 @@ def _numbered_text(n):
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """Offline mode with an empty `datasets` cache; fails the test if anything tries to fetch a dataset."""
+    """Offline mode with an empty `datasets` cache: `datasets.load_dataset` fails at once, as it does offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
 
-    def _no_fetch(*args, **kwargs):
-        raise AssertionError(f"tried to fetch a dataset while offline: {args} {kwargs}")
+    def _not_cached(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'some/dataset' on the Hub (OfflineModeIsEnabled)")
 
-    monkeypatch.setattr(data, "_fetch_hub", _no_fetch)
+    monkeypatch.setattr(data, "_fetch_hub", _not_cached)
 
 
 @pytest.fixture
 def online(monkeypatch, tmp_path):
-    """Offline mode off; tests replace `data._fetch_hub` so that nothing reaches the network."""
+    """Offline mode off and the Hub endpoint answering the probe; tests replace `data._fetch_hub` so that nothing
+    reaches the network."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(data, "_probe_endpoint", lambda endpoint: None)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
 
     def _unreachable(*args, **kwargs):
@@ -141,14 +145,63 @@ def test_default_online_joins_wikitext_rows(online, monkeypatch, caplog):
     assert calls[-1] == ("Salesforce/wikitext", "wikitext-103-raw-v1", "train")
 
 
-def test_default_offline_uses_datasets_cache_when_present(offline, monkeypatch, tmp_path):
-    cached = tmp_path / "hf_datasets_cache" / "Salesforce___wikitext" / "wikitext-2-raw-v1" / "0.0.0" / "abc123"
-    cached.mkdir(parents=True)
+def test_default_offline_reads_the_datasets_cache(offline, monkeypatch, caplog):
+    """Offline, `datasets.load_dataset` reads its own cache: what it returns is used, without a warning."""
     calls = _record_fetch(monkeypatch, FakeDataset({"text": ["cached", "wikitext"]}))
+    caplog.set_level(logging.WARNING, logger="hf_ratequant.data")
     text, source = load_text()
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "train")]
     assert text == "cached\n\nwikitext"
-    assert "Salesforce/wikitext" in source
+    assert "Salesforce/wikitext" in source and not caplog.records
+
+
+def test_unreachable_hub_is_found_fast_once_and_said_in_one_line(online, monkeypatch, caplog):
+    """No offline variable set and no network: one short probe, then offline mode for the process, one warning line
+    in the caller's words (the command line's flags inside `fallback_hint`)."""
+    import sys
+
+    from huggingface_hub import constants
+
+    probes = []
+
+    def refuse(address, timeout):
+        probes.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(data, "_probe_endpoint", functools.lru_cache(maxsize=None)(_REAL_PROBE.__wrapped__))
+    monkeypatch.setattr(data.socket, "create_connection", refuse)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test, like the environment
+    if "datasets" in sys.modules:
+        monkeypatch.setattr(sys.modules["datasets"].config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # recorded, so the "1" set by the probe is undone after the test
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    caplog.set_level(logging.WARNING, logger="hf_ratequant.data")
+    start = time.perf_counter()
+    with data.fallback_hint("Pass --data FILE."):
+        text, source = load_text(split="test")
+    assert time.perf_counter() - start < 1.0
+    assert text == local_text("test") and len(probes) == 1 and probes[0][1] <= 2
+    assert constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message and "is unreachable" in message and "Using local text instead" in message
+    assert message.endswith("Pass --data FILE.") and "data=" not in message
+    assert data.hub_offline_reason() == "offline mode is on (HF_HUB_OFFLINE=1)" and len(probes) == 1
+
+
+def test_check_source_refuses_without_reading(offline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("text")
+    for fine in (None, "pydoc", "corpus.txt", "org/name", "org/name:cfg", ["a"]):
+        data.check_source(fine)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        data.check_source("missing.txt")
+    with pytest.raises(IsADirectoryError):
+        data.check_source(str(tmp_path))
+    with pytest.raises(ValueError, match="name:config"):
+        data.check_source("org/name:")
+    with pytest.raises(TypeError, match="data"):
+        data.check_source(3)
 
 
 def test_train_and_test_fallback_texts_are_disjoint(offline):

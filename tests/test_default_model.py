@@ -61,7 +61,7 @@ def test_8bit_greedy_matches_dynamic_cache(smollm, references, quantizer):
 
 def test_low_bits_still_generate_and_shrink(smollm):
     model, tokenizer = smollm
-    cfg = RateQuantConfig.uniform(model.config, key_bits=3, value_bits=2, residual_length=32)
+    cfg = RateQuantConfig.uniform(model.config, key_bits=3, value_bits=2, residual_length=32, sink_length=0)
     cache = RateQuantCache(config=model.config, quant_config=cfg)
     got, _ = _greedy(model, tokenizer, PROMPTS[0] * 20, cache, n=16)
     assert len(got) == 16
@@ -78,13 +78,15 @@ def test_demo_runs_the_shipped_calibration_by_default(smollm_cli, capsys):
 def test_demo_runs_a_uniform_cache(smollm_cli, capsys):
     assert main(["demo", "--bits", "4", "--context-tokens", "200", "--max-new-tokens", "4",
                  "--residual-length", "32"]) == 0
-    assert "kivi, 4 average bits, uniform (G=32, R=32, S=0)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kivi, 4 average bits, uniform (G=32, R=32, S=32)" in out  # the sinks a calibrated config keeps
+    assert "quantized" in out and "window" in out and "sinks" in out and "4096" in out  # bytes by part, and at 4k
 
 
 def test_demo_refuses_uniform_settings_for_a_calibrated_config(smollm_cli, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--residual-length", "32"])
-    assert "--residual-length only apply to a uniform cache" in capsys.readouterr().err
+    assert "residual_length=32 (--residual-length) does not apply to the saved config" in capsys.readouterr().err
 
 
 def test_shipped_config_is_the_hub_artifact_and_fits_the_default_model(smollm):
