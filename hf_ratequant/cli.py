@@ -281,10 +281,13 @@ def _print_calibration(config: Any, model: Any) -> None:
     from .footprint import true_bits_per_element
 
     info = config.calibration
-    print(f"\n{'candidate':<26}{'validation KL':>14}  meaning")
-    for name, kl in sorted(info["validation_kl"].items(), key=lambda kv: kv[1]):
-        mark = "  <- chosen" if name == info["winner"] else ""
-        print(f"{name:<26}{kl:>14.5f}  {candidate_legend(name)}{mark}")
+    if info["validation_kl"]:
+        print(f"\n{'candidate':<26}{'validation KL':>14}  meaning")
+        for name, kl in sorted(info["validation_kl"].items(), key=lambda kv: kv[1]):
+            mark = "  <- chosen" if name == info["winner"] else ""
+            print(f"{name:<26}{kl:>14.5f}  {candidate_legend(name)}{mark}")
+    else:
+        print(f"\nno validation (--validation 0): chose {info['winner']}, {candidate_legend(info['winner'])}")
     print(f"beta median: keys {info['beta_median']['key']:.2f}, values {info['beta_median']['value']:.2f}; "
           f"fit R^2 median {info['fit_r2_median']:.3f}; {info['seconds']['total']:.1f} s")
     bits = config.bits_tensor().float()  # (layers, kv_heads, 2)

@@ -216,3 +216,25 @@ def test_load_model_dtype_and_device(monkeypatch):
         resolve_dtype("int8", "cpu")
     with pytest.raises(ValueError, match="not a torch device"):
         resolve_device("gpu0")
+
+
+@pytest.mark.parametrize("validated", [True, False])
+def test_calibration_report_says_what_was_chosen(llama_config, capsys, validated):
+    from types import SimpleNamespace
+
+    from hf_ratequant.cli import _print_calibration
+
+    config = RateQuantConfig.uniform(llama_config, key_bits=3, value_bits=2)
+    scores = {"K3V2": 0.004, "ratequant-from-K3V2-40": 0.002} if validated else {}
+    config.calibration = {"validation_kl": scores, "winner": "ratequant-from-K3V2-40" if validated else "ratequant",
+                          "beta_median": {"key": 3.1, "value": 3.9}, "fit_r2_median": 0.99,
+                          "seconds": {"total": 12.0}}
+    _print_calibration(config, SimpleNamespace(config=llama_config, dtype=torch.float32))
+    out = capsys.readouterr().out
+    if validated:
+        assert "40 steps of descent from the K3V2 split towards the measured optimum  <- chosen" in out
+    else:
+        assert "no validation (--validation 0): chose ratequant, closed form" in out
+    assert "mean bits per layer (keys / values): 0:3.0/2.0  1:3.0/2.0  2:3.0/2.0" in out
+    assert "average code bits 2.5; true bits per element 4.5" in out  # fp32 scales and zero-points per 32
+    assert "4096" in out and "vs 16-bit" in out
