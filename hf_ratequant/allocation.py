@@ -14,6 +14,9 @@ distortion `D_u(b) = alpha_u * beta_u ** (-b)`. We pick integer bits `b_u` in `[
   exact dynamic program over the total bit count is used.
 - [`descent_path`] walks from a given allocation (a fixed keys/values split) towards the table's optimum, one bit
   moved per step, so that calibration can also try allocations part of the way there.
+- [`Candidate`] is one allocation calibration may return, with its [`Family`]; [`fixed_candidates`] and
+  [`descent_candidates`] make the fixed keys/values splits and the steps from the best of them, and
+  [`successive_halving`] races candidates on rungs of validation windows with an injected scoring function.
 
 All functions are deterministic and work in float64 on CPU.
 """
@@ -22,6 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -64,6 +70,12 @@ def _total_bits(budget: float, n_units: int) -> int:
             f"budget that is a multiple of 1/{n_units}, e.g. {below / n_units:.6g} or {above / n_units:.6g}."
         )
     return nearest
+
+
+def check_budget(budget: float, n_units: int, b_min: int, b_max: int) -> None:
+    """Raise a `ValueError` unless `n_units` units of `b_min..b_max` bits can average exactly `budget` bits."""
+    _check_bounds(b_min, b_max)
+    _total_bits(_check_budget(budget, b_min, b_max), n_units)
 
 
 def _as_float64(values: float | torch.Tensor) -> torch.Tensor:
@@ -382,3 +394,148 @@ def descent_path(distortion: torch.Tensor, bit_grid: torch.Tensor, start: torch.
         bits[down] -= 1
         path.append(bits.clone())
     return path
+
+
+# ---- candidates and the validation race -------------------------------------------------------------------------
+
+Family = Literal["ratequant", "descent", "fixed"]
+"""Where a candidate allocation comes from: `"ratequant"` from the measured distortion, `"descent"` a few steps from
+the best fixed split towards the measured optimum, `"fixed"` the same bits for every key and for every value."""
+
+DESCENT_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
+"""How far along the descent from the best fixed split (towards the measured optimum) the extra candidates lie."""
+VALIDATION_FINALISTS = 3
+"""Candidates scored on every validation window; the others only on the first rungs (see [`validation_rungs`])."""
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    """One allocation calibration may return.
+
+    Args:
+        name (`str`): unique among the candidates, e.g. `"ratequant-measured"` or `"K3V2"`.
+        family ([`Family`]): where the allocation comes from.
+        bits (`torch.LongTensor`): `(layers, kv_heads, 2)` bits, `[..., 0]` keys and `[..., 1]` values.
+    """
+
+    name: str
+    family: Family
+    bits: torch.LongTensor
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """The flattened bits: candidates with equal keys are the same allocation (scored once)."""
+        return tuple(self.bits.reshape(-1).tolist())
+
+
+def fixed_split_name(key_bits: int, value_bits: int) -> str:
+    """The name of a fixed split: `"uniform-3"` when keys and values get the same bits, else `"K3V2"`."""
+    return f"uniform-{key_bits}" if key_bits == value_bits else f"K{key_bits}V{value_bits}"
+
+
+def fixed_candidates(num_layers: int, num_kv_heads: int, budget: float, b_min: int, b_max: int) -> list[Candidate]:
+    """Every fixed keys/values split of `budget` bits ([`fixed_allocations`]), in increasing key bits."""
+    n_units = num_layers * num_kv_heads
+    return [
+        Candidate(fixed_split_name(k, v), "fixed", torch.stack([torch.full((num_layers, num_kv_heads), k),
+                                                                  torch.full((num_layers, num_kv_heads), v)], dim=-1))
+        for k, v in fixed_allocations(n_units, n_units, budget, b_min, b_max)
+    ]
+
+
+def descent_candidates(distortion: torch.Tensor, bit_grid: list[int], origin: Candidate) -> list[Candidate]:
+    """Allocations part of the way ([`DESCENT_FRACTIONS`]) along [`descent_path`] from `origin` on a `(layers,
+    kv_heads, 2, n_bits)` table, named `ratequant-from-{origin}-{steps}`: small moves from a split known to be good,
+    where the measure's predictions are the most reliable."""
+    path = descent_path(distortion.reshape(-1, len(bit_grid)), torch.tensor(bit_grid), origin.bits.reshape(-1))
+    steps = sorted({max(1, round(len(path) * f)) for f in DESCENT_FRACTIONS}) if path else []
+    return [Candidate(f"ratequant-from-{origin.name}-{s}", "descent", path[s - 1].reshape(origin.bits.shape))
+            for s in steps]
+
+
+def validation_rungs(n_windows: int) -> list[int]:
+    """How successive halving splits `n_windows` validation windows into rungs: a quarter, a quarter and the half
+    left from 8 windows on, two halves from 4, one rung below that. Candidates scored on the first rung are cut to
+    `VALIDATION_FINALISTS` x 2 before the second and to `VALIDATION_FINALISTS` before the third."""
+    if n_windows >= 8:
+        return [n_windows // 4, n_windows // 4, n_windows - 2 * (n_windows // 4)]
+    if n_windows >= 4:
+        return [n_windows // 2, n_windows - n_windows // 2]
+    return [n_windows]
+
+
+RungScore = Callable[[list[torch.LongTensor], int], list[tuple[float, float]]]
+"""`score(allocations, rung)`: per allocation, `(KL summed over the rung's tokens, tokens)`."""
+
+
+@dataclass(frozen=True)
+class RaceResult:
+    """What [`successive_halving`] found: the `winner`'s name, every candidate's mean KL (`scores`, in entry
+    order) over the windows it was scored on (`windows`), the `finalists` scored on every rung, and the `entrants`
+    (the candidates given, then those `extend` added)."""
+
+    winner: str
+    scores: dict[str, float]
+    finalists: list[str]
+    windows: dict[str, int]
+    entrants: list[Candidate]
+
+
+def successive_halving(
+    candidates: Sequence[Candidate],
+    rungs: Sequence[int],
+    score: RungScore,
+    *,
+    finalists: int = VALIDATION_FINALISTS,
+    extend: Callable[[dict[str, float]], list[Candidate]] | None = None,
+) -> RaceResult:
+    """Race `candidates` over `rungs` (window counts) of validation windows, scoring each distinct allocation once
+    per rung through `score`.
+
+    Every candidate is scored on the first rung; `extend` (if given) sees those scores and may enter more candidates,
+    scored on the first rung too. Before rung `r` (from 1) the field is cut to the `finalists * 2 ** (len(rungs) - 1
+    - r)` best by mean KL over the rungs scored so far (ties: entry order), so `finalists` are scored on every
+    window; the winner is the best finalist (ties: the first entered). Candidates with equal bits share one score.
+    """
+    if not rungs:
+        raise ValueError("successive_halving needs at least one rung of validation windows (got none).")
+    entrants: dict[str, Candidate] = {}
+    tally: dict[tuple[int, ...], list[tuple[float, float]]] = {}  # allocation -> (KL sum, tokens) per rung scored
+
+    def mean_kl(key: tuple[int, ...]) -> float:
+        return sum(p[0] for p in tally[key]) / sum(p[1] for p in tally[key])
+
+    def score_rung(field: list[Candidate], rung: int) -> None:
+        todo = [c for c in _distinct(field) if len(tally.get(c.key, [])) == rung]
+        if todo:
+            for c, pair in zip(todo, score([c.bits for c in todo], rung)):
+                tally.setdefault(c.key, []).append(pair)
+
+    def enter(batch: Sequence[Candidate]) -> None:
+        names = [c.name for c in batch]
+        clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(entrants)))
+        if clash:
+            raise ValueError(f"Candidate names must be unique; {clash} entered twice. Rename the candidates.")
+        entrants.update({c.name: c for c in batch})
+        score_rung(list(batch), 0)
+
+    enter(candidates)
+    if extend is not None:
+        enter(extend({name: mean_kl(c.key) for name, c in entrants.items()}))
+    racing = _distinct(list(entrants.values()))
+    for rung in range(1, len(rungs)):
+        racing = sorted(racing, key=lambda c: mean_kl(c.key))[: finalists * 2 ** (len(rungs) - 1 - rung)]
+        score_rung(racing, rung)
+    final_keys = {c.key for c in racing}
+    scores = {name: mean_kl(c.key) for name, c in entrants.items()}
+    last = [name for name, c in entrants.items() if c.key in final_keys]
+    windows = {name: sum(rungs[: len(tally[c.key])]) for name, c in entrants.items()}
+    return RaceResult(min(last, key=scores.get), scores, last, windows, list(entrants.values()))
+
+
+def _distinct(field: list[Candidate]) -> list[Candidate]:
+    """The first candidate of each distinct allocation, in order."""
+    first: dict[tuple[int, ...], Candidate] = {}
+    for c in field:
+        first.setdefault(c.key, c)
+    return list(first.values())

@@ -27,25 +27,52 @@ from huggingface_hub.utils import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .allocation import allocate_bits, allocate_from_table, descent_path, fixed_allocations
+from .allocation import (
+    VALIDATION_FINALISTS,
+    Candidate,
+    RaceResult,
+    RungScore,
+    allocate_bits,
+    allocate_from_table,
+    check_budget,
+    descent_candidates,
+    fixed_candidates,
+    successive_halving,
+    validation_rungs,
+)
 from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, text_fingerprint, tokenize_windows
-from .distortion import fisher_distortion, fit_curves, fixed_beta_fit, output_distortion
+from .distortion import CurveFit, fisher_distortion, fit_curves, output_distortion
 from .distributed import Processes
-from .evaluation import SharedPrefix, evaluate_quality, reference_logprobs, shared_prefix
+from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
 from .quantizers import get_quantizer
+from .record import CalibrationRecord, measure_description
+from .settings import DEFAULT_SINK_TOKENS, MEASURES, CacheLayout, CalibrationSettings, split_settings
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CalibrationData",
+    "DEFAULT_SINK_TOKENS",
+    "MEASURES",
+    "Measurement",
     "allocation_candidates",
     "calibrate",
+    "calibration_candidates",
     "calibration_mode",
+    "calibration_record",
     "calibration_windows",
+    "candidate_config",
     "capture_states",
+    "check_feasible",
+    "load_calibration_data",
     "measure_distortion",
     "measure_distortions",
+    "measure_units",
     "residual_split_mask",
+    "residual_split_works",
+    "resolve_settings",
+    "validate_candidates",
 ]
 
 
@@ -271,11 +298,6 @@ def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad.detach()
 
 
-MEASURES = ("output", "state")
-"""`"output"`: gradient-weighted error of the attention output recomputed with the quantized states
-([`output_distortion`]); `"state"`: gradient-weighted error of the states themselves ([`fisher_distortion`])."""
-
-
 def measure_distortion(
     model: Any,
     windows: torch.LongTensor,
@@ -334,33 +356,16 @@ def measure_distortions(
     return totals
 
 
-DEFAULT_SINK_TOKENS = 32
-"""`calibrate`'s default attention sinks: at least this many first tokens, rounded up to whole groups."""
 KEY_WEIGHTS = (4.0,)
 """Key weights of the `ratequant-keys-xW` candidates. With the state measure x0.25, x4 and x16 were tried; with the
 attention-output measure x0.25 and x16 never won on the default model (12 budgets x designs), x4 twice."""
-def validation_rungs(n_windows: int) -> list[int]:
-    """How successive halving splits `n_windows` validation windows into rungs: a quarter, a quarter and the half
-    left from 8 windows on, two halves from 4, one rung below that. Candidates scored on the first rung are cut to
-    `VALIDATION_FINALISTS` x 2 before the second and to `VALIDATION_FINALISTS` before the third."""
-    if n_windows >= 8:
-        return [n_windows // 4, n_windows // 4, n_windows - 2 * (n_windows // 4)]
-    if n_windows >= 4:
-        return [n_windows // 2, n_windows - n_windows // 2]
-    return [n_windows]
-
-
-DESCENT_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
-"""How far along the descent from the best fixed split (towards the measured optimum) the extra candidates lie."""
-VALIDATION_FINALISTS = 3
-"""Candidates scored on every validation window; the others only on the first rungs (see [`validation_rungs`])."""
 
 
 def allocation_candidates(
     distortion: torch.Tensor, bit_grid: list[int], budget: float, key_weights: tuple[float, ...] = KEY_WEIGHTS
-) -> dict[str, torch.LongTensor]:
-    """Allocations of `budget` bits from a `(layers, kv_heads, 2, n_bits)` distortion table, each `(layers,
-    kv_heads, 2)`:
+) -> list[Candidate]:
+    """The `"ratequant"` family: allocations of `budget` bits from a `(layers, kv_heads, 2, n_bits)` distortion
+    table, each `(layers, kv_heads, 2)`:
 
     - `ratequant`: reverse waterfilling on the fitted per-unit curves (closed form);
     - `ratequant-measured`: the exact optimum of the measured table;
@@ -369,9 +374,9 @@ def allocation_candidates(
     - `ratequant-keys-xW` for W in `key_weights`: the measured table with every key unit's distortion times W. The
       gradient-weighted error is a first-order measure: it ranks units of one kind well but misjudges the exchange
       rate between key errors (which act through the softmax) and value errors (linear in the output), badly so for
-      coarse per-token key quantization. Validation picks the rate;
-    - `kvq-beta4`: kvq's fixed beta = 4 rule applied to the same measurements (recorded for comparison, not
-      validated and never returned).
+      coarse per-token key quantization. Validation picks the rate.
+
+    (kvq's fixed beta = 4 rule, a research comparison, is [`analysis.QuantizerCurves.kvq_allocation`].)
     """
     shape = distortion.shape[:-1]
     flat = distortion.reshape(-1, len(bit_grid))
@@ -381,8 +386,7 @@ def allocation_candidates(
     log_d = distortion.clamp_min(1e-30).log()
     layer_mean = log_d.mean(dim=1, keepdim=True)  # (layers, 1, 2, n_bits)
     shrunk = ((log_d + layer_mean) / 2).exp().reshape(-1, len(bit_grid))
-    kvq = fixed_beta_fit(flat, bit_grid, 4.0)
-    candidates = {
+    allocations = {
         "ratequant": allocate_bits(fit.alpha, fit.beta, budget, b_min, b_max),
         "ratequant-measured": allocate_from_table(flat, grid, budget),
         "ratequant-shrunk": allocate_from_table(shrunk, grid, budget),
@@ -390,9 +394,8 @@ def allocation_candidates(
     for w in key_weights:
         weighted = distortion.clone()
         weighted[:, :, 0] *= w
-        candidates[f"ratequant-keys-x{w:g}"] = allocate_from_table(weighted.reshape(-1, len(bit_grid)), grid, budget)
-    candidates["kvq-beta4"] = allocate_bits(kvq.alpha, kvq.beta, budget, b_min, b_max)
-    return {name: bits.reshape(shape) for name, bits in candidates.items()}
+        allocations[f"ratequant-keys-x{w:g}"] = allocate_from_table(weighted.reshape(-1, len(bit_grid)), grid, budget)
+    return [Candidate(name, "ratequant", bits.reshape(shape)) for name, bits in allocations.items()]
 
 
 def calibration_windows(
@@ -405,46 +408,206 @@ def calibration_windows(
     return windows, text, source
 
 
-def _config_from_bits(bits: torch.Tensor, template: RateQuantConfig, method: str) -> RateQuantConfig:
-    return RateQuantConfig(
-        key_bits=bits[:, :, 0].tolist(),
-        value_bits=bits[:, :, 1].tolist(),
-        quantizer=template.quantizer,
-        group_size=template.group_size,
-        residual_length=template.residual_length,
-        sink_length=template.sink_length,
-        budget=template.budget,
-        b_min=template.b_min,
-        b_max=template.b_max,
-        method=method,
-        fingerprint=template.fingerprint,
+@dataclass(frozen=True)
+class CalibrationData:
+    """The calibration windows this process works on: `fit` (measured) and `validation` (held back), with the
+    text's `source`, its `text_sha256` and the token counts of all processes together."""
+
+    fit: torch.LongTensor
+    validation: torch.LongTensor
+    source: str
+    text_sha256: str
+    fit_tokens: int
+    validation_tokens: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The measured distortion table `(layers, kv_heads, 2, n_bits)` (float64, CPU, summed over every process's
+    windows), whether it is `residual_aware`, and the `seconds` it took."""
+
+    distortion: torch.Tensor
+    residual_aware: bool
+    seconds: float
+
+
+def resolve_settings(
+    quantizer: str | None = None, budget: float | None = None, *, layout: CacheLayout | None = None,
+    settings: CalibrationSettings | None = None, **overrides: Any,
+) -> tuple[CacheLayout, CalibrationSettings]:
+    """The layout and settings `calibrate` runs with: `layout` and `settings` (defaults when None) with `quantizer`,
+    `budget` and the [`CacheLayout`] / [`CalibrationSettings`] fields in `overrides` replaced, checked. The keyword
+    `validate=False` (older spelling) means `n_validation=0`."""
+    if not overrides.pop("validate", True):
+        overrides["n_validation"] = 0
+    return split_settings({"quantizer": quantizer, "budget": budget, **overrides}, layout, settings)
+
+
+def check_feasible(layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint) -> None:
+    """The checks that need the model but no data: its head_dim suits the layout, and its units can average
+    exactly `settings.budget` bits. A `ValueError` before any text is loaded or the model run."""
+    layout.check_head_dim(fingerprint.head_dim)
+    n_units = 2 * fingerprint.num_layers * fingerprint.num_kv_heads
+    check_budget(settings.budget, n_units, settings.b_min, settings.b_max)
+
+
+def load_calibration_data(
+    tokenizer: Any, data: Any, layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint,
+    processes: Processes,
+) -> CalibrationData:
+    """Load the `n_samples + n_validation` windows (every process the same), check that every process agrees on
+    the model, data and settings, and take this process's share of the fit and validation windows."""
+    s, fp = settings, fingerprint
+    windows, text, source = processes.run(
+        lambda: calibration_windows(tokenizer, data, seq_len=s.seq_len, n_windows=s.n_samples + s.n_validation,
+                                    column=s.data_column), "loading the calibration data")
+    sha = text_fingerprint(text)
+    processes.agree((fp.geometry(), fp.layer_types, fp.model_type, sha, tuple(windows.shape), layout.quantizer,
+                     s.budget, layout.group_size, layout.residual_length, layout.sink_length, s.b_min, s.b_max,
+                     s.measure), "model, data or settings")
+    fit, validation = windows[: s.n_samples], windows[s.n_samples :]
+    return CalibrationData(processes.shard(fit, "calibration"), processes.shard(validation, "validation"), source,
+                           sha, int(fit.numel()), int(validation.numel()))
+
+
+def measure_units(
+    model: Any, windows: torch.LongTensor, layout: CacheLayout, settings: CalibrationSettings, *,
+    processes: Processes, progress: bool = True,
+) -> Measurement:
+    """[`measure_distortion`] of `layout`'s quantizer on this process's `windows`, summed over the processes.
+
+    Residual-aware (when asked) only if the model honours the split mask; otherwise a warning, and the error is
+    weighted by all attention.
+    """
+    start = time.perf_counter()
+    aware = settings.residual_aware
+    if aware and not residual_split_works(model, windows, layout.residual_length, layout.group_size):
+        logger.warning("%s does not honour a custom attention mask: the distortion is weighted by all attention, "
+                       "including the residual window the cache keeps in full precision.",
+                       ModelFingerprint.from_model_config(model.config).architecture)
+        aware = False
+    processes.agree(aware, "residual-aware measure")
+    table = processes.run(lambda: measure_distortion(
+        model, windows, layout.quantizer, settings.bit_grid, group_size=layout.group_size,
+        batch_size=settings.batch_size, residual_length=layout.residual_length if aware else None,
+        sink_length=layout.sink_length, progress=progress and processes.is_main, measure=settings.measure,
+    ), "measuring the distortion")
+    table = processes.sum(table).cpu()  # measured on the model's device; the fit and allocation are CPU math
+    return Measurement(table, aware, time.perf_counter() - start)
+
+
+def calibration_candidates(
+    distortion: torch.Tensor, settings: CalibrationSettings, fingerprint: ModelFingerprint
+) -> list[Candidate]:
+    """What validation races first: the [`allocation_candidates`], then every fixed split of the budget."""
+    s = settings
+    return (allocation_candidates(distortion, s.bit_grid, s.budget)
+            + fixed_candidates(fingerprint.num_layers, fingerprint.num_kv_heads, s.budget, s.b_min, s.b_max))
+
+
+def candidate_config(
+    bits: torch.Tensor, layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint,
+    method: str,
+) -> RateQuantConfig:
+    """The config of one allocation under calibration's layout, budget and bounds."""
+    return RateQuantConfig.from_bits(bits, layout, fingerprint=fingerprint, method=method, budget=settings.budget,
+                                     b_min=settings.b_min, b_max=settings.b_max)
+
+
+def _kl_scorer(
+    model: Any, parts: list[torch.LongTensor], layout: CacheLayout, settings: CalibrationSettings,
+    fingerprint: ModelFingerprint, processes: Processes, bar: Any,
+) -> RungScore:
+    """The [`successive_halving`] scorer: KL to the full-precision cache through the real cache, on rung `r`'s
+    windows `parts[r]` (summed over processes). The reference and the exact shared start of a rung's windows
+    ([`shared_prefix`]) are computed once, when the rung is first scored."""
+    s, reference, prefixes = settings, {}, {}
+    template = candidate_config(torch.full((fingerprint.num_layers, fingerprint.num_kv_heads, 2), s.b_min), layout,
+                                s, fingerprint, "ratequant")
+
+    def kl_sums(allocations: list[torch.Tensor], rung: int) -> torch.Tensor:  # per allocation: KL sum, tokens
+        if rung not in reference:
+            reference[rung] = reference_logprobs(model, parts[rung], batch_size=s.batch_size)
+            prefixes[rung] = shared_prefix(model, parts[rung], template, chunk=s.chunk, batch_size=s.batch_size,
+                                           reference=reference[rung])
+        out = []
+        for bits in allocations:
+            res = evaluate_quality(model, parts[rung], candidate_config(bits, layout, s, fingerprint, "candidate"),
+                                   chunk=s.chunk, batch_size=s.batch_size, progress=False,
+                                   reference=reference[rung], prefix=prefixes[rung])
+            out.append([res.kl * res.tokens, res.tokens])
+            bar.update()
+        return torch.tensor(out, dtype=torch.float64).reshape(-1, 2)
+
+    def score(allocations: list[torch.Tensor], rung: int) -> list[tuple[float, float]]:
+        sums = processes.sum(processes.run(lambda: kl_sums(allocations, rung), "validating the candidates"))
+        return [tuple(pair) for pair in sums.tolist()]
+
+    return score
+
+
+def validate_candidates(
+    model: Any, windows: torch.LongTensor, candidates: list[Candidate], distortion: torch.Tensor,
+    layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint, *,
+    processes: Processes, progress: bool = True,
+) -> RaceResult:
+    """Race `candidates` by KL through the real cache on this process's validation `windows` ([`successive_halving`]
+    on [`validation_rungs`]; one rung when several processes share the windows). After the first rung the
+    [`descent_candidates`] from the best fixed split join the race."""
+    rungs = validation_rungs(len(windows)) if processes.count == 1 else [len(windows)]
+    bounds = [sum(rungs[:i]) for i in range(len(rungs) + 1)]
+    parts = [windows[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    def descend(scores: dict[str, float]) -> list[Candidate]:
+        fixed = [c for c in candidates if c.family == "fixed"]
+        if not fixed:
+            return []
+        return descent_candidates(distortion, settings.bit_grid, min(fixed, key=lambda c: scores[c.name]))
+
+    with tqdm(desc=f"validating {len(candidates)} candidates", unit="cache",
+              disable=not (progress and processes.is_main)) as bar:
+        score = _kl_scorer(model, parts, layout, settings, fingerprint, processes, bar)
+        race = successive_halving(candidates, rungs, score, finalists=VALIDATION_FINALISTS, extend=descend)
+    for name, kl in race.scores.items():
+        logger.info("validation KL %-26s %.5f (%d of %d windows)", name, kl, race.windows[name], len(windows))
+    return race
+
+
+def calibration_record(
+    data: CalibrationData, measured: Measurement, fit: CurveFit, settings: CalibrationSettings,
+    candidates: list[Candidate], race: RaceResult | None, *, validate_s: float, total_s: float, processes: int,
+) -> CalibrationRecord:
+    """What the calibration did ([`CalibrationRecord`]); `race` is None when nothing was validated (the closed-form
+    `ratequant` allocation wins) and `candidates` every candidate considered."""
+    winner = race.winner if race else "ratequant"
+    scores = race.scores if race else {}
+    families = {c.name: c.family for c in candidates}
+    best_fixed = min((kl for name, kl in scores.items() if families[name] == "fixed"), default=None)
+    return CalibrationRecord(
+        source=data.source, text_sha256=data.text_sha256, fit_tokens=data.fit_tokens,
+        validation_tokens=data.validation_tokens, seq_len=settings.seq_len,
+        measure=measure_description(settings.measure, measured.residual_aware),
+        residual_aware=measured.residual_aware, bit_grid=settings.bit_grid, winner=winner,
+        validation_kl=dict(scores), validation_finalists=list(race.finalists) if race else [],
+        validation_windows=dict(race.windows) if race else {},
+        gain_vs_best_fixed=(1 - scores[winner] / best_fixed) if best_fixed else None,
+        beta_median={"key": float(fit.beta[:, :, 0].median()), "value": float(fit.beta[:, :, 1].median())},
+        fit_r2_median=float(fit.r2.median()),
+        seconds={"measure": measured.seconds, "validate": validate_s, "total": total_s}, processes=processes,
+        candidates={c.name: c.bits.tolist() for c in candidates if c.family != "fixed"}, families=families,
     )
 
 
 def calibrate(
-    model: Any,
-    tokenizer: Any,
-    data: Any = None,
-    quantizer: str = "kivi",
-    budget: float = 2.5,
-    *,
-    n_samples: int = 16,
-    seq_len: int = 512,
-    n_validation: int = 8,
-    group_size: int = 32,
-    residual_length: int = 128,
-    sink_length: int | None = None,
-    b_min: int = 1,
-    b_max: int = 6,
-    batch_size: int = 4,
-    chunk: int = 64,
-    validate: bool = True,
-    residual_aware: bool = True,
-    data_column: str | None = None,
-    progress: bool = True,
-    measure: str = "output",
+    model: Any, tokenizer: Any, data: Any = None, quantizer: str | None = None, budget: float | None = None, *,
+    layout: CacheLayout | None = None, settings: CalibrationSettings | None = None, progress: bool = True,
+    **overrides: Any,
 ) -> RateQuantConfig:
     """Calibrate a RateQuant allocation of `budget` average bits for `quantizer` on `model`.
+
+    The stages, each usable alone: [`resolve_settings`] and [`check_feasible`] (before any data is loaded),
+    [`load_calibration_data`], [`measure_units`], [`fit_curves`], [`calibration_candidates`],
+    [`validate_candidates`], [`calibration_record`].
 
     Args:
         model (`PreTrainedModel`): the causal LM.
@@ -452,193 +615,48 @@ def calibrate(
         data (*optional*): calibration text: WikiText-2 train through `datasets` by default (local Python docs
             text offline, with a warning), a `datasets` name (`"name"` or `"name:config"`, text column
             `data_column`, default `"text"`), a text file or a list of strings.
-        quantizer (`str`, *optional*, defaults to `"kivi"`): registered quantizer design.
-        budget (`float`, *optional*, defaults to 2.5): average bits over all units.
-        n_samples (`int`, *optional*, defaults to 16): calibration windows used for the fit.
-        seq_len (`int`, *optional*, defaults to 512): tokens per window.
-        n_validation (`int`, *optional*, defaults to 8): further windows, held back from the fit, on which the
-            candidates are compared (0 or `validate=False` skips validation and returns the closed-form allocation).
-        sink_length (`int`, *optional*): the first tokens of every sequence the cache keeps in full precision
-            (attention sinks; a multiple of `group_size`); by default the smallest multiple of `group_size` of at
-            least 32 (32 for G = 32). 0 quantizes them like every other token, as KIVI does. The measure and the
-            validation both see the cache with them.
-        b_min (`int`, *optional*, defaults to 1), b_max (`int`, *optional*, defaults to 6): bounds of every unit's
-            bits. One-bit units (values of unimportant heads, mostly) pay for more bits elsewhere; validation
-            refuses them where they do not.
-        residual_aware (`bool`, *optional*, defaults to `True`): weight each unit's error only by the attention that
-            reads it quantized (the cache keeps the last `residual_length` tokens in full precision); falls back to
-            all attention, with a warning, on a model that does not honour a custom attention mask.
-        measure (`str`, *optional*, defaults to `"output"`): `"output"` weights the error of each layer's attention
-            output, recomputed with the quantized keys or values (exact through the softmax, about 30% more time);
-            `"state"` the error of the states themselves (first order: it underrates coarse key quantization).
+        quantizer (`str`, *optional*): registered quantizer design (default `layout.quantizer`, `"kivi"`).
+        budget (`float`, *optional*): average bits over all units (default `settings.budget`, 2.5).
+        layout ([`CacheLayout`], *optional*): quantizer, group size, residual window and sinks of the cache (the
+            measure and the validation both see the cache with them).
+        settings ([`CalibrationSettings`], *optional*): what is measured, on how many windows, and how.
+        progress (`bool`, *optional*, defaults to `True`): progress bars for the measure and the validation.
+        overrides: any field of [`CacheLayout`] or [`CalibrationSettings`] (`n_samples`, `seq_len`, `n_validation`,
+            `group_size`, `residual_length`, `sink_length`, `b_min`, `b_max`, `batch_size`, `chunk`, `measure`,
+            `residual_aware`, `data_column`; None keeps the default), or `validate=False` for `n_validation=0`.
 
     Returns:
-        [`RateQuantConfig`]: the winning allocation, with the fitted curves and the validation scores.
+        [`RateQuantConfig`]: the winning allocation, with the fitted curves and the [`CalibrationRecord`] (as a
+        dict) in `config.calibration`.
 
     Example:
         >>> config = calibrate(model, tokenizer, quantizer="kivi", budget=2.5)
         >>> config.save_pretrained("smollm2-ratequant-kivi-2.5")
     """
     start = time.perf_counter()
+    layout, settings = resolve_settings(quantizer, budget, layout=layout, settings=settings, **overrides)
     fp = ModelFingerprint.from_model_config(model.config)
-    get_quantizer(quantizer, group_size)  # fail early on an unknown design
-    if sink_length is None:
-        sink_length = -(-DEFAULT_SINK_TOKENS // group_size) * group_size
-    if residual_aware and seq_len <= residual_length + sink_length + group_size:
-        raise ValueError(
-            f"seq_len={seq_len} is too short to measure anything: the cache keeps the first sink_length="
-            f"{sink_length} and the last residual_length={residual_length} tokens in full precision and quantizes "
-            f"whole groups of group_size={group_size}, so no query of such a window reads a quantized token. Use "
-            f"seq_len > {residual_length + sink_length + group_size} (512 by default), or a smaller residual_length "
-            "or sink_length."
-        )
-    if measure not in MEASURES:
-        raise ValueError(f"Unknown measure {measure!r}: choose one of {', '.join(MEASURES)}.")
-    bit_grid = list(range(b_min, b_max + 1))
-    if len(bit_grid) < 2:
-        raise ValueError(f"b_min={b_min} and b_max={b_max} leave fewer than two bit-widths to fit a curve on.")
-    template = RateQuantConfig(
-        key_bits=[[b_min] * fp.num_kv_heads] * fp.num_layers, value_bits=[[b_min] * fp.num_kv_heads] * fp.num_layers,
-        quantizer=quantizer, group_size=group_size, residual_length=residual_length, sink_length=sink_length,
-        budget=budget, b_min=b_min, b_max=b_max, fingerprint=fp,
-    )
-    n_validation = n_validation if validate else 0
+    check_feasible(layout, settings, fp)
     procs = Processes()
-    windows, text, source = procs.run(
-        lambda: calibration_windows(tokenizer, data, seq_len=seq_len, n_windows=n_samples + n_validation,
-                                    column=data_column), "loading the calibration data")
-    procs.agree((fp.geometry(), fp.layer_types, fp.model_type, text_fingerprint(text), tuple(windows.shape),
-                 quantizer, budget, group_size, residual_length, sink_length, b_min, b_max, measure),
-                "model, data or settings")
-    fit_windows, val_windows = windows[:n_samples], windows[n_samples:]
-    my_fit = procs.shard(fit_windows, "calibration")
-    my_val = procs.shard(val_windows, "validation")
-
-    t0 = time.perf_counter()
-    if residual_aware and not residual_split_works(model, my_fit, residual_length, group_size):
-        logger.warning("%s does not honour a custom attention mask: the distortion is weighted by all attention, "
-                       "including the residual window the cache keeps in full precision.", fp.architecture)
-        residual_aware = False
-    procs.agree(residual_aware, "residual-aware measure")
-    table = procs.run(lambda: measure_distortion(
-        model, my_fit, quantizer, bit_grid, group_size=group_size, batch_size=batch_size,
-        residual_length=residual_length if residual_aware else None, sink_length=sink_length,
-        progress=progress and procs.is_main, measure=measure,
-    ), "measuring the distortion")
-    table = procs.sum(table).cpu()  # measured on the model's device; the fit and allocation are CPU math
-    measure_s = time.perf_counter() - t0
-    fit = fit_curves(table, bit_grid)
-    candidates = allocation_candidates(table, bit_grid, budget)
-    for k_bits, v_bits in fixed_allocations(fp.num_layers * fp.num_kv_heads, fp.num_layers * fp.num_kv_heads,
-                                            budget, b_min, b_max):
-        name = f"uniform-{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
-        candidates[name] = torch.stack([torch.full((fp.num_layers, fp.num_kv_heads), k_bits),
-                                        torch.full((fp.num_layers, fp.num_kv_heads), v_bits)], dim=-1)
-
-    scores: dict[str, float] = {}
-    t0 = time.perf_counter()
-    if len(val_windows):
-        # Successive halving (one process): every candidate is scored on the first rung of validation windows, and
-        # each further rung adds windows for the best of the candidates still in the race, down to the
-        # VALIDATION_FINALISTS scored on every window; the winner is the best finalist.
-        sizes = validation_rungs(len(my_val)) if procs.count == 1 else [len(my_val)]
-        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        parts = [my_val[a:b] for a, b in zip(bounds, bounds[1:])]
-        reference: dict[int, list[torch.Tensor]] = {}  # per part: full-precision log-probs, per batch
-        prefixes: dict[int, SharedPrefix | None] = {}  # per part: what every candidate's cache serves exactly
-        sums: dict[tuple[int, ...], list[list[float]]] = {}  # allocation -> [KL sum, tokens] per part scored
-        bits_of: dict[tuple[int, ...], torch.Tensor] = {}
-
-        def key_of(bits: torch.Tensor) -> tuple[int, ...]:
-            return tuple(bits.reshape(-1).tolist())
-
-        def score(keys: list[tuple[int, ...]], part: int) -> None:
-            todo = [k for k in dict.fromkeys(keys) if len(sums.get(k, [])) == part]
-
-            def kl_sums() -> torch.Tensor:  # per allocation: KL summed over this process's tokens, and the tokens
-                if part not in reference:
-                    reference[part] = reference_logprobs(model, parts[part], batch_size=batch_size)
-                    prefixes[part] = shared_prefix(model, parts[part], template, chunk=chunk, batch_size=batch_size,
-                                                   reference=reference[part])
-                ref = reference[part]
-                out = []
-                for k in todo:
-                    res = evaluate_quality(model, parts[part], _config_from_bits(bits_of[k], template, "candidate"),
-                                           chunk=chunk, batch_size=batch_size, progress=False, reference=ref,
-                                           prefix=prefixes[part])
-                    out.append([res.kl * res.tokens, res.tokens])
-                return torch.tensor(out, dtype=torch.float64).reshape(-1, 2)
-
-            if todo:
-                for k, pair in zip(todo, procs.sum(procs.run(kl_sums, "validating the candidates")).tolist()):
-                    sums.setdefault(k, []).append(pair)
-
-        def kl(k: tuple[int, ...]) -> float:
-            return sum(p[0] for p in sums[k]) / sum(p[1] for p in sums[k])
-
-        def add(batch: dict[str, torch.Tensor]) -> None:
-            for name, bits in batch.items():
-                bits_of.setdefault(key_of(bits), bits)
-            score([key_of(b) for b in batch.values()], 0)
-            for name, bits in batch.items():
-                scores[name] = kl(key_of(bits))
-
-        add({n: b for n, b in candidates.items() if n != "kvq-beta4"})
-        fixed = [n for n in scores if not n.startswith(("ratequant", "kvq"))]
-        if fixed:
-            # Part of the way from the best fixed split towards the measured optimum: small moves from a split known
-            # to be good, where the measure's predictions are the most reliable.
-            origin = min(fixed, key=scores.get)
-            path = descent_path(table.reshape(-1, len(bit_grid)), torch.tensor(bit_grid),
-                                candidates[origin].reshape(-1))
-            steps = sorted({max(1, round(len(path) * f)) for f in DESCENT_FRACTIONS}) if path else []
-            near = {f"ratequant-from-{origin}-{s}": path[s - 1].reshape(candidates[origin].shape) for s in steps}
-            candidates.update(near)
-            add(near)
-        racing = list(dict.fromkeys(key_of(candidates[n]) for n in scores))
-        for rung in range(1, len(parts)):
-            racing = sorted(racing, key=kl)[: VALIDATION_FINALISTS * 2 ** (len(parts) - 1 - rung)]
-            score(racing, rung)
-        finalists = [n for n in scores if key_of(candidates[n]) in racing]
-        windows_scored = {}
-        for name in scores:
-            scores[name] = kl(key_of(candidates[name]))
-            windows_scored[name] = sum(sizes[: len(sums[key_of(candidates[name])])])
-            logger.info("validation KL %-26s %.5f (%d of %d windows)", name, scores[name], windows_scored[name],
-                        len(my_val))
-        winner = min(finalists, key=scores.get)
+    data = load_calibration_data(tokenizer, data, layout, settings, fp, procs)
+    measured = measure_units(model, data.fit, layout, settings, processes=procs, progress=progress)
+    fit = fit_curves(measured.distortion, settings.bit_grid)
+    candidates = calibration_candidates(measured.distortion, settings, fp)
+    t0, race = time.perf_counter(), None
+    if len(data.validation):
+        race = validate_candidates(model, data.validation, candidates, measured.distortion, layout, settings, fp,
+                                   processes=procs, progress=progress)
+        candidates += [c for c in race.entrants if c.family == "descent"]
     else:
-        finalists, windows_scored = [], {}
-        winner = "ratequant"
+        candidates = [c for c in candidates if c.family == "ratequant"]
     validate_s = time.perf_counter() - t0
-
-    config = _config_from_bits(candidates[winner], template, winner)
-    best_fixed = min((s for n, s in scores.items() if not n.startswith(("ratequant", "kvq"))), default=None)
-    config.calibration = {
-        "source": source,
-        "text_sha256": text_fingerprint(text),
-        "fit_tokens": int(fit_windows.numel()),
-        "validation_tokens": int(val_windows.numel()),
-        "seq_len": seq_len,
-        "measure": ("gradient-weighted squared error of the attention output recomputed with the quantized states"
-                    if measure == "output" else "gradient-weighted squared quantization error of the states")
-        + " (diagonal Fisher), summed over tokens"
-        + (", gradients through the quantized part of the cache only" if residual_aware else ""),
-        "residual_aware": residual_aware,
-        "bit_grid": bit_grid,
-        "winner": winner,
-        "validation_kl": scores,
-        "validation_finalists": finalists,
-        "validation_windows": windows_scored,
-        "gain_vs_best_fixed": (1 - scores[winner] / best_fixed) if best_fixed else None,
-        "beta_median": {"key": float(fit.beta[:, :, 0].median()), "value": float(fit.beta[:, :, 1].median())},
-        "fit_r2_median": float(fit.r2.median()),
-        "seconds": {"measure": measure_s, "validate": validate_s, "total": time.perf_counter() - start},
-        "processes": procs.count,
-        "candidates": {n: b.tolist() for n, b in candidates.items() if n.startswith(("ratequant", "kvq"))},
-    }
+    record = calibration_record(data, measured, fit, settings, candidates, race, validate_s=validate_s,
+                                total_s=time.perf_counter() - start, processes=procs.count)
+    winner = next(c for c in candidates if c.name == record.winner)
+    config = candidate_config(winner.bits, layout, settings, fp, winner.name)
+    config.calibration = record.to_dict()
     config.curves = {"alpha": fit.alpha.float(), "beta": fit.beta.float(), "r2": fit.r2.float(),
-                     "distortion": table.float(), "bit_grid": torch.tensor(bit_grid)}
-    logger.info("calibration: %s won (validation KL %s), %.1f s", winner, scores.get(winner),
-                time.perf_counter() - start)
+                     "distortion": measured.distortion.float(), "bit_grid": torch.tensor(settings.bit_grid)}
+    logger.info("calibration: %s won (validation KL %s), %.1f s", record.winner, record.validation_kl.get(
+        record.winner), time.perf_counter() - start)
     return config
