@@ -17,18 +17,25 @@ from typing import Any
 
 import torch
 
-from .allocation import allocate_bits, fixed_allocations
+from .allocation import Candidate, allocate_bits, fixed_candidates
 from .calibration import calibration_windows, measure_distortions, residual_split_works
 from .config import ModelFingerprint, RateQuantConfig
 from .distortion import CurveFit, fit_curves, fixed_beta_fit
 from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
 from .quantizers import available_quantizers
+from .settings import CacheLayout, CalibrationSettings, layout_with, split_settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QuantizerCurves", "beta_table", "fit_quantizer_curves", "mismatch_study"]
+__all__ = ["ANALYSIS_SETTINGS", "KVQ_BETA", "QuantizerCurves", "beta_table", "fit_quantizer_curves", "kvq_candidate",
+           "mismatch_study"]
 
 KINDS = ("key", "value")
+KVQ_BETA = 4.0
+"""kvq's rule: every unit's distortion falls by the same factor beta = 4 per bit (alpha fitted, beta fixed)."""
+ANALYSIS_SETTINGS = CalibrationSettings(n_samples=8)
+"""[`fit_quantizer_curves`]'s defaults: those of `calibrate` (b_min = 1, 32 sinks through [`CacheLayout`]) but 8
+measured windows instead of 16, since the analysis measures every registered quantizer."""
 
 
 @dataclass
@@ -42,35 +49,49 @@ class QuantizerCurves:
 
     def allocation(self, budget: float) -> torch.LongTensor:
         """Closed-form (reverse waterfilling) allocation of `budget` bits from these curves: `(layers, heads, 2)`."""
-        bits = allocate_bits(self.fit.alpha.reshape(-1), self.fit.beta.reshape(-1), budget, min(self.bit_grid),
-                             max(self.bit_grid))
-        return bits.reshape(self.fit.alpha.shape)
+        return _waterfill(self.fit, budget, self.bit_grid)
+
+    def kvq_allocation(self, budget: float) -> torch.LongTensor:
+        """The allocation kvq's fixed beta ([`KVQ_BETA`]) rule makes of the same measurements: `(layers, heads, 2)`."""
+        return _waterfill(fixed_beta_fit(self.distortion, self.bit_grid, KVQ_BETA), budget, self.bit_grid)
+
+
+def _waterfill(fit: CurveFit, budget: float, bit_grid: list[int]) -> torch.LongTensor:
+    bits = allocate_bits(fit.alpha.reshape(-1), fit.beta.reshape(-1), budget, min(bit_grid), max(bit_grid))
+    return bits.reshape(fit.alpha.shape)
+
+
+def kvq_candidate(distortion: torch.Tensor, bit_grid: list[int], budget: float) -> Candidate:
+    """`kvq-beta4`: kvq's fixed beta rule on a `(layers, kv_heads, 2, n_bits)` table, as a `"ratequant"`-family
+    [`Candidate`] (a research comparison that `calibrate` no longer computes; older records list it)."""
+    bits = _waterfill(fixed_beta_fit(distortion, bit_grid, KVQ_BETA), budget, bit_grid)
+    return Candidate(f"kvq-beta{KVQ_BETA:g}", "ratequant", bits)
 
 
 def fit_quantizer_curves(
-    model: Any,
-    tokenizer: Any,
-    data: Any = None,
-    quantizers: list[str] | None = None,
-    *,
-    n_samples: int = 8,
-    seq_len: int = 512,
-    group_size: int = 32,
-    residual_length: int = 128,
-    b_min: int = 2,
-    b_max: int = 6,
-    batch_size: int = 4,
-    progress: bool = True,
+    model: Any, tokenizer: Any, data: Any = None, quantizers: list[str] | None = None, *,
+    layout: CacheLayout | None = None, settings: CalibrationSettings | None = None, progress: bool = True,
+    **overrides: Any,
 ) -> dict[str, QuantizerCurves]:
     """Measure and fit the distortion curves of every quantizer in `quantizers` (default: all registered ones) on the
-    same calibration windows. Arguments as [`calibrate`]."""
-    quantizers = list(quantizers or available_quantizers())
-    bit_grid = list(range(b_min, b_max + 1))
-    windows, _text, _source = calibration_windows(tokenizer, data, seq_len=seq_len, n_windows=n_samples)
-    aware = residual_split_works(model, windows, residual_length, group_size)
-    tables = measure_distortions(model, windows, quantizers, bit_grid, group_size=group_size, batch_size=batch_size,
-                                 residual_length=residual_length if aware else None, progress=progress)
-    return {q: QuantizerCurves(q, bit_grid, t, fit_curves(t, bit_grid)) for q, t in tables.items()}
+    same calibration windows.
+
+    Args:
+        layout ([`CacheLayout`], *optional*): group size, residual window and sinks of the measured cache (its
+            quantizer is ignored: every design in `quantizers` is measured).
+        settings ([`CalibrationSettings`], *optional*, defaults to [`ANALYSIS_SETTINGS`]): `n_samples`, `seq_len`,
+            `b_min`, `b_max`, `batch_size`, `measure`, `residual_aware`, `data_column` are used.
+        overrides: any field of either (None keeps the default), as for `calibrate`.
+    """
+    layout, settings = split_settings(overrides, layout, settings or ANALYSIS_SETTINGS)
+    s, quantizers = settings, list(quantizers or available_quantizers())
+    windows, _text, _source = calibration_windows(tokenizer, data, seq_len=s.seq_len, n_windows=s.n_samples,
+                                                  column=s.data_column)
+    aware = s.residual_aware and residual_split_works(model, windows, layout.residual_length, layout.group_size)
+    tables = measure_distortions(model, windows, quantizers, s.bit_grid, group_size=layout.group_size,
+                                 batch_size=s.batch_size, residual_length=layout.residual_length if aware else None,
+                                 sink_length=layout.sink_length, progress=progress, measure=s.measure)
+    return {q: QuantizerCurves(q, s.bit_grid, t, fit_curves(t, s.bit_grid)) for q, t in tables.items()}
 
 
 def beta_table(curves: dict[str, QuantizerCurves]) -> list[dict]:
@@ -84,27 +105,31 @@ def beta_table(curves: dict[str, QuantizerCurves]) -> list[dict]:
     return rows
 
 
-def _config(bits: torch.Tensor, quantizer: str, fp: ModelFingerprint, method: str, budget: float, group_size: int,
-            residual_length: int) -> RateQuantConfig:
-    return RateQuantConfig(key_bits=bits[..., 0].tolist(), value_bits=bits[..., 1].tolist(), quantizer=quantizer,
-                           group_size=group_size, residual_length=residual_length, budget=budget, method=method,
-                           fingerprint=fp)
+def _study_plans(b_name: str, curves: dict[str, QuantizerCurves], budget: float, fp: ModelFingerprint
+                 ) -> list[tuple[str, str, torch.Tensor]]:
+    """`(allocation name, kind, bits)` evaluated for quantizer `b_name`: its fixed splits, its own curves' allocation,
+    every other design's and kvq's."""
+    own = curves[b_name]
+    grid = own.bit_grid
+    fixed = fixed_candidates(fp.num_layers, fp.num_kv_heads, budget, min(grid), max(grid))
+    plans = [(c.name, "fixed", c.bits) for c in fixed]
+    plans.append(("own curves", "own", own.allocation(budget)))
+    plans += [(f"curves of {a}", "mismatched", c.allocation(budget)) for a, c in curves.items() if a != b_name]
+    plans.append((f"kvq beta={KVQ_BETA:g}", "mismatched", own.kvq_allocation(budget)))
+    return plans
 
 
 def mismatch_study(
-    model: Any,
-    windows: torch.LongTensor,
-    curves: dict[str, QuantizerCurves],
-    budget: float = 2.5,
-    *,
-    group_size: int = 32,
-    residual_length: int = 128,
-    chunk: int = 64,
-    batch_size: int = 4,
-    progress: bool = True,
+    model: Any, windows: torch.LongTensor, curves: dict[str, QuantizerCurves], budget: float = 2.5, *,
+    layout: CacheLayout | None = None, chunk: int = 64, batch_size: int = 4, progress: bool = True,
+    **layout_fields: Any,
 ) -> list[dict]:
     """Evaluate, for every quantizer B in `curves`, B's fixed allocations of `budget`, the allocation from B's own
     curves, from every other design's curves, and from kvq's fixed beta = 4, all through B's real cache on `windows`.
+
+    Args:
+        layout ([`CacheLayout`], *optional*): group size, residual window and sinks of every cache evaluated (its
+            quantizer is replaced by each B); `layout_fields` (e.g. `sink_length=0`) replace its fields.
 
     Returns:
         `list[dict]`: one row per (B, allocation): `quantizer`, `allocation` (`"own curves"`, `"curves of A"`,
@@ -112,26 +137,15 @@ def mismatch_study(
         `key_bits` (mean), `units_changed` (units whose bits differ from B's own allocation) and
         `rank_agreement` (Spearman correlation of the units' bits with B's own allocation).
     """
+    layout = layout_with(layout, **layout_fields)
     fp = ModelFingerprint.from_model_config(model.config)
     reference = reference_logprobs(model, windows, batch_size=batch_size)
-    prefix = None
-    n_heads = fp.num_layers * fp.num_kv_heads
-    b_min, b_max = min(next(iter(curves.values())).bit_grid), max(next(iter(curves.values())).bit_grid)
-    rows = []
-    for b_name, own_curves in curves.items():
-        own = own_curves.allocation(budget)
-        plans: list[tuple[str, str, torch.Tensor]] = []
-        for k, v in fixed_allocations(n_heads, n_heads, budget, b_min, b_max):
-            name = f"uniform-{k}" if k == v else f"K{k}V{v}"
-            plans.append((name, "fixed", torch.stack([torch.full(own.shape[:-1], k), torch.full(own.shape[:-1], v)],
-                                                     dim=-1)))
-        plans.append(("own curves", "own", own))
-        plans += [(f"curves of {a}", "mismatched", c.allocation(budget)) for a, c in curves.items() if a != b_name]
-        kvq = QuantizerCurves(b_name, own_curves.bit_grid, own_curves.distortion,
-                              fixed_beta_fit(own_curves.distortion, own_curves.bit_grid, 4.0))
-        plans.append(("kvq beta=4", "mismatched", kvq.allocation(budget)))
-        for name, kind, bits in plans:
-            cfg = _config(bits, b_name, fp, name, budget, group_size, residual_length)
+    prefix, rows = None, []
+    for b_name in curves:
+        own = curves[b_name].allocation(budget)
+        for name, kind, bits in _study_plans(b_name, curves, budget, fp):
+            cfg = RateQuantConfig.from_bits(bits, layout_with(layout, quantizer=b_name), fingerprint=fp, method=name,
+                                            budget=budget)
             if prefix is None:  # every config here shares R, S and G: their exact start is run once
                 prefix = shared_prefix(model, windows, cfg, chunk=chunk, batch_size=batch_size, reference=reference)
             res = evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=batch_size, progress=False,
