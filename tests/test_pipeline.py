@@ -1,0 +1,167 @@
+"""Calibration's stages alone: candidates, the successive-halving race with fake scores, the versioned record, and
+the checks `calibrate` makes before it loads any data."""
+
+import glob
+import json
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from hf_ratequant.allocation import (
+    Candidate,
+    fixed_candidates,
+    fixed_split_name,
+    successive_halving,
+    validation_rungs,
+)
+from hf_ratequant.analysis import kvq_candidate
+from hf_ratequant.calibration import calibrate, calibration_candidates, check_feasible, resolve_settings
+from hf_ratequant.config import ModelFingerprint
+from hf_ratequant.record import RECORD_VERSION, CalibrationRecord
+
+RECORD_FILES = sorted(glob.glob("hub_artifacts/*/ratequant_config.json")
+                      + glob.glob("hf_ratequant/pretrained/*/ratequant_config.json"))
+TINY = LlamaConfig(vocab_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32)
+
+
+def candidate(name: str, *bits: int, family: str = "ratequant") -> Candidate:
+    return Candidate(name, family, torch.tensor(bits).reshape(1, -1, 2))
+
+
+def fake_scorer(kl: dict[tuple[int, ...], list[float]], calls: list):
+    """Scores each allocation's rung `r` with `kl[bits][r]` per token over 10 tokens; records every call."""
+    def score(allocations, rung):
+        calls.append(([tuple(b.reshape(-1).tolist()) for b in allocations], rung))
+        return [(kl[tuple(b.reshape(-1).tolist())][rung] * 10, 10.0) for b in allocations]
+    return score
+
+
+def test_fixed_split_names():
+    assert fixed_split_name(3, 3) == "uniform-3" and fixed_split_name(3, 2) == "K3V2"
+    fixed = fixed_candidates(2, 2, 2.5, 1, 4)
+    assert [c.name for c in fixed] == ["K1V4", "K2V3", "K3V2", "K4V1"]
+    assert all(c.family == "fixed" and c.bits.shape == (2, 2, 2) and c.bits.double().mean() == 2.5 for c in fixed)
+
+
+def test_validation_rungs():
+    assert validation_rungs(8) == [2, 2, 4] and validation_rungs(10) == [2, 2, 6]
+    assert validation_rungs(4) == [2, 2] and validation_rungs(5) == [2, 3] and validation_rungs(3) == [3]
+    for n in range(1, 40):
+        assert sum(validation_rungs(n)) == n and min(validation_rungs(n)) >= 1
+
+
+def test_race_halves_the_field_and_the_best_finalist_wins():
+    field = [candidate(n, i, i) for i, n in enumerate("abcdefg")]
+    kl = {(i, i): [k, k2, k3] for i, (k, k2, k3) in enumerate(
+        [(1, 9, 9), (2, 1, 1), (3, 1, 2), (4, 5, 0.1), (5, 0, 0), (6, 0, 0), (7, 0, 0)])}
+    calls = []
+    race = successive_halving(field, [2, 2, 4], fake_scorer(kl, calls), finalists=1)
+    assert [len(keys) for keys, _ in calls] == [7, 2, 1] and [r for _, r in calls] == [0, 1, 2]
+    assert set(calls[1][0]) == {(0, 0), (1, 1)}  # the best 2 after rung 0
+    assert calls[2][0] == [(1, 1)]  # mean over rungs 0-1: b = 1.5 beats a = 5
+    assert race.winner == "b" and race.finalists == ["b"]
+    assert race.windows == {"a": 4, "b": 8, **{n: 2 for n in "cdefg"}}
+    assert race.scores["b"] == pytest.approx(4 / 3) and list(race.scores) == list("abcdefg")
+
+
+def test_race_scores_coinciding_allocations_once_and_extends_after_the_first_rung():
+    field = [candidate("x", 1, 2), candidate("y", 1, 2), candidate("z", 2, 1, family="fixed")]
+    kl = {(1, 2): [2.0], (2, 1): [1.0], (3, 0): [0.5]}
+    calls, seen = [], []
+
+    def extend(scores):
+        seen.append(dict(scores))
+        return [candidate("w", 3, 0, family="descent")]
+
+    race = successive_halving(field, [3], fake_scorer(kl, calls), extend=extend)
+    assert calls == [([(1, 2), (2, 1)], 0), ([(3, 0)], 0)]
+    assert seen == [{"x": 2.0, "y": 2.0, "z": 1.0}]
+    assert race.winner == "w" and race.finalists == ["x", "y", "z", "w"]
+    assert [c.name for c in race.entrants] == ["x", "y", "z", "w"]
+
+
+def test_race_ties_go_to_the_first_entered_and_bad_fields_are_refused():
+    field = [candidate("p", 1, 2), candidate("q", 2, 1)]
+    race = successive_halving(field, [1, 1], fake_scorer({(1, 2): [1, 1], (2, 1): [1, 1]}, []), finalists=1)
+    assert race.winner == "p"
+    with pytest.raises(ValueError, match="unique"):
+        successive_halving([field[0], field[0]], [1], fake_scorer({(1, 2): [1]}, []))
+    with pytest.raises(ValueError, match="at least one rung"):
+        successive_halving(field, [], fake_scorer({}, []))
+
+
+def test_calibration_candidates_and_kvq_from_a_table():
+    layout, settings = resolve_settings("kivi", 2.5, b_min=2, b_max=4, group_size=8, residual_length=8)
+    fp = ModelFingerprint.from_model_config(TINY)
+    table = torch.rand(2, 2, 2, 1, generator=torch.Generator().manual_seed(0)) * torch.tensor([4.0, 1.0, 0.25])
+    cands = calibration_candidates(table, settings, fp)
+    assert [c.name for c in cands] == ["ratequant", "ratequant-measured", "ratequant-shrunk", "ratequant-keys-x4",
+                                       "K2V3", "K3V2"]
+    assert [c.family for c in cands] == ["ratequant"] * 4 + ["fixed"] * 2
+    assert all(c.bits.shape == (2, 2, 2) and c.bits.double().mean() == 2.5 for c in cands)
+    kvq = kvq_candidate(table, settings.bit_grid, 2.5)
+    assert kvq.name == "kvq-beta4" and kvq.bits.shape == (2, 2, 2) and kvq.bits.double().mean() == 2.5
+
+
+class _NoForward(torch.nn.Module):
+    """A model whose forward must not run: `calibrate` has to refuse the settings first."""
+
+    config = TINY
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the model ran")
+
+
+class _NoTokenizer:
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the tokenizer ran")
+
+    encode = __call__
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budget=9.5), "budget=9.5 is outside"),
+    (dict(budget=2.3), "budget"),  # 8 units cannot average 2.3 bits
+    (dict(group_size=64), "head_dim=32"),
+    (dict(n_sample=3), "Unknown calibration setting"),
+])
+def test_calibrate_refuses_bad_settings_before_any_work(kwargs, match):
+    start = time.perf_counter()
+    with pytest.raises((ValueError, TypeError), match=match):
+        calibrate(_NoForward(), _NoTokenizer(), ["unused"], progress=False, **kwargs)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_validate_false_means_no_validation_windows():
+    _, settings = resolve_settings(validate=False)
+    assert settings.n_validation == 0
+    layout, settings = resolve_settings("token", 3, sink_length=0, n_samples=4)
+    assert (layout.quantizer, layout.sink_length, settings.budget, settings.n_samples) == ("token", 0, 3, 4)
+    check_feasible(layout, settings, ModelFingerprint.from_model_config(TINY))
+
+
+@pytest.mark.parametrize("path", RECORD_FILES)
+def test_records_written_before_versioning_round_trip(path):
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)["calibration"]
+    assert "record_version" not in old
+    record = CalibrationRecord.from_dict(old)
+    assert record.record_version == 0 and record.families == {}
+    assert record.to_dict() == {**old, "record_version": 0, "families": {}}
+    assert CalibrationRecord.from_dict(record.to_dict()) == record
+
+
+def test_newer_records_keep_what_this_version_knows():
+    with open(RECORD_FILES[0], encoding="utf-8") as f:
+        old = json.load(f)["calibration"]
+    newer = {**old, "record_version": RECORD_VERSION + 1, "something_new": [1, 2]}
+    record = CalibrationRecord.from_dict(newer)
+    assert record.record_version == RECORD_VERSION + 1 and record.winner == old["winner"]
+    assert "something_new" not in record.to_dict()
+    with pytest.raises(ValueError, match="lacks"):
+        CalibrationRecord.from_dict({k: v for k, v in old.items() if k != "winner"})
+    with pytest.raises(ValueError, match="record_version"):
+        CalibrationRecord.from_dict({**old, "record_version": "1"})
