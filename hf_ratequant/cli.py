@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from . import __version__
+from .analysis import ANALYSIS_SETTINGS
 from .cache_spec import CacheSpec, parse_cache_spec
 from .data import fallback_hint
 from .models import DEFAULT_MODEL, DTYPES, check_model_source, default_config_path
@@ -32,8 +33,9 @@ logger = logging.getLogger("hf_ratequant")
 LAYOUT, CALIBRATION, EVALUATION = CacheLayout(), CalibrationSettings(), EvaluationSettings()
 REPORT_TOKENS = 4096
 """The context at which the bytes of a cache are reported against a 16-bit cache (where the saving exists)."""
-ANALYZE_SAMPLES, ANALYZE_WINDOWS = 8, 4
-"""`analyze` fits every registered quantizer: fewer windows than one calibration, to keep it affordable."""
+ANALYZE_WINDOWS = 4
+"""Held-out windows `analyze` evaluates every allocation of every design on (fewer than `eval`, to keep it
+affordable); its calibration windows are `analysis.ANALYSIS_SETTINGS.n_samples`."""
 _DATA_HINT = ("Choose the text with --data (and --eval-data for analyze): a UTF-8 text file, a datasets "
               "name[:config], or 'pydoc' for the Python docs text shipped with Python.")
 _LAYOUT_FLAGS = {"quantizer": "--quantizer", "group_size": "--group-size", "residual_length": "--residual-length",
@@ -446,9 +448,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .evaluation import evaluation_windows
     from .plots import plot_allocation, plot_distortion_curves
 
-    # `analysis` measures and evaluates its caches without sink tokens
     layout, settings = split_settings(dict(
-        group_size=args.group_size, residual_length=args.residual_length, sink_length=0,
+        group_size=args.group_size, residual_length=args.residual_length, sink_length=args.sink_length,
         budget=args.budget, n_samples=args.samples, seq_len=args.seq_len, b_min=args.b_min, b_max=args.b_max,
     ))
     evaluation = EvaluationSettings(window=args.window, n_windows=args.windows, chunk=args.chunk)
@@ -456,9 +457,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _check_data(args.eval_data, "--eval-data")
     model, tokenizer = _load(args)
     quantizers = args.quantizers or available_quantizers()
-    curves = fit_quantizer_curves(model, tokenizer, args.data, quantizers, n_samples=settings.n_samples,
-                                  seq_len=settings.seq_len, group_size=layout.group_size,
-                                  residual_length=layout.residual_length, b_min=settings.b_min, b_max=settings.b_max)
+    curves = fit_quantizer_curves(model, tokenizer, args.data, quantizers, layout=layout, settings=settings)
     betas = beta_table(curves)
     print(f"\n{'quantizer':<11}{'kind':<7}{'beta median':>12}{'beta range':>16}{'fit R^2':>9}")
     for r in betas:
@@ -475,8 +474,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if evaluation.n_windows > 0:
         windows = evaluation_windows(tokenizer, args.eval_data, window=evaluation.window,
                                      max_windows=evaluation.n_windows)
-        rows = mismatch_study(model, windows, curves, settings.budget, group_size=layout.group_size,
-                              residual_length=layout.residual_length, chunk=evaluation.chunk)
+        rows = mismatch_study(model, windows, curves, settings.budget, layout=layout, chunk=evaluation.chunk)
         _print_mismatch(rows, settings.budget, windows.numel())
     path = os.path.join(args.output_dir, "analysis.json")
     with open(path, "w", encoding="utf-8") as f:
@@ -632,7 +630,8 @@ def _add_analyze(sub) -> None:
     p.add_argument("--budget", type=float, default=CALIBRATION.budget, help="average bits, in [b_min, b_max]")
     p.add_argument("--data", default=None, help="calibration text (default: WikiText-2 train)")
     p.add_argument("--eval-data", default=None, help="held-out text (default: WikiText-2 test)")
-    p.add_argument("--samples", type=int, default=ANALYZE_SAMPLES, help="calibration windows per quantizer, >= 1")
+    p.add_argument("--samples", type=int, default=ANALYSIS_SETTINGS.n_samples,
+                   help="calibration windows per quantizer, >= 1")
     p.add_argument("--seq-len", type=int, default=CALIBRATION.seq_len, help="tokens per calibration window")
     p.add_argument("--window", type=int, default=EVALUATION.window, help="tokens per held-out window, >= 2")
     p.add_argument("--windows", type=int, default=ANALYZE_WINDOWS, help="held-out windows (0: curves and plots only)")
@@ -640,6 +639,9 @@ def _add_analyze(sub) -> None:
     p.add_argument("--group-size", type=int, default=None, metavar="G", help=f"default: {LAYOUT.group_size}")
     p.add_argument("--residual-length", type=int, default=None, metavar="R",
                    help=f"a multiple of G (default: {LAYOUT.residual_length})")
+    p.add_argument("--sink-length", type=int, default=None, metavar="S",
+                   help=f"a multiple of G, 0 for none (default: {LAYOUT.sink_length}, the least multiple of G >= "
+                   f"{DEFAULT_SINK_TOKENS})")
     p.add_argument("--b-min", type=int, default=CALIBRATION.b_min, help="fewest bits of a unit, 1..7")
     p.add_argument("--b-max", type=int, default=CALIBRATION.b_max, help="most bits of a unit, b_min+1..8")
     p.add_argument("--output-dir", "-o", default="ratequant-analysis", help="where the JSON and PNGs go")

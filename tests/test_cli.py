@@ -169,8 +169,7 @@ def test_help_shows_every_default_and_the_version(capsys):
             parser.parse_args([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "--dtype {auto,float32,bfloat16,float16}" in text and "--device-map" in text
-        if command != "analyze":  # the sinks every cache gets by default
-            assert "(default: 32, the least multiple of G >= 32)" in text
+        assert "(default: 32, the least multiple of G >= 32)" in text  # the sinks every cache gets by default
     with pytest.raises(SystemExit):
         parser.parse_args(["calibrate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -193,7 +192,7 @@ def test_cli_defaults_are_the_settings_defaults():
     assert (ev.window, ev.windows, ev.chunk) == (evaluation.window, evaluation.n_windows, evaluation.chunk)
     for argv in (["calibrate", "-o", "x"], ["eval"], ["demo"], ["analyze"], ["lm-eval", "--tasks", "t"]):
         args = parser.parse_args(argv)
-        assert getattr(args, "sink_length", None) is None and args.group_size is None  # unset: CacheLayout's
+        assert args.sink_length is None and args.group_size is None  # unset: CacheLayout's defaults
         assert (args.device, args.dtype, args.device_map) == ("auto", "auto", None)
 
 
