@@ -161,7 +161,8 @@ def test_config_sink_length_is_validated_and_saved(tmp_path, tiny_llama):
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert saved["sink_length"] == S and saved["version"] == 2  # older releases refuse it rather than drop the sinks
     assert RateQuantConfig.from_pretrained(tmp_path).sink_length == S
-    plain = RateQuantConfig.uniform(tiny_llama.config, bits=4, group_size=G, residual_length=R, sink_length=0).to_dict()
+    plain = RateQuantConfig.uniform(tiny_llama.config, bits=4, group_size=G, residual_length=R,
+                                    sink_length=0).to_dict()
     assert "sink_length" not in plain and plain["version"] == 1  # without sinks: readable by older releases
     assert RateQuantConfig.from_dict(plain).sink_length == 0
     assert RateQuantConfig.from_dict(plain) == RateQuantConfig.from_dict({**plain, "version": 2})  # v2, no sinks
