@@ -1,13 +1,31 @@
-"""What every benchmark records about the machine it ran on (results are only comparable on the same machine)."""
+"""What the benchmarks share: the machine they ran on (results are only comparable on the same machine), the
+defaults of their settings (`hf_ratequant.settings`, the library's own), the one results writer, and the models."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+import tempfile
 import time
 from importlib import metadata
+from typing import Any
 
 import torch
+
+from hf_ratequant.settings import (
+    DEFAULT_SINK_TOKENS,
+    CacheLayout,
+    CalibrationSettings,
+    EvaluationSettings,
+    layout_with,
+)
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+LAYOUT, CALIBRATION, EVALUATION = CacheLayout(), CalibrationSettings(), EvaluationSettings()
+"""The library's defaults: every benchmark option for a cache layout, calibration or evaluation setting defaults to
+these, so a benchmark measures what `hf-ratequant` and the Python API would do unless told otherwise."""
 
 
 def cpu_name() -> str:
@@ -55,6 +73,89 @@ def machine(device: torch.device | str = "cpu", packages: tuple[str, ...] = ()) 
     return info
 
 
+# ---- settings ------------------------------------------------------------------------------------------------
+def add_sink_length(parser: argparse.ArgumentParser, what: str = "of every RateQuant cache") -> None:
+    """`--sink-length S`; unset, it is `CacheLayout`'s default for the group size given (see `resolve_layout`)."""
+    parser.add_argument(
+        "--sink-length", type=int, default=None, metavar="S",
+        help=f"S, first tokens kept in full precision (attention sinks) {what}, a multiple of G, 0 for none "
+        f"(default {LAYOUT.sink_length}: the least multiple of G >= {DEFAULT_SINK_TOKENS}, as calibrate)",
+    )
+
+
+def layout_from_args(args: argparse.Namespace, **fields: Any) -> CacheLayout:
+    """The `CacheLayout` that the layout options of `args` (those it has: `quantizer`, `group_size`,
+    `residual_length`, `sink_length`) and `fields` ask for, the library's defaults for the others, checked."""
+    given = {name: getattr(args, name, None) for name in ("quantizer", "group_size", "residual_length", "sink_length")}
+    return layout_with(None, **{**given, **fields})
+
+
+def resolve_layout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Check the layout options of `args` now (a bad one is a usage error before any model loads) and fill in an
+    unset `--sink-length` with the default for the group size given, so that the results record the sinks used."""
+    try:
+        layout = layout_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if hasattr(args, "sink_length"):
+        args.sink_length = layout.sink_length
+    return args
+
+
+def bits_table(key_bits: list[list[int]], value_bits: list[list[int]]) -> torch.Tensor:
+    """`(num_layers, num_kv_heads, 2)` bits, `[..., 0]` keys and `[..., 1]` values, for `RateQuantConfig.from_bits`."""
+    return torch.stack([torch.tensor(key_bits), torch.tensor(value_bits)], dim=-1)
+
+
+# ---- results ---------------------------------------------------------------------------------------------------
+def _write_atomically(path: str, text: str) -> None:
+    """Write `text` to a temporary file in `path`'s folder, then rename it over `path`: a reader (or a run killed
+    half-way) sees the old file or the new one, never a part of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; results are as readable as any file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_markdown(path: str, markdown: str) -> str:
+    """A markdown report alone (a profile, say), written atomically like [`write_results`]; returns `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _write_atomically(path, markdown if markdown.endswith("\n") else markdown + "\n")
+    return path
+
+
+def write_results(
+    stem: str, payload: dict, markdown: str, output_dir: str = RESULTS_DIR, *, add_machine: bool = True
+) -> tuple[str, str]:
+    """Write `<output_dir>/<stem>.json` and `<stem>.md`, each atomically; returns their paths `(json, md)`.
+
+    Args:
+        stem (`str`): the file name without extension, e.g. `"decode_speed_4k"`.
+        payload (`dict`): what the JSON holds, as is (`indent=1`; a value JSON cannot hold is written as its
+            `str`); given a `"machine"` entry (`machine()`) when it has none, unless `add_machine=False` (for a
+            payload that records the machine elsewhere).
+        markdown (`str`): the report (a final newline is added when it has none).
+        output_dir (`str`, *optional*, defaults to `benchmarks/results`): created when missing.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    if add_machine and "machine" not in payload:
+        payload = {**payload, "machine": machine()}
+    json_path, md_path = (os.path.join(output_dir, f"{stem}.{ext}") for ext in ("json", "md"))
+    _write_atomically(json_path, json.dumps(payload, indent=1, default=str) + "\n")
+    write_markdown(md_path, markdown)
+    return json_path, md_path
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
 # Architectures of real checkpoints, for timing on a machine that cannot download them: decode speed and cache
 # memory depend on the shapes (layers, heads, head_dim, hidden size), not on the values of the weights.
 RANDOM_PRESETS = {
