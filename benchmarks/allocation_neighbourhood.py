@@ -15,13 +15,12 @@ local move that helps can be told from window noise with this much text.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 
 import torch
-from _common import machine
+from _common import CALIBRATION, RESULTS_DIR, machine, write_results
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -31,7 +30,6 @@ from hf_ratequant.config import ModelFingerprint
 from hf_ratequant.models import load_default_model
 from hf_ratequant.quantizers import get_quantizer
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 logger = logging.getLogger("benchmarks.allocation_neighbourhood")
 
 
@@ -98,17 +96,23 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a calibrated config folder (with its distortion table)")
     p.add_argument("--calib-data", default=None, help="calibration text (default: calibrate's)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--samples", type=int, default=16, help="fit windows to skip (the config's calibration)")
+    p.add_argument("--seq-len", type=int, default=CALIBRATION.seq_len,
+                   help=f"calibration window length (default {CALIBRATION.seq_len}, calibrate's)")
+    p.add_argument("--samples", type=int, default=CALIBRATION.n_samples,
+                   help=f"fit windows to skip (the config's calibration; default {CALIBRATION.n_samples})")
     p.add_argument("--search-windows", type=int, default=2, help="validation windows the differences are taken on")
     p.add_argument("--check-windows", type=int, default=6, help="further validation windows the moves are checked on")
     p.add_argument("--output-dir", default=RESULTS_DIR)
     p.add_argument("--tag", default="")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -192,12 +196,8 @@ def main(argv=None) -> int:
         "|---|---|",
         *[f"| {k} | {v:.5f} |" for k, v in checked],
     ]
-    os.makedirs(args.output_dir, exist_ok=True)
     name = f"allocation_neighbourhood_{config.quantizer}-{config.budget:g}{'_' + args.tag if args.tag else ''}"
-    with open(os.path.join(args.output_dir, name + ".json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.output_dir, name + ".md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    write_results(name, result, "\n".join(lines) + "\n", args.output_dir)
     print("\n".join(lines))
     return 0
 

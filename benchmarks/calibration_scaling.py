@@ -18,9 +18,9 @@ import sys
 import tempfile
 import time
 
-from _common import machine
+from _common import CALIBRATION, LAYOUT, RESULTS_DIR, machine, write_results
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from hf_ratequant.quantizers import available_quantizers
 
 
 def run(processes: int, args, out: str, threads: int) -> dict:
@@ -44,25 +44,32 @@ def run(processes: int, args, out: str, threads: int) -> dict:
                 calibration_s=config["calibration"]["seconds"], bits=[config["key_bits"], config["value_bits"]])
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--quantizer", default="kivi")
-    p.add_argument("--budget", type=float, default=2.5)
+    p.add_argument("--quantizer", default=LAYOUT.quantizer, choices=available_quantizers(),
+                   help=f"default {LAYOUT.quantizer}, calibrate's")
+    p.add_argument("--budget", type=float, default=CALIBRATION.budget, help=f"default {CALIBRATION.budget:g}")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--validation", type=int, default=4)
     p.add_argument("--data", default=None)
     p.add_argument("--processes", type=int, default=2)
-    args = p.parse_args(argv)
+    p.add_argument("--output-dir", default=RESULTS_DIR, help="where calibration_scaling.md/.json go")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         one = run(1, args, os.path.join(tmp, "one"), threads=cores)
         many = run(args.processes, args, os.path.join(tmp, "many"), threads=max(1, cores // args.processes))
     rows = [one, many]
+    info = machine()
     lines = [
         f"# Calibration time, 1 vs {args.processes} processes ({args.model}, {args.quantizer} {args.budget:g} bits, "
         f"{args.samples} + {args.validation} windows)", "",
-        f"Machine: {json.dumps(machine())}", "",
+        f"Machine: {json.dumps(info)}", "",
         "| processes | threads each | wall s (incl. model load) | measure s | validate s | calibration s | speed-up |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -73,9 +80,8 @@ def main(argv=None) -> int:
     lines += ["", f"Same allocation from both runs: {one['bits'] == many['bits']}.", ""]
     text = "\n".join(lines)
     print(text)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "calibration_scaling.md"), "w", encoding="utf-8") as f:
-        f.write(text)
+    payload = dict(machine=info, args=vars(args), rows=rows, same_allocation=one["bits"] == many["bits"])
+    write_results("calibration_scaling", payload, text, args.output_dir)
     return 0
 
 

@@ -13,18 +13,28 @@ runs of each is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import statistics
 import sys
 import time
 
 import torch
-from _common import MODEL_HELP, load_benchmark_model, machine, time_fwd_bwd
+from _common import (
+    CALIBRATION,
+    LAYOUT,
+    MODEL_HELP,
+    RESULTS_DIR,
+    add_sink_length,
+    load_benchmark_model,
+    machine,
+    resolve_layout,
+    time_fwd_bwd,
+    write_results,
+)
+
+from hf_ratequant.quantizers import available_quantizers
 
 logger = logging.getLogger("benchmarks.calibration_speed")
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,18 +49,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's own)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--quantizer", default="kivi")
-    p.add_argument("--budget", type=float, default=2.5)
-    p.add_argument("--samples", type=int, default=16, help="fit windows (default 16)")
-    p.add_argument("--validation", type=int, default=8, help="validation windows (default 8)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--sink-length", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--quantizer", default=LAYOUT.quantizer, choices=available_quantizers(),
+                   help=f"default {LAYOUT.quantizer}")
+    p.add_argument("--budget", type=float, default=CALIBRATION.budget, help=f"default {CALIBRATION.budget:g}")
+    p.add_argument("--samples", type=int, default=CALIBRATION.n_samples,
+                   help=f"fit windows (default {CALIBRATION.n_samples})")
+    p.add_argument("--validation", type=int, default=CALIBRATION.n_validation,
+                   help=f"validation windows (default {CALIBRATION.n_validation})")
+    p.add_argument("--seq-len", type=int, default=CALIBRATION.seq_len, help=f"default {CALIBRATION.seq_len}")
+    add_sink_length(p, "of the cache calibrated")
+    p.add_argument("--batch-size", type=int, default=CALIBRATION.batch_size,
+                   help=f"default {CALIBRATION.batch_size}")
     p.add_argument("--data", default=None, help="calibration text (default: hf_ratequant's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output-dir", default=RESULTS_DIR)
     p.add_argument("--tag", default="")
-    return p.parse_args(argv)
+    return resolve_layout(p, p.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -103,13 +117,10 @@ def main(argv=None) -> int:
     ]
     report = "\n".join(lines)
     print(report)
-    os.makedirs(args.output_dir, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
-    with open(os.path.join(args.output_dir, f"calibration_speed{suffix}.md"), "w", encoding="utf-8") as f:
-        f.write(report)
-    with open(os.path.join(args.output_dir, f"calibration_speed{suffix}.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(machine=info, args=vars(args), model=model_name, fwd_bwd_s=fwd_bwd, calibration_s=calib,
-                       parts=parts, ratio=ratio), f, indent=1)
+    payload = dict(machine=info, args=vars(args), model=model_name, fwd_bwd_s=fwd_bwd, calibration_s=calib,
+                   parts=parts, ratio=ratio)
+    write_results(f"calibration_speed{suffix}", payload, report, args.output_dir)
     return 0
 
 
