@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import logging
 import os
 import pstats
@@ -32,11 +31,25 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from _common import MODEL_HELP, benchmark_ids, load_benchmark_model, machine
+from _common import (
+    LAYOUT,
+    MODEL_HELP,
+    RESULTS_DIR,
+    add_sink_length,
+    benchmark_ids,
+    bits_table,
+    layout_from_args,
+    load_benchmark_model,
+    machine,
+    resolve_layout,
+    write_markdown,
+    write_results,
+)
+
+from hf_ratequant.quantizers import available_quantizers
 
 logger = logging.getLogger("benchmarks.decode_speed")
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -137,17 +150,16 @@ def cache_specs(model_config, args) -> list[CacheSpec]:
 
     from hf_ratequant import RateQuantCache, RateQuantConfig
 
-    g, r = args.group_size, args.residual_length
+    layout, r = layout_from_args(args), args.residual_length
 
     def ratequant(qc: RateQuantConfig) -> Callable[[], object]:
         return lambda: RateQuantCache(config=model_config, quant_config=qc)
 
-    uniform = {
-        b: RateQuantConfig.uniform(model_config, bits=b, quantizer=args.quantizer, group_size=g, residual_length=r)
-        for b in args.ratequant_bits
-    }
-    kb, vb = per_head_mix(model_config.num_hidden_layers, uniform[args.ratequant_bits[0]].num_kv_heads)
-    mixed = RateQuantConfig(key_bits=kb, value_bits=vb, quantizer=args.quantizer, group_size=g, residual_length=r)
+    uniform = {b: RateQuantConfig.uniform(model_config, bits=b, layout=layout) for b in args.ratequant_bits}
+    some = uniform[args.ratequant_bits[0]]
+    kb, vb = per_head_mix(some.num_layers, some.num_kv_heads)
+    mixed = RateQuantConfig.from_bits(bits_table(kb, vb), layout, fingerprint=some.fingerprint, method="per-head-mix",
+                                      budget=2.5)
 
     specs = [CacheSpec(f"DynamicCache ({args.dtype})", "dynamic", None, lambda: DynamicCache(config=model_config))]
     for b, qc in uniform.items():
@@ -498,8 +510,9 @@ def describe(args, info: dict, source: str, model_name: str) -> str:
         f"Model: {model_name}, in {args.dtype}; context from {source}; SDPA backend: {args.sdpa}.",
         f"Every cache is filled with the same prefill states, then {args.steps} greedy decode steps are timed;",
         f"median of {args.repeats} interleaved runs.",
-        f"RateQuant G={args.group_size}, R={r}; QuantizedCache q_group_size={args.qc_group_size},",
-        f"residual_length={r} (quanto axis 0/0, hqq axis 1/1).",
+        f"RateQuant G={args.group_size}, R={r}, S={args.sink_length} sink tokens;",
+        f"QuantizedCache q_group_size={args.qc_group_size}, residual_length={r}, no sinks (quanto axis 0/0, hqq",
+        "axis 1/1).",
         "'spread' is (slowest - fastest run) / median run.",
         "'CPU stall' is the largest share of a kept run during which some task waited for a CPU (Linux PSI; this",
         f"machine's cores are shared with other work): a run above {100 * args.max_stall:.0f}% is run again, up to",
@@ -527,12 +540,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per cache; the median is reported (default 3)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model/cache dtype (default float32)")
-    p.add_argument("--quantizer", default="kivi", help="RateQuantCache quantizer (default kivi)")
+    p.add_argument("--quantizer", default=LAYOUT.quantizer, choices=available_quantizers(),
+                   help=f"RateQuantCache quantizer (default {LAYOUT.quantizer})")
     p.add_argument("--ratequant-bits", type=int, nargs="+", default=[4, 2], help="uniform RateQuant bits (4 2)")
     p.add_argument("--quantized-bits", type=int, nargs="+", default=[4, 2], help="QuantizedCache nbits (4 2)")
     p.add_argument("--backends", nargs="*", default=["quanto", "hqq"], help="QuantizedCache backends (quanto hqq)")
-    p.add_argument("--group-size", type=int, default=32, help="RateQuant G (default 32)")
-    p.add_argument("--residual-length", type=int, default=128, help="R of every quantized cache (default 128)")
+    p.add_argument("--group-size", type=int, default=LAYOUT.group_size,
+                   help=f"RateQuant G (default {LAYOUT.group_size})")
+    p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
+                   help=f"R of every quantized cache (default {LAYOUT.residual_length})")
+    add_sink_length(p, "of every RateQuantCache\n(QuantizedCache has none)")
     p.add_argument("--qc-group-size", type=int, default=32, help="QuantizedCache q_group_size (default 32)")
     p.add_argument("--text", default="pydoc", help="text for hf_ratequant.data.load_text (default pydoc)")
     p.add_argument("--profile", action="store_true", help="also profile one RateQuantCache step at the max context")
@@ -556,7 +573,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--output-dir", default=RESULTS_DIR, help="where the .md/.json results go")
     p.add_argument("--tag", default="", help="suffix of the result files (decode_speed_TAG.md)")
-    return p.parse_args(argv)
+    return resolve_layout(p, p.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -597,7 +614,6 @@ def run(args) -> int:
         except Exception as err:  # noqa: BLE001 - reported again, with the same error, in the table
             logger.warning("%s is unavailable: %s: %s", spec.name, type(err).__name__, err)
 
-    os.makedirs(args.output_dir, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
     if args.profile or args.profile_only:
         context = max(args.contexts)
@@ -606,9 +622,7 @@ def run(args) -> int:
         reports = [profile_step(model, spec, states, first, context, args, device) for spec in chosen]
         del states
         report = "\n".join(reports)
-        path = os.path.join(args.output_dir, f"decode_profile{suffix}.md")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(report)
+        path = write_markdown(os.path.join(args.output_dir, f"decode_profile{suffix}.md"), report)
         print(report)
         logger.info("Wrote %s.", path)
         if args.profile_only:
@@ -633,8 +647,6 @@ def run(args) -> int:
     md = "\n".join(
         [header, markdown_table(results), "", "## Goals (issue)", "", *goals(results, max(args.contexts)), ""]
     )
-    with open(os.path.join(args.output_dir, f"decode_speed{suffix}.md"), "w", encoding="utf-8") as f:
-        f.write(md)
     payload = dict(
         machine=info,
         model=model_name,
@@ -643,9 +655,7 @@ def run(args) -> int:
         background_cpu_busy=background,
         results=[asdict(r) for r in results],
     )
-    with open(os.path.join(args.output_dir, f"decode_speed{suffix}.json"), "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    write_results(f"decode_speed{suffix}", payload, md, args.output_dir)
     print(md)
     logger.info("Wrote %s/decode_speed%s.md and .json.", args.output_dir, suffix)
     return 0

@@ -13,17 +13,14 @@ bit-width with the compiled kernel (`hf_ratequant.quantizers.cpu_kernel`) and wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 import torch
-from _common import machine
+from _common import LAYOUT, RESULTS_DIR, machine, write_results
 
-from hf_ratequant.quantizers import cpu_kernel, get_quantizer
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from hf_ratequant.quantizers import available_quantizers, cpu_kernel, get_quantizer
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -51,17 +48,22 @@ def with_kernel(enabled: bool, fn):
     return run
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quantizer", default="kivi")
-    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--quantizer", default=LAYOUT.quantizer, choices=available_quantizers(),
+                   help=f"default {LAYOUT.quantizer}")
+    p.add_argument("--group-size", type=int, default=LAYOUT.group_size, help=f"G (default {LAYOUT.group_size})")
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4, 8])
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--tag", default="")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if not cpu_kernel.available():
         raise SystemExit("The CPU kernel is not available here (see the warning above): nothing to compare.")
     quantizer = get_quantizer(args.quantizer, group_size=args.group_size)
@@ -100,12 +102,8 @@ def main(argv=None) -> int:
               f"(range {min(ratios):.2f}-{max(ratios):.2f}x).", ""]
     text = "\n".join(lines)
     print(text)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    stem = os.path.join(RESULTS_DIR, "dequantize_kernel" + (f"_{args.tag}" if args.tag else ""))
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(text)
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(dict(machine=info, args=vars(args), rows=rows), f, indent=2)
+    stem = "dequantize_kernel" + (f"_{args.tag}" if args.tag else "")
+    write_results(stem, dict(machine=info, args=vars(args), rows=rows), text, RESULTS_DIR)
     return 0
 
 
