@@ -8,6 +8,7 @@ import torch
 from hf_ratequant import RateQuantConfig
 from hf_ratequant.analysis import beta_table, fit_quantizer_curves, mismatch_study
 from hf_ratequant.plots import plot_allocation, plot_distortion_curves
+from hf_ratequant.settings import CacheLayout
 from tests.test_calibration import WORDS, WordTokenizer, corpus
 from tests.test_calibration import model as model  # noqa: F401 - the module-scoped tiny Llama fixture
 
@@ -34,7 +35,8 @@ def test_every_quantizer_fitted_on_the_same_states(curves):
 
 def test_mismatch_study_rows(model, curves):  # noqa: F811
     windows = torch.randint(0, len(WORDS), (2, 48), generator=torch.Generator().manual_seed(0))
-    rows = mismatch_study(model, windows, curves, 2.5, group_size=8, residual_length=8, chunk=16, progress=False)
+    layout = CacheLayout(group_size=8, residual_length=8, sink_length=8)  # 48 tokens: 32 sinks would leave no KL
+    rows = mismatch_study(model, windows, curves, 2.5, layout=layout, chunk=16, progress=False)
     for q in curves:
         mine = {r["allocation"]: r for r in rows if r["quantizer"] == q}
         assert set(mine) == {"K2V3", "K3V2", "own curves", "kvq beta=4"} | {f"curves of {a}" for a in curves if a != q}
@@ -64,4 +66,5 @@ def test_analyze_command(smollm_cli, tmp_path, capsys):
     assert {p.name for p in out_dir.iterdir()} == {"analysis.json", "distortion_curves.png", "allocation_kivi.png",
                                                    "allocation_token.png"}
     report = json.loads((out_dir / "analysis.json").read_text())
-    assert len(report["betas"]) == 4 and len(report["mismatch"]) == 2 * 5
+    # per quantizer: the fixed splits K1V4 .. K4V1 (b_min = 1, as calibrate), own curves, the other's, kvq
+    assert len(report["betas"]) == 4 and len(report["mismatch"]) == 2 * 7
