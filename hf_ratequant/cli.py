@@ -478,9 +478,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         _print_mismatch(rows, settings.budget, windows.numel())
     path = os.path.join(args.output_dir, "analysis.json")
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"model": fp.describe(), "budget": settings.budget, "betas": betas, "mismatch": rows}, f, indent=1)
+        json.dump({"model": fp.describe(), "budget": settings.budget, "settings": _analysis_settings(
+            layout, settings, evaluation), "betas": betas, "mismatch": rows}, f, indent=1)
     print("\nwrote " + ", ".join(written + [path]))
     return 0
+
+
+def _analysis_settings(layout, settings, evaluation) -> dict:
+    """What `analysis.json` records of the run: the cache layout, the fit windows and bit range, the evaluation."""
+    return {"group_size": layout.group_size, "residual_length": layout.residual_length, "sink_length":
+            layout.sink_length, "fit windows": settings.n_samples, "seq_len": settings.seq_len,
+            "b_min": settings.b_min, "b_max": settings.b_max, "eval windows": evaluation.n_windows,
+            "window": evaluation.window, "chunk": evaluation.chunk}
 
 
 def _print_mismatch(rows: list[dict], budget: float, tokens: int) -> None:
