@@ -1,0 +1,311 @@
+"""Write benchmarks/RESULTS.md and the README's results table, generated from the files in benchmarks/results/.
+
+    python benchmarks/make_results.py            # (re)writes benchmarks/RESULTS.md and the README's table
+    python benchmarks/make_results.py --check    # exit 1 when RESULTS.md is not what the result files give
+
+Each section names the command that produced its file and the machine it ran on; nothing here is typed by hand.
+A result file listed in SECTIONS is what the README and RESULTS.md cite; benchmarks/results/ holds only those
+(and the configs the hub artefacts were built from). Older runs are in git's history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+
+
+def _load(name: str) -> dict:
+    with open(os.path.join(RESULTS_DIR, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _f(x, spec: str = ".3f", missing: str = "-") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = [header, rule, *rows]
+    return ["| " + " | ".join(cells) + " |" for cells in lines]
+
+
+def machine_line(info: dict | None) -> str:
+    if not info:
+        return "machine not recorded"
+    parts = [info.get("gpu") or info.get("cpu", "?")]
+    if not info.get("gpu"):
+        parts[0] += f", {info.get('cores', '?')} cores"
+    for lib in ("torch", "transformers", "optimum-quanto", "hqq", "lm_eval"):
+        if info.get(lib):
+            parts.append(f"{lib} {info[lib]}")
+    return ", ".join(parts)
+
+
+def quality(d: dict) -> list[str]:
+    s = d["settings"]
+    full = d["full"]["perplexity"]
+    rows = []
+    for r in d["summaries"]:
+        winner = r["winner"].removeprefix("ratequant-")
+        fixed = (f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}" if r.get("best_fixed")
+                 else "none exists")
+        dppl = (f"{r['paired_dlogppl_vs_best_fixed']:+.4f} ± {r['paired_dlogppl_se']:.4f}"
+                if r.get("paired_dlogppl_vs_best_fixed") is not None else "")
+        kl_vs = (f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}" if r.get("best_fixed_kl_min") else "")
+        gap = f"{r['ppl_gap_recovered']:.0%}" if r.get("ppl_gap_recovered") is not None else "n/a"
+        rows.append([r["quantizer"], f"{r['budget']:g}", fixed, f"{winner}: **{r['chosen_ppl']:.3f} / "
+                     f"{r['chosen_kl']:.4f}**", dppl, kl_vs, gap,
+                     f"{r['calibration_wall_s']:.0f} s ({r['ratio_wall']:.2f}x)"])
+    return [
+        f"Calibration on {d['calib_source']}; evaluation through the real cache on {d['eval_source']} "
+        f"({d['eval_windows']} windows of {s['window']} tokens, chunks of {s['chunk']}). Every cache, fixed and "
+        f"calibrated, has G = {s['group_size']}, R = {s['residual_length']}, S = {s['sink_length']} sink tokens; "
+        f"calibration {s['samples']} + {s['validation']} windows of {s['seq_len']} tokens, units from "
+        f"{s['b_min']} to {s['b_max']} bits. Full precision: perplexity {full:.3f}. \"Best fixed\" is the best "
+        "keys/values split of the same budget (K4V1 ... K1V4; uniform at integer budgets); Δlog-ppl is paired over "
+        "the evaluation tokens; the gap is perplexity's, from the best fixed split to full precision; calibration "
+        "time is wall time, validation included, against one forward+backward pass over the same tokens. The configs "
+        "it chose have the same bits as `results/ratequant_quality_configs_defaults/` (an earlier run of the same "
+        "code path), from which `hub_artifacts/` were built.", "",
+        *_table(["quantizer", "budget", "best fixed: ppl / KL", "RateQuant (winner): ppl / KL", "Δlog-ppl ± SE",
+                 "KL vs best fixed", "ppl gap recovered", "calibration"], rows, "llllrrrr"),
+    ]
+
+
+def field(d: dict) -> list[str]:
+    s = d["settings"]
+    rows = []
+    for r in d["rows"]:
+        if r["perplexity"] is None:
+            rows.append([r["method"], _f(r["avg_bits"], "g"), r["note"] or "unavailable", "", "", "", ""])
+            continue
+        rows.append([r["method"], _f(r["avg_bits"], "g", "16"), f"{r['perplexity']:.3f}", f"{r['kl']:.4f}",
+                     _f(r["passkey"], ".0%"), f"{r['cache_mib']:.2f} ({r['effective_bits']:.2f})",
+                     _f(r["decode_vs_dynamic"], ".2f") + "x"])
+    return [
+        f"{d['eval_tokens']} held-out tokens, windows of {s['window']}, chunks of {s['chunk']}; full-precision "
+        f"perplexity {d['full_ppl']:.3f}. Passkey: {d['passkey_trials']} trials per cache (lengths "
+        f"{', '.join(map(str, s['passkey_lengths']))}). Memory: {s['memory_tokens']} tokens of bfloat16 states; "
+        f"\"eff. bits\" counts every byte held (codes, scales, zero-points, window, sinks). Decode: "
+        f"{s['decode_context']}-token context, median of {s['decode_repeats']} x {s['decode_steps']} steps. "
+        f"Our caches: G = {s['group_size']}, R = {s['residual_length']}, S = {s.get('sink_length', 0)}; "
+        f"`QuantizedCache`: q_group_size = {s['qc_group_size']}, R = {s['residual_length']}, no sinks.", "",
+        *_table(["method", "avg bits", "perplexity", "KL", "passkey", "MiB @ 4k (eff. bits)",
+                 "decode vs DynamicCache"], rows),
+        "", "![quality against bits and against memory](results/field_frontier.png)",
+    ]
+
+
+def memory(d: dict) -> list[str]:
+    rows = [["-", "`DynamicCache`, bf16", "16", f"{d['reference_bytes'] / 2**20:.2f}", "1.000", "1.000"]]
+    for r in d["rows"]:
+        rows.append([r["quantizer"], r["allocation"], f"{r['avg_bits']:g}", f"{r['nbytes'] / 2**20:.2f}",
+                     f"{r['ratio']:.3f}", f"{r['floor']:.3f}"])
+    parts = ", ".join(f"{k} {d[k]}" for k in ("group_size", "residual_length", "sink_length") if k in d)
+    return [f"The default model's keys and values for {d['tokens']} tokens, held as bfloat16 ({parts}). Bytes are "
+            "`cache.nbytes`: packed codes + scales + zero-points + the full-precision window and sinks; the floor "
+            "is the code bits alone.", "",
+            *_table(["quantizer", "allocation", "avg bits", "MiB", "vs 16-bit", "code-bits floor"], rows, "llrrrr"),
+            "", "![bytes held against average bits](results/memory.png)"]
+
+
+def decode(d: dict) -> list[str]:
+    rows = []
+    for r in d["results"]:
+        if not r["available"]:
+            continue
+        vs_q = " / ".join(f"{v:.2f}x" for v in r["vs_quantized"].values()) if r["vs_quantized"] else ""
+        rows.append([str(r["context"]), r["cache"], f"{r['tokens_per_s']:.1f}", f"{r['ms_per_token']:.1f}",
+                     _f(r["kv_mib"], ".1f"), f"{r['vs_dynamic']:.2f}x", vs_q])
+    a = d["args"]
+    return [f"Greedy decoding, the cache filled with the same prefill states, then {a['steps']} decode steps timed; "
+            f"median of {a['repeats']} interleaved runs; {a['dtype']} on {a['device']}. The last column is against "
+            "`QuantizedCache` quanto / HQQ at the same bits (2.5: the 2-bit ones).", "",
+            *_table(["context", "cache", "tokens/s", "ms/token", "KV MiB", "vs DynamicCache", "vs QuantizedCache"],
+                    rows, "rlrrrrr")]
+
+
+def long_context(d: dict) -> list[str]:
+    rows = [[str(r["context"]), r["cache"], f"{r['nbytes'] / 2**20:.1f}", f"{r['vs_16bit']:.3f}",
+             f"{r['median_step_ms']:.1f}", f"{r['step_vs_dynamic']:.2f}x"] for r in d["rows"] if not r.get("error")]
+    growth = ", ".join(f"{k} {v['ms_per_1k_tokens']:.2f} ms ({v['vs_dynamic']:.2f}x)"
+                       for k, v in d["step_growth"].items())
+    g = d["generate"][0] if d.get("generate") else None
+    out = [f"Decode step time and bytes held up to {max(d['args']['contexts'])} tokens ({d['args']['dtype']} on "
+           f"{d['args']['device']}; the 16-bit reference is bf16 states).", "",
+           *_table(["context", "cache", "MiB held", "vs 16-bit", "median step ms", "vs DynamicCache"], rows,
+                   "rlrrrr"), "", f"Growth of the decode step per 1k tokens of context: {growth}."]
+    if g:
+        out.append(f"`generate` with {g['cache']}: {g['prompt_tokens']}-token prompt, {g['generated_tokens']} new "
+                   f"tokens at {g['decode_tokens_per_s']:.1f} tokens/s, {g['vs_16bit']:.3f}x the bytes of a 16-bit "
+                   "cache.")
+    return out
+
+
+def lm_eval(d: dict) -> list[str]:
+    rows = []
+    for r in d["rows"]:
+        dlogp = _f(r.get("mean_abs_dlogp_gold"), ".2f", "")
+        rows.append([r["cache"], r["task"], r["metric"], f"{r['value']:.2f} ± {r['stderr']:.2f}", str(r["n"]),
+                     f"{r['vs_16bit']:.3f}", dlogp])
+    m = d["meta"]
+    return [f"lm-eval {m['lm_eval']} through each cache (chunks of {m['chunk']}, G = {m['group_size']}, R = "
+            f"{m['residual_length']}, S = {m['sink_length']}); two local tasks: passkey retrieval in 1-3k-token "
+            "haystacks and 4-choice recall on held-out docs text. |Δlog p(gold)| is the mean change of the gold "
+            "answer's log-probability against full precision.", "",
+            *_table(["cache", "task", "metric", "value ± SE", "n", "bytes vs 16-bit", "|Δlog p(gold)|"], rows,
+                    "lllrrrr")]
+
+
+def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
+    def render(_: None) -> list[str]:
+        rows = []
+        for name in names:
+            d = _load(name)
+            a = d["args"]
+            parts = d["parts"][0]
+            rows.append([a.get("quantizer", "kivi"), f"{a['budget']:g}", f"{d['calibration_s'][0]:.1f}",
+                         f"{parts['measure']:.1f}", f"{parts['validate']:.1f}", f"{d['fwd_bwd_s'][0]:.1f}",
+                         f"{d['ratio']:.2f}x"])
+        return ["`calibrate` with its defaults on the default model (fp32, CPU) against one plain forward+backward "
+                "pass over the same tokens.", "",
+                *_table(["quantizer", "budget", "calibration s", "measure s", "validation s", "fwd+bwd s", "ratio"],
+                        rows, "lrrrrrr")]
+    return render
+
+
+def analysis(d: dict) -> list[str]:
+    betas = [[r["quantizer"], r["kind"], f"{r['beta_median']:.2f}", f"{r['beta_min']:.2f} - {r['beta_max']:.2f}",
+              f"{r['r2_median']:.3f}"] for r in d["betas"]]
+    mism = [[r["quantizer"], r["allocation"], f"{r['perplexity']:.3f}", f"{r['kl']:.4f}", f"{r['key_bits']:.2f}",
+             str(r["units_changed"]), f"{r['rank_agreement']:+.2f}"] for r in d["mismatch"]]
+    settings = d.get("settings", {})
+    said = ", ".join(f"{k} {v}" for k, v in settings.items()) or "the settings of its day"
+    return [f"`hf-ratequant analyze` at {d['budget']:g} bits ({said}). Fitted D(b) = alpha·beta^-b per unit:",
+            "", *_table(["quantizer", "kind", "beta median", "beta range", "R² median"], betas, "llrrr"), "",
+            "Each quantizer's own curves against the others' (\"curves of X\": the allocation X's curves give, run "
+            "through this quantizer's cache), the fixed splits and kvq's beta = 4 rule:", "",
+            *_table(["quantizer", "allocation", "perplexity", "KL", "key bits", "units moved", "rank agreement"],
+                    mism, "llrrrrr"), "", "![distortion curves](results/analysis/distortion_curves.png)"]
+
+
+def gpu_dequantize(d: dict) -> list[str]:
+    return ["**The dequantize path, measured before the fused Triton kernels existed** (random weights, Qwen3-8B's "
+            "shapes; the fused kernels have not been timed on a GPU yet: `bash benchmarks/gpu_check.sh`).", "",
+            *decode(d)[2:]]
+
+
+# (title, result file or None, the command that wrote it, renderer)
+SECTIONS: list[tuple[str, str | None, str, Callable]] = [
+    ("RateQuant against the best fixed split", "ratequant_quality_shared-prefix.json",
+     "python benchmarks/ratequant_quality.py --tag shared-prefix", quality),
+    ("Against the field", "field_comparison.json",
+     "python benchmarks/field_comparison.py --configs-from benchmarks/results/ratequant_quality_configs_defaults",
+     field),
+    ("Memory", "memory.json", "python benchmarks/memory.py", memory),
+    ("Decode speed on the CPU", "decode_speed.json", "python benchmarks/decode_speed.py", decode),
+    ("Long contexts on the CPU", "long_context.json", "python benchmarks/long_context.py", long_context),
+    ("Decode speed on an H100 (dequantize path)", "decode_speed_h100_qwen3-8b-arch_flash.json",
+     "python benchmarks/decode_speed.py --model random:qwen3-8b --device cuda --dtype bfloat16 --contexts 4096 "
+     "32768 --backends --sdpa flash", gpu_dequantize),
+    ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated]",
+     calibration_speed([f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")])),
+    ("lm-evaluation-harness through the cache", "lm_eval_table.json", "python benchmarks/lm_eval_table.py",
+     lm_eval),
+    ("The distortion-model mismatch", "analysis/analysis.json",
+     "hf-ratequant analyze --windows 4 -o benchmarks/results/analysis", analysis),
+]
+
+
+def cited_files() -> list[str]:
+    """Every file under benchmarks/results/ that RESULTS.md reads or shows."""
+    names = [f for _, f, _, _ in SECTIONS if f]
+    names += [f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")]
+    return names + ["field_frontier.png", "memory.png", "analysis/distortion_curves.png"]
+
+
+README = os.path.join(os.path.dirname(HERE), "README.md")
+HEADLINE = ("<!-- results:headline -->", "<!-- /results:headline -->")
+HEADLINE_METHODS = ("full precision (DynamicCache)", "QuantizedCache quanto 2-bit", "QuantizedCache hqq 2-bit",
+                    "QuantizedCache quanto 4-bit", "QuantizedCache hqq 4-bit")
+
+
+def headline(d: dict) -> list[str]:
+    """The README's table: the field comparison's baselines, and per quantizer the fixed K3V2 split, RateQuant at
+    2.5 bits, uniform 3 bits and RateQuant at 3 bits."""
+    by_name = {r["method"]: r for r in d["rows"]}
+    names = list(HEADLINE_METHODS)
+    for q in ("kivi", "token", "rotated"):
+        names += [f"{q} K3V2", f"{q} RateQuant-2.5", f"{q} uniform-3", f"{q} RateQuant-3"]
+    rows = []
+    for name in names:
+        r = by_name.get(name)
+        if r is None or r["perplexity"] is None:
+            continue
+        label = f"**{name}**" if r["family"] == "ratequant" else name.replace("(DynamicCache)", "(`DynamicCache`)")
+        rows.append([label.replace("QuantizedCache", "`QuantizedCache`"), _f(r["avg_bits"], "g", "16"),
+                     f"{r['perplexity']:.3f}", f"{r['kl']:.4f}", f"{r['cache_mib']:.1f}",
+                     f"{r['effective_bits']:.2f}", _f(r["passkey"], ".0%")])
+    return [*_table(["cache", "avg code bits", "perplexity", "KL", "MiB @ 4k tokens", "bits per element held",
+                     "passkey"], rows),
+            "", "![quality against bits and against memory](benchmarks/results/field_frontier.png)"]
+
+
+def render_readme(readme: str) -> str:
+    """`readme` with the block between the HEADLINE markers replaced by the current headline table."""
+    start, end = (readme.index(m) for m in HEADLINE)
+    block = "\n".join([HEADLINE[0], *headline(_load("field_comparison.json")), HEADLINE[1]])
+    return readme[:start] + block + readme[end + len(HEADLINE[1]):]
+
+
+def render() -> str:
+    out = ["# Results", "",
+           "Generated by `python benchmarks/make_results.py` from the files in `benchmarks/results/`; do not edit. "
+           "Each section names the command that wrote its file and the machine it ran on. The default model is "
+           "SmolLM2-135M-Instruct (30 layers x 3 kv-heads x head_dim 64), run in fp32 on the CPU unless a section "
+           "says otherwise. Evidence and history: `docs/research_log.md`.", ""]
+    for title, name, command, fn in SECTIONS:
+        data = _load(name) if name else None
+        out += [f"## {title}", "", f"`{command}`" + (f" -> `results/{name}`" if name else ""),
+                f"({machine_line((data or {}).get('machine') or (data or {}).get('meta', {}).get('machine'))})"
+                if data else "", "", *fn(data), ""]
+    return "\n".join(line.rstrip() for line in out).replace("\n\n\n", "\n\n").rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true",
+                   help="only check that RESULTS.md and the README's table are up to date (exit 1 if not)")
+    args = p.parse_args(argv)
+    with open(README, encoding="utf-8") as f:
+        readme = f.read()
+    outputs = {RESULTS_MD: render(), README: render_readme(readme)}
+    stale = []
+    for path, text in outputs.items():
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                continue
+        stale.append(os.path.relpath(path, os.path.dirname(HERE)))
+        if not args.check:
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+    if args.check and stale:
+        print(f"stale: {', '.join(stale)}; run python benchmarks/make_results.py", file=sys.stderr)
+        return 1
+    print("up to date" if not stale else "wrote " + ", ".join(stale))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
