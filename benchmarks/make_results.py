@@ -225,11 +225,21 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
 ]
 
 
-def cited_files() -> list[str]:
-    """Every file under benchmarks/results/ that RESULTS.md reads or shows."""
-    names = [f for _, f, _, _ in SECTIONS if f]
-    names += [f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")]
-    return names + ["field_frontier.png", "memory.png", "analysis/distortion_curves.png"]
+# Kept beside the cited results: the calibrated configs the hub artefacts and the field comparison were made from.
+KEPT_FOLDERS = ("ratequant_quality_configs_defaults", "analysis")
+
+
+def cited_files() -> set[str]:
+    """Every file under benchmarks/results/ that the README or RESULTS.md reads or shows, each JSON with the markdown
+    its benchmark wrote beside it; plus whatever lies in KEPT_FOLDERS."""
+    names = {f for _, f, _, _ in SECTIONS if f}
+    names |= {f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")}
+    names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
+    names |= {"field_frontier.png", "memory.png"}
+    for folder in KEPT_FOLDERS:
+        for root, _, files in os.walk(os.path.join(RESULTS_DIR, folder)):
+            names |= {os.path.relpath(os.path.join(root, f), RESULTS_DIR) for f in files}
+    return names
 
 
 README = os.path.join(os.path.dirname(HERE), "README.md")
