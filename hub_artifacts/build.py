@@ -14,7 +14,7 @@ The tests treat these folders as golden files: the config must re-serialise byte
 exactly what `hf_ratequant.hub.model_card` writes for it, so neither format drifts silently.
 
     python hub_artifacts/build.py                                    # the embedded default model, CPU (~15 min)
-    python hub_artifacts/build.py --configs-from benchmarks/results/ratequant_quality_configs   # reuse, ~6 min
+    python hub_artifacts/build.py --configs-from benchmarks/results/ratequant_quality_configs_defaults  # reuse
     python hub_artifacts/build.py --model Qwen/Qwen3-8B --dtype bfloat16 --device-map auto --out qwen3-8b
     python hub_artifacts/build.py --model meta-llama/Llama-3.1-8B --dtype bfloat16 --device-map auto --out llama-3.1-8b
     python hub_artifacts/build.py --resave        # the folders' config files in the current layout, cards again
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--configs-from", help="folder of <quantizer>-<budget>/ configs to publish instead of calibrating "
-                   "(benchmarks/results/ratequant_quality_configs, written by benchmarks/ratequant_quality.py)")
+                   "(e.g. benchmarks/results/ratequant_quality_configs_defaults, by ratequant_quality.py)")
     p.add_argument("--org", default=ORG, help="organisation named in the cards' usage snippet")
     p.add_argument("--out", default=HERE, help="parent folder of the artifact folders (default: hub_artifacts/)")
     p.add_argument("--resave", nargs="*", metavar="FOLDER",
