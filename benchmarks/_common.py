@@ -78,7 +78,8 @@ def add_sink_length(parser: argparse.ArgumentParser, what: str = "of every RateQ
     """`--sink-length S`; unset, it is `CacheLayout`'s default for the group size given (see `resolve_layout`)."""
     parser.add_argument(
         "--sink-length", type=int, default=None, metavar="S",
-        help=f"S, first tokens kept in full precision (attention sinks) {what}, a multiple of G, 0 for none "
+        help=f"S, first tokens kept in full precision (attention sinks){' ' + what if what else ''}, a multiple of "
+        "G, 0 for none "
         f"(default {LAYOUT.sink_length}: the least multiple of G >= {DEFAULT_SINK_TOKENS}, as calibrate)",
     )
 

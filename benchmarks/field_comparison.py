@@ -18,8 +18,11 @@ Methods: the full-precision `DynamicCache`; transformers' `QuantizedCache` with 
 (2, 3, 4 bits) backends at transformers' default q_group_size 64 and R = 128; the `kvq` package if it imports and
 runs; hf-ratequant's own cache with uniform bits and the usual keys/values splits (K3V2 = 2.5, K4V3 = 3.5 bits) for
 each quantizer; kvq's fixed beta = 4 allocation rule on RateQuant's own measurements (recorded by calibration); and
-RateQuant for each quantizer at budgets 2.5, 3, 3.5 and 4 (at 2 bits with b_min = 2 the only allocation is uniform
-2 bits, so RateQuant-2 *is* uniform-2).
+RateQuant for each quantizer at budgets 2, 2.5, 3, 3.5 and 4 (at a budget of `--b-min` bits the only allocation is
+uniform, so RateQuant-b_min *is* uniform-b_min and is not calibrated). Every cache of ours, fixed or calibrated, has
+the same layout (`--group-size`, `--residual-length`, `--sink-length`; by default the library's: G = 32, R = 128 and
+32 sink tokens) and calibration the library's bit range (`--b-min`, `--b-max`: 1 and 6); a saved config whose layout
+or range differs is calibrated again rather than reused.
 
     pip install -e ".[baselines]"                         # optimum-quanto and hqq for QuantizedCache
     python benchmarks/field_comparison.py                 # CPU fp32, default model (~1 h on 2 cores)
@@ -43,13 +46,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
-from _common import load_average, machine
+from _common import (
+    CALIBRATION,
+    EVALUATION,
+    LAYOUT,
+    RESULTS_DIR,
+    add_sink_length,
+    layout_from_args,
+    load_average,
+    machine,
+    resolve_layout,
+    write_results,
+)
 
 logger = logging.getLogger("benchmarks.field_comparison")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS_DIR = os.path.join(HERE, "results")
-DEFAULT_CONFIGS = os.path.join(RESULTS_DIR, "ratequant_quality_configs")
+DEFAULT_CONFIGS = os.path.join(RESULTS_DIR, "ratequant_quality_configs_defaults")  # the library's layout and b range
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPLITS = {2.5: (3, 2), 3.5: (4, 3)}  # the fixed keys/values split at each half-integer budget
 
@@ -122,19 +135,26 @@ def load_or_calibrate(args, model, tok, quantizer: str, budget: float):
     """The saved RateQuantConfig for (quantizer, budget) from `--configs-from`, else a fresh calibration."""
     from hf_ratequant import RateQuantConfig, calibrate
 
+    layout = layout_from_args(args, quantizer=quantizer)
     folder = os.path.join(args.configs_from, f"{quantizer}-{budget:g}") if args.configs_from else None
     if folder and os.path.isdir(folder):
         cfg = RateQuantConfig.from_pretrained(folder)
+        wanted = dict(asdict(layout), b_min=args.b_min, b_max=args.b_max)  # quantizer, G, R, S and the bit range
+        differs = [f"{name} {getattr(cfg, name)} instead of {want}" for name, want in wanted.items()
+                   if getattr(cfg, name) != want]
         try:
             cfg.check_model(model.config)
+            if differs:  # the fixed caches of this run have the layout asked for: so must the calibrated ones
+                raise ValueError(", ".join(differs))
         except ValueError as err:
             logger.warning("Not reusing %s (%s): calibrating instead.", folder, err)
         else:
             return cfg, cfg.calibration.get("seconds", {}).get("total"), f"config from {os.path.relpath(folder, HERE)}"
     t0 = time.perf_counter()
     cfg = calibrate(model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
-                    n_validation=args.validation, seq_len=args.seq_len, group_size=args.group_size,
-                    residual_length=args.residual_length, b_min=2, b_max=6)
+                    n_validation=args.validation, seq_len=args.seq_len, group_size=layout.group_size,
+                    residual_length=layout.residual_length, sink_length=layout.sink_length, b_min=args.b_min,
+                    b_max=args.b_max)
     seconds = time.perf_counter() - t0
     if args.save_configs:
         cfg.save_pretrained(os.path.join(args.save_configs, f"{quantizer}-{budget:g}"))
@@ -144,14 +164,14 @@ def load_or_calibrate(args, model, tok, quantizer: str, budget: float):
 def build_methods(args, model, tok) -> list[Method]:
     from hf_ratequant import RateQuantCache, RateQuantConfig
 
-    mc, g, r = model.config, args.group_size, args.residual_length
+    mc, r = model.config, args.residual_length
 
     def ours(cfg):
         return lambda: RateQuantCache(config=mc, quant_config=cfg)
 
     def fixed(quantizer, kb, vb):
-        return RateQuantConfig.uniform(mc, key_bits=kb, value_bits=vb, quantizer=quantizer, group_size=g,
-                                       residual_length=r)
+        layout = layout_from_args(args, quantizer=quantizer)
+        return RateQuantConfig.uniform(mc, key_bits=kb, value_bits=vb, layout=layout)
 
     from transformers import DynamicCache
 
@@ -172,18 +192,15 @@ def build_methods(args, model, tok) -> list[Method]:
                 cfg = fixed(q, kb, vb)
                 methods.append(Method(f"{q} K{kb}V{vb}", "split", q, b, ours(cfg), cfg))
         for b in args.budgets:
-            if b <= 2:
-                continue  # b_min = 2: the only 2-bit allocation is uniform-2, measured above
+            if b <= args.b_min:
+                continue  # the only allocation of b_min bits is uniform-b_min, measured above
             cfg, seconds, source = load_or_calibrate(args, model, tok, q, b)
             note = f"{source}; validation winner {cfg.calibration.get('winner')}"
             methods.append(Method(f"{q} RateQuant-{b:g}", "ratequant", q, b, ours(cfg), cfg, seconds, note))
             rule = (cfg.calibration.get("candidates") or {}).get("kvq-beta4")
             if args.kvq_rule and rule is not None:
-                bits = torch.tensor(rule)
-                kcfg = RateQuantConfig(
-                    key_bits=bits[..., 0].tolist(), value_bits=bits[..., 1].tolist(), quantizer=q, group_size=g,
-                    residual_length=r, budget=b, method="kvq-beta4", fingerprint=cfg.fingerprint,
-                )
+                kcfg = RateQuantConfig.from_bits(torch.tensor(rule), cfg.layout, fingerprint=cfg.fingerprint,
+                                                 method="kvq-beta4", budget=b)
                 methods.append(Method(f"{q} kvq rule beta=4 (b={b:g})", "kvq-rule", q, b, ours(kcfg), kcfg,
                                       note="kvq's fixed beta=4 allocation on RateQuant's measurements"))
     return methods
@@ -299,7 +316,9 @@ def markdown(payload: dict) -> str:
         f"{s['passkey_lengths']} x depths {s['passkey_depths']} ({payload['passkey_trials']} trials per cache). "
         f"Memory: {s['memory_tokens']} tokens, bfloat16 states. Decode: {s['decode_context']}-token context, median "
         f"of {s['decode_repeats']} x {s['decode_steps']} steps. Our cache: G={s['group_size']}, "
-        f"R={s['residual_length']}; QuantizedCache: q_group_size={s['qc_group_size']}, R={s['residual_length']}.",
+        f"R={s['residual_length']}, S={s.get('sink_length', 0)} sink tokens, calibrated with b in "
+        f"[{s.get('b_min', 2)}, {s.get('b_max', 6)}]; QuantizedCache: q_group_size={s['qc_group_size']}, "
+        f"R={s['residual_length']}.",
         "",
         "| method | avg bits | perplexity | KL | passkey | MiB @ "
         f"{s['memory_tokens'] // 1024}k (eff. bits) | decode tok/s @ {s['decode_context'] // 1024}k (x DynamicCache) "
@@ -333,7 +352,7 @@ FAMILY_STYLE = {
 QUANTIZER_COLOR = {"kivi": "tab:blue", "token": "tab:orange", "rotated": "tab:green"}
 
 
-def plot_frontier(rows: list[Row], full_ppl: float, path: str, memory_tokens: int) -> None:
+def plot_frontier(rows: list[Row], full_ppl: float, path: str, memory_tokens: int, b_min: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,7 +365,7 @@ def plot_frontier(rows: list[Row], full_ppl: float, path: str, memory_tokens: in
             key = (r.family, r.quantizer) if r.family in ("ratequant", "kvq-rule") else (
                 ("fixed", r.quantizer) if r.family in ("uniform", "split") else (r.family, None))
             groups.setdefault(key, []).append(r)
-            if r.family == "uniform" and r.avg_bits == 2:  # with b_min = 2, RateQuant at 2 bits is uniform-2
+            if r.family == "uniform" and r.avg_bits == b_min:  # RateQuant at b_min bits is uniform-b_min
                 groups.setdefault(("ratequant", r.quantizer), []).append(r)
     for (family, q), pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
         pts = sorted(pts, key=lambda r: r.avg_bits)
@@ -396,17 +415,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-data", default=None, help="held-out text (default: WikiText-2 test)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--validation", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--residual-length", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=CALIBRATION.seq_len)
+    p.add_argument("--b-min", type=int, default=CALIBRATION.b_min, help="fewest bits of a calibrated unit")
+    p.add_argument("--b-max", type=int, default=CALIBRATION.b_max, help="most bits of a calibrated unit")
+    p.add_argument("--group-size", type=int, default=LAYOUT.group_size, help="G of our caches")
+    p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
+                   help="R of our caches and of QuantizedCache")
+    add_sink_length(p, "of our caches (QuantizedCache has none)")
     p.add_argument("--qc-group-size", type=int, default=64, help="QuantizedCache q_group_size (transformers' default)")
     p.add_argument("--quanto-bits", type=int, nargs="*", default=[2, 4])
     p.add_argument("--hqq-bits", type=int, nargs="*", default=[2, 3, 4])
     p.add_argument("--kvq-bits", type=int, nargs="*", default=[2, 4], help="the kvq package's own cache")
     p.add_argument("--no-kvq-rule", dest="kvq_rule", action="store_false", help="skip kvq's beta=4 rule rows")
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--window", type=int, default=EVALUATION.window)
+    p.add_argument("--windows", type=int, default=EVALUATION.n_windows)
+    p.add_argument("--chunk", type=int, default=EVALUATION.chunk)
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 6144])
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--memory-tokens", type=int, default=4096)
@@ -416,7 +439,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-wait", type=float, default=120.0, help="seconds the decode timing may wait for quiet")
     p.add_argument("--output-dir", default=RESULTS_DIR)
     p.add_argument("--from-json", metavar="PATH", help="only redraw the table and plot of a finished run's JSON")
-    args = p.parse_args(argv)
+    args = resolve_layout(p, p.parse_args(argv))
     if args.configs_from in ("", "none"):
         args.configs_from = None
     return args
@@ -426,14 +449,11 @@ def write_report(payload: dict, output_dir: str) -> str:
     """field_comparison.md, .json and field_frontier.png in `output_dir`; returns the markdown."""
     os.makedirs(output_dir, exist_ok=True)
     rows = [Row(**r) for r in payload["rows"]]
+    settings = payload["settings"]
     plot_frontier(rows, payload["full_ppl"], os.path.join(output_dir, "field_frontier.png"),
-                  payload["settings"]["memory_tokens"])
+                  settings["memory_tokens"], settings.get("b_min", 2))  # runs before --b-min: b_min = 2
     md = markdown(payload)
-    stem = os.path.join(output_dir, "field_comparison")
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(md)
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, default=str)
+    write_results("field_comparison", payload, md, output_dir)
     return md
 
 
