@@ -23,9 +23,10 @@ from .config import ModelFingerprint, RateQuantConfig
 from .distortion import CurveFit, fit_curves, fixed_beta_fit
 from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
 from .quantizers import available_quantizers
-from .settings import CacheLayout, CalibrationSettings, layout_with, split_settings
+from .settings import CacheLayout, CalibrationSettings, EvaluationSettings, layout_with, split_settings
 
 logger = logging.getLogger(__name__)
+_CALIBRATION, _EVALUATION = CalibrationSettings(), EvaluationSettings()  # the defaults below
 
 __all__ = ["ANALYSIS_SETTINGS", "KVQ_BETA", "QuantizerCurves", "beta_table", "fit_quantizer_curves", "kvq_candidate",
            "mismatch_study"]
@@ -120,8 +121,9 @@ def _study_plans(b_name: str, curves: dict[str, QuantizerCurves], budget: float,
 
 
 def mismatch_study(
-    model: Any, windows: torch.LongTensor, curves: dict[str, QuantizerCurves], budget: float = 2.5, *,
-    layout: CacheLayout | None = None, chunk: int = 64, batch_size: int = 4, progress: bool = True,
+    model: Any, windows: torch.LongTensor, curves: dict[str, QuantizerCurves], budget: float = _CALIBRATION.budget, *,
+    layout: CacheLayout | None = None, chunk: int = _EVALUATION.chunk, batch_size: int = _EVALUATION.batch_size,
+    progress: bool = True,
     **layout_fields: Any,
 ) -> list[dict]:
     """Evaluate, for every quantizer B in `curves`, B's fixed allocations of `budget`, the allocation from B's own

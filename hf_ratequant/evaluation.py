@@ -21,8 +21,10 @@ from transformers import Cache, DynamicCache
 from .cache import RateQuantCache
 from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, tokenize_windows
+from .settings import EvaluationSettings
 
 logger = logging.getLogger(__name__)
+_DEFAULTS = EvaluationSettings()  # every default below is one of its fields
 
 __all__ = [
     "CacheLike",
@@ -52,8 +54,8 @@ def evaluation_windows(
     tokenizer: Any,
     data: Any = None,
     *,
-    window: int = 1024,
-    max_windows: int | None = 8,
+    window: int = _DEFAULTS.window,
+    max_windows: int | None = _DEFAULTS.n_windows,
     split: str = "test",
 ) -> torch.LongTensor:
     """Token windows `(n_windows, window)` of evaluation text: WikiText-2 test by default (local text offline),
@@ -168,8 +170,8 @@ def shared_prefix(
     windows: torch.LongTensor,
     config: RateQuantConfig,
     *,
-    chunk: int = 64,
-    batch_size: int = 4,
+    chunk: int = _DEFAULTS.chunk,
+    batch_size: int = _DEFAULTS.batch_size,
     reference: list[torch.Tensor] | None = None,
 ) -> SharedPrefix | None:
     """Run, once, the chunks that every cache with `config`'s residual window, sinks and group size serves in full
@@ -204,8 +206,8 @@ def evaluate_quality(
     windows: torch.LongTensor,
     cache_config: CacheLike,
     *,
-    chunk: int = 64,
-    batch_size: int = 4,
+    chunk: int = _DEFAULTS.chunk,
+    batch_size: int = _DEFAULTS.batch_size,
     with_kl: bool = True,
     progress: bool = True,
     reference: list[torch.Tensor] | None = None,
@@ -283,7 +285,9 @@ def evaluate_quality(
 
 
 @torch.inference_mode()
-def reference_logprobs(model: Any, windows: torch.LongTensor, *, batch_size: int = 4) -> list[torch.Tensor]:
+def reference_logprobs(
+    model: Any, windows: torch.LongTensor, *, batch_size: int = _DEFAULTS.batch_size
+) -> list[torch.Tensor]:
     """Full-precision next-token log-probabilities of `windows`, one `(batch, window - 1, vocab)` tensor per batch of
     `batch_size` windows (one forward pass each: with nothing quantized, chunking changes nothing)."""
     device = model.get_input_embeddings().weight.device
@@ -299,10 +303,10 @@ def evaluate_perplexity(
     data: str | Sequence[str] | torch.Tensor | None = None,
     cache_config: RateQuantConfig | None = None,
     *,
-    window: int = 1024,
-    chunk: int = 64,
-    max_windows: int | None = 8,
-    batch_size: int = 4,
+    window: int = _DEFAULTS.window,
+    chunk: int = _DEFAULTS.chunk,
+    max_windows: int | None = _DEFAULTS.n_windows,
+    batch_size: int = _DEFAULTS.batch_size,
 ) -> float:
     """Perplexity through the real cache (see the module docstring).
 
@@ -327,10 +331,10 @@ def evaluate_kl(
     data: str | Sequence[str] | torch.Tensor | None = None,
     cache_config: RateQuantConfig | None = None,
     *,
-    window: int = 1024,
-    chunk: int = 64,
-    max_windows: int | None = 8,
-    batch_size: int = 4,
+    window: int = _DEFAULTS.window,
+    chunk: int = _DEFAULTS.chunk,
+    max_windows: int | None = _DEFAULTS.n_windows,
+    batch_size: int = _DEFAULTS.batch_size,
 ) -> float:
     """Mean KL divergence (nats per token) of the next-token distribution through `cache_config`'s cache from the
     full-precision cache's, both fed the same windows in the same chunks. Arguments as [`evaluate_perplexity`]."""

@@ -97,3 +97,28 @@ def test_evaluation_settings_are_checked():
     assert EvaluationSettings().window * EvaluationSettings().n_windows == 8192
     with pytest.raises(ValueError, match="window=1"):
         EvaluationSettings(window=1)
+
+
+def test_every_python_entry_point_defaults_to_the_settings():
+    """A setting's default in a public function is None (resolved from the settings) or the settings' own value."""
+    import inspect
+
+    from hf_ratequant import analysis, calibrate, evaluate_kl, evaluate_perplexity, evaluation
+    from hf_ratequant.settings import CacheLayout, CalibrationSettings, EvaluationSettings
+
+    layout, calibration, ev = CacheLayout(), CalibrationSettings(), EvaluationSettings()
+    expected = {"quantizer": layout.quantizer, "group_size": layout.group_size, "residual_length":
+                layout.residual_length, "sink_length": layout.sink_length, "budget": calibration.budget,
+                "n_samples": calibration.n_samples, "n_validation": calibration.n_validation,
+                "seq_len": calibration.seq_len, "b_min": calibration.b_min, "b_max": calibration.b_max,
+                "window": ev.window, "max_windows": ev.n_windows, "chunk": ev.chunk, "batch_size": ev.batch_size}
+    entry_points = [calibrate, RateQuantConfig.uniform, evaluate_kl, evaluate_perplexity, evaluation.evaluate_quality,
+                    evaluation.evaluation_windows, evaluation.reference_logprobs, evaluation.shared_prefix,
+                    analysis.fit_quantizer_curves, analysis.mismatch_study]
+    checked = 0
+    for fn in entry_points:
+        for name, parameter in inspect.signature(fn).parameters.items():
+            if name in expected and parameter.default is not inspect.Parameter.empty:
+                assert parameter.default in (None, expected[name]), f"{fn.__qualname__}({name}={parameter.default!r})"
+                checked += 1
+    assert checked >= 15
