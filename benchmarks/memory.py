@@ -5,7 +5,8 @@ of text with a `DynamicCache`. Its keys and values are cast to bfloat16 (the usu
 cache under test with one prefill `cache.update(k, v, layer_idx)` call per layer, so all caches hold exactly the same
 states. For each quantizer (kivi, token, rotated) and each allocation (uniform 8/4/3/2 bits, K3/V2, a per-head mix
 averaging 2.5 bits) the table reports the bytes held, their ratio to the 16-bit reference, the arithmetic floor
-(`avg_bits / 16`) and where the bytes go: packed codes, scales + zero-points, and the full-precision residual window.
+(`avg_bits / 16`) and where the bytes go: packed codes, scales + zero-points, the full-precision residual window and
+the full-precision sink tokens (the library's layout by default: G = 32, R = 128, S = 32, as a calibrated config).
 
     python benchmarks/memory.py                      # writes benchmarks/results/memory.md and memory.json
     python benchmarks/memory.py --tokens 2048 --quantizers kivi
@@ -14,7 +15,6 @@ averaging 2.5 bits) the table reports the bytes held, their ratio to the 16-bit 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -22,11 +22,21 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from _common import machine
+from _common import (
+    LAYOUT,
+    RESULTS_DIR,
+    add_sink_length,
+    bits_table,
+    layout_from_args,
+    machine,
+    resolve_layout,
+    write_results,
+)
+
+from hf_ratequant.settings import CacheLayout, layout_with
 
 logger = logging.getLogger("benchmarks.memory")
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUANTIZERS = ("kivi", "token", "rotated")
 GOALS = {"uniform-2": 0.25, "avg-2.5": 0.30}  # max ratio vs 16-bit, from the issue
 
@@ -46,6 +56,8 @@ class Row:
     window_tokens: int
     quantized_tokens: int
     goal: float | None = None
+    sinks: int = 0  # bytes of the first sink_length tokens, kept as they are
+    sink_tokens: int = 0
 
     @property
     def gap(self) -> float:
@@ -111,18 +123,25 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 def breakdown(cache) -> dict[str, int]:
-    """Split `cache.nbytes` into codes, scales + zero-points, unquantized (16-bit) heads and the residual window.
+    """Split `cache.nbytes` into codes, scales + zero-points, unquantized (16-bit) heads, the residual window and the
+    sink tokens.
 
-    Reads the layers' internals (`past_keys.data`, `keys`, `values`); the sum is checked against `cache.nbytes`.
+    Reads the layers' internals (`past_keys.data`, `.sink`, `keys`, `values`); the sum is checked against
+    `cache.nbytes`.
     """
     from hf_ratequant.quantizers import QuantizedBlock
 
-    out = dict(codes=0, scales_zeros=0, unquantized_heads=0, window=0, window_tokens=0, quantized_tokens=0)
+    out = dict(codes=0, scales_zeros=0, unquantized_heads=0, window=0, window_tokens=0, quantized_tokens=0, sinks=0,
+               sink_tokens=0)
     for layer in cache.layers:
         out["window"] += _tensor_bytes(layer.keys) + _tensor_bytes(layer.values)
         out["window_tokens"] = max(out["window_tokens"], layer.keys.shape[-2])
-        out["quantized_tokens"] = max(out["quantized_tokens"], layer.past_keys.num_tokens)
+        past = layer.past_keys
+        out["quantized_tokens"] = max(out["quantized_tokens"], past.num_tokens - past.num_sink)
+        out["sink_tokens"] = max(out["sink_tokens"], past.num_sink)
         for groups in (layer.past_keys, layer.past_values):
+            if groups.sink is not None:
+                out["sinks"] += _tensor_bytes(groups.sink)
             for data in groups.data:
                 if data is None:
                     continue
@@ -134,25 +153,21 @@ def breakdown(cache) -> dict[str, int]:
     return out
 
 
-def measure(states, model_config, quantizer: str, group_size: int, residual_length: int, ref: int) -> list[Row]:
+def measure(states, model_config, layout: CacheLayout, ref: int) -> list[Row]:
+    """Every allocation of `allocations` in a `RateQuantCache` of `layout` holding `states`."""
     from hf_ratequant import RateQuantCache, RateQuantConfig
 
     rows = []
+    quantizer = layout.quantizer
     num_layers, num_heads = len(states), states[0][0].shape[1]
     for name, key_bits, value_bits in allocations(num_layers, num_heads):
-        qc = RateQuantConfig(
-            key_bits=key_bits,
-            value_bits=value_bits,
-            quantizer=quantizer,
-            group_size=group_size,
-            residual_length=residual_length,
-        )
+        qc = RateQuantConfig.from_bits(bits_table(key_bits, value_bits), layout, method=name)
         cache = RateQuantCache(config=model_config, quant_config=qc)
         for i, (k, v) in enumerate(states):
             cache.update(k, v, i)
         parts = breakdown(cache)
         total = cache.nbytes
-        accounted = parts["codes"] + parts["scales_zeros"] + parts["unquantized_heads"] + parts["window"]
+        accounted = sum(parts[k] for k in ("codes", "scales_zeros", "unquantized_heads", "window", "sinks"))
         if accounted != total:
             raise RuntimeError(f"{quantizer}/{name}: breakdown sums to {accounted} bytes but cache.nbytes={total}.")
         if cache.nbytes_16bit() != ref:
@@ -183,10 +198,10 @@ def _mib(n: int) -> str:
 def markdown_table(rows: list[Row], ref: int) -> str:
     head = (
         "| quantizer | allocation | avg bits | effective bits | MiB | ratio vs 16-bit | floor (bits/16) | gap "
-        "| codes MiB | scales+zeros MiB | window MiB | goal |"
+        "| codes MiB | scales+zeros MiB | window MiB | sinks MiB | goal |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    lines.append(f"| bf16 DynamicCache | reference | 16 | 16 | {_mib(ref)} | 1.000 | 1.000 | 0 | | | | |")
+    lines.append(f"| bf16 DynamicCache | reference | 16 | 16 | {_mib(ref)} | 1.000 | 1.000 | 0 | | | | | |")
     for r in rows:
         goal = ""
         if r.goal is not None:
@@ -194,24 +209,27 @@ def markdown_table(rows: list[Row], ref: int) -> str:
         lines.append(
             f"| {r.quantizer} | {r.allocation} | {r.avg_bits:g} | {16 * r.ratio:.2f} | {_mib(r.nbytes)} "
             f"| {r.ratio:.3f} | {r.floor:.3f} "
-            f"| +{r.gap:.3f} | {_mib(r.codes)} | {_mib(r.scales_zeros)} | {_mib(r.window)} | {goal} |"
+            f"| +{r.gap:.3f} | {_mib(r.codes)} | {_mib(r.scales_zeros)} | {_mib(r.window)} | {_mib(r.sinks)} "
+            f"| {goal} |"
         )
     return "\n".join(lines)
 
 
-def overhead_notes(rows: list[Row], ref: int, group_size: int, residual_length: int, n_tokens: int) -> str:
+def overhead_notes(rows: list[Row], ref: int, layout: CacheLayout, n_tokens: int) -> str:
     """Explain the gap to the arithmetic floor at 2.5 bits, term by term, for every quantizer."""
+    group_size, residual_length = layout.group_size, layout.residual_length
     lines = [
         f"Arithmetic floor at 2.5 bits: {2.5 / 16:.4f}x. Gap = ratio - floor, split exactly into:",
         "",
         "- scales+zeros: one scale and one zero-point per group, stored in the states' dtype (2 x 16 bits per group);",
         f"- window: the last R..R+G-1 = {residual_length}..{residual_length + group_size - 1} tokens stay at 16 bits, "
         "costing (1 - bits/16) of their 16-bit size above the floor;",
+        f"- sinks: the first S = {layout.sink_length} tokens stay at 16 bits too, at the same cost;",
         "- packing: codes above `bits/8` bytes per element (row padding; 0 when head_dim * bits is a multiple of 8).",
         "",
-        "| quantizer | allocation | ratio | floor | gap | scales+zeros | window | packing | elements per group "
-        "| scale/zero bits per element | ratio with R+G-1 window (approx.) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| quantizer | allocation | ratio | floor | gap | scales+zeros | window | sinks | packing "
+        "| elements per group | scale/zero bits per element | ratio with R+G-1 window (approx.) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "2.5" not in r.allocation and r.allocation != "uniform-2":
@@ -220,6 +238,7 @@ def overhead_notes(rows: list[Row], ref: int, group_size: int, residual_length: 
         elements_q = r.quantized_tokens and ref * r.quantized_tokens / n_tokens / 2  # 16-bit elements quantized
         codes_floor = elements_q * bits / 8
         window_excess = r.window * (1 - bits / 16)
+        sink_excess = r.sinks * (1 - bits / 16)
         packing = r.codes - codes_floor
         sz_bits = 8 * r.scales_zeros / elements_q if elements_q else 0.0
         per_group = 32 / sz_bits if sz_bits else float("nan")
@@ -228,7 +247,8 @@ def overhead_notes(rows: list[Row], ref: int, group_size: int, residual_length: 
         worst = r.ratio + (group_size - 1) * per_token_16 * (1 - bits / 16) / ref
         lines.append(
             f"| {r.quantizer} | {r.allocation} | {r.ratio:.4f} | {r.floor:.4f} | +{r.gap:.4f} "
-            f"| +{r.scales_zeros / ref:.4f} | +{window_excess / ref:.4f} | +{packing / ref:.4f} | {per_group:.0f} "
+            f"| +{r.scales_zeros / ref:.4f} | +{window_excess / ref:.4f} | +{sink_excess / ref:.4f} "
+            f"| +{packing / ref:.4f} | {per_group:.0f} "
             f"| {sz_bits:.2f} | {worst:.4f} |"
         )
     lines.append("")
@@ -236,19 +256,22 @@ def overhead_notes(rows: list[Row], ref: int, group_size: int, residual_length: 
         if r.allocation.startswith("K3/V2"):
             bits = r.avg_bits
             window_excess = r.window * (1 - bits / 16) / ref
+            sink_excess = r.sinks * (1 - bits / 16) / ref
             lines.append(
                 f"- {r.quantizer} at {bits:g} bits: {r.ratio:.3f}x vs the {r.floor:.3f}x floor, "
                 f"{r.ratio / r.floor:.2f}x the floor; the +{r.gap:.3f} gap is scales+zeros "
-                f"{r.scales_zeros / ref:.3f} ({100 * r.scales_zeros / ref / r.gap:.0f}%) and the window "
-                f"{window_excess:.3f} ({100 * window_excess / r.gap:.0f}%)."
+                f"{r.scales_zeros / ref:.3f} ({100 * r.scales_zeros / ref / r.gap:.0f}%), the window "
+                f"{window_excess:.3f} ({100 * window_excess / r.gap:.0f}%) and the sinks {sink_excess:.3f} "
+                f"({100 * sink_excess / r.gap:.0f}%)."
             )
     lines += [
         "",
         f"With G={group_size} and bf16 scale/zero, a kivi group (G tokens of one key channel, or G channels of one "
         f"value token) costs 32 bits of metadata per {group_size} elements = {32 / group_size:.2f} extra bits per "
         "element; token/rotated use one group per head row (head_dim elements), i.e. 32/head_dim extra bits. "
-        f"The window holds {rows[0].window_tokens} of {n_tokens} tokens here; it is a fixed cost, so its share "
-        "shrinks as the context grows (and grows to R+G-1 tokens just before a flush).",
+        f"The window holds {rows[0].window_tokens} and the sinks {rows[0].sink_tokens} of {n_tokens} tokens here; "
+        "both are fixed costs, so their share shrinks as the context grows (the window grows to R+G-1 tokens just "
+        "before a flush).",
     ]
     return "\n".join(lines)
 
@@ -258,14 +281,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096, help="context length captured (default 4096)")
     p.add_argument("--text", default="pydoc", help="text for hf_ratequant.data.load_text (default: pydoc)")
-    p.add_argument("--group-size", type=int, default=32, help="G (default 32)")
-    p.add_argument("--residual-length", type=int, default=128, help="R (default 128)")
+    p.add_argument("--group-size", type=int, default=LAYOUT.group_size, help=f"G (default {LAYOUT.group_size})")
+    p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
+                   help=f"R (default {LAYOUT.residual_length})")
+    add_sink_length(p, "")
     p.add_argument("--quantizers", nargs="+", default=list(QUANTIZERS), choices=QUANTIZERS)
-    p.add_argument("--output-dir", default=RESULTS_DIR, help="where memory.md and memory.json go")
-    return p.parse_args(argv)
+    p.add_argument("--output-dir", default=RESULTS_DIR, help="where memory.md, memory.json and memory.png go")
+    return resolve_layout(p, p.parse_args(argv))
 
 
-def plot(rows: list[Row], tokens: int, path: str) -> None:
+def plot(rows: list[Row], tokens: int, path: str, layout: CacheLayout) -> None:
     """Bytes held (fraction of the 16-bit cache) against average bits, per quantizer, with the arithmetic floor."""
     import matplotlib
 
@@ -282,7 +307,8 @@ def plot(rows: list[Row], tokens: int, path: str) -> None:
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("average bits per key/value element")
     ax.set_ylabel("bytes held / 16-bit DynamicCache")
-    ax.set_title(f"SmolLM2-135M KV cache, {tokens} tokens, bf16 states (G=32, R=128)", fontsize=9)
+    ax.set_title(f"SmolLM2-135M KV cache, {tokens} tokens, bf16 states (G={layout.group_size}, "
+                 f"R={layout.residual_length}, S={layout.sink_length})", fontsize=9)
     ax.set_ylim(0, 0.65)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -304,19 +330,21 @@ def main(argv=None) -> int:
     del states32
     ref = reference_bytes(states, model.config)
 
+    layout = layout_from_args(args)
     rows: list[Row] = []
     for quantizer in args.quantizers:
-        rows.extend(measure(states, model.config, quantizer, args.group_size, args.residual_length, ref))
+        rows.extend(measure(states, model.config, layout_with(layout, quantizer=quantizer), ref))
 
     k0 = states[0][0]
     header = (
         f"# KV-cache memory: RateQuantCache vs 16-bit DynamicCache\n\n"
         f"Default model ({model.config._name_or_path}): {len(states)} layers x {k0.shape[1]} kv-heads x head_dim "
         f"{k0.shape[-1]}; {args.tokens} tokens of {source}; states captured in float32 and held as bfloat16. "
-        f"G={args.group_size}, R={args.residual_length}. Bytes are `cache.nbytes` (what the cache really holds).\n"
+        f"G={layout.group_size}, R={layout.residual_length}, S={layout.sink_length} sink tokens. Bytes are "
+        "`cache.nbytes` (what the cache really holds).\n"
     )
     table = markdown_table(rows, ref)
-    notes = overhead_notes(rows, ref, args.group_size, args.residual_length, args.tokens)
+    notes = overhead_notes(rows, ref, layout, args.tokens)
     goals = []
     for r in rows:
         if r.goal is not None:
@@ -326,9 +354,6 @@ def main(argv=None) -> int:
         [header, table, "", "## Goals (issue)", "", *goals, "", "## Why not the arithmetic floor", "", notes, ""]
     )
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "memory.md"), "w", encoding="utf-8") as f:
-        f.write(md)
     payload = dict(
         machine=machine(),
         model=model.config._name_or_path,
@@ -339,10 +364,8 @@ def main(argv=None) -> int:
         reference_bytes=ref,
         rows=[dict(asdict(r), gap=r.gap) for r in rows],
     )
-    with open(os.path.join(args.output_dir, "memory.json"), "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    plot(rows, args.tokens, os.path.join(args.output_dir, "memory.png"))
+    write_results("memory", payload, md, args.output_dir)
+    plot(rows, args.tokens, os.path.join(args.output_dir, "memory.png"), layout)
     print(md)
     logger.info("Wrote %s/memory.md, memory.json and memory.png.", args.output_dir)
     return 0
