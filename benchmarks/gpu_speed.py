@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import signal
@@ -42,11 +41,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from _common import MODEL_HELP, load_benchmark_model, machine
+from _common import (
+    LAYOUT,
+    MODEL_HELP,
+    RESULTS_DIR,
+    bits_table,
+    layout_from_args,
+    load_benchmark_model,
+    machine,
+    write_results,
+)
 
 logger = logging.getLogger("benchmarks.gpu_speed")
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SECTION_ORDER = (4, 1, 2, 6, 5, 3)  # 4 first: its DynamicCache prefill gives the states every other figure uses
 SECTION_MIN_S = {4: 15, 1: 15, 2: 15, 6: 8, 5: 10, 3: 20}  # below this much time left, a section is skipped
@@ -213,8 +220,10 @@ class Bench:
         self.interrupted = None
         suffix = f"_{args.tag}" if args.tag else ""
         os.makedirs(args.output_dir, exist_ok=True)
-        self.md_path = os.path.join(args.output_dir, f"gpu_speed{suffix}.md")
-        self.json_path = os.path.join(args.output_dir, f"gpu_speed{suffix}.json")
+        self.stem = f"gpu_speed{suffix}"
+        self.md_path = os.path.join(args.output_dir, f"{self.stem}.md")
+        self.json_path = os.path.join(args.output_dir, f"{self.stem}.json")
+        self.layout = None  # the RateQuant caches' CacheLayout (the library's sinks for G), once built
 
     # ---- time -------------------------------------------------------------------------------------------------
     def left(self) -> float:
@@ -267,10 +276,12 @@ class Bench:
         try:
             from hf_ratequant import RateQuantConfig
 
-            kw = dict(quantizer=args.quantizer, group_size=args.group_size, residual_length=args.residual_length)
-            self.qc = {b: RateQuantConfig.uniform(cfg, bits=b, **kw) for b in (2, 4)}
+            # quantizer, G and R from the flags, the sinks a calibrated config has by default (32 tokens for G = 32)
+            self.layout = layout_from_args(args)
+            self.qc = {b: RateQuantConfig.uniform(cfg, bits=b, layout=self.layout) for b in (2, 4)}
             kb, vb = per_head_mix(self.num_layers, self.kv_heads)
-            self.qc[2.5] = RateQuantConfig(key_bits=kb, value_bits=vb, **kw)
+            self.qc[2.5] = RateQuantConfig.from_bits(bits_table(kb, vb), self.layout, method="per-head-mix",
+                                                     fingerprint=self.qc[2].fingerprint, budget=2.5)
         except Exception as err:  # noqa: BLE001 - every RateQuant row then reports it
             self.qc_error = short_error(err)
             logger.warning("RateQuantConfig unavailable: %s", self.qc_error)
@@ -412,7 +423,8 @@ class Bench:
             "",
             f"{self.model_name if hasattr(self, 'model_name') else a.model}, {a.dtype}; torch {info['torch']}, "
             f"transformers {info.get('transformers')}, triton {info.get('triton')} (kernels: {triton_state}); "
-            f"sdpa backends: {a.sdpa}. RateQuant {a.quantizer}, G={a.group_size}, R={a.residual_length}. "
+            f"sdpa backends: {a.sdpa}. RateQuant {a.quantizer}, G={a.group_size}, R={a.residual_length}, "
+            f"S={self.layout.sink_length if self.layout else '?'} sink tokens. "
             f"Decode: {a.warmup} warm-up + {a.steps} timed greedy steps, median of {a.repeats} interleaved runs; "
             f"caches filled by update() from one DynamicCache prefill (batch > 1: the filled batch-1 cache "
             f"repeated). 'path' is what ran: fused/triton = the fused decode-attention kernel, dequantize/* = the "
@@ -434,16 +446,12 @@ class Bench:
 
     def write(self) -> None:
         try:
-            with open(self.md_path, "w", encoding="utf-8") as f:
-                f.write(self.markdown())
             payload = dict(
                 machine=self.info, model=getattr(self, "model_name", self.args.model), args=vars(self.args),
                 wall_s=self.elapsed(), section_s=self.section_s, notes=self.notes, broken_kernels=broken_kernels(),
                 interrupted=self.interrupted, rows=[asdict(r) for r in self.rows],
             )
-            with open(self.json_path, "w", encoding="utf-8") as f:
-                json.dump(payload, f, indent=2, default=str)
-                f.write("\n")
+            write_results(self.stem, payload, self.markdown(), self.args.output_dir)
         except OSError as err:
             logger.warning("Could not write the results: %s", err)
 
@@ -1111,9 +1119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sdpa", default="nocudnn", choices=["default", "nocudnn", "flash", "efficient", "math"],
                    help="SDPA backends allowed (default nocudnn: flash, efficient, math; torch 2.11's cuDNN\n"
                    "attention rebuilds a graph for every new context length, see decode_speed.py)")
-    p.add_argument("--quantizer", default="kivi", help="RateQuant quantizer (default kivi)")
-    p.add_argument("--group-size", type=int, default=32, help="RateQuant G (default 32)")
-    p.add_argument("--residual-length", type=int, default=128, help="RateQuant R (default 128)")
+    p.add_argument("--quantizer", default=LAYOUT.quantizer, help=f"RateQuant quantizer (default {LAYOUT.quantizer})")
+    p.add_argument("--group-size", type=int, default=LAYOUT.group_size,
+                   help=f"RateQuant G (default {LAYOUT.group_size}; the sinks: the least multiple of G >= 32)")
+    p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
+                   help=f"RateQuant R (default {LAYOUT.residual_length})")
     p.add_argument("--budget-s", type=float, help="wall-clock budget of the whole run (default 300; --smoke 100)")
     p.add_argument("--row-timeout-s", type=float, default=45, help="no more runs of a row past this (default 45)")
     p.add_argument("--reserve-s", type=float, default=10, help="time kept for writing the results (default 10)")
