@@ -27,7 +27,6 @@ and its time to first token, decode speed and bytes held are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -36,7 +35,19 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from _common import MODEL_HELP, benchmark_ids, load_benchmark_model, machine
+from _common import (
+    LAYOUT,
+    MODEL_HELP,
+    RESULTS_DIR,
+    add_sink_length,
+    benchmark_ids,
+    bits_table,
+    layout_from_args,
+    load_benchmark_model,
+    machine,
+    resolve_layout,
+    write_results,
+)
 from decode_speed import (
     DTYPES,
     CacheSpec,
@@ -51,10 +62,11 @@ from decode_speed import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from hf_ratequant.quantizers import available_quantizers
+
 logger = logging.getLogger("benchmarks.long_context")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS_DIR = os.path.join(HERE, "results")
 DEFAULT_CONFIGS = [os.path.join(HERE, "..", "hub_artifacts", "SmolLM2-135M-Instruct-ratequant-kivi-2.5")]
 
 
@@ -89,17 +101,16 @@ def cache_specs(model_config, args) -> list[CacheSpec]:
     def ratequant(qc: RateQuantConfig):
         return lambda: RateQuantCache(config=model_config, quant_config=qc)
 
-    g, r = args.group_size, args.residual_length
+    layout = layout_from_args(args)
     specs = [CacheSpec(f"DynamicCache ({args.dtype})", "dynamic", None, lambda: DynamicCache(config=model_config))]
     for bits in args.uniform_bits:
-        qc = RateQuantConfig.uniform(
-            model_config, bits=bits, quantizer=args.quantizer, group_size=g, residual_length=r
-        )
+        qc = RateQuantConfig.uniform(model_config, bits=bits, layout=layout)
         specs.append(CacheSpec(f"RateQuantCache {args.quantizer} {bits}-bit", "ratequant", bits, ratequant(qc)))
     if args.per_head_mix:
-        heads = RateQuantConfig.uniform(model_config, bits=2).num_kv_heads
-        kb, vb = per_head_mix(model_config.num_hidden_layers, heads)
-        qc = RateQuantConfig(key_bits=kb, value_bits=vb, quantizer=args.quantizer, group_size=g, residual_length=r)
+        fingerprint = RateQuantConfig.uniform(model_config, bits=2, layout=layout).fingerprint
+        kb, vb = per_head_mix(fingerprint.num_layers, fingerprint.num_kv_heads)
+        qc = RateQuantConfig.from_bits(bits_table(kb, vb), layout, fingerprint=fingerprint, method="per-head-mix",
+                                       budget=2.5)
         specs.append(CacheSpec(f"RateQuantCache {args.quantizer} per-head 2/3 (2.5)", "ratequant", 2.5, ratequant(qc)))
     for path in args.configs:
         qc = RateQuantConfig.from_pretrained(path)
@@ -223,7 +234,8 @@ def markdown(
         f"quantize a group of G tokens in every layer). Bytes are measured right after the fill: 'marginal' is "
         f"(bytes - bytes at the previous length) / (tokens - previous tokens), constant for linear growth; 'vs "
         f"16-bit' is over a 16-bit DynamicCache holding the same tokens. RateQuant uniform: G={args.group_size}, "
-        f"R={args.residual_length}; calibrated configs (their own G and R): {', '.join(configs) or 'none'}.",
+        f"R={args.residual_length}, S={args.sink_length} sink tokens; calibrated configs (their own G, R and S): "
+        f"{', '.join(configs) or 'none'}.",
         "",
         "| context | cache | bits | MiB held | bytes/token | marginal bytes/token | vs 16-bit | median step ms "
         "| vs DynamicCache (step time) | mean ms/token | max step ms | fill s |",
@@ -283,15 +295,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per cache; the median is reported (default 3)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model/cache dtype (default float32)")
-    p.add_argument("--quantizer", default="kivi", help="quantizer of the uniform caches (default kivi)")
+    p.add_argument("--quantizer", default=LAYOUT.quantizer, choices=available_quantizers(),
+                   help=f"quantizer of the uniform caches (default {LAYOUT.quantizer})")
     p.add_argument("--uniform-bits", type=int, nargs="*", default=[2], help="uniform RateQuant bits (default 2)")
     p.add_argument("--per-head-mix", action="store_true", help="also the synthetic per-head 2/3-bit mix (2.5 bits)")
     p.add_argument(
         "--configs", nargs="*", default=DEFAULT_CONFIGS, help="calibrated configs (folders or Hub ids); default: the\n"
         "published kivi 2.5-bit config of the default model in hub_artifacts/"
     )
-    p.add_argument("--group-size", type=int, default=32, help="G of the uniform caches (default 32)")
-    p.add_argument("--residual-length", type=int, default=128, help="R of the uniform caches (default 128)")
+    p.add_argument("--group-size", type=int, default=LAYOUT.group_size,
+                   help=f"G of the uniform caches (default {LAYOUT.group_size})")
+    p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
+                   help=f"R of the uniform caches (default {LAYOUT.residual_length})")
+    add_sink_length(p, "of the uniform caches\n(a calibrated config keeps its own)")
     p.add_argument("--generate-context", type=int, default=8064, help="prompt tokens of the generate() run (8064;\n"
                    "0 skips it)")
     p.add_argument("--generate-tokens", type=int, default=128, help="tokens the generate() run must produce (128)")
@@ -305,7 +321,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-wait", type=float, default=60, help="seconds, in all, to wait for a quiet CPU (60)")
     p.add_argument("--output-dir", default=RESULTS_DIR, help="where long_context.md/.json go")
     p.add_argument("--tag", default="", help="suffix of the result files (long_context_TAG.md)")
-    return p.parse_args(argv)
+    return resolve_layout(p, p.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -397,10 +413,7 @@ def main(argv=None) -> int:
 
     linear, growth = linearity(rows), step_growth(rows)
     md = markdown(rows, linear, growth, generated, args, info, source, model)
-    os.makedirs(args.output_dir, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
-    with open(os.path.join(args.output_dir, f"long_context{suffix}.md"), "w", encoding="utf-8") as f:
-        f.write(md)
     payload = dict(
         machine=info,
         model=model.config._name_or_path,
@@ -412,9 +425,7 @@ def main(argv=None) -> int:
         step_growth=growth,
         generate=generated,
     )
-    with open(os.path.join(args.output_dir, f"long_context{suffix}.json"), "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    write_results(f"long_context{suffix}", payload, md, args.output_dir)
     print(md)
     logger.info("Wrote %s/long_context%s.md and .json.", args.output_dir, suffix)
     failed = any(r.error for r in rows) or any("error" in g for g in generated)
