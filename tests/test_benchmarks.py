@@ -1,0 +1,254 @@
+"""The benchmark scripts: every one's `--help` runs, their defaults are the library's settings (hf_ratequant.settings),
+the fixed caches they build have a calibrated config's sinks, and the one results writer writes both files atomically.
+
+Fast (well under 30 s on 2 cores): no model is loaded. Starting Python and importing `hf_ratequant` costs about 10 s
+of CPU a process, so on Linux each `--help` runs in a child forked from this process, which has imported it already:
+the child runs the script exactly as `python benchmarks/x.py --help` would (as `__main__`, with `benchmarks/` first on
+`sys.path` and none of the benchmark modules imported) and its exit status is checked. Elsewhere each is a plain
+`python benchmarks/x.py --help` subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_ratequant.settings import CacheLayout, CalibrationSettings, EvaluationSettings
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+LAYOUT, CALIBRATION, EVALUATION = CacheLayout(), CalibrationSettings(), EvaluationSettings()
+
+# Every option of the shared settings, by argparse dest, and the library default it must have, whichever script.
+SHARED = {
+    "quantizer": LAYOUT.quantizer,
+    "group_size": LAYOUT.group_size,
+    "residual_length": LAYOUT.residual_length,
+    "sink_length": LAYOUT.sink_length,
+    "b_min": CALIBRATION.b_min,
+    "b_max": CALIBRATION.b_max,
+    "budget": CALIBRATION.budget,
+    "seq_len": CALIBRATION.seq_len,
+    "measure": CALIBRATION.measure,
+    "window": EVALUATION.window,
+    "windows": EVALUATION.n_windows,
+    "chunk": EVALUATION.chunk,
+}
+SHARED_FLAGS = ("--quantizer", "--group-size", "--residual-length", "--sink-length", "--b-min", "--b-max",
+                "--window", "--chunk")
+# What each script must have (a renamed option would otherwise drop out of the check unnoticed), and the options
+# that default to a calibration setting in that script only (elsewhere `--samples 8` is a deliberately smaller run).
+EXPECTED = {
+    "allocation_neighbourhood": dict(seq_len=CALIBRATION.seq_len, samples=CALIBRATION.n_samples),
+    "calibration_scaling": dict(quantizer=LAYOUT.quantizer, budget=CALIBRATION.budget),
+    "calibration_speed": dict(quantizer=LAYOUT.quantizer, budget=CALIBRATION.budget, seq_len=CALIBRATION.seq_len,
+                              sink_length=LAYOUT.sink_length, samples=CALIBRATION.n_samples,
+                              validation=CALIBRATION.n_validation, batch_size=CALIBRATION.batch_size),
+    "decode_speed": dict(quantizer=LAYOUT.quantizer, group_size=LAYOUT.group_size,
+                         residual_length=LAYOUT.residual_length, sink_length=LAYOUT.sink_length),
+    "dequantize_kernel": dict(quantizer=LAYOUT.quantizer, group_size=LAYOUT.group_size),
+    "field_comparison": dict(group_size=LAYOUT.group_size, residual_length=LAYOUT.residual_length,
+                             sink_length=LAYOUT.sink_length, b_min=CALIBRATION.b_min, b_max=CALIBRATION.b_max,
+                             seq_len=CALIBRATION.seq_len, window=EVALUATION.window, windows=EVALUATION.n_windows,
+                             chunk=EVALUATION.chunk),
+    "gpu_speed": dict(quantizer=LAYOUT.quantizer, group_size=LAYOUT.group_size,
+                      residual_length=LAYOUT.residual_length),
+    "lm_eval_table": dict(chunk=EVALUATION.chunk),
+    "long_context": dict(quantizer=LAYOUT.quantizer, group_size=LAYOUT.group_size,
+                         residual_length=LAYOUT.residual_length, sink_length=LAYOUT.sink_length),
+    "memory": dict(group_size=LAYOUT.group_size, residual_length=LAYOUT.residual_length,
+                   sink_length=LAYOUT.sink_length),
+    "ratequant_quality": dict(group_size=LAYOUT.group_size, residual_length=LAYOUT.residual_length,
+                              sink_length=LAYOUT.sink_length, b_min=CALIBRATION.b_min, b_max=CALIBRATION.b_max,
+                              seq_len=CALIBRATION.seq_len, measure=CALIBRATION.measure, window=EVALUATION.window,
+                              windows=EVALUATION.n_windows, chunk=EVALUATION.chunk, samples=CALIBRATION.n_samples,
+                              validation=CALIBRATION.n_validation, batch_size=CALIBRATION.batch_size),
+}
+REQUIRED_ARGS = {"allocation_neighbourhood": ["--config", "unused"]}
+
+def _forked_help(name: str, output: Path, timeout: float = 60.0) -> int:
+    """Run `benchmarks/<name> --help` in a child forked from this process (which has imported `hf_ratequant` and
+    torch already) exactly as `python benchmarks/<name> --help` runs it; its output goes to `output`. The exit
+    status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            with open(output, "w", encoding="utf-8") as f:
+                os.dup2(f.fileno(), 1)
+                os.dup2(f.fileno(), 2)
+                sys.stdout = sys.stderr = f
+                for module in [p[:-3] for p in SCRIPTS] + ["_common"]:
+                    sys.modules.pop(module, None)  # each script imports what it needs itself
+                path = str(BENCHMARKS / name)
+                sys.argv = [path, "--help"]
+                sys.path.insert(0, str(BENCHMARKS))
+                try:
+                    runpy.run_path(path, run_name="__main__")
+                    code = 0
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                except BaseException:
+                    traceback.print_exc()
+                f.flush()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def help_runs(tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """`{script: (exit status, output)}` of `python benchmarks/<script> --help` for every script."""
+    out = tmp_path_factory.mktemp("help")
+    if sys.platform.startswith("linux"):
+        codes = {name: _forked_help(name, out / f"{name}.txt") for name in SCRIPTS}
+        return {name: (codes[name], (out / f"{name}.txt").read_text(encoding="utf-8")) for name in SCRIPTS}
+    runs = {}
+    for name in SCRIPTS:
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / name), "--help"], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        runs[name] = (proc.returncode, proc.stdout + proc.stderr)
+    return runs
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_runs(help_runs, script):
+    code, output = help_runs[script]
+    assert code == 0, output
+    assert "usage:" in output, output
+
+
+@pytest.fixture(scope="module")
+def bench_modules():
+    """Import benchmark scripts as modules, as they import one another (`benchmarks/` on `sys.path`)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _defaults(module, name: str):
+    if hasattr(module, "parse_args"):
+        return module.parse_args(REQUIRED_ARGS.get(name, []))
+    return module.build_parser().parse_args(REQUIRED_ARGS.get(name, []))
+
+
+def test_every_script_with_shared_options_is_checked():
+    """A script that takes a layout, calibration or evaluation option has its defaults checked below."""
+    for name in SCRIPTS:
+        source = (BENCHMARKS / name).read_text()
+        if any(f'"{flag}"' in source for flag in SHARED_FLAGS):
+            assert name[:-3] in EXPECTED, f"{name} takes shared settings: add it to EXPECTED"
+            assert "def parse_args(" in source or "def build_parser(" in source, name
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_defaults_are_the_library_settings(bench_modules, name):
+    args = _defaults(bench_modules(name), name)
+    wanted = {**{k: v for k, v in SHARED.items() if hasattr(args, k)}, **EXPECTED[name]}
+    got = {k: getattr(args, k, "<missing>") for k in wanted}
+    assert got == wanted
+
+
+@pytest.mark.parametrize("name", ["decode_speed", "long_context", "memory", "field_comparison", "ratequant_quality"])
+def test_sinks_follow_the_group_size_and_bad_layouts_fail_early(bench_modules, name, capsys):
+    module = bench_modules(name)
+    extra = REQUIRED_ARGS.get(name, [])
+    assert module.parse_args([*extra, "--group-size", "64"]).sink_length == 64  # least multiple of G >= 32
+    assert module.parse_args([*extra, "--sink-length", "0"]).sink_length == 0
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([*extra, "--sink-length", "16"])  # not a multiple of G = 32
+    assert e.value.code == 2
+    assert "sink_length=16 must be a multiple of group_size=32" in capsys.readouterr().err
+
+
+def _tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024)
+
+
+@pytest.mark.parametrize("name", ["decode_speed", "long_context"])
+def test_fixed_caches_have_the_calibrated_sinks(bench_modules, name):
+    """The uniform caches and the per-head mix get CacheLayout's layout (32 sinks), as a calibrated config."""
+    module = bench_modules(name)
+    argv = ["--backends"] if name == "decode_speed" else ["--per-head-mix", "--configs"]
+    specs = module.cache_specs(_tiny_config(), module.parse_args(argv))
+    caches = [s.make() for s in specs if s.family == "ratequant"]
+    assert any("per-head" in s.name for s in specs) and len(caches) >= 2  # uniform ones and the mix
+    for cache in caches:
+        assert cache.quant_config.layout == LAYOUT
+
+
+def test_memory_breakdown_counts_the_sinks(bench_modules):
+    memory = bench_modules("memory")
+    gen = torch.Generator().manual_seed(0)
+    states = [tuple(torch.randn(1, 2, 300, 32, generator=gen).to(torch.bfloat16) for _ in range(2)) for _ in range(2)]
+    ref = memory.reference_bytes(states, _tiny_config())
+    rows = memory.measure(states, _tiny_config(), LAYOUT, ref)  # raises if the parts do not add up to nbytes
+    assert {r.sink_tokens for r in rows} == {LAYOUT.sink_length}
+    assert all(r.sinks == 2 * 2 * 2 * LAYOUT.sink_length * 32 * 2 for r in rows)  # K+V, layers, heads, S, d, bf16
+    assert all(r.quantized_tokens + r.sink_tokens + r.window_tokens == 300 for r in rows)
+
+
+# ---- the results writer -------------------------------------------------------------------------------------------
+@pytest.fixture
+def common(bench_modules):
+    return bench_modules("_common")
+
+
+def test_write_results_writes_both_files_and_no_temporary(common, tmp_path):
+    out = tmp_path / "new" / "folder"
+    payload = {"rows": [1, 2], "layout": LAYOUT}
+    json_path, md_path = common.write_results("stem_x", payload, "# title", str(out))
+    assert (json_path, md_path) == (str(out / "stem_x.json"), str(out / "stem_x.md"))
+    assert sorted(os.listdir(out)) == ["stem_x.json", "stem_x.md"]
+    data = json.loads(Path(json_path).read_text())
+    assert data["rows"] == [1, 2] and data["layout"] == str(LAYOUT)  # default=str
+    assert data["machine"]["cores"] == os.cpu_count()  # added when missing
+    assert "machine" not in payload  # the caller's dict is left as it was
+    assert Path(json_path).read_text().startswith('{\n "rows"')  # indent=1
+    assert Path(md_path).read_text() == "# title\n"
+
+    common.write_results("stem_x", {"machine": "given", "v": 2}, "second\n", str(out))
+    assert json.loads(Path(json_path).read_text()) == {"machine": "given", "v": 2}
+    assert Path(md_path).read_text() == "second\n"
+    assert sorted(os.listdir(out)) == ["stem_x.json", "stem_x.md"]
+
+    common.write_results("meta_only", {"meta": {"machine": {}}}, "x", str(out), add_machine=False)
+    assert json.loads((out / "meta_only.json").read_text()) == {"meta": {"machine": {}}}
+
+
+def test_write_results_failure_keeps_the_old_file_and_leaves_no_temporary(common, tmp_path, monkeypatch):
+    common.write_results("r", {"v": 1}, "old", str(tmp_path))
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(common.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        common.write_results("r", {"v": 2}, "new", str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "r.md"]
+    assert json.loads((tmp_path / "r.json").read_text())["v"] == 1
+    assert (tmp_path / "r.md").read_text() == "old\n"
