@@ -23,7 +23,6 @@ between two caches come with a paired standard error over windows (a rough noise
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -33,11 +32,24 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from _common import load_average, machine, time_fwd_bwd
+from _common import (
+    CALIBRATION,
+    EVALUATION,
+    LAYOUT,
+    RESULTS_DIR,
+    add_sink_length,
+    layout_from_args,
+    load_average,
+    machine,
+    resolve_layout,
+    time_fwd_bwd,
+    write_results,
+)
+
+from hf_ratequant.settings import MEASURES
 
 logger = logging.getLogger("benchmarks.ratequant_quality")
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CANDIDATE_ORDER = ("ratequant", "ratequant-measured", "ratequant-shrunk", "kvq-beta4")
 NOISE_NOTE = (
     "METHOD.md: at 3 bits, changing a single unit moves perplexity and KL by 1 to 2% in either direction; smaller "
@@ -120,14 +132,11 @@ def paired(a: Row, b: Row, metric: str) -> tuple[float, float | None]:
 
 
 def bits_config(bits: torch.Tensor, template, name: str):
+    """`bits` `(layers, kv_heads, 2)` with the layout, budget, bounds and model of the config `template`."""
     from hf_ratequant import RateQuantConfig
 
-    return RateQuantConfig(
-        key_bits=bits[:, :, 0].tolist(), value_bits=bits[:, :, 1].tolist(), quantizer=template.quantizer,
-        group_size=template.group_size, residual_length=template.residual_length,
-        sink_length=template.sink_length, budget=template.budget, b_min=template.b_min, b_max=template.b_max,
-        method=name, fingerprint=template.fingerprint,
-    )
+    return RateQuantConfig.from_bits(bits, template.layout, fingerprint=template.fingerprint, method=name,
+                                     budget=template.budget, b_min=template.b_min, b_max=template.b_max)
 
 
 def make_row(quantizer: str, budget: float | None, cache: str, kind: str, cfg, result: dict, val=None) -> Row:
@@ -152,12 +161,13 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
     fp = ModelFingerprint.from_model_config(model.config)
     n_heads = fp.num_layers * fp.num_kv_heads
 
+    layout = layout_from_args(args, quantizer=quantizer)  # of the calibrated and of every fixed cache
     logger.info("[%s %.4g] calibrating", quantizer, budget)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     config = calibrate(
         model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
-        seq_len=args.seq_len, n_validation=args.validation, group_size=args.group_size,
-        residual_length=args.residual_length, sink_length=args.sink_length, b_min=args.b_min, b_max=args.b_max,
+        seq_len=args.seq_len, n_validation=args.validation, group_size=layout.group_size,
+        residual_length=layout.residual_length, sink_length=layout.sink_length, b_min=args.b_min, b_max=args.b_max,
         batch_size=args.batch_size, chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
         measure=args.measure,
     )
@@ -183,9 +193,7 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
     fixed = fixed_allocations(n_heads, n_heads, budget, args.b_min, args.b_max)
     for k_bits, v_bits in fixed:
         name = f"uniform-{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
-        cfg = RateQuantConfig.uniform(model.config, key_bits=k_bits, value_bits=v_bits, quantizer=quantizer,
-                                      group_size=args.group_size, residual_length=args.residual_length,
-                                      sink_length=args.sink_length)
+        cfg = RateQuantConfig.uniform(model.config, key_bits=k_bits, value_bits=v_bits, layout=layout)
         add(name, "fixed", cfg, val.get(name))
     chosen = add(f"chosen ({winner})", "chosen", config, val.get(winner))
     chosen_bits = config.bits_tensor()
@@ -362,19 +370,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="calibration text (default: WikiText-2 train; offline: the train half of pydoc topics)")
     p.add_argument("--eval-data", default=None,
                    help="evaluation text (default: WikiText-2 test; offline: the test half of pydoc topics)")
-    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
-    p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8: 8k tokens)")
-    p.add_argument("--chunk", type=int, default=64, help="tokens fed per forward pass (default 64)")
-    p.add_argument("--samples", type=int, default=16, help="calibration fit windows (calibrate's n_samples, 16)")
-    p.add_argument("--validation", type=int, default=8, help="calibration validation windows (n_validation, 8)")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
-    p.add_argument("--b-min", type=int, default=1)
-    p.add_argument("--b-max", type=int, default=6)
-    p.add_argument("--group-size", type=int, default=32, help="G (default 32)")
-    p.add_argument("--residual-length", type=int, default=128, help="R (default 128)")
-    p.add_argument("--sink-length", type=int, default=32,
-                   help="S: first tokens kept in full precision by every quantized cache (default 32, calibrate's)")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration (and fwd+bwd) batch size (default 4)")
+    p.add_argument("--window", type=int, default=EVALUATION.window,
+                   help=f"tokens per evaluation window (default {EVALUATION.window})")
+    p.add_argument("--windows", type=int, default=EVALUATION.n_windows,
+                   help=f"evaluation windows (default {EVALUATION.n_windows})")
+    p.add_argument("--chunk", type=int, default=EVALUATION.chunk,
+                   help=f"tokens fed per forward pass, evaluation and validation (default {EVALUATION.chunk})")
+    p.add_argument("--samples", type=int, default=CALIBRATION.n_samples,
+                   help=f"calibration fit windows (calibrate's n_samples, {CALIBRATION.n_samples})")
+    p.add_argument("--validation", type=int, default=CALIBRATION.n_validation,
+                   help=f"calibration validation windows (n_validation, {CALIBRATION.n_validation})")
+    p.add_argument("--seq-len", type=int, default=CALIBRATION.seq_len,
+                   help=f"calibration window length (default {CALIBRATION.seq_len})")
+    p.add_argument("--b-min", type=int, default=CALIBRATION.b_min, help=f"default {CALIBRATION.b_min}")
+    p.add_argument("--b-max", type=int, default=CALIBRATION.b_max, help=f"default {CALIBRATION.b_max}")
+    p.add_argument("--group-size", type=int, default=LAYOUT.group_size, help=f"G (default {LAYOUT.group_size})")
+    p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
+                   help=f"R (default {LAYOUT.residual_length})")
+    add_sink_length(p, "by every quantized cache, fixed and calibrated")
+    p.add_argument("--batch-size", type=int, default=CALIBRATION.batch_size,
+                   help=f"calibration (and fwd+bwd) batch size (default {CALIBRATION.batch_size})")
     p.add_argument("--eval-batch-size", type=int, default=1,
                    help="evaluation windows per batch (default 1: per-window numbers for paired errors)")
     p.add_argument("--ref-dtype", choices=["float32", "bfloat16"], default="float32",
@@ -382,9 +397,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plain-measure", action="store_true",
                    help="weight errors by gradients through all attention, the residual window included (the "
                         "measure before residual-aware calibration; for comparison)")
-    p.add_argument("--measure", choices=["output", "state"], default="output",
-                   help="calibrate's measure: gradient-weighted error of the attention output (default) or of the "
-                        "states themselves (the measure before)")
+    p.add_argument("--measure", choices=MEASURES, default=CALIBRATION.measure,
+                   help="calibrate's measure: gradient-weighted error of the attention output or of the states "
+                        f"themselves (the measure before; default {CALIBRATION.measure})")
     p.add_argument("--all-candidates", action="store_true",
                    help="also evaluate the RateQuant candidates calibration did not choose (default: only the "
                         "closed form and kvq's beta = 4 rule next to the chosen one)")
@@ -392,7 +407,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder to save every calibrated config in, as <quantizer>-<budget>/ ('' to skip)")
     p.add_argument("--output-dir", default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="suffix of the output names: ratequant_quality_<tag>.md/.json")
-    return p.parse_args(argv)
+    return resolve_layout(p, p.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -462,14 +477,10 @@ def main(argv=None) -> int:
         total_s=time.perf_counter() - start,
     )
     md = markdown(payload)
-    os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, "ratequant_quality" + (f"_{args.tag}" if args.tag else ""))
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(md)
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, default=str)
+    stem = "ratequant_quality" + (f"_{args.tag}" if args.tag else "")
+    json_path, md_path = write_results(stem, payload, md, args.output_dir)
     print(md)
-    logger.info("wrote %s.md and %s.json (%.1f min)", stem, stem, payload["total_s"] / 60)
+    logger.info("wrote %s and %s (%.1f min)", md_path, json_path, payload["total_s"] / 60)
     return 0
 
 
