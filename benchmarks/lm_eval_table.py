@@ -44,13 +44,13 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from _common import machine  # noqa: E402
+from _common import EVALUATION, RESULTS_DIR, machine, write_results  # noqa: E402
 
 from hf_ratequant import RateQuantCache, RateQuantConfig, default_config_path, load_default_model  # noqa: E402
+from hf_ratequant.cache_spec import parse_cache_spec  # noqa: E402
 from hf_ratequant.data import local_text  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS_DIR = os.path.join(HERE, "results")
 THREE_BIT = os.path.join(HERE, "..", "hub_artifacts", "SmolLM2-135M-Instruct-ratequant-kivi-3")
 RECALL_PROMPT = "\n\nHere is a sentence copied from the text above:\n"
 PREFIX_WORDS, CHOICE_WORDS = 6, 8
@@ -144,7 +144,7 @@ def answers(samples: list[dict], task: str) -> dict[int, tuple]:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 1536, 2048, 3072])
     p.add_argument("--depths", type=int, default=5, help="key depths per length, evenly spread")
@@ -152,12 +152,17 @@ def main(argv=None) -> int:
     p.add_argument("--recall-base", type=int, default=700, help="tokens of the first passage")
     p.add_argument("--recall-step", type=int, default=24, help="extra tokens per further passage")
     p.add_argument("--batch-size", type=int, default=4, help="4: the choices of a question in one batch")
-    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=EVALUATION.chunk, help="tokens per forward pass through the cache "
+                   f"(default {EVALUATION.chunk})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task-dir", default=None, help="where the task YAML/JSON go (default: a temporary folder)")
     p.add_argument("--tag", default=None, help="suffix of the result files")
     p.add_argument("--output-dir", default=RESULTS_DIR)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("lm_eval", "lm-eval", "lm_eval.models.huggingface", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -170,9 +175,7 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t0
     shipped = RateQuantConfig.from_pretrained(default_config_path())
     three = RateQuantConfig.from_pretrained(THREE_BIT)
-    k3v2 = RateQuantConfig.uniform(model.config, key_bits=3, value_bits=2, quantizer=shipped.quantizer,
-                                   group_size=shipped.group_size, residual_length=shipped.residual_length,
-                                   sink_length=shipped.sink_length)
+    k3v2 = parse_cache_spec("kv:3,2").build(model.config, shipped.layout)  # the shipped config's S, R, G
     caches = [("full precision", "none", None), ("fixed K3V2", "kv:3,2", k3v2),
               ("RateQuant 2.5", "shipped kivi-2.5", shipped), ("RateQuant 3", "hub_artifacts kivi-3", three)]
     window = {(c.sink_length, c.residual_length, c.group_size) for _, _, c in caches if c is not None}
@@ -219,7 +222,6 @@ def main(argv=None) -> int:
             r["mean_abs_dlogp_gold"] = sum(abs(mine[d][1] - ref[d][1]) for d in ref) / len(ref)
 
     stem = "lm_eval_table" + (f"_{args.tag}" if args.tag else "")
-    os.makedirs(args.output_dir, exist_ok=True)
     s, r_, g = window.pop()
     meta = {
         "machine": info, "lm_eval": LM_EVAL_VERSION, "model": model.config._name_or_path, "dtype": str(model.dtype),
@@ -231,11 +233,9 @@ def main(argv=None) -> int:
                          "prefix_words": PREFIX_WORDS, "choice_words": CHOICE_WORDS},
         "command": " ".join(["python", "benchmarks/lm_eval_table.py"] + (argv if argv is not None else sys.argv[1:])),
     }
-    with open(os.path.join(args.output_dir, stem + ".json"), "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     md = render(meta, rows)
-    with open(os.path.join(args.output_dir, stem + ".md"), "w", encoding="utf-8") as f:
-        f.write(md)
+    # the machine is recorded in meta (make_results and render read it there)
+    write_results(stem, {"meta": meta, "rows": rows}, md, args.output_dir, add_machine=False)
     print(md)
     return 0
 
