@@ -104,4 +104,5 @@ def test_processes_that_disagree_fail_on_every_rank(model_dir, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode != 0
     for rank in (0, 1):
-        assert f"rank {rank}: The processes disagree on the model, data or settings" in run.stdout, run.stdout + run.stderr[-4000:]
+        said = f"rank {rank}: The processes disagree on the model, data or settings"
+        assert said in run.stdout, run.stdout + run.stderr[-4000:]
