@@ -208,7 +208,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("RateQuant against the best fixed split", "ratequant_quality_shared-prefix.json",
      "python benchmarks/ratequant_quality.py --tag shared-prefix", quality),
     ("Against the field", "field_comparison.json",
-     "python benchmarks/field_comparison.py --configs-from benchmarks/results/ratequant_quality_configs_defaults",
+     "python benchmarks/field_comparison.py --quantizers kivi --budgets 2.5 3 --no-kvq-rule --kvq-bits --hqq-bits 2 4 "
+     "--passkey-lengths 1024 --decode-repeats 1  # configs from results/ratequant_quality_configs_defaults",
      field),
     ("Memory", "memory.json", "python benchmarks/memory.py", memory),
     ("Decode speed on the CPU", "decode_speed.json", "python benchmarks/decode_speed.py", decode),
