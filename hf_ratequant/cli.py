@@ -505,7 +505,8 @@ def _print_mismatch(rows: list[dict], budget: float, tokens: int) -> None:
 # ---- the parser ----------------------------------------------------------------------------------------------------
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"Hub id, local folder, or '{DEFAULT_MODEL}' (the embedded SmolLM2-135M-Instruct)")
+                   help=f"Hub id, local folder, .gguf file (or a folder holding one), or '{DEFAULT_MODEL}' (the "
+                   "embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPES,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -70,13 +71,72 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return torch.bfloat16
 
 
-def check_model_source(name_or_path: str, device: str | None = None, dtype: str | torch.dtype = "auto") -> None:
-    """Refuse, before anything is loaded, a model path that is no folder, an unknown device or dtype."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where [`load_model`] reads a model from: a Hub id or folder, or a GGUF file in `folder` (`gguf_file`)."""
+
+    folder: str
+    gguf_file: str | None = None
+
+
+def resolve_model_source(name_or_path: str) -> ModelSource:
+    """The source of `name_or_path`, checked without loading anything: `"smollm2"` (the embedded GGUF), a `.gguf`
+    file, a folder with a `config.json`, a folder holding one GGUF file, or a Hub id. A GGUF is checked to be whole
+    and of an architecture transformers can load ([`check_gguf`])."""
     from .hub_io import looks_local
 
-    if name_or_path != DEFAULT_MODEL and looks_local(name_or_path) and not os.path.isdir(name_or_path):
-        raise FileNotFoundError(f"Model {name_or_path!r}: no such folder. Pass a local model folder, a Hub id "
-                                f"('org/name') or '{DEFAULT_MODEL}' for the embedded default model.")
+    if name_or_path == DEFAULT_MODEL:
+        return ModelSource(*default_model_path())
+    path = os.path.expanduser(name_or_path)
+    if path.lower().endswith(".gguf") or os.path.isfile(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Model {name_or_path!r}: no such GGUF file.")
+        check_gguf(path)
+        return ModelSource(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.lower().endswith(".gguf"))
+        if len(ggufs) == 1:
+            check_gguf(os.path.join(path, ggufs[0]))
+            return ModelSource(os.path.abspath(path), ggufs[0])
+        found = f"{len(ggufs)} GGUF files ({', '.join(ggufs)})" if ggufs else "no GGUF file"
+        raise FileNotFoundError(f"Model folder {name_or_path!r} has no config.json and {found}: pass a folder saved "
+                                "by save_pretrained, or the path of one .gguf file.")
+    if looks_local(name_or_path) and not os.path.isdir(path):
+        raise FileNotFoundError(f"Model {name_or_path!r}: no such folder or file. Pass a local model folder, a .gguf "
+                                f"file, a Hub id ('org/name') or '{DEFAULT_MODEL}' for the embedded default model.")
+    return ModelSource(path if os.path.isdir(path) else name_or_path)
+
+
+def check_gguf(path: str) -> None:
+    """Refuse, in milliseconds and before any weights load, a file that is not GGUF, is truncated, or holds an
+    architecture this transformers cannot load from GGUF (see [`read_gguf_header`])."""
+    from .gguf_header import read_gguf_header
+
+    fix = "download or assemble it again and check its sha256"
+    try:
+        header = read_gguf_header(path)
+    except ValueError as e:
+        raise ValueError(f"{e} Pass a whole .gguf model file ({fix}), or a model folder saved by save_pretrained."
+                         ) from None
+    size = os.path.getsize(path)
+    if header.n_tensors == 0 or header.needed_bytes > size:
+        raise ValueError(f"{path} is truncated: its {header.n_tensors} tensors need {header.needed_bytes} bytes, "
+                         f"the file has {size}; {fix}.")
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as supported
+    except ImportError:  # another transformers layout: from_pretrained decides
+        return
+    if header.architecture not in supported:
+        names = ", ".join(a for a in supported if a not in ("general", "tokenizer"))
+        raise ValueError(f"{path} holds a {header.architecture!r} model, which transformers cannot load from GGUF "
+                         f"(it can: {names}). Convert the checkpoint to a transformers folder, or pick a GGUF of a "
+                         "supported architecture.")
+
+
+def check_model_source(name_or_path: str, device: str | None = None, dtype: str | torch.dtype = "auto") -> None:
+    """Refuse, before anything is loaded, a model path that does not exist or is a bad GGUF, an unknown device or
+    dtype."""
+    resolve_model_source(name_or_path)
     resolve_dtype(dtype, resolve_device(device))
 
 
@@ -91,8 +151,10 @@ def load_model(
     """Load `(model, tokenizer)` in eval mode.
 
     Args:
-        name_or_path (`str`, *optional*, defaults to `"smollm2"`): a Hub id, a local folder, or `"smollm2"` for the
-            embedded SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF; needs the `gguf` package).
+        name_or_path (`str`, *optional*, defaults to `"smollm2"`): a Hub id, a local folder, a `.gguf` file (or a
+            folder holding one; dequantized to `dtype` on every load, tens of seconds for a 0.5B model: save it with
+            `save_pretrained` once to load in seconds), or `"smollm2"` for the embedded SmolLM2-135M-Instruct
+            (dequantized from its Q4_1 GGUF).
         dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`): weights dtype, or its name in
             [`DTYPES`] (`"auto"`: float32 on the CPU, bfloat16 on a GPU). On CPU, float32 is about 15x faster than
             bfloat16.
@@ -105,17 +167,15 @@ def load_model(
 
     target = resolve_device(device) if device is not None and device_map is None else None
     dtype = resolve_dtype(dtype, target or ("cuda" if device_map is not None and torch.cuda.is_available() else "cpu"))
-    if name_or_path == DEFAULT_MODEL:
-        folder, gguf = default_model_path()
-        kwargs = dict(gguf_file=gguf)
-        source = folder
+    source = resolve_model_source(name_or_path)
+    if source.gguf_file is not None:
+        kwargs = dict(gguf_file=source.gguf_file)
     else:
         kwargs = dict(revision=revision)
-        source = name_or_path
-        _say_if_offline(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+        _say_if_offline(source.folder)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=False, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, device_map=device_map, trust_remote_code=False, **kwargs
+        source.folder, dtype=dtype, device_map=device_map, trust_remote_code=False, **kwargs
     )
     if target is not None:
         model.to(target)
