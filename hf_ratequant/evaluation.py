@@ -29,6 +29,7 @@ _DEFAULTS = EvaluationSettings()  # every default below is one of its fields
 __all__ = [
     "CacheLike",
     "QualityResult",
+    "ReferenceBatch",
     "SharedPrefix",
     "evaluate_kl",
     "evaluate_perplexity",
@@ -111,10 +112,10 @@ def _score_chunk(
     return _ChunkScore(nll, kl, target.numel())
 
 
-def _reference_slice(reference: torch.Tensor, start: int, piece: torch.LongTensor) -> torch.Tensor:
+def _reference_slice(reference: ReferenceBatch, start: int, piece: torch.LongTensor) -> torch.Tensor:
     """The precomputed reference log-probs predicting the targets of the chunk that starts at `start`."""
     first = max(start, 1) - 1  # logit index predicting the first target of this chunk
-    return reference[:, first : first + piece.shape[1] - (start == 0)]
+    return reference.slice(first, piece.shape[1] - (start == 0))
 
 
 def exact_prefix_length(config: RateQuantConfig, chunk: int, window: int) -> int:
@@ -172,7 +173,7 @@ def shared_prefix(
     *,
     chunk: int = _DEFAULTS.chunk,
     batch_size: int = _DEFAULTS.batch_size,
-    reference: list[torch.Tensor] | None = None,
+    reference: list[ReferenceBatch] | None = None,
 ) -> SharedPrefix | None:
     """Run, once, the chunks that every cache with `config`'s residual window, sinks and group size serves in full
     precision ([`exact_prefix_length`]), for [`evaluate_quality`]`(..., prefix=...)` to start every such cache
@@ -210,7 +211,7 @@ def evaluate_quality(
     batch_size: int = _DEFAULTS.batch_size,
     with_kl: bool = True,
     progress: bool = True,
-    reference: list[torch.Tensor] | None = None,
+    reference: list[ReferenceBatch] | None = None,
     prefix: SharedPrefix | None = None,
     desc: str = "evaluate",
 ) -> QualityResult:
@@ -226,8 +227,8 @@ def evaluate_quality(
         batch_size (`int`, *optional*, defaults to 4): windows evaluated together.
         with_kl (`bool`, *optional*, defaults to `True`): also run the full-precision cache in lockstep and measure
             KL(full precision || this cache) per predicted token.
-        reference (`list[torch.Tensor]`, *optional*): precomputed full-precision log-probabilities, one
-            `(batch_size, window - 1, vocab)` tensor per batch (see [`reference_logprobs`]); saves the lockstep pass
+        reference (`list[ReferenceBatch]`, *optional*): precomputed full-precision log-probabilities, one per
+            batch of `batch_size` windows (see [`reference_logprobs`]); saves the lockstep pass
             when the same windows are evaluated for many caches.
         prefix ([`SharedPrefix`], *optional*): the start of the windows that this `RateQuantConfig`'s cache serves
             in full precision, computed once by [`shared_prefix`] (with the same `reference`) for many configs of
@@ -284,17 +285,87 @@ def evaluate_quality(
     )
 
 
+REFERENCE_MAX_BYTES = 2 << 30
+"""Above this many bytes of full-vocabulary log-probabilities, [`reference_logprobs`] keeps the output layer's
+inputs instead (tokens x hidden size, not tokens x vocabulary) and recomputes each chunk's log-probabilities."""
+
+
+@dataclass
+class ReferenceBatch:
+    """The full-precision next-token log-probabilities of one batch of windows, `(batch, window - 1, vocab)`:
+    stored (`logprobs`), or as the output layer's inputs (`hidden`) from which [`slice`] recomputes a chunk's
+    log-probabilities with `head`, so that memory grows with the hidden size rather than with the vocabulary."""
+
+    logprobs: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def windows(self) -> int:
+        return (self.logprobs if self.logprobs is not None else self.hidden).shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        held = self.logprobs if self.logprobs is not None else self.hidden
+        return held.numel() * held.element_size()
+
+    @torch.inference_mode()
+    def slice(self, first: int, length: int) -> torch.Tensor:
+        """Log-probabilities `(batch, length, vocab)` at prediction positions `first .. first + length - 1`."""
+        if self.logprobs is not None:
+            return self.logprobs[:, first : first + length]
+        return F.log_softmax(self.head(self.hidden[:, first : first + length]).float(), dim=-1)
+
+
+def _output_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """hidden -> logits as the model's forward computes them (its output layer, then Gemma 2's soft cap), or None
+    for a model this cannot follow (no separate decoder, or another final transform: checked on a few tokens)."""
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is None or decoder is model or lm_head is None:
+        return None
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(hidden.to(lm_head.weight.device))
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    return head
+
+
+def _hidden_states(model: Any, ids: torch.LongTensor) -> torch.Tensor:
+    return model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def _head_matches(model: Any, head: Callable, ids: torch.LongTensor) -> bool:
+    probe = ids[:1, :16]
+    return torch.allclose(head(_hidden_states(model, probe)).float(), model(input_ids=probe).logits.float(),
+                          rtol=1e-4, atol=1e-4)
+
+
 @torch.inference_mode()
 def reference_logprobs(
-    model: Any, windows: torch.LongTensor, *, batch_size: int = _DEFAULTS.batch_size
-) -> list[torch.Tensor]:
-    """Full-precision next-token log-probabilities of `windows`, one `(batch, window - 1, vocab)` tensor per batch of
-    `batch_size` windows (one forward pass each: with nothing quantized, chunking changes nothing)."""
+    model: Any, windows: torch.LongTensor, *, batch_size: int = _DEFAULTS.batch_size,
+    max_bytes: int = REFERENCE_MAX_BYTES,
+) -> list[ReferenceBatch]:
+    """Full-precision next-token log-probabilities of `windows`, one [`ReferenceBatch`] per batch of `batch_size`
+    windows (one forward pass each: with nothing quantized, chunking changes nothing). Up to `max_bytes` of them
+    are stored; beyond, each batch keeps the output layer's inputs and recomputes a chunk's log-probabilities when
+    asked (for a 262k vocabulary, 8 x 1024 tokens of log-probabilities would be 8.6 GB)."""
     device = model.get_input_embeddings().weight.device
-    return [
-        F.log_softmax(model(input_ids=ids.to(device)).logits[:, :-1].float(), dim=-1)
-        for ids in torch.split(windows, batch_size)
-    ]
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
+    head = _output_head(model) if windows.numel() * vocab * 4 > max_bytes else None
+    if head is not None and not _head_matches(model, head, windows.to(device)):
+        logger.warning("This model's logits are not its output layer applied to its last hidden states: the "
+                       "reference keeps full log-probabilities (%.1f GB).", windows.numel() * vocab * 4 / 1e9)
+        head = None
+    out = []
+    for ids in torch.split(windows, batch_size):
+        ids = ids.to(device)
+        if head is None:
+            out.append(ReferenceBatch(logprobs=F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)))
+        else:
+            out.append(ReferenceBatch(hidden=_hidden_states(model, ids)[:, :-1], head=head))
+    return out
 
 
 def evaluate_perplexity(

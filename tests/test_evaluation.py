@@ -70,6 +70,45 @@ def test_precomputed_reference_gives_the_same_kl(model, windows):
     assert cached.perplexity == pytest.approx(lockstep.perplexity, rel=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2-softcap"])
+def test_a_reference_over_the_memory_bound_keeps_hidden_states_and_gives_the_same_kl(model, windows, arch):
+    """Past `max_bytes` the reference holds tokens x hidden size, not tokens x vocabulary (for a 262k vocabulary
+    the difference between 21 MB and 8.6 GB), and recomputes each chunk's log-probabilities: the same KL."""
+    if arch != "llama":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, final_logit_softcapping=2.0, sliding_window=4096,
+        )).eval()
+    cfg = RateQuantConfig.uniform(model.config, bits=3, group_size=8, residual_length=8)
+    stored = reference_logprobs(model, windows, batch_size=2)
+    bounded = reference_logprobs(model, windows, batch_size=2, max_bytes=0)
+    assert all(r.logprobs is not None for r in stored) and all(r.hidden is not None for r in bounded)
+    assert sum(r.nbytes for r in bounded) == windows.shape[0] * (windows.shape[1] - 1) * 64 * 4
+    for a, b in zip(stored, bounded):
+        torch.testing.assert_close(b.slice(0, a.logprobs.shape[1]), a.logprobs, rtol=1e-5, atol=1e-5)
+    want = evaluate_quality(model, windows, cfg, chunk=16, batch_size=2, progress=False, reference=stored)
+    got = evaluate_quality(model, windows, cfg, chunk=16, batch_size=2, progress=False, reference=bounded)
+    assert got.kl == pytest.approx(want.kl, rel=1e-5) and got.perplexity == want.perplexity
+
+
+def test_a_model_whose_logits_are_not_its_head_of_hidden_keeps_full_log_probabilities(windows, caplog):
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(0)
+    model = CohereForCausalLM(CohereConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, logit_scale=0.25,
+    )).eval()
+    ref = reference_logprobs(model, windows, batch_size=2, max_bytes=0)
+    assert all(r.logprobs is not None for r in ref) and "keeps full log-probabilities" in caplog.text
+    with torch.no_grad():
+        logits = model(input_ids=windows[:2]).logits[:, :-1]
+    torch.testing.assert_close(ref[0].logprobs, torch.log_softmax(logits, -1))
+
+
 # ---- the shared prefix: the start of the windows that every cache of one (R, S, G) serves exactly ---------------
 
 
