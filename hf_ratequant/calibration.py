@@ -45,6 +45,7 @@ from .data import load_text, text_fingerprint, tokenize_windows
 from .distortion import CurveFit, fisher_distortion, fit_curves, output_distortion
 from .distributed import Processes
 from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
+from .models import last_hidden_states, output_head
 from .quantizers import get_quantizer
 from .record import CalibrationRecord, measure_description
 from .settings import DEFAULT_SINK_TOKENS, MEASURES, CacheLayout, CalibrationSettings, split_settings
@@ -228,8 +229,15 @@ def capture_states(
         kwargs["attention_mask"] = residual_split_mask(ids.shape[1], residual_length, group_size, fp, model.dtype,
                                                        device, sink_length)
     recording = _record_attention(model) if attention else contextlib.nullcontext([])
+    head = _chunked_head(model, ids)
     with calibration_mode(model), torch.enable_grad(), recording as calls:
-        out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True, **kwargs)
+        if head is None:
+            out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True, **kwargs)
+            loss, roots, root_grads = out.loss, [out.loss * ids.shape[0]], None
+        else:
+            hidden = last_hidden_states(model, ids, past_key_values=cache, use_cache=True, **kwargs)
+            loss, d_hidden = _chunked_loss(head, hidden, ids)
+            roots, root_grads = [hidden], [d_hidden]
         if attention and len(calls) != fp.num_layers:
             raise ValueError(f"{fp.architecture}: {len(calls)} attention calls for {fp.num_layers} layers; the "
                              "attention-output measure needs one per layer (use measure='state').")
@@ -245,14 +253,14 @@ def capture_states(
                     raise ValueError(f"Layer {i} produced non-finite {name} during calibration (inf or NaN): check "
                                      "the model's weights and dtype (float16 overflows are common; try bfloat16 or "
                                      "float32).")
-        if not torch.isfinite(out.loss):
-            raise ValueError(f"The calibration loss is {out.loss.item()}: the model produces non-finite outputs on "
+        if not torch.isfinite(loss):
+            raise ValueError(f"The calibration loss is {loss.item()}: the model produces non-finite outputs on "
                              "this data; check its dtype and weights.")
         leaves = [t for layer in cache.layers for t in layer.captured]
         # The sum over windows of each window's mean token loss: a window's gradients do not depend on which other
         # windows share its batch (so any batching, or sharding across processes, measures the same table).
         outputs = [call[-1] for call in calls]
-        grads = torch.autograd.grad(out.loss * ids.shape[0], leaves + outputs, allow_unused=True)
+        grads = torch.autograd.grad(roots, leaves + outputs, grad_outputs=root_grads, allow_unused=True)
     result = []
     seq_len = ids.shape[1]
     # The first query that reads any token from the quantized (far) copy; earlier rows see no quantization error.
@@ -274,6 +282,42 @@ def capture_states(
             row += ((attend, key, value, g_out, seq_len),)
         result.append(row)
     return result
+
+
+LOGITS_MAX_BYTES = 1 << 30
+"""Above this many bytes of float32 logits per calibration batch (4 x 512 tokens x a 262k vocabulary: 2.1 GB, with
+their gradient twice that), [`capture_states`] computes the loss a few tokens at a time from the last hidden states
+instead of materialising them; the gradients are the same up to rounding."""
+_LOSS_CHUNK = 256
+
+
+def _chunked_head(model: Any, ids: torch.LongTensor) -> Callable | None:
+    if ids.numel() * model.config.get_text_config().vocab_size * 4 <= LOGITS_MAX_BYTES:
+        return None
+    with calibration_mode(model):
+        head = output_head(model, ids[:1, :16])
+    if head is None:
+        logger.warning("This model's logits are not its output layer applied to its hidden states: calibration "
+                       "materialises all of them (%.1f GB per batch).",
+                       ids.numel() * model.config.get_text_config().vocab_size * 4 / 1e9)
+    return head
+
+
+def _chunked_loss(head: Callable, hidden: torch.Tensor, ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss `model(labels=ids).loss * batch` (the sum over windows of each window's mean next-token loss) and
+    its gradient with respect to `hidden`, computed `_LOSS_CHUNK` positions at a time: only one chunk's logits
+    (batch x chunk x vocabulary) exist at once."""
+    detached = hidden.detach().requires_grad_(True)
+    targets = ids[:, 1:].to(hidden.device)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, ids.shape[1] - 1, _LOSS_CHUNK):
+        stop = min(start + _LOSS_CHUNK, ids.shape[1] - 1)
+        logits = head(detached[:, start:stop]).float()
+        part = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[:, start:stop].flatten(),
+                                                 reduction="sum") / (ids.shape[1] - 1)
+        part.backward()
+        total += part.detach().double().cpu()
+    return total, detached.grad
 
 
 def residual_split_works(model: Any, input_ids: torch.LongTensor, residual_length: int, group_size: int) -> bool:

@@ -21,6 +21,7 @@ from transformers import Cache, DynamicCache
 from .cache import RateQuantCache
 from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, tokenize_windows
+from .models import last_hidden_states, output_head
 from .settings import EvaluationSettings
 
 logger = logging.getLogger(__name__)
@@ -317,31 +318,6 @@ class ReferenceBatch:
         return F.log_softmax(self.head(self.hidden[:, first : first + length]).float(), dim=-1)
 
 
-def _output_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """hidden -> logits as the model's forward computes them (its output layer, then Gemma 2's soft cap), or None
-    for a model this cannot follow (no separate decoder, or another final transform: checked on a few tokens)."""
-    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    if decoder is None or decoder is model or lm_head is None:
-        return None
-    cap = getattr(model.config, "final_logit_softcapping", None)
-
-    def head(hidden: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(hidden.to(lm_head.weight.device))
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    return head
-
-
-def _hidden_states(model: Any, ids: torch.LongTensor) -> torch.Tensor:
-    return model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-
-
-def _head_matches(model: Any, head: Callable, ids: torch.LongTensor) -> bool:
-    probe = ids[:1, :16]
-    return torch.allclose(head(_hidden_states(model, probe)).float(), model(input_ids=probe).logits.float(),
-                          rtol=1e-4, atol=1e-4)
-
-
 @torch.inference_mode()
 def reference_logprobs(
     model: Any, windows: torch.LongTensor, *, batch_size: int = _DEFAULTS.batch_size,
@@ -352,19 +328,18 @@ def reference_logprobs(
     are stored; beyond, each batch keeps the output layer's inputs and recomputes a chunk's log-probabilities when
     asked (for a 262k vocabulary, 8 x 1024 tokens of log-probabilities would be 8.6 GB)."""
     device = model.get_input_embeddings().weight.device
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
-    head = _output_head(model) if windows.numel() * vocab * 4 > max_bytes else None
-    if head is not None and not _head_matches(model, head, windows.to(device)):
+    full_bytes = windows.numel() * model.config.get_text_config().vocab_size * 4
+    head = output_head(model, windows[:1, :16].to(device)) if full_bytes > max_bytes else None
+    if head is None and full_bytes > max_bytes:
         logger.warning("This model's logits are not its output layer applied to its last hidden states: the "
-                       "reference keeps full log-probabilities (%.1f GB).", windows.numel() * vocab * 4 / 1e9)
-        head = None
+                       "reference keeps full log-probabilities (%.1f GB).", full_bytes / 1e9)
     out = []
     for ids in torch.split(windows, batch_size):
         ids = ids.to(device)
         if head is None:
             out.append(ReferenceBatch(logprobs=F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)))
         else:
-            out.append(ReferenceBatch(hidden=_hidden_states(model, ids)[:, :-1], head=head))
+            out.append(ReferenceBatch(hidden=last_hidden_states(model, ids)[:, :-1], head=head))
     return out
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -206,3 +208,28 @@ def default_config_path() -> str:
     """The folder of the calibrated [`RateQuantConfig`] shipped for the embedded default model (`DEFAULT_CONFIG`):
     `RateQuantConfig.from_pretrained(default_config_path())` or `RateQuantCache.from_pretrained(..., model=model)`."""
     return os.path.join(_SHIPPED, DEFAULT_CONFIG)
+
+
+def last_hidden_states(model: Any, ids: torch.LongTensor, **kwargs) -> torch.Tensor:
+    """What the model's output layer reads: its decoder's last hidden states for `ids` (`kwargs` go to the
+    decoder: a cache, an attention mask)."""
+    return model.get_decoder()(input_ids=ids, **({"use_cache": False} | kwargs)).last_hidden_state
+
+
+def output_head(model: Any, probe: torch.LongTensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """hidden states -> logits as the model's forward computes them (its output layer, then Gemma 2's soft cap),
+    checked against the model's own logits on `probe` (a few token ids); None for a model it cannot follow (no
+    separate decoder, or another final transform such as Cohere's logit scale). With it, logits can be computed a
+    few tokens at a time instead of tokens x vocabulary at once."""
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is None or decoder is model or lm_head is None:
+        return None
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(hidden.to(lm_head.weight.device))
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    with torch.no_grad():
+        ours, theirs = head(last_hidden_states(model, probe)).float(), model(input_ids=probe).logits.float()
+    return head if ours.shape == theirs.shape and torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4) else None

@@ -53,6 +53,35 @@ def test_capture_leaves_model_unchanged(model):
         assert torch.equal(model(ids).logits, logits)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2-softcap"])
+def test_the_loss_computed_a_few_tokens_at_a_time_gives_the_same_gradients(model, monkeypatch, arch):
+    """Past `LOGITS_MAX_BYTES` the logits (tokens x vocabulary, with their gradient) are never materialised at once:
+    the loss runs over chunks of the last hidden states, through the output layer (and Gemma 2's soft cap).
+    Captured states, gradients and the attention-output rows are the same up to rounding."""
+    import hf_ratequant.calibration as calibration
+
+    if arch != "llama":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, final_logit_softcapping=2.0,
+            sliding_window=4096,
+        )).eval()
+    ids = torch.randint(0, len(WORDS), (2, 40), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(residual_length=8, group_size=8, sink_length=8, attention=True)
+    whole = capture_states(model, ids, **kwargs)
+    monkeypatch.setattr(calibration, "LOGITS_MAX_BYTES", 0)
+    monkeypatch.setattr(calibration, "_LOSS_CHUNK", 7)  # several chunks, the last one short
+    chunked = capture_states(model, ids, **kwargs)
+    for a, b in zip(whole, chunked):
+        for x, y in zip(a[:4], b[:4]):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(b[4][3], a[4][3], rtol=1e-4, atol=1e-7)  # the attention outputs' gradients
+    assert whole[1][2].abs().sum() > 0
+
+
 def test_captured_gradient_is_the_loss_gradient(model):
     """The gradient on the captured keys equals a finite difference of the loss."""
     import copy
