@@ -50,10 +50,12 @@ from _common import (
     CALIBRATION,
     EVALUATION,
     LAYOUT,
+    MODEL_HELP,
     RESULTS_DIR,
     add_sink_length,
     layout_from_args,
     load_average,
+    load_benchmark_model,
     machine,
     resolve_layout,
     write_results,
@@ -403,7 +405,7 @@ def plot_frontier(rows: list[Row], full_ppl: float, path: str, memory_tokens: in
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2", help="Hub id, local folder, or 'smollm2' (the embedded default)")
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--quantizers", nargs="+", default=["kivi", "token", "rotated"])
@@ -468,13 +470,14 @@ def main(argv=None) -> int:
     from hf_ratequant.config import ModelFingerprint
     from hf_ratequant.data import load_text, tokenize_windows
     from hf_ratequant.evaluation import evaluate_quality, evaluation_windows, reference_logprobs
-    from hf_ratequant.models import load_model
     from hf_ratequant.passkey import passkey_trials, run_passkey
 
     start = time.perf_counter()
     device = torch.device(args.device)
     info = machine(device, packages=("optimum-quanto", "hqq", "kvq", "accelerate"))
-    model, tok = load_model(args.model, dtype=DTYPES[args.dtype], device_map=None if device.type == "cpu" else device)
+    model, tok, _ = load_benchmark_model(args.model, DTYPES[args.dtype], device)
+    if tok is None:
+        raise SystemExit("--model: this benchmark needs real text, so a model with a tokenizer (not random:).")
     fp = ModelFingerprint.from_model_config(model.config)
 
     methods = build_methods(args, model, tok)

@@ -1,4 +1,4 @@
-"""Memory held by `RateQuantCache` for the default model's real keys and values, against a 16-bit `DynamicCache`.
+"""Memory held by `RateQuantCache` for a real model's keys and values (`--model`), against a 16-bit `DynamicCache`.
 
 The default model (SmolLM2-135M, 30 layers x 3 kv-heads x head_dim 64) is run once in float32 over `--tokens` tokens
 of text with a `DynamicCache`. Its keys and values are cast to bfloat16 (the usual serving dtype) and fed to every
@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass
 import torch
 from _common import (
     LAYOUT,
+    MODEL_HELP,
     RESULTS_DIR,
     add_sink_length,
     bits_table,
     layout_from_args,
+    load_benchmark_model,
     machine,
     resolve_layout,
     write_results,
@@ -279,6 +281,7 @@ def overhead_notes(rows: list[Row], ref: int, layout: CacheLayout, n_tokens: int
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--tokens", type=int, default=4096, help="context length captured (default 4096)")
     p.add_argument("--text", default="pydoc", help="text for hf_ratequant.data.load_text (default: pydoc)")
     p.add_argument("--group-size", type=int, default=LAYOUT.group_size, help=f"G (default {LAYOUT.group_size})")
@@ -320,11 +323,12 @@ def plot(rows: list[Row], tokens: int, path: str, layout: CacheLayout) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    from hf_ratequant import load_default_model
 
     start = time.perf_counter()
-    model, tokenizer = load_default_model()
-    logger.info("Loaded the default model in %.1f s.", time.perf_counter() - start)
+    model, tokenizer, _ = load_benchmark_model(args.model, torch.float32, torch.device("cpu"))
+    if tokenizer is None:
+        raise SystemExit("--model: this benchmark needs real text, so a model with a tokenizer (not random:).")
+    logger.info("Loaded the model in %.1f s.", time.perf_counter() - start)
     states32, source = capture_states(model, tokenizer, args.tokens, args.text)
     states = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in states32]
     del states32

@@ -36,10 +36,12 @@ from _common import (
     CALIBRATION,
     EVALUATION,
     LAYOUT,
+    MODEL_HELP,
     RESULTS_DIR,
     add_sink_length,
     layout_from_args,
     load_average,
+    load_benchmark_model,
     machine,
     resolve_layout,
     time_fwd_bwd,
@@ -364,6 +366,7 @@ def markdown(payload: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--quantizers", nargs="+", default=["kivi", "token", "rotated"])
     p.add_argument("--budgets", nargs="+", type=float, default=[2.25, 2.5, 3.0, 3.5])
     p.add_argument("--calib-data", default=None,
@@ -415,14 +418,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    from hf_ratequant import load_default_model
     from hf_ratequant.config import ModelFingerprint
     from hf_ratequant.data import load_text, text_fingerprint, tokenize_windows
     from hf_ratequant.evaluation import ReferenceBatch, evaluation_windows, reference_logprobs
 
     start = time.perf_counter()
     info = machine()
-    model, tok = load_default_model()
+    model, tok, _ = load_benchmark_model(args.model, torch.float32, torch.device("cpu"))
+    if tok is None:
+        raise SystemExit("--model: this benchmark needs real text, so a model with a tokenizer (not random:).")
     fp = ModelFingerprint.from_model_config(model.config)
     n_units = 2 * fp.num_layers * fp.num_kv_heads
     for b in args.budgets:
