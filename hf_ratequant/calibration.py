@@ -45,6 +45,7 @@ from .data import load_text, text_fingerprint, tokenize_windows
 from .distortion import CurveFit, fisher_distortion, fit_curves, output_distortion
 from .distributed import Processes
 from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
+from .memory_guard import OutOfCalibrationMemory, available_bytes, saved_memory_limit
 from .models import last_hidden_states, output_head
 from .quantizers import get_quantizer
 from .record import CalibrationRecord, measure_description
@@ -202,7 +203,7 @@ def residual_split_mask(
 
 def capture_states(
     model: Any, input_ids: torch.LongTensor, *, residual_length: int | None = None, group_size: int = 32,
-    sink_length: int = 0, attention: bool = False,
+    sink_length: int = 0, attention: bool = False, memory_limit: int | None = None,
 ) -> list[tuple]:
     """Post-RoPE keys and values of every layer with the gradient of the LM loss with respect to them.
 
@@ -213,6 +214,8 @@ def capture_states(
             as they are (no gradient flows to them).
         attention (`bool`, *optional*, defaults to `False`): also record every layer's attention (through a
             recording attention implementation that runs the model's own) for [`output_distortion`].
+        memory_limit (`int`, *optional*): bytes the forward pass may save for its backward; past them it stops
+            with [`OutOfCalibrationMemory`] (see [`saved_memory_limit`]).
 
     Returns:
         `list[tuple]`: per layer `(keys, values, key_grads, value_grads)`, each `(batch, kv_heads, tokens, head_dim)`;
@@ -232,10 +235,12 @@ def capture_states(
     head = _chunked_head(model, ids)
     with calibration_mode(model), torch.enable_grad(), recording as calls:
         if head is None:
-            out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True, **kwargs)
+            with saved_memory_limit(memory_limit, model):
+                out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True, **kwargs)
             loss, roots, root_grads = out.loss, [out.loss * ids.shape[0]], None
         else:
-            hidden = last_hidden_states(model, ids, past_key_values=cache, use_cache=True, **kwargs)
+            with saved_memory_limit(memory_limit, model):
+                hidden = last_hidden_states(model, ids, past_key_values=cache, use_cache=True, **kwargs)
             loss, d_hidden = _chunked_loss(head, hidden, ids)
             roots, root_grads = [hidden], [d_hidden]
         if attention and len(calls) != fp.num_layers:
@@ -383,10 +388,19 @@ def measure_distortions(
         raise ValueError(f"Unknown measure {measure!r}: choose one of {', '.join(MEASURES)}.")
     designs = {name: get_quantizer(name, group_size) for name in quantizers}
     totals: dict[str, torch.Tensor] = {}
-    desc = f"calibrate {', '.join(quantizers)}"
-    for ids in tqdm(torch.split(windows, batch_size), desc=desc, disable=not progress):
-        states = capture_states(model, ids, residual_length=residual_length, group_size=group_size,
-                                sink_length=sink_length, attention=measure == "output")
+    limit = _saved_bytes_limit(model)
+    bar = tqdm(total=windows.shape[0], desc=f"calibrate {', '.join(quantizers)}", disable=not progress)
+    done = 0
+    while done < windows.shape[0]:
+        ids = windows[done : done + batch_size]
+        try:
+            states = capture_states(model, ids, residual_length=residual_length, group_size=group_size,
+                                    sink_length=sink_length, attention=measure == "output", memory_limit=limit)
+        except OutOfCalibrationMemory as err:
+            batch_size = _smaller_batch(err, ids)
+            continue
+        done += ids.shape[0]
+        bar.update(ids.shape[0])
         for name, q in designs.items():
             if measure == "output":
                 table = torch.stack([output_distortion(*row[4], q, bit_grid) for row in states])
@@ -397,7 +411,32 @@ def measure_distortions(
                     for k, v, gk, gv in states
                 ])  # (layers, kv_heads, 2, n_bits)
             totals[name] = table if name not in totals else totals[name] + table
+    bar.close()
     return totals
+
+
+SAVED_FRACTION = 0.5
+"""Share of the memory free when measuring starts that one batch's forward pass may save for its backward (the
+backward, the captured states and the attention recomputations need the rest)."""
+
+
+def _saved_bytes_limit(model: Any) -> int | None:
+    free = available_bytes(model.get_input_embeddings().weight.device)
+    return None if free is None else int(free * SAVED_FRACTION)
+
+
+def _smaller_batch(err: OutOfCalibrationMemory, ids: torch.LongTensor) -> int:
+    """Half the batch that did not fit, with a warning; for a single window, the error that says what to change."""
+    if ids.shape[0] == 1:
+        raise MemoryError(
+            f"Calibration does not fit in memory even one window at a time: {err} (half of the memory free when "
+            f"measuring started) for one window of {ids.shape[1]} tokens. Shorten the windows (seq_len, "
+            "--seq-len), free memory, or calibrate on a device with more."
+        ) from None
+    smaller = ids.shape[0] // 2
+    logger.warning("A batch of %d windows of %d tokens does not fit in memory (%s): measuring %d at a time "
+                   "(batch_size=%d; the table is the same).", ids.shape[0], ids.shape[1], err, smaller, smaller)
+    return smaller
 
 
 KEY_WEIGHTS = (4.0,)

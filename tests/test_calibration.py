@@ -82,6 +82,40 @@ def test_the_loss_computed_a_few_tokens_at_a_time_gives_the_same_gradients(model
     assert whole[1][2].abs().sum() > 0
 
 
+def test_a_batch_that_does_not_fit_is_measured_in_halves_with_the_same_table(model, monkeypatch, caplog):
+    """The forward's saved tensors are counted as they are saved; past the limit the batch is split (a warning says
+    so) and the table is the one of the whole batch. A single window that does not fit is a clear error."""
+    import hf_ratequant.calibration as calibration
+    from hf_ratequant.calibration import measure_distortions
+    from hf_ratequant.memory_guard import OutOfCalibrationMemory, available_bytes
+
+    ids = torch.randint(0, len(WORDS), (4, 64), generator=torch.Generator().manual_seed(9))
+    kwargs = dict(group_size=8, batch_size=4, residual_length=8, progress=False)
+    whole = measure_distortions(model, ids, ["kivi"], [2, 3, 4], **kwargs)["kivi"]
+
+    def saved_bytes(n):  # the least limit under which n windows pass
+        lo, hi = 1, 10**9
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                capture_states(model, ids[:n], residual_length=8, group_size=8, attention=True, memory_limit=mid)
+                hi = mid
+            except OutOfCalibrationMemory:
+                lo = mid + 1
+        return lo
+
+    one, four = saved_bytes(1), saved_bytes(4)
+    assert 3 * one < four < 5 * one  # the saved tensors grow with the batch
+    monkeypatch.setattr(calibration, "_saved_bytes_limit", lambda m: (saved_bytes(2) + four) // 2)
+    halves = measure_distortions(model, ids, ["kivi"], [2, 3, 4], **kwargs)["kivi"]
+    torch.testing.assert_close(halves, whole, rtol=1e-5, atol=1e-9)
+    assert "measuring 2 at a time (batch_size=2" in caplog.text and "measuring 1" not in caplog.text
+    monkeypatch.setattr(calibration, "_saved_bytes_limit", lambda m: one // 2)
+    with pytest.raises(MemoryError, match="even one window at a time.*window of 64 tokens.*seq_len"):
+        measure_distortions(model, ids, ["kivi"], [2, 3, 4], **kwargs)
+    assert available_bytes("cpu") is None or available_bytes("cpu") > 0
+
+
 def test_captured_gradient_is_the_loss_gradient(model):
     """The gradient on the captured keys equals a finite difference of the loss."""
     import copy
