@@ -96,12 +96,30 @@ class CacheFootprint:
         return self.total / self.bytes_16bit if self.bytes_16bit else float("nan")
 
 
+def _held_tokens(tokens: int, window: int | None, config: RateQuantConfig) -> tuple[int, int, int]:
+    """`(quantized, sinks, full-precision window)` tokens one layer holds after `tokens` tokens fed at once. A
+    sliding layer (attention `window`) then drops whole groups from the front of its quantized past, sinks first,
+    until it holds no more than `window - 1` tokens (or trims the full-precision window when the past is gone)."""
+    r, g = config.residual_length, config.group_size
+    past = max(tokens - r, 0) // g * g
+    sinks, recent = min(past, config.sink_length), tokens - past
+    excess = tokens - (window - 1) if window else 0
+    if excess > 0:
+        dropped = min(excess, past) // g * g
+        sinks, past, excess = max(sinks - dropped, 0), past - dropped, excess - dropped
+        if past == 0 and excess > 0:
+            recent -= excess
+    return past - sinks, sinks, recent
+
+
 def cache_bytes(config: RateQuantConfig, fingerprint: ModelFingerprint, tokens: int, batch: int = 1,
                 dtype: torch.dtype = torch.float16) -> CacheFootprint:
     """The bytes a `RateQuantCache` of `config` holds after `tokens` tokens of `batch` sequences, by part.
 
-    Exact for full-attention layers (the window after `tokens` tokens does not depend on how they were fed); a
-    model with sliding-window layers, which drop old tokens, is refused.
+    Exact for full-attention layers (the window after `tokens` tokens does not depend on how they were fed). A
+    sliding-window layer is counted as after one prefill of `tokens` tokens: it keeps at most its attention
+    window (less one token) plus up to one group, and decoding token by token holds up to one group more or less.
+    `bytes_16bit` is what the same held tokens take at 16 bits (as `RateQuantCache.nbytes_16bit`).
 
     Args:
         config ([`RateQuantConfig`]): the bits and layout.
@@ -110,22 +128,19 @@ def cache_bytes(config: RateQuantConfig, fingerprint: ModelFingerprint, tokens: 
         batch (`int`, *optional*, defaults to 1): sequences.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): the model's dtype (window, sinks, scales).
     """
-    if any(t != "full_attention" for t in fingerprint.layer_types):
-        raise ValueError(f"cache_bytes counts full-attention layers only; {fingerprint.describe()} has sliding-window "
-                         "layers, whose tokens are dropped: measure a real cache's `nbytes` instead.")
     head_dim, heads, element = fingerprint.head_dim, config.num_kv_heads, torch.finfo(dtype).bits // 8
-    past = max(tokens - config.residual_length, 0) // config.group_size * config.group_size
-    sink_tokens = min(past, config.sink_length)
-    quantized_tokens = past - sink_tokens
     row = batch * head_dim  # elements per token of one unit
-    quantized = 0.0
-    for kind, table in zip(KINDS, (config.key_bits, config.value_bits)):
-        for layer_bits in table:
-            for bits in layer_bits:
+    per_token = 2 * heads * row  # elements per token of one layer's keys and values
+    quantized = window_bytes = sink_bytes = ref = 0.0
+    for layer, kind_of_layer in enumerate(fingerprint.layer_types):
+        attention_window = fingerprint.window(kind_of_layer)
+        n_quantized, n_sinks, n_recent = _held_tokens(tokens, attention_window, config)
+        for kind, table in zip(KINDS, (config.key_bits, config.value_bits)):
+            for bits in table[layer]:
                 per_element = unit_bits_per_element(config.quantizer, config.group_size, bits, kind, head_dim, dtype)
-                quantized += per_element * quantized_tokens * row / 8
-    full_precision = 2 * config.num_layers * heads * row * element  # bytes per token of keys and values
-    return CacheFootprint(
-        tokens=tokens, quantized=round(quantized), window=(tokens - past) * full_precision,
-        sinks=sink_tokens * full_precision, bytes_16bit=2 * config.num_layers * heads * row * 2 * tokens,
-    )
+                quantized += per_element * n_quantized * row / 8
+        window_bytes += n_recent * per_token * element
+        sink_bytes += n_sinks * per_token * element
+        ref += (n_quantized + n_sinks + n_recent) * per_token * 2
+    return CacheFootprint(tokens=tokens, quantized=round(quantized), window=round(window_bytes),
+                          sinks=round(sink_bytes), bytes_16bit=round(ref))

@@ -108,6 +108,33 @@ def test_cache_bytes_equal_a_real_cache(llama_config, quantizer, tokens, chunk):
     assert footprint.sinks == (32 * 3 * 2 * 2 * 32 * 2 * 4 if tokens >= 64 + 64 else 0)
 
 
+@pytest.mark.parametrize("tokens", [10, 99, 100, 101, 130, 140, 200, 333])
+def test_cache_bytes_of_sliding_window_layers_equal_a_real_cache(tokens):
+    """A sliding layer drops whole groups from the front of its quantized past, sinks first, once it holds more
+    than its attention window: 2 sliding layers (window 100) and one full layer, filled by one prefill."""
+    from transformers import Gemma3TextConfig
+
+    from hf_ratequant import RateQuantCache
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.footprint import cache_bytes
+
+    model_config = Gemma3TextConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=32, sliding_window=100,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
+    config = RateQuantConfig.from_bits(torch.tensor([[[3, 2], [1, 4]], [[2, 2], [8, 4]], [[4, 1], [16, 3]]]),
+                                       CacheLayout(residual_length=16, group_size=8, sink_length=8))
+    cache = RateQuantCache(config=model_config, quant_config=config)
+    states = torch.randn(1, 2, tokens, 32, generator=torch.Generator().manual_seed(1))
+    for layer in range(3):
+        cache.update(states, states, layer)
+    footprint = cache_bytes(config, ModelFingerprint.from_model_config(model_config), tokens, dtype=torch.float32)
+    assert footprint.total == cache.nbytes and footprint.bytes_16bit == cache.nbytes_16bit()
+    # sinks leave a sliding layer with the first whole group it drops (8 tokens past its 99)
+    assert footprint.sinks == (8 * 2 * 2 * 32 * 4 * (3 if tokens < 99 + 8 else 1) if tokens >= 16 + 8 + 8 else 0)
+
+
 # ---- the command line: every argument checked before any model loads ----------------------------------------------
 @pytest.fixture
 def no_model(monkeypatch):
