@@ -70,28 +70,10 @@ def run(mode: str, args) -> dict:
 
 
 def render(payload: dict) -> str:
-    gib = 2**30
-    rows = []
-    for r in payload["rows"]:
-        plain, calib = r["plain"], r["calibrate"]
-        w = calib["loaded_rss"]
-        p_above, c_above = plain["peak_rss"] - plain["loaded_rss"], calib["peak_rss"] - w
-        bar = w + 1.5 * p_above
-        rows.append(f"| {r['model']} | {calib['weights_bytes'] / gib:.2f} | {w / gib:.2f} | "
-                    f"{plain['peak_rss'] / gib:.2f} (+{p_above / gib:.2f}) | {calib['peak_rss'] / gib:.2f} "
-                    f"(+{c_above / gib:.2f}) | {c_above / p_above:.2f}x | {bar / gib:.2f} | "
-                    f"{'yes' if calib['peak_rss'] <= bar else '**no**'} |")
-    return "\n".join([
-        "# Calibration memory", "",
-        f"Peak RSS of `calibrate` (budget {payload['budget']}, the library's defaults: {CALIBRATION.n_samples} + "
-        f"{CALIBRATION.n_validation} windows of {CALIBRATION.seq_len} tokens, batch {CALIBRATION.batch_size}) and of "
-        f"one plain forward+backward over one batch of {CALIBRATION.batch_size} x {CALIBRATION.seq_len} tokens, "
-        "each in its own process after the model is loaded (W: RSS with the model loaded), fp32 on the CPU. "
-        f"Text: {payload['rows'][0]['calibrate']['source']}.", "",
-        "| model | weights GiB | W GiB | plain fwd+bwd peak GiB (above W) | calibrate peak GiB (above W) | "
-        "calibrate / plain, above W | bar: W + 1.5x plain GiB | within |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-        *rows, ""])
+    """The report: the table `make_results.py` puts in RESULTS.md, under a title."""
+    from make_results import calibration_memory
+
+    return "\n".join(["# Calibration memory", "", *calibration_memory(payload), ""])
 
 
 def main(argv: list[str] | None = None) -> int:
