@@ -297,14 +297,14 @@ _LOSS_CHUNK = 256
 
 
 def _chunked_head(model: Any, ids: torch.LongTensor) -> Callable | None:
-    if ids.numel() * model.config.get_text_config().vocab_size * 4 <= LOGITS_MAX_BYTES:
+    logits_bytes = ids.numel() * model.config.get_text_config().vocab_size * 4
+    if logits_bytes <= LOGITS_MAX_BYTES:
         return None
     with calibration_mode(model):
         head = output_head(model, ids[:1, :16])
     if head is None:
         logger.warning("This model's logits are not its output layer applied to its hidden states: calibration "
-                       "materialises all of them (%.1f GB per batch).",
-                       ids.numel() * model.config.get_text_config().vocab_size * 4 / 1e9)
+                       "materialises all of them (%.1f GB per batch).", logits_bytes / 1e9)
     return head
 
 

@@ -78,7 +78,6 @@ def _scalar_formats() -> dict:
             T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}
 
 
-
 def read_gguf_header(path: str) -> GGUFHeader:
     """The header of the GGUF file at `path`. Raises `ValueError` naming the file when it is not GGUF or its
     header is cut short."""
