@@ -1,0 +1,208 @@
+"""Allocation over operating points: each unit picks one option with a rate and a distortion, under a rate budget.
+
+A unit (one layer, kv-head and K or V) can be stored in several ways: a bit-width and a group size, each with its
+true rate (code bits plus the scales and zero-points of its groups, in bits per element) and a measured
+distortion. Choosing one option per unit to minimise the total distortion with the total rate at most a budget is a
+multiple-choice knapsack; reverse waterfilling ([`allocation.allocate_bits`]) is the special case where every option
+costs one more code bit than the last and the distortion falls exponentially in it.
+
+- [`pareto_options`]: a unit's options that no other option beats in both rate and distortion.
+- [`lower_hull`]: the options on a unit's lower convex hull of (rate, distortion) points.
+- [`hull_path`]: the greedy over hull slopes. Starting from every unit's cheapest hull point, it takes the steps
+  with the largest distortion saved per unit of rate first. Each prefix of the path is a Lagrangian solution, hence
+  optimal among all allocations of no more rate (Everett): exact whenever the budget lands on a prefix, which it
+  does when every step costs the same (whole bits, one group size).
+- [`allocate_rate`]: the exact integer optimum for any budget: the hull path when one of its prefixes spends the
+  budget exactly, otherwise a dynamic program over the running total rate, over every Pareto option (an option
+  above the hull can be the optimum when the budget is tight). Rates are integers: pass rates in a unit that makes
+  them exact, e.g. bits per block of elements (see [`integer_rates`]).
+
+Pure functions, deterministic, float64 on CPU; no model, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+__all__ = ["allocate_rate", "hull_path", "integer_rates", "lower_hull", "pareto_options", "total_rate"]
+
+_MAX_CAPACITY = 1 << 26  # the dynamic program's running totals: a budget past this is a unit mistake
+
+
+def _check(rates: torch.Tensor, distortion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rates, distortion = torch.as_tensor(rates), torch.as_tensor(distortion, dtype=torch.float64)
+    if rates.dim() != 2 or rates.shape != distortion.shape or rates.numel() == 0:
+        raise ValueError(
+            f"rates and distortion must both have shape (n_units, n_options), got {tuple(rates.shape)} and "
+            f"{tuple(distortion.shape)}; one row per unit, one column per option."
+        )
+    if rates.dtype.is_floating_point or rates.dtype == torch.bool or bool((rates < 0).any()):
+        raise ValueError(
+            f"rates must be non-negative integers (got dtype {rates.dtype}, min {rates.min().item()}); express them "
+            "in a unit that makes them exact, e.g. integer_rates(bits_per_element)."
+        )
+    if bool(torch.isnan(distortion).any()) or bool((distortion == -math.inf).any()):
+        raise ValueError("distortion must not be NaN or -inf; mark an option a unit cannot take with +inf.")
+    usable = torch.isfinite(distortion)
+    if not bool(usable.any(1).all()):
+        unit = int((~usable.any(1)).nonzero()[0, 0])
+        raise ValueError(f"unit {unit} has no usable option (every distortion is +inf); give it at least one.")
+    return rates.to(torch.long).cpu(), distortion.cpu()
+
+
+def pareto_options(rates: torch.Tensor, distortion: torch.Tensor) -> list[int]:
+    """Indices of the options of one unit that no other option beats: less distortion at no more rate, in
+    increasing rate (and strictly decreasing distortion). Options of infinite distortion are never kept; of options
+    with equal rate and distortion the first is kept."""
+    r, d = torch.as_tensor(rates).tolist(), torch.as_tensor(distortion, dtype=torch.float64).tolist()
+    order = sorted((i for i in range(len(r)) if math.isfinite(d[i])), key=lambda i: (r[i], d[i], i))
+    kept: list[int] = []
+    for i in order:
+        if not kept or d[i] < d[kept[-1]]:
+            if kept and r[i] == r[kept[-1]]:
+                continue  # same rate, more distortion than the one kept (sorted by distortion within a rate)
+            kept.append(i)
+    return kept
+
+
+def lower_hull(rates: torch.Tensor, distortion: torch.Tensor) -> list[int]:
+    """Indices of one unit's options on the lower convex hull of its (rate, distortion) points, from the cheapest:
+    the Pareto options whose distortion saved per unit of rate never increases along the way."""
+    r = torch.as_tensor(rates).tolist()
+    d = torch.as_tensor(distortion, dtype=torch.float64).tolist()
+    hull: list[int] = []
+    for i in pareto_options(rates, distortion):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is on the hull only if the slope a->b is steeper (saves more per rate) than the slope b->i
+            if (d[a] - d[b]) * (r[i] - r[b]) > (d[b] - d[i]) * (r[b] - r[a]):
+                break
+            hull.pop()
+        hull.append(i)
+    return hull
+
+
+def total_rate(rates: torch.Tensor, choice: torch.Tensor) -> int:
+    """The total rate of `choice` (one option index per unit)."""
+    return int(torch.as_tensor(rates).gather(1, torch.as_tensor(choice)[:, None]).sum())
+
+
+def hull_path(rates: torch.Tensor, distortion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The greedy over hull slopes, as a path of allocations.
+
+    Returns:
+        `(start, steps, totals)`: `start` (`(n_units,)` long) is every unit's cheapest hull option; step `k` moves
+        unit `steps[k, 0]` to option `steps[k, 1]`, and `totals[k]` is the total rate after it. Steps come in
+        decreasing distortion saved per unit of rate (ties: lower unit, then cheaper step first), so every prefix is
+        the optimum among all allocations of no more rate.
+    """
+    rates, distortion = _check(rates, distortion)
+    start, moves = [], []  # moves: (-slope, unit, position on the hull, option)
+    for u in range(rates.shape[0]):
+        hull = lower_hull(rates[u], distortion[u])
+        start.append(hull[0])
+        for k, (a, b) in enumerate(zip(hull, hull[1:])):
+            slope = (float(distortion[u, a]) - float(distortion[u, b])) / int(rates[u, b] - rates[u, a])
+            moves.append((-slope, u, k, b))
+    moves.sort()  # along one hull the slopes fall, so a unit's steps come in order
+    start_t = torch.tensor(start, dtype=torch.long)
+    steps = torch.tensor([(u, b) for _, u, _, b in moves], dtype=torch.long).reshape(-1, 2)
+    totals = torch.empty(len(moves), dtype=torch.long)
+    current, choice = total_rate(rates, start_t), start_t.clone()
+    for k, (u, b) in enumerate(steps.tolist()):
+        current += int(rates[u, b] - rates[u, choice[u]])
+        choice[u] = b
+        totals[k] = current
+    return start_t, steps, totals
+
+
+def _apply(start: torch.Tensor, steps: torch.Tensor, n: int) -> torch.Tensor:
+    choice = start.clone()
+    for u, b in steps[:n].tolist():
+        choice[u] = b
+    return choice
+
+
+def _dynamic_program(rates: torch.Tensor, distortion: torch.Tensor, budget: int) -> torch.Tensor:
+    """Exact minimiser of `sum_u distortion[u, c_u]` with `sum_u rates[u, c_u] <= budget`, over Pareto options."""
+    n_units = rates.shape[0]
+    cost = torch.full((budget + 1,), math.inf, dtype=torch.float64)  # best distortion at each exact total rate
+    cost[0] = 0.0
+    picks = torch.empty(n_units, budget + 1, dtype=torch.long)
+    for u in range(n_units):
+        options = pareto_options(rates[u], distortion[u])
+        shifted = torch.full((len(options), budget + 1), math.inf, dtype=torch.float64)
+        for j, o in enumerate(options):
+            r = int(rates[u, o])
+            if r <= budget:
+                shifted[j, r:] = cost[: budget + 1 - r] + float(distortion[u, o])
+        cost, best = shifted.min(0)  # first minimum: the cheaper option on ties
+        picks[u] = torch.tensor(options, dtype=torch.long)[best]
+    if not math.isfinite(float(cost.min())):
+        raise AssertionError("unreachable: the cheapest allocation was checked to fit")
+    total = int(torch.argmin(cost))  # the least total rate among the best
+    choice = torch.empty(n_units, dtype=torch.long)
+    for u in range(n_units - 1, -1, -1):
+        choice[u] = picks[u, total]
+        total -= int(rates[u, choice[u]])
+    return choice
+
+
+def allocate_rate(rates: torch.Tensor, distortion: torch.Tensor, budget: int) -> torch.LongTensor:
+    """The option per unit minimising the total distortion with the total rate at most `budget`, exactly.
+
+    Args:
+        rates (`torch.Tensor`): non-negative integer rates of shape `(n_units, n_options)`, e.g. from
+            [`integer_rates`]. Units may differ in their options' rates.
+        distortion (`torch.Tensor`): distortions of the same shape; `+inf` marks an option a unit cannot take.
+        budget (`int`): the most total rate, summed over units.
+
+    Returns:
+        `torch.LongTensor`: the chosen option of every unit, shape `(n_units,)`. Of equally good allocations the
+        one of least total rate is returned.
+
+    Example:
+        >>> rates = torch.tensor([[2, 3, 4], [2, 3, 4]])
+        >>> allocate_rate(rates, torch.tensor([[4.0, 2.0, 1.0], [64.0, 16.0, 4.0]]), budget=7)
+        tensor([1, 2])
+    """
+    rates, distortion = _check(rates, distortion)
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise ValueError(f"budget must be an integer total rate, got {budget!r}; see integer_rates.")
+    masked = torch.where(torch.isfinite(distortion), rates, torch.iinfo(torch.long).max)
+    cheapest, richest = int(masked.min(1).values.sum()), int(rates.where(torch.isfinite(distortion), 0).max(1)
+                                                             .values.sum())
+    if budget < cheapest:
+        raise ValueError(
+            f"budget {budget} is below the cheapest allocation, {cheapest} (every unit at its cheapest option); "
+            f"the budget must be in [{cheapest}, {richest}]."
+        )
+    start, steps, totals = hull_path(rates, distortion)
+    fits = int((totals <= budget).sum())  # totals only grow along the path
+    if (fits and int(totals[fits - 1]) == budget) or (fits == len(totals)):
+        return _apply(start, steps, fits)  # a Lagrangian point spending the budget (or everything fits)
+    if total_rate(rates, start) == budget:
+        return start
+    if budget > _MAX_CAPACITY:
+        raise ValueError(f"budget {budget} is too large for the exact program (at most {_MAX_CAPACITY}); express "
+                         "rates in a coarser unit.")
+    return _dynamic_program(rates, distortion, budget)
+
+
+def integer_rates(rates: torch.Tensor, max_denominator: int = 1024) -> tuple[torch.LongTensor, int]:
+    """Exact integer rates from rational ones: `(rates * scale, scale)` with the least `scale` making every rate
+    an integer, e.g. bits per element `[2.0, 1.5, 2.25]` -> `([8, 6, 9], 4)`. A rate that is not a fraction with a
+    denominator up to `max_denominator` is an error: nothing is rounded."""
+    values = torch.as_tensor(rates, dtype=torch.float64)
+    scale = 1
+    for v in values.reshape(-1).tolist():
+        f = Fraction(v).limit_denominator(max_denominator)
+        if not math.isclose(float(f), v, rel_tol=0, abs_tol=1e-9) or f < 0:
+            raise ValueError(f"rate {v} is not a non-negative fraction with a denominator <= {max_denominator}; "
+                             "pass rates in a unit that makes them exact.")
+        scale = math.lcm(scale, f.denominator)
+    scaled = values * scale
+    return torch.round(scaled).to(torch.long), scale

@@ -1,0 +1,140 @@
+"""Allocation over (rate, distortion) options per unit: exact against brute force on small problems."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from hf_ratequant.allocation import allocate_bits
+from hf_ratequant.operating_points import (
+    allocate_rate,
+    hull_path,
+    integer_rates,
+    lower_hull,
+    pareto_options,
+    total_rate,
+)
+
+
+def _brute_force(rates, distortion, budget):
+    """(best distortion, least rate among the best) over every allocation of total rate <= budget."""
+    best = (math.inf, math.inf)
+    for choice in itertools.product(*[range(rates.shape[1])] * rates.shape[0]):
+        r = sum(int(rates[u, c]) for u, c in enumerate(choice))
+        d = sum(float(distortion[u, c]) for u, c in enumerate(choice))
+        if r <= budget and (d, r) < best:
+            best = (d, r)
+    return best
+
+
+def _problem(seed, n_units=3, n_options=4, convex=False):
+    g = torch.Generator().manual_seed(seed)
+    rates = torch.randint(0, 9, (n_units, n_options), generator=g)
+    distortion = torch.rand(n_units, n_options, generator=g, dtype=torch.float64) * 10
+    if convex:  # bits 1..n with an exponential curve: the classic case
+        rates = torch.arange(1, n_options + 1).expand(n_units, -1).clone()
+        distortion = torch.rand(n_units, 1, generator=g, dtype=torch.float64) * 4.0 ** -rates.double()
+    if seed % 3 == 0:  # some options a unit cannot take
+        distortion[torch.rand(n_units, n_options, generator=g) < 0.2] = math.inf
+        distortion[:, 0] = torch.rand(n_units, generator=g, dtype=torch.float64) + 10  # each unit keeps one option
+    return rates, distortion
+
+
+@pytest.mark.parametrize("seed", range(18))
+def test_exact_against_brute_force_at_every_budget(seed):
+    rates, distortion = _problem(seed, n_units=3 + seed % 2, n_options=3 + seed % 2)
+    usable = torch.isfinite(distortion)
+    cheapest = int(torch.where(usable, rates, 10**6).min(1).values.sum())
+    richest = int(torch.where(usable, rates, 0).max(1).values.sum())
+    for budget in range(cheapest, richest + 2):
+        choice = allocate_rate(rates, distortion, budget)
+        d = float(distortion.gather(1, choice[:, None]).sum())
+        best_d, best_r = _brute_force(rates, distortion, budget)
+        assert total_rate(rates, choice) <= budget
+        assert math.isclose(d, best_d, rel_tol=1e-12, abs_tol=1e-12), (budget, d, best_d)
+        assert total_rate(rates, choice) == best_r
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_prefix_of_the_hull_path_is_optimal_at_its_rate(seed):
+    rates, distortion = _problem(seed, n_units=3, n_options=4)
+    start, steps, totals = hull_path(rates, distortion)
+    choice = start.clone()
+    prefixes = [(choice.clone(), total_rate(rates, start))]
+    for (u, b), t in zip(steps.tolist(), totals.tolist()):
+        choice[u] = b
+        prefixes.append((choice.clone(), t))
+    for choice, t in prefixes:
+        assert total_rate(rates, choice) == t
+        d = float(distortion.gather(1, choice[:, None]).sum())
+        assert math.isclose(d, _brute_force(rates, distortion, t)[0], rel_tol=1e-12, abs_tol=1e-12)
+
+
+def test_reverse_waterfilling_is_the_special_case():
+    """Whole bits with one group size (every step costs one bit): the hull path spends every budget exactly and
+    agrees with allocate_bits."""
+    g = torch.Generator().manual_seed(0)
+    alpha = torch.rand(12, generator=g, dtype=torch.float64) + 0.1
+    beta = 3.0 + 2 * torch.rand(12, generator=g, dtype=torch.float64)
+    bits = torch.arange(1, 7)
+    rates = bits.expand(12, -1).clone()
+    distortion = alpha[:, None] * beta[:, None] ** (-bits.double())
+    for budget in (1.5, 2.5, 3.0, 4.25):
+        ours = bits[allocate_rate(rates, distortion, round(budget * 12))]
+        assert torch.equal(ours, allocate_bits(alpha, beta, budget, 1, 6))
+
+
+def test_an_option_above_the_hull_can_be_the_optimum():
+    rates = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    distortion = torch.tensor([[10.0, 9.9, 0.0], [10.0, 9.9, 0.0]], dtype=torch.float64)
+    assert lower_hull(rates[0], distortion[0]) == [0, 2]
+    assert allocate_rate(rates, distortion, 1).tolist() in ([1, 0], [0, 1])  # 19.9, not 20
+    assert allocate_rate(rates, distortion, 3).tolist() in ([2, 1], [1, 2])
+
+
+def test_pareto_and_hull():
+    r = torch.tensor([4, 1, 2, 2, 3, 5])
+    d = torch.tensor([1.0, 8.0, 5.0, 4.0, 3.9, 1.0], dtype=torch.float64)
+    assert pareto_options(r, d) == [1, 3, 4, 0]  # 2 has the rate of 3 and more distortion; 5 costs more than 0
+    assert lower_hull(r, d) == [1, 3, 0]  # 4 lies above the chord from 3 to 0
+    d[0] = math.inf
+    assert pareto_options(r, d) == [1, 3, 4, 5]
+
+
+def test_integer_rates_are_exact():
+    rates, scale = integer_rates(torch.tensor([[2.0, 1.5, 2.25], [3.0, 2.5, 3.125]]))
+    assert scale == 8 and rates.tolist() == [[16, 12, 18], [24, 20, 25]]
+    with pytest.raises(ValueError, match="not a non-negative fraction"):
+        integer_rates(torch.tensor([math.pi]), max_denominator=64)
+
+
+@pytest.mark.parametrize("rates, distortion, budget, match", [
+    (torch.tensor([[1, 2]]), torch.tensor([[1.0, 0.5]]), 0, "below the cheapest allocation, 1"),
+    (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.5]]), 2, "non-negative integers"),
+    (torch.tensor([[1, -2]]), torch.tensor([[1.0, 0.5]]), 2, "non-negative integers"),
+    (torch.tensor([[1, 2]]), torch.tensor([[1.0, 0.5, 0.1]]), 2, "shape"),
+    (torch.tensor([[1, 2]]), torch.tensor([[math.inf, math.inf]]), 2, "no usable option"),
+    (torch.tensor([[1, 2]]), torch.tensor([[math.nan, 1.0]]), 2, "NaN"),
+    (torch.tensor([[1, 2]]), torch.tensor([[1.0, 0.5]]), 2.5, "integer total rate"),
+])
+def test_bad_input(rates, distortion, budget, match):
+    with pytest.raises(ValueError, match=match):
+        allocate_rate(rates, distortion, budget)
+
+
+def test_a_real_size_problem_is_fast():
+    """90 units x (6 bits x 3 group sizes), a budget between hull points: the exact program, well under a second."""
+    import time
+
+    g = torch.Generator().manual_seed(1)
+    bits = torch.arange(1, 7).double()
+    rate_bpe = torch.cat([bits + 32 / G for G in (32, 64, 128)])  # code bits + 16-bit scale and zero per group
+    rates, scale = integer_rates(rate_bpe.expand(90, -1))
+    alpha = torch.rand(90, 1, generator=g, dtype=torch.float64)
+    group_penalty = torch.tensor([1.0] * 6 + [1.3] * 6 + [1.8] * 6, dtype=torch.float64)
+    distortion = alpha * 4.0 ** (-torch.cat([bits] * 3)) * group_penalty
+    start = time.perf_counter()
+    choice = allocate_rate(rates, distortion, round(3.0 * 90 * scale) + 1)
+    assert time.perf_counter() - start < 5.0
+    assert total_rate(rates, choice) <= round(3.0 * 90 * scale) + 1
