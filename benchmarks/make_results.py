@@ -342,21 +342,41 @@ MODEL_RUNS = (("SmolLM2-135M", "ratequant_quality_shared-prefix.json"), ("Gemma 
                                                                           "ratequant_quality_gemma3-270m.json"))
 
 
+def _mib_at_4k(config: dict) -> tuple[float, float]:
+    """(MiB, MiB at 16 bits) a bf16 `RateQuantCache` of `config` (a results file's config dict) holds after 4096
+    tokens: `cache_bytes`, which counts sliding-window layers and equals the cache's own `nbytes`."""
+    import torch
+
+    from hf_ratequant import RateQuantConfig
+    from hf_ratequant.footprint import cache_bytes
+
+    cfg = RateQuantConfig.from_dict(config)
+    held = cache_bytes(cfg, cfg.fingerprint, 4096, dtype=torch.bfloat16)
+    return held.total / 2**20, held.bytes_16bit / 2**20
+
+
 def models_table() -> list[str]:
-    """The README's per-model table: kivi at 2.5 bits, the best fixed split against RateQuant, held-out Python
-    docs text, from each model's quality run."""
+    """The README's per-model table: kivi at 2.5 and 3 bits (where measured), the best fixed split against
+    RateQuant on held-out Python docs text, from each model's quality run, and both caches' MiB at 4k tokens (equal
+    average bits are not equal bytes where layers hold different numbers of tokens: Gemma's sliding layers)."""
     rows = []
     for label, name in MODEL_RUNS:
         d = _load(name)
-        for r in d["summaries"]:
-            if (r["quantizer"], r["budget"]) != ("kivi", 2.5):
+        for r, block in zip(d["summaries"], d["blocks"]):
+            if r["quantizer"] != "kivi" or r["budget"] not in (2.5, 3.0):
                 continue
-            rows.append([label, f"{d['full']['perplexity']:.3f}",
+            mib, mib16 = _mib_at_4k(block["config"])
+            k, v = (int(b) for b in r["best_fixed"].removeprefix("K").split("V"))
+            fixed = dict(block["config"], key_bits=[[k] * len(row) for row in block["config"]["key_bits"]],
+                         value_bits=[[v] * len(row) for row in block["config"]["value_bits"]], method="uniform")
+            mib_fixed = _mib_at_4k(fixed)[0]
+            rows.append([label, f"{r['budget']:g}", f"{d['full']['perplexity']:.3f}",
                          f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
                          f"**{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}**",
-                         f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}"])
-    return _table(["model (kivi, 2.5 bits)", "full precision ppl", "best fixed split: ppl / KL",
-                   "RateQuant: ppl / KL", "KL", "ppl gap recovered"], rows)
+                         f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}",
+                         f"{mib_fixed:.2f} / {mib:.2f} ({mib16:.2f})"])
+    return _table(["model (kivi)", "bits", "full precision ppl", "best fixed split: ppl / KL", "RateQuant: ppl / KL",
+                   "KL", "ppl gap recovered", "MiB @ 4k tokens: fixed / RateQuant (16-bit)"], rows)
 
 
 def _replace_block(text: str, markers: tuple[str, str], lines: list[str]) -> str:

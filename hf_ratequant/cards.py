@@ -23,8 +23,7 @@ def _base_model(config: RateQuantConfig) -> str | None:
     name = config.fingerprint.name_or_path if config.fingerprint else None
     if not name:
         return None
-    if name.startswith(DEFAULT_MODEL_ID):  # the embedded GGUF describes itself with a suffix
-        return DEFAULT_MODEL_ID
+    name = name.split(" (", 1)[0]  # a model loaded from a GGUF describes itself with a suffix: "<hub id> (GGUF ...)"
     return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else None
 
 

@@ -15,6 +15,7 @@ exactly what `hf_ratequant.hub.model_card` writes for it, so neither format drif
 
     python hub_artifacts/build.py                                    # the embedded default model, CPU (~15 min)
     python hub_artifacts/build.py --configs-from benchmarks/results/ratequant_quality_configs_defaults  # reuse
+    python hub_artifacts/build.py --model gemma3-270m --quantizers kivi  # packaged (benchmarks/real_models.py)
     python hub_artifacts/build.py --model Qwen/Qwen3-8B --dtype bfloat16 --device-map auto --out qwen3-8b
     python hub_artifacts/build.py --model meta-llama/Llama-3.1-8B --dtype bfloat16 --device-map auto --out llama-3.1-8b
     python hub_artifacts/build.py --resave        # the folders' config files in the current layout, cards again
@@ -38,6 +39,10 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
+import real_models  # noqa: E402  (the packaged real models: `--model gemma3-270m`)
+
+LICENSES = {"gemma3-270m": "gemma"}  # the base model's licence, which the card repeats (default apache-2.0)
 ORG = "hf-ratequant"  # the Hub organisation the cards name in their usage snippet
 
 
@@ -70,16 +75,26 @@ def evaluation_rows(model, windows, config, reference, chunk: int) -> list[dict]
     return rows
 
 
-def write_artifact(folder: str, config, evaluation: list[dict], repo_id: str) -> None:
+def base_name(model: str) -> str:
+    """The Hub id the artifacts are named after: the embedded default's, a packaged model's checkpoint, or `model`."""
+    if model == "smollm2":
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if model in real_models.MODELS:
+        return real_models.MODELS[model].label.split(" (", 1)[0]
+    return model
+
+
+def write_artifact(folder: str, config, evaluation: list[dict], repo_id: str, license: str = "apache-2.0") -> None:
     from hf_ratequant.hub import CARD_NAME, HEATMAP_NAME, model_card
     from hf_ratequant.plots import plot_allocation
 
     config.save_pretrained(folder)
     with open(os.path.join(folder, "evaluation.json"), "w", encoding="utf-8") as f:
-        json.dump({"repo_id": repo_id, "rows": evaluation}, f, indent=1)
+        json.dump({"repo_id": repo_id, **({} if license == "apache-2.0" else {"license": license}),
+                   "rows": evaluation}, f, indent=1)
         f.write("\n")
     with open(os.path.join(folder, CARD_NAME), "w", encoding="utf-8") as f:
-        f.write(model_card(config, repo_id, evaluation=evaluation))
+        f.write(model_card(config, repo_id, license=license, evaluation=evaluation))
     plot_allocation(config, os.path.join(folder, HEATMAP_NAME))
 
 
@@ -97,13 +112,17 @@ def resave(folders: list[str]) -> None:
             with open(evaluation_path, encoding="utf-8") as f:
                 evaluation = json.load(f)
             with open(os.path.join(folder, CARD_NAME), "w", encoding="utf-8") as f:
-                f.write(model_card(config, evaluation["repo_id"], evaluation=evaluation["rows"]))
+                f.write(model_card(config, evaluation["repo_id"], license=evaluation.get("license", "apache-2.0"),
+                                   evaluation=evaluation["rows"]))
         logging.info("%s saved again", folder)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="Hub id or 'smollm2' (the embedded default model)")
+    p.add_argument("--model", default="smollm2", help="Hub id, model folder or GGUF file, 'smollm2' (the embedded "
+                   f"default model) or a packaged model ({', '.join(real_models.MODELS)})")
+    p.add_argument("--license", default=None, help="the licence the cards state (default: the base model's, "
+                   "apache-2.0 unless listed in LICENSES)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device-map", default=None, help="e.g. 'auto' to place/shard the model with accelerate")
     p.add_argument("--quantizers", nargs="+", default=["kivi", "token", "rotated"])
@@ -131,10 +150,13 @@ def main(argv=None) -> int:
     from hf_ratequant import RateQuantConfig, calibrate, load_model
     from hf_ratequant.evaluation import evaluation_windows, reference_logprobs
 
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device_map=args.device_map)
+    path = real_models.prepare(args.model) if args.model in real_models.MODELS else args.model
+    model, tokenizer = load_model(path, dtype=getattr(torch, args.dtype), device_map=args.device_map)
+    if (label := real_models.label_of(path) if os.path.isdir(path) else None) is not None:
+        model.config._name_or_path = label  # what the config's fingerprint and the card name
     windows = evaluation_windows(tokenizer, args.eval_data, window=args.window, max_windows=args.windows)
     reference = reference_logprobs(model, windows)
-    base = "HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == "smollm2" else args.model
+    base, license = base_name(args.model), args.license or LICENSES.get(args.model, "apache-2.0")
     for quantizer in args.quantizers:
         for budget in args.budgets:
             start = time.perf_counter()
@@ -145,7 +167,7 @@ def main(argv=None) -> int:
                                    sink_length=args.sink_length)
             rows = evaluation_rows(model, windows, config, reference, args.chunk)
             name = artifact_name(base, quantizer, budget)
-            write_artifact(os.path.join(args.out, name), config, rows, f"{args.org}/{name}")
+            write_artifact(os.path.join(args.out, name), config, rows, f"{args.org}/{name}", license)
             logging.info("%s: %s won, %.0f s", name, config.method, time.perf_counter() - start)
     return 0
 
