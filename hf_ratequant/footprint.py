@@ -44,15 +44,20 @@ __all__ = ["CacheFootprint", "cache_bytes", "true_bits_per_element", "unit_bits_
 
 @functools.lru_cache(maxsize=None)
 def unit_bits_per_element(quantizer: str, group_size: int, bits: int, kind: str, head_dim: int,
-                          dtype: torch.dtype = torch.float16) -> float:
+                          dtype: torch.dtype = torch.float16, row_group: int | None = None) -> float:
     """Bits one stored element of a unit costs: its code bits plus its share of the group's scale and zero-point.
 
     Measured: `group_size` tokens of `head_dim` channels (a whole number of groups for every design) are quantized
     and the bytes of the packed codes, scales and zero-points counted. A unit kept at 16 bits costs its dtype's bits.
+    `row_group`: channels per group of the per-token designs (token, rotated; default one group per row).
     """
     if bits == KEEP_BITS:
         return float(torch.finfo(dtype).bits)
     q = get_quantizer(quantizer, group_size)
+    if row_group is not None:
+        if not hasattr(q, "row_group"):
+            raise ValueError(f"row_group applies to the per-token designs (token, rotated), not {quantizer!r}.")
+        q = type(q)(group_size, row_group=row_group)
     x = torch.randn(1, 1, group_size, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     block = q.quantize(x, bits, kind)
     return block.nbytes * 8 / x.numel()

@@ -285,3 +285,49 @@ def test_gpu_quantizes_and_dequantizes_like_the_cpu(name, kind, dtype):
         reference = q.dequantize(cpu, kind).float()
         tol = 2 * torch.finfo(dtype).eps
         torch.testing.assert_close(on_gpu.float().cpu(), reference, rtol=tol, atol=tol * reference.abs().max())
+
+
+@pytest.mark.parametrize("name", ["token", "rotated"])
+def test_row_groups_of_the_per_token_designs(name, monkeypatch):
+    """`row_group` channels per group: a whole row is today's layout bit for bit; smaller groups store one scale and
+    zero-point per group (32 / g more bits per element at 16 bits), fit closer, and the CPU kernel dequantizes them
+    as PyTorch ops do."""
+    from hf_ratequant.footprint import unit_bits_per_element
+    from hf_ratequant.quantizers import cpu_kernel
+
+    cls = type(get_quantizer(name))
+    used, real = [], cpu_kernel.dequantize_into
+    monkeypatch.setattr(cpu_kernel, "dequantize_into", lambda q, o, **kw: used.append(real(q, o, **kw)) or used[-1])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 40, 64, generator=gen) * torch.linspace(0.2, 3.0, 64)  # channels of different ranges
+    whole, row = cls(), cls(row_group=64)
+    for bits in (2, 4):
+        a, b = whole.quantize(x, bits, "key"), row.quantize(x, bits, "key")
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+    errors = []
+    for g in (64, 32, 16):
+        q = cls(row_group=g)
+        block = q.quantize(x.half(), 3, "value")
+        assert block.scale.shape == (2, 3, 40, 64 // g)
+        assert block.nbytes * 8 / x.numel() == 3 + 32 / g
+        assert unit_bits_per_element(name, 32, 3, "value", 64, row_group=g) == 3 + 32 / g
+        used.clear()
+        got = q.dequantize(block, "value")
+        assert used == [True] or not cpu_kernel.available()
+        with monkeypatch.context() as m:
+            m.setenv(cpu_kernel.ENV_SWITCH, "0")
+            reference = q.dequantize(block, "value")
+        if q.rotates:
+            torch.testing.assert_close(got.float(), reference.float(), rtol=1e-3,
+                                       atol=1e-5 * reference.float().abs().max().item())
+        else:
+            assert torch.equal(got, reference)
+        errors.append(float((got.float() - x).pow(2).mean()))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_row_group_must_divide_head_dim():
+    with pytest.raises(ValueError, match=r"groups 48 channels, which does not divide head_dim=64.*\[8, 16, 32, 64\]"):
+        get_quantizer("token").__class__(row_group=48).quantize(torch.randn(1, 1, 4, 64), 3, "key")
+    with pytest.raises(ValueError, match="row_group=0 must be a positive integer"):
+        get_quantizer("rotated").__class__(row_group=0)
