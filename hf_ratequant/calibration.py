@@ -47,7 +47,7 @@ from .distributed import Processes
 from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
 from .memory_guard import OutOfCalibrationMemory, available_bytes, saved_memory_limit
 from .models import last_hidden_states, output_head
-from .quantizers import get_quantizer
+from .quantizers import Quantizer, get_quantizer
 from .record import CalibrationRecord, measure_description
 from .settings import DEFAULT_SINK_TOKENS, MEASURES, CacheLayout, CalibrationSettings, split_settings
 
@@ -372,7 +372,7 @@ def measure_distortion(
 def measure_distortions(
     model: Any,
     windows: torch.LongTensor,
-    quantizers: list[str],
+    quantizers: list[str] | dict[str, Quantizer],
     bit_grid: list[int],
     *,
     group_size: int = 32,
@@ -383,13 +383,16 @@ def measure_distortions(
     measure: str = "output",
 ) -> dict[str, torch.Tensor]:
     """[`measure_distortion`] for several quantizer designs on the same captured states (one forward and backward
-    pass per batch whatever the number of designs): `{quantizer: (layers, kv_heads, 2, n_bits)}`."""
+    pass per batch whatever the number of designs): `{quantizer: (layers, kv_heads, 2, n_bits)}`. `quantizers`
+    names registered designs (built with `group_size`) or maps labels to built quantizers (e.g. one design at
+    several group sizes); `group_size` is also the granularity of the residual-aware split."""
     if measure not in MEASURES:
         raise ValueError(f"Unknown measure {measure!r}: choose one of {', '.join(MEASURES)}.")
-    designs = {name: get_quantizer(name, group_size) for name in quantizers}
+    designs = dict(quantizers) if isinstance(quantizers, dict) else {
+        name: get_quantizer(name, group_size) for name in quantizers}
     totals: dict[str, torch.Tensor] = {}
     limit = _saved_bytes_limit(model)
-    bar = tqdm(total=windows.shape[0], desc=f"calibrate {', '.join(quantizers)}", disable=not progress)
+    bar = tqdm(total=windows.shape[0], desc=f"calibrate {', '.join(designs)}", disable=not progress)
     done = 0
     while done < windows.shape[0]:
         ids = windows[done : done + batch_size]

@@ -62,6 +62,7 @@ EXPECTED = {
                              sink_length=LAYOUT.sink_length, b_min=CALIBRATION.b_min, b_max=CALIBRATION.b_max,
                              seq_len=CALIBRATION.seq_len, window=EVALUATION.window, windows=EVALUATION.n_windows,
                              chunk=EVALUATION.chunk),
+    "group_options": dict(seq_len=CALIBRATION.seq_len, samples=CALIBRATION.n_samples),
     "gpu_speed": dict(quantizer=LAYOUT.quantizer, group_size=LAYOUT.group_size,
                       residual_length=LAYOUT.residual_length),
     "lm_eval_table": dict(chunk=EVALUATION.chunk),
@@ -252,3 +253,24 @@ def test_write_results_failure_keeps_the_old_file_and_leaves_no_temporary(common
     assert sorted(os.listdir(tmp_path)) == ["r.json", "r.md"]
     assert json.loads((tmp_path / "r.json").read_text())["v"] == 1
     assert (tmp_path / "r.md").read_text() == "old\n"
+
+
+def test_group_options_analysis_is_consistent(bench_modules):
+    """The exact allocation over every (bits, group) option is never worse than bits alone at one group size, nor
+    than the best fixed option pair, at no more true bits per element; the rates are the packer's."""
+    module = bench_modules("group_options")
+    opts, pairs, rates = module.options("kivi", [32, 64, 128], [1, 2, 3, 4], head_dim=64)
+    assert rates["key"][:4] == [2.0, 3.0, 4.0, 5.0] and rates["key"][4] == 1.5 and rates["key"][8] == 1.25
+    assert all(r != r for r in rates["value"][8:])  # 128 channels do not fit head_dim 64
+    g = torch.Generator().manual_seed(0)
+    bits = torch.tensor([b for _, b in opts], dtype=torch.float64)
+    group_cost = torch.tensor([{32: 1.0, 64: 1.4, 128: 2.0}[grp] for grp, _ in opts], dtype=torch.float64)
+    scale = torch.rand(3, 2, 2, 1, generator=g, dtype=torch.float64) + 0.1
+    table = scale * group_cost * 4.0 ** -bits  # (layers, heads, K/V, options)
+    result = module.analyse("kivi", opts, table, rates, 6)
+    assert [r["budget"] for r in result["rows"]] == [2.5, 3.0, 3.5, 4.0, 5.0]
+    for r in result["rows"]:
+        assert r["all_options"] <= r["best_fixed"] * (1 + 1e-12) and r["all_options"] <= r["bits_only"] * (1 + 1e-12)
+        assert r["all_options_rate"] <= r["budget"] + 1e-9 and sum(r["used"].values()) == 12
+    assert "token" in module.markdown(dict(model="m", source="s", tokens=1, seconds=1.0, n_designs=1,
+                                           designs=[dict(result, design="token")]))

@@ -141,8 +141,9 @@ class Quantizer:
         """Tokens that must be quantized together for `kind` ("key" or "value")."""
         return 1
 
-    def check_head_dim(self, head_dim: int) -> None:
-        """Raise a `ValueError` if this design cannot quantize rows of `head_dim` channels."""
+    def check_head_dim(self, head_dim: int, kind: str | None = None) -> None:
+        """Raise a `ValueError` if this design cannot quantize rows of `head_dim` channels (of `kind`, "key" or
+        "value"; None: of both)."""
 
     def _to_groups(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """(B, H, T, D) -> (B, H, T // time_block, n_groups, group_len)."""
@@ -186,7 +187,7 @@ class Quantizer:
             raise ValueError(f"kind={kind!r} must be one of {KINDS}.")
         if x.dim() != 4:
             raise ValueError(f"Expected a (batch, heads, tokens, head_dim) tensor, got shape {tuple(x.shape)}.")
-        self.check_head_dim(x.shape[-1])
+        self.check_head_dim(x.shape[-1], kind)
         tb = self.time_block(kind)
         if x.shape[2] % tb:
             raise ValueError(f"{self.name} quantizes {kind}s in blocks of {tb} tokens; got {x.shape[2]} tokens.")

@@ -19,8 +19,8 @@ class KIVIQuantizer(Quantizer):
     def time_block(self, kind: str) -> int:
         return self.group_size if kind == "key" else 1
 
-    def check_head_dim(self, head_dim: int) -> None:
-        if head_dim % self.group_size:
+    def check_head_dim(self, head_dim: int, kind: str | None = None) -> None:
+        if kind != "key" and head_dim % self.group_size:  # key groups are tokens: any head_dim
             raise ValueError(
                 f"kivi groups values over {self.group_size} channels, which does not divide head_dim={head_dim}: "
                 f"choose a group_size that divides {head_dim} "

@@ -32,7 +32,7 @@ class TokenQuantizer(Quantizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(group_size={self.group_size}, row_group={self.row_group})"
 
-    def check_head_dim(self, head_dim: int) -> None:
+    def check_head_dim(self, head_dim: int, kind: str | None = None) -> None:
         if self.row_group is not None and head_dim % self.row_group:
             divisors = [g for g in (8, 16, 32, 64, 128, 256) if head_dim % g == 0 and g <= head_dim]
             raise ValueError(
