@@ -282,6 +282,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.5 --calib-data pydoc "
      "--eval-data pydoc --tag gemma3-270m", quality),
+    ("Qwen2.5-Coder 0.5B", "ratequant_quality_qwen2.5-coder-0.5b.json",
+     "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers kivi --budgets 2.5 --calib-data "
+     "pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b", quality),
     ("Calibration memory", "calibration_memory.json", "python benchmarks/calibration_memory.py", calibration_memory),
     ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated]",
      calibration_speed([f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")])),
@@ -338,8 +341,9 @@ def headline(d: dict) -> list[str]:
 
 
 MODELS_BLOCK = ("<!-- results:models -->", "<!-- /results:models -->")
-MODEL_RUNS = (("SmolLM2-135M", "ratequant_quality_shared-prefix.json"), ("Gemma 3 270M",
-                                                                          "ratequant_quality_gemma3-270m.json"))
+MODEL_RUNS = (("SmolLM2-135M", "ratequant_quality_shared-prefix.json"),
+              ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json"),
+              ("Qwen2.5-Coder 0.5B", "ratequant_quality_qwen2.5-coder-0.5b.json"))
 
 
 def _mib_at_4k(config: dict) -> tuple[float, float]:
