@@ -226,6 +226,13 @@ def calibration_memory(d: dict) -> list[str]:
                      "calibrate peak GiB (above W)", "calibrate / plain, above W", "within 1.5x"], rows, "lrrrrrl")]
 
 
+def group_options(d: dict) -> list[str]:
+    """The group-size study, as benchmarks/group_options.py reports it (without its title)."""
+    import group_options as study
+
+    return ["#" + line if line.startswith("## ") else line for line in study.markdown(d).split("\n")[2:]]
+
+
 def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
     def render(_: None) -> list[str]:
         rows = []
@@ -285,7 +292,10 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Qwen2.5-Coder 0.5B", "ratequant_quality_qwen2.5-coder-0.5b.json",
      "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers kivi --budgets 2.5 --calib-data "
      "pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b", quality),
-    ("Calibration memory", "calibration_memory.json", "python benchmarks/calibration_memory.py", calibration_memory),
+    ("Group-size options (issue [4 bytes], calibration's objective only)", "group_options.json",
+     "python benchmarks/group_options.py", group_options),
+    ("Calibration memory", "calibration_memory.json",
+     "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m", calibration_memory),
     ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated]",
      calibration_speed([f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")])),
     ("lm-evaluation-harness through the cache", "lm_eval_table.json", "python benchmarks/lm_eval_table.py",

@@ -21,7 +21,8 @@ pytest_plugins = ["tests.hub_server"]
 ROOT = Path(__file__).resolve().parent.parent / "hub_artifacts"
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"  # the other base models' config.json
 EXPECTED = {f"SmolLM2-135M-Instruct-ratequant-{q}-{b}" for q in ("kivi", "token", "rotated") for b in ("2.5", "3")}
-EXPECTED |= {"gemma-3-270m-ratequant-kivi-2.5", "gemma-3-270m-ratequant-kivi-3"}
+EXPECTED |= {"gemma-3-270m-ratequant-kivi-2.5", "gemma-3-270m-ratequant-kivi-3",
+             "Qwen2.5-Coder-0.5B-Instruct-ratequant-kivi-2.5"}
 FOLDERS = sorted(p for p in ROOT.iterdir() if (p / CONFIG_NAME).exists())
 DEFAULT_MODEL_FOLDERS = [p for p in FOLDERS if p.name.startswith("SmolLM2-135M-Instruct-")]
 OTHER_FOLDERS = [p for p in FOLDERS if p not in DEFAULT_MODEL_FOLDERS]
@@ -98,8 +99,13 @@ def test_artifact_serves_its_geometry(folder):
     from hf_ratequant.footprint import cache_bytes
 
     model_config = _base_config(folder)
-    model_config.update(dict(hidden_size=64, intermediate_size=128, vocab_size=256, pad_token_id=0, bos_token_id=1,
-                             eos_token_id=2, max_position_embeddings=2048))
+    small = dict(hidden_size=64, intermediate_size=128, vocab_size=256, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2, max_position_embeddings=2048)
+    if not getattr(model_config, "head_dim", None) or "head_dim" not in model_config.to_diff_dict():
+        # head_dim follows from the width (Qwen2): one query head per kv-head keeps head_dim at its width
+        kv, head_dim = model_config.num_key_value_heads, model_config.hidden_size // model_config.num_attention_heads
+        small.update(hidden_size=kv * head_dim, num_attention_heads=kv)
+    model_config.update(small)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config).eval()
     config = RateQuantConfig.from_pretrained(folder)
