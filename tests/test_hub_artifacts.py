@@ -99,16 +99,15 @@ def test_artifact_serves_its_geometry(folder):
     from hf_ratequant.footprint import cache_bytes
 
     model_config = _base_config(folder)
-    small = dict(hidden_size=64, intermediate_size=128, vocab_size=256, pad_token_id=0, bos_token_id=1,
-                 eos_token_id=2, max_position_embeddings=2048)
-    if not getattr(model_config, "head_dim", None) or "head_dim" not in model_config.to_diff_dict():
-        # head_dim follows from the width (Qwen2): one query head per kv-head keeps head_dim at its width
-        kv, head_dim = model_config.num_key_value_heads, model_config.hidden_size // model_config.num_attention_heads
-        small.update(hidden_size=kv * head_dim, num_attention_heads=kv)
+    config = RateQuantConfig.from_pretrained(folder)
+    fp = config.fingerprint
+    # Narrow but of the same cache geometry: one query head per kv-head, head_dim as the base model's
+    small = dict(hidden_size=fp.num_kv_heads * fp.head_dim, num_attention_heads=fp.num_kv_heads, head_dim=fp.head_dim,
+                 intermediate_size=128, vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 max_position_embeddings=2048)
     model_config.update(small)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config).eval()
-    config = RateQuantConfig.from_pretrained(folder)
     cache = RateQuantCache.from_pretrained(folder, model=model)
     window = getattr(model_config, "sliding_window", None) or 256
     prompt = torch.randint(3, 256, (1, window + 160), generator=torch.Generator().manual_seed(0))
