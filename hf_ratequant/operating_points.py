@@ -60,10 +60,8 @@ def pareto_options(rates: torch.Tensor, distortion: torch.Tensor) -> list[int]:
     r, d = torch.as_tensor(rates).tolist(), torch.as_tensor(distortion, dtype=torch.float64).tolist()
     order = sorted((i for i in range(len(r)) if math.isfinite(d[i])), key=lambda i: (r[i], d[i], i))
     kept: list[int] = []
-    for i in order:
+    for i in order:  # by rate, then distortion: a later option of the same rate never has less distortion
         if not kept or d[i] < d[kept[-1]]:
-            if kept and r[i] == r[kept[-1]]:
-                continue  # same rate, more distortion than the one kept (sorted by distortion within a rate)
             kept.append(i)
     return kept
 
