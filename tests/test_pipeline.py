@@ -23,6 +23,16 @@ from hf_ratequant.record import RECORD_VERSION, CalibrationRecord
 
 RECORD_FILES = sorted(glob.glob("hub_artifacts/*/ratequant_config.json")
                       + glob.glob("hf_ratequant/pretrained/*/ratequant_config.json"))
+
+
+def _record(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["calibration"]
+
+
+# Published before records were versioned (the SmolLM2 folders), and since (the other models' folders)
+UNVERSIONED = [p for p in RECORD_FILES if "record_version" not in _record(p)]
+VERSIONED = [p for p in RECORD_FILES if p not in UNVERSIONED]
 TINY = LlamaConfig(vocab_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=32)
 
@@ -143,15 +153,24 @@ def test_validate_false_means_no_validation_windows():
     check_feasible(layout, settings, ModelFingerprint.from_model_config(TINY))
 
 
-@pytest.mark.parametrize("path", RECORD_FILES)
+def test_both_kinds_of_published_record_are_tested():
+    assert len(UNVERSIONED) >= 6 and len(VERSIONED) >= 1
+
+
+@pytest.mark.parametrize("path", UNVERSIONED)
 def test_records_written_before_versioning_round_trip(path):
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)["calibration"]
-    assert "record_version" not in old
+    old = _record(path)
     record = CalibrationRecord.from_dict(old)
     assert record.record_version == 0 and record.families == {}
     assert record.to_dict() == {**old, "record_version": 0, "families": {}}
     assert CalibrationRecord.from_dict(record.to_dict()) == record
+
+
+@pytest.mark.parametrize("path", VERSIONED)
+def test_versioned_records_round_trip(path):
+    written = _record(path)
+    record = CalibrationRecord.from_dict(written)
+    assert record.record_version == written["record_version"] and record.to_dict() == written
 
 
 def test_newer_records_keep_what_this_version_knows():
