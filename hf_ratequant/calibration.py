@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -45,11 +46,12 @@ from .data import load_text, text_fingerprint, tokenize_windows
 from .distortion import CurveFit, fisher_distortion, fit_curves, output_distortion
 from .distributed import Processes
 from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
+from .footprint import code_budget
 from .memory_guard import OutOfCalibrationMemory, available_bytes, saved_memory_limit
 from .models import last_hidden_states, output_head
 from .quantizers import Quantizer, get_quantizer
 from .record import CalibrationRecord, measure_description
-from .settings import DEFAULT_SINK_TOKENS, MEASURES, CacheLayout, CalibrationSettings, split_settings
+from .settings import BUDGET_UNITS, DEFAULT_SINK_TOKENS, MEASURES, CacheLayout, CalibrationSettings, split_settings
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ __all__ = [
     "candidate_config",
     "capture_states",
     "check_feasible",
+    "in_code_bits",
     "load_calibration_data",
     "measure_distortion",
     "measure_distortions",
@@ -529,6 +532,23 @@ def resolve_settings(
     return split_settings({"quantizer": quantizer, "budget": budget, **overrides}, layout, settings)
 
 
+def in_code_bits(
+    true_bits: float, layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint
+) -> CalibrationSettings:
+    """`settings` with the budget of `true_bits` bits per stored element (16-bit scales and zero-points included)
+    as the average code bits [`code_budget`] gives for `layout` on this model. A `ValueError` before any work when
+    the model's units cannot store exactly that many."""
+    layout.check_head_dim(fingerprint.head_dim)
+    code = code_budget(true_bits, layout.quantizer, layout.group_size, fingerprint.head_dim, settings.b_min,
+                       settings.b_max)
+    try:
+        check_budget(code, 2 * fingerprint.num_layers * fingerprint.num_kv_heads, settings.b_min, settings.b_max)
+    except ValueError as e:
+        raise ValueError(f"{true_bits:g} true bits per element are {code:g} average code bits for {layout.quantizer} "
+                         f"with G={layout.group_size} on this model: {e}") from None
+    return dataclasses.replace(settings, budget=code)
+
+
 def check_feasible(layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint) -> None:
     """The checks that need the model but no data: its head_dim suits the layout, and its units can average
     exactly `settings.budget` bits. A `ValueError` before any text is loaded or the model run."""
@@ -686,8 +706,8 @@ def calibration_record(
 
 def calibrate(
     model: Any, tokenizer: Any, data: Any = None, quantizer: str | None = None, budget: float | None = None, *,
-    layout: CacheLayout | None = None, settings: CalibrationSettings | None = None, progress: bool = True,
-    **overrides: Any,
+    layout: CacheLayout | None = None, settings: CalibrationSettings | None = None, budget_unit: str = "code",
+    progress: bool = True, **overrides: Any,
 ) -> RateQuantConfig:
     """Calibrate a RateQuant allocation of `budget` average bits for `quantizer` on `model`.
 
@@ -702,10 +722,14 @@ def calibrate(
             text offline, with a warning), a `datasets` name (`"name"` or `"name:config"`, text column
             `data_column`, default `"text"`), a text file or a list of strings.
         quantizer (`str`, *optional*): registered quantizer design (default `layout.quantizer`, `"kivi"`).
-        budget (`float`, *optional*): average bits over all units (default `settings.budget`, 2.5).
+        budget (`float`, *optional*): average bits over all units (default `settings.budget`, 2.5), counted as
+            `budget_unit` says.
         layout ([`CacheLayout`], *optional*): quantizer, group size, residual window and sinks of the cache (the
             measure and the validation both see the cache with them).
         settings ([`CalibrationSettings`], *optional*): what is measured, on how many windows, and how.
+        budget_unit (`str`, *optional*, defaults to `"code"`): one of [`BUDGET_UNITS`]: `"code"`, average code bits
+            per unit; `"true"`, bits per stored element with the scales and zero-points (16-bit) included, turned
+            into code bits by [`in_code_bits`] (the config records the code bits).
         progress (`bool`, *optional*, defaults to `True`): progress bars for the measure and the validation.
         overrides: any field of [`CacheLayout`] or [`CalibrationSettings`] (`n_samples`, `seq_len`, `n_validation`,
             `group_size`, `residual_length`, `sink_length`, `b_min`, `b_max`, `batch_size`, `chunk`, `measure`,
@@ -720,8 +744,15 @@ def calibrate(
         >>> config.save_pretrained("smollm2-ratequant-kivi-2.5")
     """
     start = time.perf_counter()
+    if budget_unit not in BUDGET_UNITS:
+        raise ValueError(f"budget_unit={budget_unit!r} must be one of {', '.join(BUDGET_UNITS)}.")
+    true_bits = None
+    if budget_unit == "true":
+        true_bits, budget = (budget if budget is not None else (settings or CalibrationSettings()).budget), None
     layout, settings = resolve_settings(quantizer, budget, layout=layout, settings=settings, **overrides)
     fp = ModelFingerprint.from_model_config(model.config)
+    if true_bits is not None:
+        settings = in_code_bits(true_bits, layout, settings, fp)
     check_feasible(layout, settings, fp)
     procs = Processes()
     data = load_calibration_data(tokenizer, data, layout, settings, fp, procs)

@@ -82,6 +82,7 @@ def model_card(
         f"{config.group_size}, the last {config.residual_length} tokens"
         f"{f' and the first {config.sink_length}' if config.sink_length else ''} kept in full precision). Keys get "
         f"{bits[..., 0].mean():.2f} bits on average, values {bits[..., 1].mean():.2f}; method: `{config.method}`.", "",
+        *_memory_lines(config),
         f"Model geometry: {fp.describe() if fp else 'not recorded'}. The cache refuses a model of another "
         "architecture or geometry.", "",
         f"![bits per layer and kv-head]({HEATMAP_NAME})", "",
@@ -93,6 +94,22 @@ def model_card(
     if (config.calibration or {}).get("validation_kl"):
         lines += _calibration_section(config.calibration, curves_name)
     return "\n".join(lines)
+
+
+def _memory_lines(config: RateQuantConfig) -> list[str]:
+    """What the config stores: code bits, true bits per element, and the bytes of a 16-bit model's cache at
+    [`REPORT_TOKENS`] tokens against a 16-bit `DynamicCache` (when the model's geometry is recorded)."""
+    from .footprint import REPORT_TOKENS, cache_bytes, true_bits_per_element
+
+    fp = config.fingerprint
+    if fp is None or not fp.head_dim:
+        return []
+    true_bits = true_bits_per_element(config, fp.head_dim)
+    f = cache_bytes(config, fp, REPORT_TOKENS)
+    return [f"Storage: {config.average_bits:.4g} average code bits, {true_bits:.4g} bits per stored element with the "
+            f"16-bit scales and zero-points; at {REPORT_TOKENS} tokens a bf16/fp16 model's cache holds "
+            f"{f.total / 2**20:.2f} MiB against {f.bytes_16bit / 2**20:.2f} MiB at 16 bits ({f.vs_16bit:.3f}x, the "
+            f"full-precision window and sinks included).", ""]
 
 
 def _quality_section(evaluation: list[dict]) -> list[str]:

@@ -19,6 +19,7 @@ from .data import fallback_hint
 from .models import DEFAULT_MODEL, DTYPES, check_model_source, default_config_path
 from .quantizers import ALLOWED_BITS, available_quantizers
 from .settings import (
+    BUDGET_UNITS,
     DEFAULT_SINK_TOKENS,
     MEASURES,
     CacheLayout,
@@ -31,8 +32,6 @@ from .settings import (
 logger = logging.getLogger("hf_ratequant")
 
 LAYOUT, CALIBRATION, EVALUATION = CacheLayout(), CalibrationSettings(), EvaluationSettings()
-REPORT_TOKENS = 4096
-"""The context at which the bytes of a cache are reported against a 16-bit cache (where the saving exists)."""
 ANALYZE_WINDOWS = 4
 """Held-out windows `analyze` evaluates every allocation of every design on (fewer than `eval`, to keep it
 affordable); its calibration windows are `analysis.ANALYSIS_SETTINGS.n_samples`."""
@@ -119,7 +118,7 @@ def _cache_columns(config: Any, fingerprint: Any, dtype: Any) -> tuple[str, str,
 
 def _print_footprint(config: Any, fingerprint: Any, dtype: Any, tokens: int) -> None:
     """Bytes of the cache by part at `tokens` tokens and at [`REPORT_TOKENS`], against a 16-bit cache."""
-    from .footprint import cache_bytes
+    from .footprint import REPORT_TOKENS, cache_bytes
 
     print(f"{'tokens':>7}{'quantized':>12}{'window':>12}{'sinks':>12}{'total':>12}{'16-bit cache':>14}"
           f"{'vs 16-bit':>11}")
@@ -227,8 +226,9 @@ def _calibration_overrides(args: argparse.Namespace) -> dict[str, Any]:
         sink_length=args.sink_length, budget=args.budget, n_samples=args.samples, n_validation=args.validation,
         seq_len=args.seq_len, b_min=args.b_min, b_max=args.b_max, measure=args.measure, data_column=args.data_column,
     )
-    split_settings(overrides)
-    return {k: v for k, v in overrides.items() if v is not None}
+    # A true-bits budget becomes code bits once the model's head_dim is known (calibrate checks it then).
+    split_settings({**overrides, "budget": None} if args.budget_unit == "true" else overrides)
+    return {k: v for k, v in overrides.items() if v is not None} | {"budget_unit": args.budget_unit}
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -280,8 +280,10 @@ def candidate_legend(name: str) -> str:
 
 def _print_calibration(config: Any, model: Any) -> None:
     """The validation table with a legend, the bits per layer, the true bits and the bytes at a long context."""
+    import torch
+
     from .config import ModelFingerprint
-    from .footprint import true_bits_per_element
+    from .footprint import REPORT_TOKENS, true_bits_per_element
 
     info = config.calibration
     if info["validation_kl"]:
@@ -298,9 +300,13 @@ def _print_calibration(config: Any, model: Any) -> None:
     print("\nmean bits per layer (keys / values): "
           + "  ".join(f"{i}:{k:.1f}/{v:.1f}" for i, (k, v) in enumerate(zip(keys, values))))
     fingerprint = ModelFingerprint.from_model_config(model.config)
-    true_bits = true_bits_per_element(config, fingerprint.head_dim, model.dtype)
-    print(f"average code bits {config.average_bits:.3g}; true bits per element {true_bits:.3g} (with the scales and "
-          f"zero-points, stored in {str(model.dtype).replace('torch.', '')})")
+    true_bits = true_bits_per_element(config, fingerprint.head_dim)
+    line = (f"average code bits {config.average_bits:.4g}; true bits per element {true_bits:.4g} (with 16-bit "
+            "scales and zero-points")
+    if torch.finfo(model.dtype).bits != 16:
+        line += (f"; {true_bits_per_element(config, fingerprint.head_dim, model.dtype):.4g} with this "
+                 f"{str(model.dtype).replace('torch.', '')} model's")
+    print(line + ")")
     if all(t == "full_attention" for t in fingerprint.layer_types):
         _print_footprint(config, fingerprint, model.dtype, REPORT_TOKENS)
 
@@ -562,7 +568,12 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--data-column", default=None, help="text column of a datasets dataset (default: text)")
     _add_layout_options(p, "of the cache")
     p.add_argument("--budget", type=float, default=CALIBRATION.budget,
-                   help="average bits over all (layer, kv-head, key/value) units, in [b_min, b_max]")
+                   help="the memory budget, in the unit --budget-unit names: average code bits over all (layer, "
+                   "kv-head, key/value) units, in [b_min, b_max], or true bits per stored element")
+    p.add_argument("--budget-unit", choices=BUDGET_UNITS, default="code",
+                   help="code: code bits per unit, as a config's average_bits; true: bits per stored element with "
+                   "every group's 16-bit scale and zero-point (kivi G=32: code + 1; token and rotated: code + 32 / "
+                   "head_dim)")
     p.add_argument("--samples", type=int, default=CALIBRATION.n_samples, help="calibration windows measured, >= 1")
     p.add_argument("--validation", type=int, default=CALIBRATION.n_validation,
                    help="held-back windows the candidates are compared on, >= 0 (0: no validation)")

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,19 @@ from .quantizers.base import KINDS
 if TYPE_CHECKING:
     from .config import ModelFingerprint, RateQuantConfig
 
-__all__ = ["CacheFootprint", "cache_bytes", "true_bits_per_element", "unit_bits_per_element"]
+__all__ = [
+    "REPORT_TOKENS",
+    "CacheFootprint",
+    "cache_bytes",
+    "code_budget",
+    "true_bits_per_element",
+    "unit_bits_per_element",
+]
+
+
+REPORT_TOKENS = 4096
+"""The context at which bytes are reported (command line, cards, README): long enough that most tokens are
+quantized."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,6 +85,38 @@ def true_bits_per_element(config: RateQuantConfig, head_dim: int, dtype: torch.d
             for bits in row:
                 total += unit_bits_per_element(config.quantizer, config.group_size, bits, kind, head_dim, dtype)
     return total / (2 * config.num_layers * config.num_kv_heads)
+
+
+def code_budget(true_bits: float, quantizer: str, group_size: int, head_dim: int, b_min: int, b_max: int) -> float:
+    """The average code bits whose allocations store exactly `true_bits` bits per element (16-bit scales).
+
+    Every option of `b_min..b_max` bits of one design and group size pays the same metadata per element (one scale
+    and zero-point per group: kivi G = 32, +1 bit; the per-token designs, one group per row of 64 channels, +0.5),
+    so a true budget is the code budget plus that constant, averaged over keys and values (as many units each).
+    A `ValueError` names the range of true budgets reachable, or says why no constant applies.
+
+    Example:
+        >>> code_budget(3.0, "kivi", 32, head_dim=64, b_min=1, b_max=6)
+        2.0
+    """
+    if isinstance(true_bits, bool) or not isinstance(true_bits, (int, float)) or not math.isfinite(true_bits):
+        raise ValueError(f"true_bits={true_bits!r} must be a number of bits per stored element (e.g. 3.0).")
+    overhead = []
+    for kind in KINDS:
+        extra = {unit_bits_per_element(quantizer, group_size, b, kind, head_dim) - b for b in range(b_min, b_max + 1)}
+        if len(extra) != 1:
+            raise ValueError(f"{quantizer} with G={group_size} and head_dim={head_dim} stores {kind}s with a "
+                             f"metadata cost that depends on the bit-width ({sorted(extra)} bits per element), so a "
+                             "true-bits budget has no single code-bits equivalent: give the budget in code bits.")
+        overhead.append(extra.pop())
+    extra = sum(overhead) / len(overhead)
+    low, high = b_min + extra, b_max + extra
+    if not low - 1e-9 <= true_bits <= high + 1e-9:
+        raise ValueError(f"A budget of {true_bits:g} true bits per element is outside [{low:g}, {high:g}], what "
+                         f"{quantizer} with G={group_size} (+{extra:g} bits per element for scales and zero-points "
+                         f"at head_dim {head_dim}) stores with units of b_min={b_min} to b_max={b_max} code bits. "
+                         "Pass a budget in that range, or widen b_min/b_max.")
+    return round(min(max(true_bits - extra, b_min), b_max), 9)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Any
 from .quantizers import available_quantizers, check_bits
 
 __all__ = [
+    "BUDGET_UNITS",
     "DEFAULT_SINK_TOKENS",
     "MEASURES",
     "CacheLayout",
@@ -41,6 +42,10 @@ __all__ = [
 
 DEFAULT_SINK_TOKENS = 32
 """Attention sinks kept in full precision by default: at least this many first tokens, rounded up to whole groups."""
+
+BUDGET_UNITS = ("code", "true")
+"""How a budget is counted: `"code"`, average code bits per unit (what `RateQuantConfig.average_bits` reports);
+`"true"`, bits per stored element with every group's 16-bit scale and zero-point included."""
 
 MEASURES = ("output", "state")
 """`"output"`: gradient-weighted error of the attention output recomputed with the quantized states; `"state"`:

@@ -218,6 +218,23 @@ def test_calibrate_bad_input(model):
                   group_size=8, residual_length=8, progress=False)
 
 
+def test_calibrate_to_a_budget_in_true_bits(model):
+    """kivi with G = 8 on head_dim 32 stores a 16-bit scale and zero-point per 8 elements: +4 bits per element."""
+    from hf_ratequant.footprint import true_bits_per_element
+
+    kwargs = dict(quantizer="kivi", n_samples=2, n_validation=0, seq_len=64, group_size=8, residual_length=8,
+                  sink_length=0, b_min=2, b_max=4, progress=False)
+    cfg = calibrate(model, WordTokenizer(), [corpus(2000)], budget=6.5, budget_unit="true", **kwargs)
+    assert cfg.average_bits == cfg.budget == 2.5 and true_bits_per_element(cfg, head_dim=32) == 6.5
+    # Refused before any text is read (50 words are too few for any window).
+    with pytest.raises(ValueError, match=r"3 true bits per element is outside \[6, 8\]"):
+        calibrate(model, WordTokenizer(), [corpus(50)], budget=3, budget_unit="true", **kwargs)
+    with pytest.raises(ValueError, match=r"6.4 true bits per element are 2.4 average code bits .* multiple of 1/8"):
+        calibrate(model, WordTokenizer(), [corpus(50)], budget=6.4, budget_unit="true", **kwargs)
+    with pytest.raises(ValueError, match="budget_unit='bytes' must be one of code, true"):
+        calibrate(model, WordTokenizer(), [corpus(50)], budget=3, budget_unit="bytes", **kwargs)
+
+
 def test_residual_split_mask_reads_each_key_once():
     from hf_ratequant.calibration import residual_split_mask
     from hf_ratequant.config import ModelFingerprint

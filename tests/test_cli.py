@@ -86,6 +86,39 @@ def test_true_bits_count_scales_and_zero_points(llama_config):
     assert true_bits_per_element(kept, head_dim=32) == (16 + 3) / 2
 
 
+@pytest.mark.parametrize("quantizer, group_size, head_dim", [("kivi", 32, 64), ("kivi", 64, 64), ("kivi", 16, 32),
+                                                             ("token", 32, 64), ("rotated", 32, 256)])
+def test_a_true_bits_budget_is_the_code_budget_its_configs_store(quantizer, group_size, head_dim):
+    """Every fixed config of the code budget `code_budget` returns stores exactly the true bits asked for."""
+    from transformers import LlamaConfig
+
+    from hf_ratequant.footprint import code_budget, true_bits_per_element
+
+    model_config = LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, num_attention_heads=2,
+                               hidden_size=2 * head_dim, head_dim=head_dim)
+    for code_bits in range(1, 7):
+        for k, v in ((code_bits, code_bits), (min(code_bits + 1, 6), max(code_bits - 1, 1))):
+            config = RateQuantConfig.uniform(model_config, key_bits=k, value_bits=v, quantizer=quantizer,
+                                             group_size=group_size)
+            true_bits = true_bits_per_element(config, head_dim)
+            assert code_budget(true_bits, quantizer, group_size, head_dim, 1, 6) == config.average_bits
+    with pytest.raises(ValueError, match=r"budget of 1 true bits per element is outside \[\d[.\d]*, \d"):
+        code_budget(1.0, quantizer, group_size, head_dim, 1, 6)
+    with pytest.raises(ValueError, match="must be a number of bits per stored element"):
+        code_budget(float("nan"), quantizer, group_size, head_dim, 1, 6)
+
+
+def test_cli_budget_unit():
+    from hf_ratequant.cli import _calibration_overrides, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["calibrate", "-o", "x", "--budget", "6.5", "--budget-unit", "true"])
+    assert _calibration_overrides(args)["budget_unit"] == "true"  # 6.5 true bits: checked against the model later
+    with pytest.raises(ValueError, match=r"budget=6.5 is outside \[b_min, b_max\]"):
+        _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--budget", "6.5"]))
+    assert parser.parse_args(["calibrate", "-o", "x"]).budget_unit == "code"
+
+
 @pytest.mark.parametrize("quantizer", ["kivi", "token", "rotated"])
 @pytest.mark.parametrize("tokens, chunk", [(40, 40), (200, 7), (333, 64), (600, 600)])
 def test_cache_bytes_equal_a_real_cache(llama_config, quantizer, tokens, chunk):
@@ -262,5 +295,7 @@ def test_calibration_report_says_what_was_chosen(llama_config, capsys, validated
     else:
         assert "no validation (--validation 0): chose ratequant, closed form" in out
     assert "mean bits per layer (keys / values): 0:3.0/2.0  1:3.0/2.0  2:3.0/2.0" in out
-    assert "average code bits 2.5; true bits per element 4.5" in out  # fp32 scales and zero-points per 32
+    # 16-bit scales and zero-points per 32 (the unit of a true-bits budget), and this float32 model's
+    assert ("average code bits 2.5; true bits per element 3.5 (with 16-bit scales and zero-points; 4.5 with this "
+            "float32 model's)") in out
     assert "4096" in out and "vs 16-bit" in out

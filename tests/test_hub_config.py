@@ -226,3 +226,19 @@ def test_card_says_how_many_windows_each_candidate_was_scored_on():
     del config.calibration["validation_windows"]  # a config calibrated before successive halving
     card = model_card(config, REPO)
     assert "| K3V2 | 0.00500 |\n| ratequant-measured (this config) | 0.01000 |" in card and "halving" not in card
+
+
+def test_card_states_code_bits_true_bits_and_bytes_at_4k_tokens():
+    from hf_ratequant.footprint import cache_bytes
+    from hf_ratequant.hub import model_card
+
+    model_config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    config = RateQuantConfig.uniform(model_config, key_bits=3, value_bits=2)
+    f = cache_bytes(config, config.fingerprint, 4096)
+    card = model_card(config, REPO)
+    assert (f"Storage: 2.5 average code bits, 3.5 bits per stored element with the 16-bit scales and zero-points; "
+            f"at 4096 tokens a bf16/fp16 model's cache holds {f.total / 2**20:.2f} MiB against "
+            f"{f.bytes_16bit / 2**20:.2f} MiB at 16 bits ({f.vs_16bit:.3f}x") in card
+    config.fingerprint = None  # a config saved before fingerprints: nothing to compute the bytes from
+    assert "Storage:" not in model_card(config, REPO)
