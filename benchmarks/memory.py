@@ -41,6 +41,7 @@ logger = logging.getLogger("benchmarks.memory")
 
 QUANTIZERS = ("kivi", "token", "rotated")
 GOALS = {"uniform-2": 0.25, "avg-2.5": 0.30}  # max ratio vs 16-bit, from the issue
+TRUE_BUDGET, TRUE_TOLERANCE = 2.5, 0.03  # issue [4 bytes]: bytes at 2.5 true bits within 3% of the arithmetic
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Row:
     goal: float | None = None
     sinks: int = 0  # bytes of the first sink_length tokens, kept as they are
     sink_tokens: int = 0
+    true_bits: float | None = None  # bits per quantized element, 16-bit scales and zero-points included
+    arithmetic: int | None = None  # the true-budget row only: TRUE_BUDGET/16 of quantized tokens + window + sinks
 
     @property
     def gap(self) -> float:
@@ -81,6 +84,25 @@ def allocations(num_layers: int, num_heads: int) -> list[tuple[str, list[list[in
     # phase, so every layer holds heads of both widths and the average is exactly 2.5.
     out.append(("per-head 2/3 (avg 2.5)", table(lambda i: 2 + i % 2), table(lambda i: 3 - i % 2)))
     return out
+
+
+def true_budget_allocation(layout: CacheLayout, num_layers: int, num_heads: int, head_dim: int):
+    """`(name, key_bits, value_bits)` of [`TRUE_BUDGET`] true bits per element for `layout`'s design: the code
+    budget `code_budget` gives, as whole bits, or 2 widths alternating over (layer, head) units for a half bit."""
+    from hf_ratequant.footprint import code_budget
+
+    code = code_budget(TRUE_BUDGET, layout.quantizer, layout.group_size, head_dim, 1, 8)
+    low, half = int(code), code - int(code)
+    if half not in (0.0, 0.5):
+        raise ValueError(f"{TRUE_BUDGET} true bits are {code:g} code bits for {layout.quantizer}: not a whole or half "
+                         "bit, which this mix cannot spread evenly.")
+    step = 1 if half else 0
+
+    def table(phase):
+        return [[low + step * ((layer * num_heads + head + phase) % 2) for head in range(num_heads)]
+                for layer in range(num_layers)]
+
+    return f"{TRUE_BUDGET:g} true bits ({code:g} code)", table(0), table(1)
 
 
 def goal_for(name: str) -> float | None:
@@ -158,11 +180,13 @@ def breakdown(cache) -> dict[str, int]:
 def measure(states, model_config, layout: CacheLayout, ref: int) -> list[Row]:
     """Every allocation of `allocations` in a `RateQuantCache` of `layout` holding `states`."""
     from hf_ratequant import RateQuantCache, RateQuantConfig
+    from hf_ratequant.footprint import true_bits_per_element
 
     rows = []
     quantizer = layout.quantizer
-    num_layers, num_heads = len(states), states[0][0].shape[1]
-    for name, key_bits, value_bits in allocations(num_layers, num_heads):
+    num_layers, num_heads, head_dim = len(states), states[0][0].shape[1], states[0][0].shape[-1]
+    true_row = true_budget_allocation(layout, num_layers, num_heads, head_dim)
+    for name, key_bits, value_bits in [*allocations(num_layers, num_heads), true_row]:
         qc = RateQuantConfig.from_bits(bits_table(key_bits, value_bits), layout, method=name)
         cache = RateQuantCache(config=model_config, quant_config=qc)
         for i, (k, v) in enumerate(states):
@@ -174,6 +198,11 @@ def measure(states, model_config, layout: CacheLayout, ref: int) -> list[Row]:
             raise RuntimeError(f"{quantizer}/{name}: breakdown sums to {accounted} bytes but cache.nbytes={total}.")
         if cache.nbytes_16bit() != ref:
             raise RuntimeError(f"cache.nbytes_16bit()={cache.nbytes_16bit()} but the 16-bit DynamicCache holds {ref}.")
+        arithmetic = None
+        if name == true_row[0]:  # 16-bit bytes of the quantized tokens at TRUE_BUDGET/16, the rest as held
+            quantized_16 = ref * parts["quantized_tokens"] / (parts["quantized_tokens"] + parts["window_tokens"]
+                                                             + parts["sink_tokens"])
+            arithmetic = round(quantized_16 * TRUE_BUDGET / 16) + parts["window"] + parts["sinks"]
         rows.append(
             Row(
                 quantizer=quantizer,
@@ -183,6 +212,8 @@ def measure(states, model_config, layout: CacheLayout, ref: int) -> list[Row]:
                 ratio=total / ref,
                 floor=qc.average_bits / 16,
                 goal=goal_for(name),
+                true_bits=true_bits_per_element(qc, head_dim),
+                arithmetic=arithmetic,
                 **parts,
             )
         )
@@ -215,6 +246,22 @@ def markdown_table(rows: list[Row], ref: int) -> str:
             f"| {goal} |"
         )
     return "\n".join(lines)
+
+
+def true_budget_lines(rows: list[Row]) -> list[str]:
+    """Issue [4 bytes]'s bar: bytes held at TRUE_BUDGET true bits per element against the arithmetic."""
+    lines = [f"## {TRUE_BUDGET:g} true bits per element (issue [4 bytes])", "",
+             f"Arithmetic: {TRUE_BUDGET:g}/16 = {TRUE_BUDGET / 16:.4f}x of the quantized tokens' 16-bit bytes, plus "
+             "the full-precision window and sinks as held. Measured: `cache.nbytes`.", "",
+             "| quantizer | allocation | true bits | MiB held | arithmetic MiB | deviation | within 3%? |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.arithmetic is None:
+            continue
+        dev = r.nbytes / r.arithmetic - 1
+        lines.append(f"| {r.quantizer} | {r.allocation} | {r.true_bits:.4g} | {_mib(r.nbytes)} | {_mib(r.arithmetic)} "
+                     f"| {dev:+.2%} | {'PASS' if abs(dev) <= TRUE_TOLERANCE else 'FAIL'} |")
+    return lines
 
 
 def overhead_notes(rows: list[Row], ref: int, layout: CacheLayout, n_tokens: int) -> str:
@@ -355,7 +402,8 @@ def main(argv=None) -> int:
             verdict = "PASS" if r.ratio <= r.goal else "FAIL"
             goals.append(f"- {r.quantizer} {r.allocation}: {r.ratio:.3f}x (goal <= {r.goal:.2f}x): {verdict}")
     md = "\n".join(
-        [header, table, "", "## Goals (issue)", "", *goals, "", "## Why not the arithmetic floor", "", notes, ""]
+        [header, table, "", "## Goals (issue)", "", *goals, "", *true_budget_lines(rows), "",
+         "## Why not the arithmetic floor", "", notes, ""]
     )
 
     payload = dict(

@@ -211,6 +211,10 @@ def test_memory_breakdown_counts_the_sinks(bench_modules):
     assert {r.sink_tokens for r in rows} == {LAYOUT.sink_length}
     assert all(r.sinks == 2 * 2 * 2 * LAYOUT.sink_length * 32 * 2 for r in rows)  # K+V, layers, heads, S, d, bf16
     assert all(r.quantized_tokens + r.sink_tokens + r.window_tokens == 300 for r in rows)
+    # 2.5 true bits (kivi G = 32: 1 and 2 code bits alternating): the bytes held are the arithmetic's, exactly.
+    (true_row,) = [r for r in rows if r.arithmetic is not None]
+    assert true_row.allocation == "2.5 true bits (1.5 code)" and true_row.true_bits == 2.5
+    assert abs(true_row.nbytes - true_row.arithmetic) <= 1 and "| PASS |" in "\n".join(memory.true_budget_lines(rows))
 
 
 # ---- the results writer -------------------------------------------------------------------------------------------
