@@ -323,11 +323,14 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      lm_eval),
     ("The distortion-model mismatch", "analysis/analysis.json",
      "hf-ratequant analyze --windows 4 -o benchmarks/results/analysis", analysis("analysis")),
+    ("The distortion-model mismatch on Qwen2.5-Coder 0.5B", "analysis_qwen2.5-coder-0.5b/analysis.json",
+     "hf-ratequant analyze --model \"$(python benchmarks/real_models.py qwen2.5-coder-0.5b)\" --windows 4 -o "
+     "benchmarks/results/analysis_qwen2.5-coder-0.5b", analysis("analysis_qwen2.5-coder-0.5b")),
 ]
 
 
 # Kept beside the cited results: the calibrated configs the hub artefacts and the field comparison were made from.
-KEPT_FOLDERS = ("ratequant_quality_configs_defaults", "analysis")
+KEPT_FOLDERS = ("ratequant_quality_configs_defaults", "analysis", "analysis_qwen2.5-coder-0.5b")
 
 
 def cited_files() -> set[str]:
