@@ -338,7 +338,7 @@ def cited_files() -> set[str]:
     its benchmark wrote beside it; plus whatever lies in KEPT_FOLDERS."""
     names = {f for _, f, _, _ in SECTIONS if f}
     names |= {f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")}
-    names |= set(DOMAIN_RUNS) | {name for _, name in MODEL_RUNS}
+    names |= set(DOMAIN_RUNS) | set(MODEL_RUNS)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= {"field_frontier.png", "memory.png"}
     for folder in KEPT_FOLDERS:
@@ -375,9 +375,8 @@ def headline(d: dict) -> list[str]:
 
 
 MODELS_BLOCK = ("<!-- results:models -->", "<!-- /results:models -->")
-MODEL_RUNS = (("SmolLM2-135M", "ratequant_quality_shared-prefix.json"),
-              ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json"),
-              ("Qwen2.5-Coder 0.5B", "ratequant_quality_qwen2.5-coder-0.5b.json"))
+MODEL_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-270m.json",
+              "ratequant_quality_qwen2.5-coder-0.5b.json")  # each row named by `_model_label` of its run
 
 
 def _mib_at_4k(config: dict) -> tuple[float, float]:
@@ -398,8 +397,9 @@ def models_table() -> list[str]:
     RateQuant on held-out Python docs text, from each model's quality run, and both caches' MiB at 4k tokens (equal
     average bits are not equal bytes where layers hold different numbers of tokens: Gemma's sliding layers)."""
     rows = []
-    for label, name in MODEL_RUNS:
+    for name in MODEL_RUNS:
         d = _load(name)
+        label = _model_label(d)
         for r, block in zip(d["summaries"], d["blocks"]):
             if r["quantizer"] != "kivi" or r["budget"] not in (2.5, 3.0):
                 continue
