@@ -62,7 +62,7 @@ class Row:
     sinks: int = 0  # bytes of the first sink_length tokens, kept as they are
     sink_tokens: int = 0
     true_bits: float | None = None  # bits per quantized element, 16-bit scales and zero-points included
-    arithmetic: int | None = None  # the true-budget row only: TRUE_BUDGET/16 of quantized tokens + window + sinks
+    arithmetic: int | None = None  # the true-budget rows only: TRUE_BUDGET/16 of quantized tokens + window + sinks
 
     @property
     def gap(self) -> float:
@@ -103,6 +103,43 @@ def true_budget_allocation(layout: CacheLayout, num_layers: int, num_heads: int,
                 for layer in range(num_layers)]
 
     return f"{TRUE_BUDGET:g} true bits ({code:g} code)", table(0), table(1)
+
+
+def grouped_budget_allocation(layout: CacheLayout, num_layers: int, num_heads: int, head_dim: int):
+    """`(name, key_bits, value_bits, key_groups, value_groups)` of [`TRUE_BUDGET`] true bits per element with a
+    group size per unit, or None where this layout does not fit it (it needs head_dim 64 and, for kivi, G = 32).
+
+    Each kind cycles through four (bits, group) options over the flattened (layer, head) units whose true rates
+    (code bits + 32 / group) average exactly 2.5: groups of tokens (kivi keys) 2 bits at 128, 64, 32, 128 tokens
+    (2.25 + 2.5 + 3 + 2.25); groups of channels 2 bits at 32, 1 bit at 64, 2 bits at 64, 2 bits at 32 channels
+    (3 + 1.5 + 2.5 + 3). Keys and values out of phase."""
+    from hf_ratequant.quantizers import get_quantizer
+
+    q = get_quantizer(layout.quantizer, layout.group_size)
+    if TRUE_BUDGET != 2.5 or head_dim != 64 or (layout.quantizer == "kivi" and layout.group_size != 32):
+        return None
+    cycles = {"tokens": [(2, 128), (2, 64), (2, 32), (2, 128)], "channels": [(2, 32), (1, 64), (2, 64), (2, 32)]}
+
+    def table(kind, phase, what):
+        cycle = cycles[q.group_axis(kind)]
+        return [[cycle[(layer * num_heads + head + phase) % 4][what] for head in range(num_heads)]
+                for layer in range(num_layers)]
+
+    return (f"{TRUE_BUDGET:g} true bits, per-unit groups", table("key", 0, 0), table("value", 2, 0),
+            table("key", 0, 1), table("value", 2, 1))
+
+
+def arithmetic_bytes(cache, true_bits: float) -> int:
+    """What a cache holding `true_bits` bits per quantized element should take: every layer's quantized tokens at
+    that rate, its window and sinks as held (per layer: layers may release tokens in different blocks)."""
+    total = 0.0
+    for layer in cache.layers:
+        b, h, _, d = layer.keys.shape
+        n_quantized = layer.past_keys.num_tokens - layer.past_keys.num_sink
+        total += 2 * b * h * n_quantized * d * true_bits / 8
+        total += sum(_tensor_bytes(t) for t in (layer.keys, layer.values))
+        total += sum(_tensor_bytes(g.sink) for g in (layer.past_keys, layer.past_values) if g.sink is not None)
+    return round(total)
 
 
 def goal_for(name: str) -> float | None:
@@ -186,8 +223,12 @@ def measure(states, model_config, layout: CacheLayout, ref: int) -> list[Row]:
     quantizer = layout.quantizer
     num_layers, num_heads, head_dim = len(states), states[0][0].shape[1], states[0][0].shape[-1]
     true_row = true_budget_allocation(layout, num_layers, num_heads, head_dim)
-    for name, key_bits, value_bits in [*allocations(num_layers, num_heads), true_row]:
-        qc = RateQuantConfig.from_bits(bits_table(key_bits, value_bits), layout, method=name)
+    grouped_row = grouped_budget_allocation(layout, num_layers, num_heads, head_dim)
+    measured_rows = [(*row, None, None) for row in (*allocations(num_layers, num_heads), true_row)]
+    measured_rows += [grouped_row] if grouped_row else []
+    for name, key_bits, value_bits, key_groups, value_groups in measured_rows:
+        groups = None if key_groups is None else bits_table(key_groups, value_groups)
+        qc = RateQuantConfig.from_bits(bits_table(key_bits, value_bits), layout, method=name, groups=groups)
         cache = RateQuantCache(config=model_config, quant_config=qc)
         for i, (k, v) in enumerate(states):
             cache.update(k, v, i)
@@ -199,10 +240,8 @@ def measure(states, model_config, layout: CacheLayout, ref: int) -> list[Row]:
         if cache.nbytes_16bit() != ref:
             raise RuntimeError(f"cache.nbytes_16bit()={cache.nbytes_16bit()} but the 16-bit DynamicCache holds {ref}.")
         arithmetic = None
-        if name == true_row[0]:  # 16-bit bytes of the quantized tokens at TRUE_BUDGET/16, the rest as held
-            quantized_16 = ref * parts["quantized_tokens"] / (parts["quantized_tokens"] + parts["window_tokens"]
-                                                             + parts["sink_tokens"])
-            arithmetic = round(quantized_16 * TRUE_BUDGET / 16) + parts["window"] + parts["sinks"]
+        if name == true_row[0] or key_groups is not None:  # the quantized tokens at TRUE_BUDGET/16, the rest as held
+            arithmetic = arithmetic_bytes(cache, TRUE_BUDGET)
         rows.append(
             Row(
                 quantizer=quantizer,
@@ -252,15 +291,19 @@ def true_budget_lines(rows: list[Row]) -> list[str]:
     """Issue [4 bytes]'s bar: bytes held at TRUE_BUDGET true bits per element against the arithmetic."""
     lines = [f"## {TRUE_BUDGET:g} true bits per element (issue [4 bytes])", "",
              f"Arithmetic: {TRUE_BUDGET:g}/16 = {TRUE_BUDGET / 16:.4f}x of the quantized tokens' 16-bit bytes, plus "
-             "the full-precision window and sinks as held. Measured: `cache.nbytes`.", "",
-             "| quantizer | allocation | true bits | MiB held | arithmetic MiB | deviation | within 3%? |",
-             "|---|---|---|---|---|---|---|"]
+             "the full-precision window and sinks as held (per layer). Measured: `cache.nbytes`. With a group size "
+             "per unit, a layer's window releases tokens in whole groups of its largest key group (kivi: 128 tokens "
+             "instead of G = 32), so it holds R to R + 127 tokens instead of R to R + 31: the window column shows "
+             "what that costs at this length.", "",
+             "| quantizer | allocation | true bits | MiB held | arithmetic MiB | deviation | within 3%? "
+             "| window MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.arithmetic is None:
             continue
         dev = r.nbytes / r.arithmetic - 1
         lines.append(f"| {r.quantizer} | {r.allocation} | {r.true_bits:.4g} | {_mib(r.nbytes)} | {_mib(r.arithmetic)} "
-                     f"| {dev:+.2%} | {'PASS' if abs(dev) <= TRUE_TOLERANCE else 'FAIL'} |")
+                     f"| {dev:+.2%} | {'PASS' if abs(dev) <= TRUE_TOLERANCE else 'FAIL'} | {_mib(r.window)} |")
     return lines
 
 

@@ -38,7 +38,6 @@ class FusedPast:
     k_window: torch.Tensor
     v_window: torch.Tensor
     quantizer: str
-    group_size: int
 
     @property
     def num_tokens(self) -> int:
@@ -48,14 +47,13 @@ class FusedPast:
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values as the model's own attention would have received them."""
         return torch.ops.hf_ratequant.dequantize_layer(
-            *self.k_args, *self.v_args, self.k_window, self.v_window, self.quantizer, self.group_size
+            *self.k_args, *self.v_args, self.k_window, self.v_window, self.quantizer
         )
 
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """`(batch, q_heads, q_len, head_dim)` attention output of `query` over the whole past, fused."""
         return torch.ops.hf_ratequant.decode_attention(
-            query, attention_mask, *self.k_args, *self.v_args, self.k_window, self.v_window, self.quantizer,
-            self.group_size, scaling,
+            query, attention_mask, *self.k_args, *self.v_args, self.k_window, self.v_window, self.quantizer, scaling,
         )
 
 

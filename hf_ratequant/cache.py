@@ -1,9 +1,12 @@
 """`RateQuantCache`: a `DynamicCache` whose layers store every kv-head at its own bit-width, really packed.
 
 Each layer keeps the most recent `residual_length` (R) tokens in full precision. Older tokens leave that window in
-whole groups of `group_size` (G) tokens and are quantized exactly once: every kv-head at its own bits, keys and values
-separately, heads sharing a bit-width quantized together in one vectorised call. The window therefore holds between
-R and R + G - 1 tokens once the sequence is longer than R.
+whole groups of `group_size` (G) tokens and are quantized exactly once: every kv-head at its own bits (and, with
+`RateQuantConfig.key_groups` / `value_groups`, its own group size), keys and values separately, heads sharing a
+(bit-width, group size) quantized together in one vectorised call. The window therefore holds between R and
+R + G - 1 tokens once the sequence is longer than R; a layer whose keys are grouped over more tokens than G (kivi
+keys at 64 or 128) releases them in whole groups of its largest (`flush_block`), after the sinks have been filled,
+and its window holds R to R + flush_block - 1.
 
 Non-finite states: keys or values containing inf or NaN are refused when they would be quantized, with a
 [`NonFiniteError`] (a `ValueError`) naming the layer, keys or values, the kv-heads and the token positions (an inf or
@@ -17,6 +20,7 @@ during prefill.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
@@ -40,31 +44,52 @@ class _HeadGroups:
     """The past of one layer's keys (or values) that has left the full-precision window.
 
     The first `sink_length` tokens ever appended (the attention sinks) are kept as they are, all heads in one tensor.
-    The tokens after them are quantized, kv-heads grouped by bit-width: for every distinct bit-width the head indices
-    and one [`QuantizedBlock`] (or, for 16 bits, a plain tensor) with those heads' tokens.
+    The tokens after them are quantized, kv-heads grouped into classes of one (bit-width, group size): for every
+    class the head indices, its quantizer (the design at that group size) and one [`QuantizedBlock`] (or, for 16
+    bits, a plain tensor) with those heads' tokens. A head's group size is elements per group along the design's
+    group axis (kivi keys: tokens; kivi values and the per-token designs: channels); `None` is the design's own.
     """
 
-    def __init__(self, bits_per_head: list[int], quantizer: Quantizer, kind: str, sink_length: int = 0):
+    def __init__(self, bits_per_head: list[int], quantizer: Quantizer, kind: str, sink_length: int = 0,
+                 groups_per_head: list[int | None] | None = None):
         self.quantizer, self.kind = quantizer, kind
         self.sink_length = sink_length
         self.sink: torch.Tensor | None = None  # (batch, heads, <= sink_length, head_dim), kept as is
         self.sink_room = sink_length  # tokens the sink still takes: 0 once full, or once its front was dropped
         self.num_heads = len(bits_per_head)
-        self.classes: list[tuple[int, list[int]]] = [
-            (bits, [h for h, b in enumerate(bits_per_head) if b == bits]) for bits in sorted(set(bits_per_head))
-        ]
+        self.bits = list(bits_per_head)
+        self.requested_groups = list(groups_per_head) if groups_per_head is not None else [None] * self.num_heads
+        if len(self.requested_groups) != self.num_heads:
+            raise ValueError(f"{self.num_heads} {kind} bit-widths but {len(self.requested_groups)} group sizes.")
+        self.head_dim: int | None = None
+        self.groups: list[int] = []  # every head's group size, known once the head_dim is (`prepare`)
+        self.classes: list[tuple[int, int, list[int]]] = []  # (bits, group, heads), ascending (bits, group)
+        self.quantizers: list[Quantizer] = []
         self.index: list[slice | torch.Tensor] = []
-        self.data: list[QuantizedBlock | torch.Tensor | None] = [None] * len(self.classes)
+        self.data: list[QuantizedBlock | torch.Tensor | None] = []
         self.num_tokens = 0  # sink tokens included
 
     @property
     def num_sink(self) -> int:
         return 0 if self.sink is None else self.sink.shape[2]
 
-    def to_device(self, device: torch.device) -> None:
-        """Build the head selectors on `device`: a slice where a class's heads are contiguous, else an index tensor."""
+    def prepare(self, head_dim: int, device: torch.device) -> None:
+        """Resolve every head's group size for `head_dim` (a 16-bit head takes the design's own: it has no groups),
+        check it, and build the classes with their head selectors on `device`: a slice where a class's heads are
+        contiguous, else an index tensor."""
+        own = self.quantizer.unit_group(self.kind, head_dim)
+        groups = [own if g is None or b == KEEP_BITS else g for b, g in zip(self.bits, self.requested_groups)]
+        if head_dim != self.head_dim or groups != self.groups:
+            pairs = sorted(set(zip(self.bits, groups)))
+            self.classes = [(b, g, [h for h in range(self.num_heads) if (self.bits[h], groups[h]) == (b, g)])
+                            for b, g in pairs]
+            self.quantizers = [self.quantizer if g == own else self.quantizer.regrouped(g) for _, g, _ in self.classes]
+            for q in self.quantizers:
+                q.check_head_dim(head_dim, self.kind)
+            self.data = [None] * len(self.classes)
+            self.head_dim, self.groups = head_dim, groups
         self.index = []
-        for _, heads in self.classes:
+        for _, _, heads in self.classes:
             if heads == list(range(heads[0], heads[-1] + 1)):
                 self.index.append(slice(heads[0], heads[-1] + 1))
             else:
@@ -72,13 +97,14 @@ class _HeadGroups:
 
     @property
     def time_block(self) -> int:
-        return self.quantizer.time_block(self.kind)
+        """Tokens the quantized past grows and is cut by: the least common multiple of its classes' time blocks."""
+        return math.lcm(*(q.time_block(self.kind) for q in self.quantizers)) if self.quantizers else 1
 
     def non_finite(self, x: torch.Tensor) -> torch.Tensor | None:
         """`None` if the heads to be quantized hold only finite values in the tokens of `x` `(batch, heads, tokens,
         head_dim)` that will be quantized, else a `(heads, tokens, head_dim)` mask of their non-finite elements
         (16-bit heads and sink tokens are stored as is)."""
-        quantized = [h for bits, heads in self.classes if bits != KEEP_BITS for h in heads]
+        quantized = [h for bits, _, heads in self.classes if bits != KEEP_BITS for h in heads]
         sink = min(self.sink_room, x.shape[2])
         if not quantized or sink == x.shape[2]:
             return None
@@ -103,9 +129,9 @@ class _HeadGroups:
             x = x[:, :, sink:]
             if x.shape[2] == 0:
                 return
-        for i, ((bits, _), sel) in enumerate(zip(self.classes, self.index)):
+        for i, ((bits, _, _), sel, q) in enumerate(zip(self.classes, self.index, self.quantizers)):
             part = x[:, sel]
-            new = part.clone() if bits == KEEP_BITS else self.quantizer.quantize(part, bits, self.kind)
+            new = part.clone() if bits == KEEP_BITS else q.quantize(part, bits, self.kind)
             old = self.data[i]
             if old is None:
                 self.data[i] = new
@@ -115,13 +141,14 @@ class _HeadGroups:
                 self.data[i] = QuantizedBlock.cat([old, new])
         self.num_tokens += x.shape[2]
 
-    def op_args(self, window: torch.Tensor, head_bits: list[int]) -> tuple:
-        """The arguments of the `hf_ratequant` ops for this past: `(sink, data, scale, zero, head_bits)` (see
-        [`ops.PastPart`]); `window` `(batch, heads, tokens, head_dim)` gives the shapes of empty parts."""
+    def op_args(self, window: torch.Tensor) -> tuple:
+        """The arguments of the `hf_ratequant` ops for this past: `(sink, data, scale, zero, head_bits,
+        head_groups)` (see [`ops.PastPart`]); `window` `(batch, heads, tokens, head_dim)` gives the shapes of empty
+        parts."""
         b, _, _, d = window.shape
         sink = self.sink if self.sink is not None else window.new_empty(b, self.num_heads, 0, d)
         data, scale, zero = [], [], []
-        for (bits, heads), block in zip(self.classes, self.data):
+        for (bits, group, heads), block, q in zip(self.classes, self.data, self.quantizers):
             if bits == KEEP_BITS:
                 data.append(block if block is not None else window.new_empty(b, len(heads), 0, d))
                 scale.append(window.new_empty(0))
@@ -129,13 +156,14 @@ class _HeadGroups:
             elif block is None:  # nothing quantized yet
                 data.append(torch.empty(b, len(heads), 0, packed_size(d, bits), dtype=torch.uint8,
                                         device=window.device))
-                scale.append(window.new_empty(b, len(heads), 0, 1))
-                zero.append(window.new_empty(b, len(heads), 0, 1))
+                n_groups = d // group if q.group_axis(self.kind) == "channels" else d
+                scale.append(window.new_empty(b, len(heads), 0, n_groups))
+                zero.append(window.new_empty(b, len(heads), 0, n_groups))
             else:
                 data.append(block.codes)
                 scale.append(block.scale)
                 zero.append(block.zero)
-        return sink, data, scale, zero, head_bits
+        return sink, data, scale, zero, self.bits, self.groups
 
     def dequantize(self, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
         """Dequantized tokens `[start, stop)`; `start` must be a multiple of `time_block` (the sink's length is)."""
@@ -149,11 +177,11 @@ class _HeadGroups:
         tb = self.time_block
         aligned_stop = -(-q_stop // tb) * tb
         part = like.new_empty(like.shape[0], self.num_heads, aligned_stop - q_start, like.shape[-1])
-        for (bits, _), sel, data in zip(self.classes, self.index, self.data):
+        for (bits, _, _), sel, data, q in zip(self.classes, self.index, self.data, self.quantizers):
             if bits == KEEP_BITS:
                 part[:, sel] = data[:, :, q_start:aligned_stop]
             else:
-                part[:, sel] = self.quantizer.dequantize(data.tokens(q_start, aligned_stop), self.kind)
+                part[:, sel] = q.dequantize(data.tokens(q_start, aligned_stop), self.kind)
         out[:, :, max(start, ns) - start :] = part[:, :, : q_stop - q_start]
         return out
 
@@ -170,7 +198,7 @@ class _HeadGroups:
             elif stop < ns:
                 self.sink_room += ns - stop
         q_start, q_stop = max(start - ns, 0), max(stop - ns, 0)
-        for i, (bits, _) in enumerate(self.classes):
+        for i, (bits, _, _) in enumerate(self.classes):
             data = self.data[i]
             if data is not None:
                 self.data[i] = data[:, :, q_start:q_stop] if bits == KEEP_BITS else data.tokens(q_start, q_stop)
@@ -180,7 +208,7 @@ class _HeadGroups:
         """Apply `fn` to every stored tensor (batch reordering, device moves)."""
         if self.sink is not None:
             self.sink = fn(self.sink)
-        for i, (bits, _) in enumerate(self.classes):
+        for i, (bits, _, _) in enumerate(self.classes):
             data = self.data[i]
             if data is not None:
                 self.data[i] = fn(data) if bits == KEEP_BITS else data.map(fn)
@@ -193,7 +221,7 @@ class _HeadGroups:
     @property
     def nbytes(self) -> int:
         total = 0 if self.sink is None else self.sink.numel() * self.sink.element_size()
-        for (bits, _), data in zip(self.classes, self.data):
+        for (bits, _, _), data in zip(self.classes, self.data):
             if data is not None:
                 total += data.numel() * data.element_size() if bits == KEEP_BITS else data.nbytes
         return total
@@ -209,7 +237,8 @@ class RateQuantLayer(DynamicLayer):
         value_bits (`list[int]`): bits of every kv-head's values.
         quantizer (`Quantizer`): the quantizer design.
         residual_length (`int`): tokens kept in full precision (R).
-        group_size (`int`): tokens leave the window in multiples of this (G).
+        group_size (`int`): tokens leave the window in multiples of this (G), or of the least common multiple of G
+            and the units' token groups (kivi keys grouped over more tokens) where that is larger.
         layer_idx (`int`, *optional*): the layer's index in the model, used in error messages.
         sink_length (`int`, *optional*, defaults to 0): the first tokens kept as they are when they leave the window
             (attention sinks); a multiple of `group_size`.
@@ -235,6 +264,8 @@ class RateQuantLayer(DynamicLayer):
         sink_length: int = 0,
         attention: str = "auto",
         attn_config: Any = None,
+        key_groups: list[int | None] | None = None,
+        value_groups: list[int | None] | None = None,
     ):
         super().__init__()
         if attention not in ATTENTION_MODES:
@@ -252,8 +283,9 @@ class RateQuantLayer(DynamicLayer):
         self.residual_length = residual_length
         self.group_size = group_size
         self.sink_length = sink_length
-        self.past_keys = _HeadGroups(self.key_bits, quantizer, "key", sink_length)
-        self.past_values = _HeadGroups(self.value_bits, quantizer, "value", sink_length)
+        self.past_keys = _HeadGroups(self.key_bits, quantizer, "key", sink_length, key_groups)
+        self.past_values = _HeadGroups(self.value_bits, quantizer, "value", sink_length, value_groups)
+        self.flush_block = group_size  # set for the head_dim by lazy_initialization
 
     def __repr__(self):
         return f"{type(self).__name__}(key_bits={self.key_bits}, value_bits={self.value_bits})"
@@ -269,8 +301,9 @@ class RateQuantLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys = key_states[:, :, :0].clone()
         self.values = value_states[:, :, :0].clone()
-        self.past_keys.to_device(self.device)
-        self.past_values.to_device(self.device)
+        self.past_keys.prepare(key_states.shape[-1], self.device)
+        self.past_values.prepare(key_states.shape[-1], self.device)
+        self.flush_block = math.lcm(self.group_size, self.past_keys.time_block, self.past_values.time_block)
         self.fused = self._use_fused(key_states)
         self.is_initialized = True
 
@@ -327,13 +360,12 @@ class RateQuantLayer(DynamicLayer):
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _op_args(self) -> tuple:
-        keys = self.past_keys.op_args(self.keys, self.key_bits)
-        return (*keys, *self.past_values.op_args(self.values, self.value_bits))
+        return (*self.past_keys.op_args(self.keys), *self.past_values.op_args(self.values))
 
     def _history(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every token held, `(batch, kv_heads, tokens, head_dim)`: one `dequantize_layer` op."""
         return torch.ops.hf_ratequant.dequantize_layer(
-            *self._op_args(), self.keys, self.values, self.quantizer.name, self.group_size
+            *self._op_args(), self.keys, self.values, self.quantizer.name
         )
 
     def _tagged_window(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,8 +373,8 @@ class RateQuantLayer(DynamicLayer):
         tag holds the tensors as they are now: the flush that follows replaces them, so attention sees this step's
         tokens as the dequantize path would (in full precision until after this step)."""
         args = self._op_args()
-        past = fused_attention.FusedPast(args[:5], args[5:], self.keys, self.values, self.quantizer.name,
-                                         self.group_size)
+        n = len(args) // 2
+        past = fused_attention.FusedPast(args[:n], args[n:], self.keys, self.values, self.quantizer.name)
         keys, values = self.keys.view_as(self.keys), self.values.view_as(self.values)
         setattr(keys, fused_attention.TAG, past)
         return keys, values
@@ -351,12 +383,20 @@ class RateQuantLayer(DynamicLayer):
         """The stored past of keys and values as the kernels read it (sinks and quantized tokens; the window is
         `self.keys` / `self.values`)."""
         args = self._op_args()
-        return (ops.PastPart.from_args(*args[:5], self.past_keys.time_block),
-                ops.PastPart.from_args(*args[5:], self.past_values.time_block))
+        n = len(args) // 2
+        k = ops.PastPart.from_args(*args[:n], [q.time_block("key") for q in self.past_keys.quantizers])
+        v = ops.PastPart.from_args(*args[n:], [q.time_block("value") for q in self.past_values.quantizers])
+        return k, v
 
     def _flush_length(self, window: int) -> int:
-        """How many tokens leave a window of `window` tokens: the whole groups older than the last R."""
-        return max(window - self.residual_length, 0) // self.group_size * self.group_size
+        """How many tokens leave a window of `window` tokens: the whole groups older than the last R (groups of
+        G while they fill the sinks, of `flush_block` after them)."""
+        avail = max(window - self.residual_length, 0)
+        g, f = self.group_size, self.flush_block
+        if f == g:
+            return avail // g * g
+        sink = min(self.past_keys.sink_room, avail // g * g)
+        return sink + (avail - sink) // f * f
 
     def _check_finite(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Raise a [`NonFiniteError`] if the tokens about to be quantized hold inf or NaN in a quantized head."""
@@ -400,8 +440,9 @@ class RateQuantLayer(DynamicLayer):
             self.keys = self.keys[:, :, : length - n_past]
             self.values = self.values[:, :, : length - n_past]
             return
-        block = max(self.past_keys.time_block, self.past_values.time_block)
-        n_keep = (length // block) * block
+        block = math.lcm(self.past_keys.time_block, self.past_values.time_block)
+        ns = self.past_keys.num_sink
+        n_keep = length // block * block if length <= ns else ns + (length - ns) // block * block
         tail_k = self.past_keys.dequantize(n_keep, length, self.keys)
         tail_v = self.past_values.dequantize(n_keep, length, self.values)
         self.past_keys.keep(0, n_keep)
@@ -495,7 +536,7 @@ class RateQuantSlidingLayer(RateQuantLayer):
             return
         n_past = self.past_keys.num_tokens
         if n_past:
-            n = (min(excess, n_past) // self.group_size) * self.group_size
+            n = self._front_cut(min(excess, n_past))
             if n:
                 self.past_keys.keep(n, n_past)
                 self.past_values.keep(n, n_past)
@@ -505,6 +546,12 @@ class RateQuantSlidingLayer(RateQuantLayer):
             self.keys, self.values = self.keys[:, :, excess:], self.values[:, :, excess:]
             self.dropped += excess
             self.past_keys.sink_room = self.past_values.sink_room = 0  # the first tokens are gone: no sinks
+
+    def _front_cut(self, n: int) -> int:
+        """The most tokens, at most `n`, that can be dropped from the front of the stored past: whole groups of G
+        of the sinks, then whole `flush_block`s of the quantized tokens (which keeps every class's blocks whole)."""
+        ns, g = self.past_keys.num_sink, self.group_size
+        return n // g * g if n <= ns else ns + (n - ns) // self.flush_block * self.flush_block
 
     def get_seq_length(self) -> int:
         return self.dropped + super().get_seq_length()
@@ -647,6 +694,8 @@ class RateQuantCache(DynamicCache):
             window = fp.window(layer_types[i]) if layer_types is not None else None
             kwargs = dict(layer_idx=i, sink_length=quant_config.sink_length, attention=attention,
                           attn_config=attn_config)
+            if quant_config.has_unit_groups:
+                kwargs.update(key_groups=quant_config.key_groups[i], value_groups=quant_config.value_groups[i])
             if window is not None:
                 layers.append(RateQuantSlidingLayer(*args, sliding_window=window, **kwargs))
             else:

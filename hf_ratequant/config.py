@@ -19,19 +19,22 @@ from typing import Any
 import torch
 
 from .hub_io import download_config, looks_local, push_config
-from .quantizers import KEEP_BITS, available_quantizers, check_bits
+from .quantizers import KEEP_BITS, available_quantizers, check_bits, get_quantizer
+from .quantizers.base import KINDS
 from .settings import CacheLayout, layout_with
 from .storage import BACKUP_NAME, CONFIG_NAME, CURVES_FILE_KEY, CURVES_HASH_KEY, CURVES_NAME, read_folder, save_folder
 from .storage import short_repr as _short
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The newest schema this library reads. Version 2 added `sink_length`; a config without sinks is still written
 as version 1 (without the key), so older releases keep reading it, and one with sinks as version 2, which they
 refuse with an "upgrade" message instead of silently serving it without its sinks. Version 3 is the file layout
 in which the JSON names its content-hashed curves file (`hf_ratequant.storage`): a saved config with curves is
-version 3 on disk, whatever its settings need; `RateQuantConfig.version` is the oldest schema of its settings."""
+version 3 on disk, whatever its settings need; `RateQuantConfig.version` is the oldest schema of its settings.
+Version 4 added a group size per unit (`key_groups`, `value_groups`); a config whose units all use the layout's
+group size is written without them, as before."""
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -148,6 +151,12 @@ class RateQuantConfig:
     Args:
         key_bits (`list[list[int]]`): bits of the keys, `num_layers x num_kv_heads`.
         value_bits (`list[list[int]]`): bits of the values, same shape.
+        key_groups (`list[list[int]]`, *optional*): each key unit's group size, same shape: elements per scale and
+            zero-point along the design's group axis (kivi keys: consecutive tokens of a channel, a multiple of
+            `group_size` and a divisor of the largest key group; the per-token designs: consecutive channels of a
+            token, a divisor of head_dim). None: every unit uses the layout's (kivi: `group_size`; token and
+            rotated: one group per head row).
+        value_groups (`list[list[int]]`, *optional*): the same for the values (every design groups channels).
         quantizer (`str`, *optional*, defaults to `"kivi"`): registered quantizer design.
         group_size (`int`, *optional*, defaults to 32): group size G of the quantizer.
         residual_length (`int`, *optional*, defaults to 128): most recent tokens kept in full precision (R).
@@ -170,6 +179,8 @@ class RateQuantConfig:
 
     key_bits: list[list[int]]
     value_bits: list[list[int]]
+    key_groups: list[list[int]] | None = None
+    value_groups: list[list[int]] | None = None
     quantizer: str = "kivi"
     group_size: int = 32
     residual_length: int = 128
@@ -200,6 +211,9 @@ class RateQuantConfig:
         residual_length: int | None = None,
         sink_length: int | None = None,
         layout: CacheLayout | None = None,
+        group: int | None = None,
+        key_group: int | None = None,
+        value_group: int | None = None,
     ) -> RateQuantConfig:
         """A fixed allocation: every key at `key_bits` (default `bits`), every value at `value_bits` (default `bits`).
 
@@ -209,6 +223,8 @@ class RateQuantConfig:
         Args:
             model_config (`PretrainedConfig` or `ModelFingerprint`): the model's config.
             bits (`int`, *optional*): bits of every unit, unless `key_bits`/`value_bits` say otherwise.
+            group (`int`, *optional*): every unit's group size (see `key_groups`), unless `key_group` /
+                `value_group` say otherwise; by default the layout's.
         """
         key_bits = bits if key_bits is None else key_bits
         value_bits = bits if value_bits is None else value_bits
@@ -223,17 +239,32 @@ class RateQuantConfig:
                       sink_length=sink_length)
         layout = layout_with(layout, **fields)
         bits_table = torch.tensor([key_bits, value_bits]).expand(fp.num_layers, fp.num_kv_heads, 2)
+        key_group = group if key_group is None else key_group
+        value_group = group if value_group is None else value_group
+        groups = None
+        if key_group is not None or value_group is not None:
+            own = {k: get_quantizer(layout.quantizer, layout.group_size).unit_group(k, fp.head_dim) for k in KINDS}
+            pair = [own["key"] if key_group is None else key_group,
+                    own["value"] if value_group is None else value_group]
+            groups = torch.tensor(pair).expand(fp.num_layers, fp.num_kv_heads, 2)
         method = "uniform" if key_bits == value_bits else "kv-split"
-        return cls.from_bits(bits_table, layout, fingerprint=fp, method=method, budget=(key_bits + value_bits) / 2)
+        return cls.from_bits(bits_table, layout, fingerprint=fp, method=method, budget=(key_bits + value_bits) / 2,
+                             groups=groups)
 
     @classmethod
     def from_bits(
         cls, bits: torch.Tensor, layout: CacheLayout, *, fingerprint: ModelFingerprint | None = None,
         method: str = "ratequant", budget: float | None = None, b_min: int = 1, b_max: int = 8,
+        groups: torch.Tensor | None = None,
     ) -> RateQuantConfig:
-        """A config from a `(num_layers, num_kv_heads, 2)` bit table (`[..., 0]` keys, `[..., 1]` values)."""
+        """A config from a `(num_layers, num_kv_heads, 2)` bit table (`[..., 0]` keys, `[..., 1]` values) and
+        optionally a group-size table of the same shape (None: the layout's for every unit)."""
+        key_groups = value_groups = None
+        if groups is not None:
+            key_groups, value_groups = groups[..., 0].tolist(), groups[..., 1].tolist()
         return cls(
-            key_bits=bits[..., 0].tolist(), value_bits=bits[..., 1].tolist(), quantizer=layout.quantizer,
+            key_bits=bits[..., 0].tolist(), value_bits=bits[..., 1].tolist(), key_groups=key_groups,
+            value_groups=value_groups, quantizer=layout.quantizer,
             group_size=layout.group_size, residual_length=layout.residual_length, sink_length=layout.sink_length,
             budget=budget, b_min=b_min, b_max=b_max, method=method, fingerprint=fingerprint,
         )
@@ -285,7 +316,47 @@ class RateQuantConfig:
                 f"The bit tables are {self.num_layers}x{self.num_kv_heads} but the fingerprint describes "
                 f"{self.fingerprint.describe()}."
             )
+        self._check_groups()
         _check_curves(self.curves, self.num_layers, self.num_kv_heads)
+
+    def _check_groups(self) -> None:
+        """The per-unit group sizes: both tables or neither, of the bit tables' shape, each size valid for its axis."""
+        if (self.key_groups is None) != (self.value_groups is None):
+            given = "key_groups" if self.key_groups is not None else "value_groups"
+            raise ValueError(f"Only {given} is set: give both key_groups and value_groups (num_layers x "
+                             "num_kv_heads group sizes), or neither for the layout's group size everywhere.")
+        if self.key_groups is None:
+            return
+        quantizer = get_quantizer(self.quantizer, self.group_size)
+        head_dim = self.fingerprint.head_dim if self.fingerprint is not None else None
+        for kind, name in zip(KINDS, ("key_groups", "value_groups")):
+            table = _checked_table(name, getattr(self, name), check=lambda g, where: _check_int(where, g, 1))
+            if (len(table), len(table[0])) != (self.num_layers, self.num_kv_heads):
+                raise ValueError(f"{name} is {len(table)}x{len(table[0])} but the bit tables are "
+                                 f"{self.num_layers}x{self.num_kv_heads}: one group size per unit.")
+            setattr(self, name, table)
+            flat = {g for row in table for g in row}
+            if quantizer.group_axis(kind) == "tokens":
+                bad = sorted(g for g in flat if g % self.group_size)
+                if bad:
+                    raise ValueError(f"{name} holds {bad}: {self.quantizer} groups {kind}s over tokens, which leave "
+                                     f"the window in groups of group_size={self.group_size}, so a {kind} group must "
+                                     f"be a multiple of {self.group_size} (e.g. {self.group_size}, "
+                                     f"{2 * self.group_size}, {4 * self.group_size}).")
+                largest = max(flat)
+                bad = sorted(g for g in flat if largest % g)
+                if bad:
+                    raise ValueError(f"{name} holds {bad}, which do not divide the largest key group {largest}: "
+                                     "tokens leave the window in whole groups of the largest, so every token group "
+                                     f"must divide it (e.g. powers of two times {self.group_size}).")
+            elif head_dim is not None:
+                bad = sorted(g for g in flat if head_dim % g)
+                if bad:
+                    divisors = [g for g in range(1, head_dim + 1) if head_dim % g == 0 and g >= 8]
+                    raise ValueError(f"{name} holds {bad}, which do not divide head_dim={head_dim}: {self.quantizer} "
+                                     f"groups {kind}s over channels of a token; allowed are the divisors of "
+                                     f"{head_dim} (e.g. {divisors}).")
+        self.version = 4
 
     def _check_search_settings(self) -> None:
         """The fields that record how the bits were found (not used to serve the cache, but typed all the same)."""
@@ -322,6 +393,20 @@ class RateQuantConfig:
     def bits_tensor(self) -> torch.Tensor:
         """All bits as a `(num_layers, num_kv_heads, 2)` long tensor, `[..., 0]` keys and `[..., 1]` values."""
         return torch.stack([torch.tensor(self.key_bits), torch.tensor(self.value_bits)], dim=-1)
+
+    def groups_tensor(self, head_dim: int) -> torch.Tensor:
+        """Every unit's group size as a `(num_layers, num_kv_heads, 2)` long tensor (the layout's where the config
+        sets none: kivi `group_size`, the per-token designs `head_dim`)."""
+        if self.key_groups is not None:
+            return torch.stack([torch.tensor(self.key_groups), torch.tensor(self.value_groups)], dim=-1)
+        q = get_quantizer(self.quantizer, self.group_size)
+        own = torch.tensor([q.unit_group(kind, head_dim) for kind in KINDS])
+        return own.expand(self.num_layers, self.num_kv_heads, 2).clone()
+
+    @property
+    def has_unit_groups(self) -> bool:
+        """Whether the config sets a group size per unit (schema 4)."""
+        return self.key_groups is not None
 
     def check_model(self, model_config: Any) -> ModelFingerprint:
         """Raise a `ValueError` naming both sides if this config does not fit `model_config`'s KV cache."""
@@ -360,6 +445,8 @@ class RateQuantConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "curves"}
         if not self.sink_length:
             del d["sink_length"]
+        if self.key_groups is None:  # readable by releases before schema 4
+            del d["key_groups"], d["value_groups"]
         d["fingerprint"] = dataclasses.asdict(self.fingerprint) if self.fingerprint else None
         if d["fingerprint"]:
             d["fingerprint"]["layer_types"] = list(d["fingerprint"]["layer_types"])
@@ -372,7 +459,13 @@ class RateQuantConfig:
         if not isinstance(data, dict):
             raise ValueError(f"A RateQuantConfig is built from a dict of settings (a JSON object), not "
                              f"{_short(data)}.")
-        _check_version(data.get("version", SCHEMA_VERSION))
+        version = data.get("version", SCHEMA_VERSION)
+        _check_version(version)
+        newer = [name for name in ("key_groups", "value_groups") if data.get(name) is not None]
+        if newer and version < 4:
+            raise ValueError(f"The settings say schema version {version} but hold {newer}, which schema 4 "
+                             "introduced: the file was edited or written by a broken tool. Set \"version\": 4, "
+                             "or remove the group tables to use the layout's group size everywhere.")
         known = _known_fields(cls, data, ignore=(CURVES_FILE_KEY, CURVES_HASH_KEY))
         missing = [name for name in ("key_bits", "value_bits") if name not in known]
         if missing:
@@ -486,21 +579,22 @@ def _check_version(version: Any) -> None:
         )
 
 
-def _checked_table(kind: str, table: Any) -> list[list[int]]:
-    """A `num_layers x num_kv_heads` table of valid bit-widths, as a list of lists."""
+def _checked_table(kind: str, table: Any, check=None) -> list[list[int]]:
+    """A `num_layers x num_kv_heads` table of valid bit-widths (or of what `check(value, where)` accepts), as a
+    list of lists."""
     if not isinstance(table, (list, tuple)) or not table:
         raise ValueError(f"{kind} must be a non-empty num_layers x num_kv_heads list of lists of integers, not "
                          f"{_short(table)}.")
     for layer, row in enumerate(table):
         if not isinstance(row, (list, tuple)) or not row:
-            raise ValueError(f"{kind}[{layer}] must be a non-empty list with one bit-width per kv-head, not "
+            raise ValueError(f"{kind}[{layer}] must be a non-empty list with one entry per kv-head, not "
                              f"{_short(row)}.")
     if len({len(row) for row in table}) != 1:
         raise ValueError(f"{kind} rows have different lengths {sorted({len(r) for r in table})}: every "
-                         "layer must list one bit-width per kv-head.")
+                         "layer must list one entry per kv-head.")
     for layer, row in enumerate(table):
-        for head, bits in enumerate(row):
-            check_bits(bits, f"{kind}[{layer}][{head}]")
+        for head, value in enumerate(row):
+            (check or check_bits)(value, f"{kind}[{layer}][{head}]")
     return [list(row) for row in table]
 
 

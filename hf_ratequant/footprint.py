@@ -5,7 +5,8 @@ stores in the model's dtype; [`true_bits_per_element`] counts them, measured fro
 (a small tensor is quantized and its bytes counted). [`cache_bytes`] splits the bytes a `RateQuantCache` holds after
 `tokens` tokens into its three parts:
 
-- the full-precision window: the last R to R + G - 1 tokens, in the model's dtype;
+- the full-precision window: the last R to R + G - 1 tokens (R + [`flush_block`] - 1 for a layer whose keys are
+  grouped over more tokens than G), in the model's dtype;
 - the sinks: the first S tokens, in the model's dtype;
 - the quantized part: every other token, at its unit's true bits.
 
@@ -45,6 +46,8 @@ __all__ = [
     "CacheFootprint",
     "cache_bytes",
     "code_budget",
+    "flush_block",
+    "option_bits_per_element",
     "true_bits_per_element",
     "unit_bits_per_element",
 ]
@@ -76,15 +79,44 @@ def unit_bits_per_element(quantizer: str, group_size: int, bits: int, kind: str,
     return block.nbytes * 8 / x.numel()
 
 
+def option_bits_per_element(quantizer: str, bits: int, group: int, kind: str, head_dim: int,
+                            dtype: torch.dtype = torch.float16) -> float:
+    """Bits one stored element costs for a unit of `kind` at `bits` with groups of `group` elements along the
+    design's group axis (kivi keys: tokens; kivi values and the per-token designs: channels)."""
+    q = get_quantizer(quantizer)
+    if q.group_axis(kind) == "tokens":
+        return unit_bits_per_element(quantizer, group, bits, kind, head_dim, dtype)
+    if hasattr(q, "row_group"):
+        return unit_bits_per_element(quantizer, 32, bits, kind, head_dim, dtype, row_group=group)
+    return unit_bits_per_element(quantizer, group, bits, kind, head_dim, dtype)
+
+
+def _unit_costs(config: RateQuantConfig, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """`(num_layers, num_kv_heads, 2)` bits per stored element of every unit, its own group size counted."""
+    bits, groups = config.bits_tensor().tolist(), config.groups_tensor(head_dim).tolist()
+    return torch.tensor([[[option_bits_per_element(config.quantizer, b, g, kind, head_dim, dtype)
+                           for kind, b, g in zip(KINDS, unit_bits, unit_groups)]
+                          for unit_bits, unit_groups in zip(layer_bits, layer_groups)]
+                         for layer_bits, layer_groups in zip(bits, groups)], dtype=torch.float64)
+
+
 def true_bits_per_element(config: RateQuantConfig, head_dim: int, dtype: torch.dtype = torch.float16) -> float:
     """Mean bits per quantized element over all units of `config` (every unit holds as many elements), scales and
     zero-points included; compare with `config.average_bits`, the code bits alone."""
-    total = 0.0
-    for kind, table in zip(KINDS, (config.key_bits, config.value_bits)):
-        for row in table:
-            for bits in row:
-                total += unit_bits_per_element(config.quantizer, config.group_size, bits, kind, head_dim, dtype)
-    return total / (2 * config.num_layers * config.num_kv_heads)
+    return float(_unit_costs(config, head_dim, dtype).mean())
+
+
+def flush_block(config: RateQuantConfig, layer: int) -> int:
+    """Tokens a layer's full-precision window releases at a time (after the sinks): G, or the least common
+    multiple of G and the layer's key token groups where those are larger (see `RateQuantConfig.key_groups`)."""
+    blocks = [config.group_size]
+    if config.has_unit_groups:
+        q = get_quantizer(config.quantizer, config.group_size)
+        for kind, groups, bits in zip(KINDS, (config.key_groups, config.value_groups),
+                                      (config.key_bits, config.value_bits)):
+            if q.group_axis(kind) == "tokens":  # a 16-bit unit has no groups
+                blocks += [g for g, b in zip(groups[layer], bits[layer]) if b != KEEP_BITS]
+    return math.lcm(*blocks)
 
 
 def code_budget(true_bits: float, quantizer: str, group_size: int, head_dim: int, b_min: int, b_max: int) -> float:
@@ -146,16 +178,20 @@ class CacheFootprint:
         return self.total / self.bytes_16bit if self.bytes_16bit else float("nan")
 
 
-def _held_tokens(tokens: int, window: int | None, config: RateQuantConfig) -> tuple[int, int, int]:
-    """`(quantized, sinks, full-precision window)` tokens one layer holds after `tokens` tokens fed at once. A
-    sliding layer (attention `window`) then drops whole groups from the front of its quantized past, sinks first,
-    until it holds no more than `window - 1` tokens (or trims the full-precision window when the past is gone)."""
+def _held_tokens(tokens: int, window: int | None, config: RateQuantConfig, block: int) -> tuple[int, int, int]:
+    """`(quantized, sinks, full-precision window)` tokens one layer holds after `tokens` tokens fed at once (its
+    window releasing whole groups of G into the sinks, then of `block`). A sliding layer (attention `window`) then
+    drops whole groups from the front of its quantized past, sinks first, until it holds no more than `window - 1`
+    tokens (or trims the full-precision window when the past is gone)."""
     r, g = config.residual_length, config.group_size
-    past = max(tokens - r, 0) // g * g
-    sinks, recent = min(past, config.sink_length), tokens - past
+    avail = max(tokens - r, 0)
+    sinks = min(config.sink_length, avail // g * g)
+    past = sinks + (avail - sinks) // block * block
+    recent = tokens - past
     excess = tokens - (window - 1) if window else 0
     if excess > 0:
-        dropped = min(excess, past) // g * g
+        cut = min(excess, past)
+        dropped = cut // g * g if cut <= sinks else sinks + (cut - sinks) // block * block
         sinks, past, excess = max(sinks - dropped, 0), past - dropped, excess - dropped
         if past == 0 and excess > 0:
             recent -= excess
@@ -182,13 +218,11 @@ def cache_bytes(config: RateQuantConfig, fingerprint: ModelFingerprint, tokens: 
     row = batch * head_dim  # elements per token of one unit
     per_token = 2 * heads * row  # elements per token of one layer's keys and values
     quantized = window_bytes = sink_bytes = ref = 0.0
+    costs = _unit_costs(config, head_dim, dtype)
     for layer, kind_of_layer in enumerate(fingerprint.layer_types):
         attention_window = fingerprint.window(kind_of_layer)
-        n_quantized, n_sinks, n_recent = _held_tokens(tokens, attention_window, config)
-        for kind, table in zip(KINDS, (config.key_bits, config.value_bits)):
-            for bits in table[layer]:
-                per_element = unit_bits_per_element(config.quantizer, config.group_size, bits, kind, head_dim, dtype)
-                quantized += per_element * n_quantized * row / 8
+        n_quantized, n_sinks, n_recent = _held_tokens(tokens, attention_window, config, flush_block(config, layer))
+        quantized += float(costs[layer].sum()) * n_quantized * row / 8
         window_bytes += n_recent * per_token * element
         sink_bytes += n_sinks * per_token * element
         ref += (n_quantized + n_sinks + n_recent) * per_token * 2

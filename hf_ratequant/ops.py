@@ -43,9 +43,12 @@ class PastPart(NamedTuple):
             n_groups)]`. Last dimension contiguous.
         zero (`list[torch.Tensor]`): the zero-points (group minima), laid out like `scale`.
         bits (`list[int]`): each class's bit-width, 1..8 or 16.
+        groups (`list[int]`): each class's group size: elements per group along the design's group axis (kivi keys:
+            tokens; kivi values and the per-token designs: channels). A class is one (bits, group) pair.
         head_class (`list[int]`): for every kv-head of the layer, the index of its class.
         head_local (`list[int]`): for every kv-head, its index inside its class's tensors (dimension 1).
-        time_block (`int`): tokens sharing one row of scales (kivi keys: the group size; otherwise 1).
+        time_blocks (`list[int]`): per class, the tokens sharing one row of its scales (kivi keys: the group size;
+            otherwise 1). Tq is a multiple of every one.
     """
 
     sink: torch.Tensor
@@ -53,16 +56,26 @@ class PastPart(NamedTuple):
     scale: list[torch.Tensor]
     zero: list[torch.Tensor]
     bits: list[int]
+    groups: list[int]
     head_class: list[int]
     head_local: list[int]
-    time_block: int
+    time_blocks: list[int]
 
     @classmethod
-    def from_args(cls, sink, data, scale, zero, head_bits: list[int], time_block: int) -> PastPart:
-        """The part described by the flat op arguments (classes in ascending bits, heads in order inside each)."""
-        classes, head_class, head_local = _layout(tuple(head_bits))
-        return cls(sink, list(data), list(scale), list(zero), list(classes), list(head_class), list(head_local),
-                   time_block)
+    def from_args(cls, sink, data, scale, zero, head_bits: list[int], head_groups: list[int],
+                  time_block) -> PastPart:
+        """The part described by the flat op arguments (classes in ascending (bits, group), heads in order inside
+        each). `time_block`: per class, or one number for all, or a function of a class's group."""
+        classes, head_class, head_local = _layout(tuple(head_bits), tuple(head_groups))
+        bits, groups = [c[0] for c in classes], [c[1] for c in classes]
+        if callable(time_block):
+            blocks = [time_block(g) for g in groups]
+        elif isinstance(time_block, int):
+            blocks = [time_block] * len(classes)
+        else:
+            blocks = list(time_block)
+        return cls(sink, list(data), list(scale), list(zero), bits, groups, list(head_class), list(head_local),
+                   blocks)
 
     @property
     def num_heads(self) -> int:
@@ -74,11 +87,15 @@ class PastPart(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout(head_bits: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """`(classes, head_class, head_local)` of a layer's per-head bits (cached: the ops run every step)."""
-    classes = tuple(sorted(set(head_bits)))
-    head_class = tuple(classes.index(b) for b in head_bits)
-    head_local = tuple(head_bits[:h].count(b) for h, b in enumerate(head_bits))
+def _layout(head_bits: tuple[int, ...], head_groups: tuple[int, ...]) -> tuple[tuple, tuple, tuple]:
+    """`(classes, head_class, head_local)` of a layer's per-head bits and group sizes, the classes its distinct
+    `(bits, group)` pairs in ascending order (cached: the ops run every step)."""
+    if len(head_bits) != len(head_groups):
+        raise ValueError(f"{len(head_bits)} head bit-widths but {len(head_groups)} head group sizes.")
+    pairs = tuple(zip(head_bits, head_groups))
+    classes = tuple(sorted(set(pairs)))
+    head_class = tuple(classes.index(p) for p in pairs)
+    head_local = tuple(pairs[:h].count(p) for h, p in enumerate(pairs))
     return classes, head_class, head_local
 
 
@@ -102,13 +119,14 @@ chunks) dequantize and run the model's own attention."""
 
 # ---- the PyTorch reference -----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _quantizer(name: str, group_size: int):
+def _quantizer(name: str, group: int):
+    """Design `name` with groups of `group` elements along its group axis (a class's own quantizer)."""
     from .quantizers import get_quantizer
 
-    return get_quantizer(name, group_size)
+    return get_quantizer(name).regrouped(group)
 
 
-def _dequantize_part(part: PastPart, quantizer, kind: str, window: torch.Tensor) -> torch.Tensor:
+def _dequantize_part(part: PastPart, quantizer: str, kind: str, window: torch.Tensor) -> torch.Tensor:
     """`[sink | dequantized past | window]` of one kind, `(batch, heads, tokens, head_dim)` in the window's dtype."""
     from .quantizers import KEEP_BITS, QuantizedBlock
 
@@ -123,16 +141,17 @@ def _dequantize_part(part: PastPart, quantizer, kind: str, window: torch.Tensor)
     past = out[:, :, s : s + t]
     scatter = _scatter_classes(out.device)
     head_class = tuple(part.head_class)
-    for c, bits in enumerate(part.bits):
+    for c, (bits, group) in enumerate(zip(part.bits, part.groups)):
         heads, runs = _class_runs(head_class, c)
         data = part.data[c]
         block = None
         if bits != KEEP_BITS:
-            block = QuantizedBlock(data, part.scale[c], part.zero[c], bits, d, part.time_block)
+            block = QuantizedBlock(data, part.scale[c], part.zero[c], bits, d, part.time_blocks[c])
+        q = _quantizer(quantizer, group)
         if len(runs) > 1 and scatter:
             # Off the CPU every call costs kernel launches: one dequantization per class and one scatter
             # (an H100, Qwen3-8B layer, 32k tokens, heads alternating 2/3 bits: 4.2 -> 1.2 ms for K + V).
-            whole = data if block is None else quantizer.dequantize(block, kind)
+            whole = data if block is None else q.dequantize(block, kind)
             past.index_copy_(1, _head_index(tuple(heads), out.device), whole)
             continue
         # On the CPU, one call per run of consecutive heads, written straight into the output, is cheaper than a
@@ -142,7 +161,7 @@ def _dequantize_part(part: PastPart, quantizer, kind: str, window: torch.Tensor)
                 past[:, layer_heads] = data[:, class_heads]
             else:
                 one = block if len(runs) == 1 else block.map(lambda x, sel=class_heads: x[:, sel])
-                quantizer.dequantize(one, kind, out=past[:, layer_heads])
+                q.dequantize(one, kind, out=past[:, layer_heads])
     return out
 
 
@@ -234,58 +253,64 @@ def _run_triton(op: str, fn, fallback):
 
 
 # ---- the ops ---------------------------------------------------------------------------------------------------
-_PAST = "Tensor {p}_sink, Tensor[] {p}_data, Tensor[] {p}_scale, Tensor[] {p}_zero, int[] {p}_head_bits"
+_PAST = ("Tensor {p}_sink, Tensor[] {p}_data, Tensor[] {p}_scale, Tensor[] {p}_zero, int[] {p}_head_bits, "
+         "int[] {p}_head_groups")
 _LIB = torch.library.Library("hf_ratequant", "DEF")
 _LIB.define(
     f"dequantize_layer({_PAST.format(p='k')}, {_PAST.format(p='v')}, Tensor k_window, Tensor v_window, "
-    "str quantizer, int group_size) -> (Tensor, Tensor)"
+    "str quantizer) -> (Tensor, Tensor)"
 )
 _LIB.define(
     f"decode_attention(Tensor query, Tensor? attention_mask, {_PAST.format(p='k')}, {_PAST.format(p='v')}, "
-    "Tensor k_window, Tensor v_window, str quantizer, int group_size, float scaling) -> Tensor"
+    "Tensor k_window, Tensor v_window, str quantizer, float scaling) -> Tensor"
 )
+_N_PAST = 6  # flat arguments per kind
 
 
-def _parts(quantizer: str, group_size: int, k_args, v_args) -> tuple[object, PastPart, PastPart]:
-    q = _quantizer(quantizer, group_size)
-    k = PastPart.from_args(*k_args, q.time_block("key"))
-    v = PastPart.from_args(*v_args, q.time_block("value"))
-    return q, k, v
+def _parts(quantizer: str, k_args, v_args) -> tuple[bool, PastPart, PastPart]:
+    """`(rotates, keys, values)`: whether the design rotates, and both kinds' parts."""
+    k = PastPart.from_args(*k_args, lambda g: _quantizer(quantizer, g).time_block("key"))
+    v = PastPart.from_args(*v_args, lambda g: _quantizer(quantizer, g).time_block("value"))
+    from .quantizers import get_quantizer
+
+    return get_quantizer(quantizer).rotates, k, v
 
 
-def _dequantize_layer_reference(ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size):
-    q, k, v = _parts(quantizer, group_size, (ks, kd, kc, kz, kb), (vs, vd, vc, vz, vb))
-    return _dequantize_part(k, q, "key", k_window), _dequantize_part(v, q, "value", v_window)
+def _dequantize_layer_reference(*args):
+    k_args, v_args = args[:_N_PAST], args[_N_PAST : 2 * _N_PAST]
+    k_window, v_window, quantizer = args[2 * _N_PAST :]
+    _, k, v = _parts(quantizer, k_args, v_args)
+    return _dequantize_part(k, quantizer, "key", k_window), _dequantize_part(v, quantizer, "value", v_window)
 
 
-def _dequantize_layer_triton(ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size):
+def _dequantize_layer_triton(*args):
     from . import triton_kernels
 
-    q, k, v = _parts(quantizer, group_size, (ks, kd, kc, kz, kb), (vs, vd, vc, vz, vb))
-    return triton_kernels.dequantize_layer(k, v, k_window, v_window, rotated=q.rotates)
+    k_window, v_window, quantizer = args[2 * _N_PAST :]
+    rotates, k, v = _parts(quantizer, args[:_N_PAST], args[_N_PAST : 2 * _N_PAST])
+    return triton_kernels.dequantize_layer(k, v, k_window, v_window, rotated=rotates)
 
 
 def _dequantize_layer_cuda(*args):
-    if triton_unavailable_reason(args[10].device.index) is not None:
+    if triton_unavailable_reason(args[2 * _N_PAST].device.index) is not None:
         return _dequantize_layer_reference(*args)
     return _run_triton("dequantize_layer", lambda: _dequantize_layer_triton(*args),
                        lambda: _dequantize_layer_reference(*args))
 
 
-def _decode_attention_reference(query, mask, ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer,
-                                group_size, scaling):
-    keys, values = _dequantize_layer_reference(
-        ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size
-    )
+def _decode_attention_reference(query, mask, *args):
+    *past, scaling = args
+    keys, values = _dequantize_layer_reference(*past)
     return _reference_attention(query, mask, keys, values, scaling)
 
 
-def _decode_attention_triton(query, mask, ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer,
-                             group_size, scaling):
+def _decode_attention_triton(query, mask, *args):
     from . import triton_kernels
 
-    q, k, v = _parts(quantizer, group_size, (ks, kd, kc, kz, kb), (vs, vd, vc, vz, vb))
-    return triton_kernels.decode_attention(query, mask, k, v, k_window, v_window, scaling, rotated=q.rotates)
+    *past, scaling = args
+    k_window, v_window, quantizer = past[2 * _N_PAST :]
+    rotates, k, v = _parts(quantizer, past[:_N_PAST], past[_N_PAST : 2 * _N_PAST])
+    return triton_kernels.decode_attention(query, mask, k, v, k_window, v_window, scaling, rotated=rotates)
 
 
 def _decode_attention_cuda(*args):
@@ -321,12 +346,14 @@ def cpu_backend(name: str | None = None) -> str:
     return _CPU_BACKEND["name"]
 
 
-def _dequantize_layer_fake(ks, kd, kc, kz, kb, vs, vd, vc, vz, vb, k_window, v_window, quantizer, group_size):
+def _dequantize_layer_fake(*args):
     def shape(sink, data, window):
         t = data[0].shape[2] if data else 0
         return (window.shape[0], window.shape[1], sink.shape[2] + t + window.shape[2], window.shape[3])
 
-    return k_window.new_empty(shape(ks, kd, k_window)), v_window.new_empty(shape(vs, vd, v_window))
+    k_window, v_window = args[2 * _N_PAST], args[2 * _N_PAST + 1]
+    return (k_window.new_empty(shape(args[0], args[1], k_window)),
+            v_window.new_empty(shape(args[_N_PAST], args[_N_PAST + 1], v_window)))
 
 
 def _decode_attention_fake(query, *args):
@@ -341,13 +368,14 @@ torch.library.register_fake("hf_ratequant::dequantize_layer", _dequantize_layer_
 torch.library.register_fake("hf_ratequant::decode_attention", _decode_attention_fake, lib=_LIB)
 
 
-def part_args(part: PastPart, head_bits: list[int]) -> tuple:
-    """The flat op arguments of one kind: `(sink, data, scale, zero, head_bits)`."""
-    return part.sink, part.data, part.scale, part.zero, head_bits
+def part_args(part: PastPart, head_bits: list[int], head_groups: list[int]) -> tuple:
+    """The flat op arguments of one kind: `(sink, data, scale, zero, head_bits, head_groups)`."""
+    return part.sink, part.data, part.scale, part.zero, head_bits, head_groups
 
 
-def dequantize_layer(k: PastPart, v: PastPart, k_window, v_window, k_bits, v_bits, quantizer: str, group_size: int):
+def dequantize_layer(k: PastPart, v: PastPart, k_window, v_window, k_bits, v_bits, k_groups, v_groups,
+                     quantizer: str):
     """`(keys, values)` attention reads: see the module docstring."""
     return torch.ops.hf_ratequant.dequantize_layer(
-        *part_args(k, k_bits), *part_args(v, v_bits), k_window, v_window, quantizer, group_size
+        *part_args(k, k_bits, k_groups), *part_args(v, v_bits, v_groups), k_window, v_window, quantizer
     )

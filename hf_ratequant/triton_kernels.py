@@ -434,7 +434,7 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
     tensors = [sink, *part.data, *part.scale, *part.zero]
     if any(t.device != window.device for t in tensors):
         raise ValueError(f"every tensor of the past must be on the window's device {window.device}.")
-    s, tq, tb = sink.shape[2], part.num_quantized, part.time_block
+    s, tq = sink.shape[2], part.num_quantized
     if tuple(sink.shape) != (b, h, s, d) or sink.dtype != dtype:
         raise ValueError(f"sink {tuple(sink.shape)} {sink.dtype} does not match the window {tuple(window.shape)} "
                          f"{dtype}.")
@@ -447,10 +447,11 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
     if any(not 0 <= c < n_classes or not 0 <= i < part.data[c].shape[1]
            for c, i in zip(part.head_class, part.head_local)):
         raise ValueError(f"head_class {part.head_class} / head_local {part.head_local} point outside the classes.")
-    if tb < 1 or tq % tb:
-        raise ValueError(f"{tq} quantized tokens are not a multiple of time_block={tb}.")
+    if len(part.time_blocks) != n_classes or any(tb < 1 or tq % tb for tb in part.time_blocks):
+        raise ValueError(f"{tq} quantized tokens are not a multiple of every class's time_block "
+                         f"{part.time_blocks} (or the classes and time blocks disagree in number).")
     classes = []
-    for data, scale, zero, bits in zip(part.data, part.scale, part.zero, part.bits):
+    for data, scale, zero, bits, tb in zip(part.data, part.scale, part.zero, part.bits, part.time_blocks):
         if data.dim() != 4 or data.shape[0] != b or data.shape[2] != tq:
             raise ValueError(f"a class of {bits} bits holds {tuple(data.shape)}: expected ({b}, heads, {tq}, ...).")
         data = _last_contiguous(data)
@@ -459,7 +460,8 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
             if data.dtype != dtype or data.shape[3] != d:
                 raise ValueError(f"16-bit states {tuple(data.shape)} {data.dtype}: expected head_dim {d}, {dtype}.")
             rowed.append(data)
-            classes.append((data.data_ptr(), data.stride(), data.stride(0), data.stride(2), *(0,) * 8, bits, 0, d))
+            classes.append((data.data_ptr(), data.stride(), data.stride(0), data.stride(2), *(0,) * 8, bits, 0, d,
+                            tb))
             continue
         n_groups = scale.shape[-1] if scale.dim() == 4 else 0
         row_bytes = -(-d * bits // 8)
@@ -477,11 +479,12 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
         rowed += [data, scale, zero]
         classes.append((data.data_ptr(), data.stride(), data.stride(0), data.stride(2), scale.data_ptr(),
                         scale.stride(1) * esize, scale.stride(0), scale.stride(2), zero.data_ptr(),
-                        zero.stride(1) * esize, zero.stride(0), zero.stride(2), bits, row_bytes, d // n_groups))
+                        zero.stride(1) * esize, zero.stride(0), zero.stride(2), bits, row_bytes, d // n_groups,
+                        tb))
     out_ptr, out_sb = (out.data_ptr(), out.stride(0)) if out is not None else (0, 0)
     rows = []
     for head, (c, local) in enumerate(zip(part.head_class, part.head_local)):
-        ptr, strides, sb, st, sc, sc_h, sc_b, sc_t, zr, zr_h, zr_b, zr_t, bits, row_bytes, glen = classes[c]
+        ptr, strides, sb, st, sc, sc_h, sc_b, sc_t, zr, zr_h, zr_b, zr_t, bits, row_bytes, glen, tb = classes[c]
         dsize = esize if bits == KEEP_BITS else 1
         rows.append([
             ptr + local * strides[1] * dsize, sb, st, sc + local * sc_h, sc_b, sc_t, zr + local * zr_h, zr_b, zr_t,

@@ -10,6 +10,7 @@ the child runs the script exactly as `python benchmarks/x.py --help` would (as `
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -215,6 +216,21 @@ def test_memory_breakdown_counts_the_sinks(bench_modules):
     (true_row,) = [r for r in rows if r.arithmetic is not None]
     assert true_row.allocation == "2.5 true bits (1.5 code)" and true_row.true_bits == 2.5
     assert abs(true_row.nbytes - true_row.arithmetic) <= 1 and "| PASS |" in "\n".join(memory.true_budget_lines(rows))
+
+
+def test_memory_per_unit_group_row_holds_the_arithmetic(bench_modules):
+    from transformers import LlamaConfig
+
+    memory = bench_modules("memory")
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    gen = torch.Generator().manual_seed(0)
+    states = [tuple(torch.randn(1, 2, 700, 64, generator=gen).to(torch.bfloat16) for _ in range(2)) for _ in range(2)]
+    for quantizer in ("kivi", "token"):
+        layout = dataclasses.replace(LAYOUT, quantizer=quantizer)
+        rows = memory.measure(states, config, layout, memory.reference_bytes(states, config))
+        (grouped,) = [r for r in rows if r.allocation.endswith("per-unit groups")]
+        assert grouped.true_bits == 2.5 and abs(grouped.nbytes - grouped.arithmetic) <= 2
 
 
 # ---- the results writer -------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_a_float_mask_falls_back(model, device, monkeypatch):
 
 
 def test_unsupported_attention_arguments_fall_back():
-    past = fused_attention.FusedPast((), (), torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), "kivi", 8)
+    past = fused_attention.FusedPast((), (), torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), "kivi")
     query = torch.zeros(1, 4, 1, 4)
     assert fused_attention.unfused_reason(past, query, None, 0.0, {"output_attentions": True}) == "output_attentions"
     assert fused_attention.unfused_reason(past, query, None, 0.1, {}) == "dropout"
@@ -243,12 +243,12 @@ def test_ops_pass_opcheck(device, quantizer):
     layer = _filled_layer(device, quantizer)
     args = layer._op_args()
     torch.library.opcheck(torch.ops.hf_ratequant.dequantize_layer.default,
-                          (*args, layer.keys, layer.values, quantizer, 8))
+                          (*args, layer.keys, layer.values, quantizer))
     query = torch.randn(1, 4, 1, 32, device=device)
     mask = torch.ones(1, 1, 1, layer.get_seq_length(), dtype=torch.bool, device=device)
     for m in (None, mask):
         torch.library.opcheck(torch.ops.hf_ratequant.decode_attention.default,
-                              (query, m, *args, layer.keys, layer.values, quantizer, 8, 32**-0.5))
+                              (query, m, *args, layer.keys, layer.values, quantizer, 32**-0.5))
 
 
 def test_dequantize_layer_op_is_what_iter_yields(device):

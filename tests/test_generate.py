@@ -133,10 +133,10 @@ def test_mixed_per_head_bits_store_each_head_at_its_bits(tiny_llama, cache_facto
             ("value", values, ref_layer.values, MIXED_VALUE_BITS),
         ):
             groups = layer.past_keys if kind == "key" else layer.past_values
-            assert {bits: heads for bits, heads in groups.classes} == {
+            assert {bits: heads for bits, _, heads in groups.classes} == {
                 b: [h for h, hb in enumerate(table[layer_idx]) if hb == b] for b in set(table[layer_idx])
             }
-            for (bits, _), data in zip(groups.classes, groups.data):
+            for (bits, _, _), data in zip(groups.classes, groups.data):
                 if bits == 16:
                     assert isinstance(data, torch.Tensor) and data.dtype == torch.float32
                 else:
@@ -170,13 +170,13 @@ def test_heads_of_one_width_in_several_runs_dequantize_in_place(device, quantize
     monkeypatch.setattr(ops, "_scatter_classes", lambda dev: scatter)
     bits = [2, 16, 2, 3, 2, 16]
     groups = cache_module._HeadGroups(bits, get_quantizer(quantizer, 8), "value", sink_length=8)
-    groups.to_device(torch.device(device))
+    groups.prepare(32, torch.device(device))
     x = torch.randn(2, len(bits), 40, 32, generator=torch.Generator().manual_seed(0)).to(device)
     groups.append(x[:, :, :24])
     groups.append(x[:, :, 24:])
     window = x[:, :, :0]
-    part = ops.PastPart.from_args(*groups.op_args(window, bits), groups.time_block)
-    out = ops._dequantize_part(part, groups.quantizer, "value", window)
+    part = ops.PastPart.from_args(*groups.op_args(window), [q.time_block("value") for q in groups.quantizers])
+    out = ops._dequantize_part(part, quantizer, "value", window)
     assert out.shape == x.shape
     assert torch.equal(out[:, :, :8], x[:, :, :8])  # the sink
     assert torch.equal(out[:, [1, 5]], x[:, [1, 5]])  # 16-bit heads are exact
@@ -606,7 +606,7 @@ def test_dtype_of_stored_states_and_nbytes(tiny_llama, device, cache_factory, qu
     for layer in cache.layers:
         assert layer.keys.dtype == layer.values.dtype == dtype
         for groups in (layer.past_keys, layer.past_values):
-            for (bits, _), data in zip(groups.classes, groups.data):
+            for (bits, _, _), data in zip(groups.classes, groups.data):
                 if bits == 16:
                     assert data.dtype == dtype
                 else:

@@ -135,7 +135,7 @@ def test_half_precision_generate_with_mixed_bits(half_llamas, cache_factory, dty
     for layer in cache.layers:
         assert layer.keys.dtype == layer.values.dtype == dtype
         for groups in (layer.past_keys, layer.past_values):
-            for (bits, _), data in zip(groups.classes, groups.data):
+            for (bits, _, _), data in zip(groups.classes, groups.data):
                 assert (data.dtype if bits == 16 else data.scale.dtype) == dtype
     for keys, values, _ in cache:
         assert keys.dtype == values.dtype == dtype and keys.shape[-2] == 53

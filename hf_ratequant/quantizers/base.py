@@ -145,6 +145,21 @@ class Quantizer:
         """Raise a `ValueError` if this design cannot quantize rows of `head_dim` channels (of `kind`, "key" or
         "value"; None: of both)."""
 
+    # ---- the group-size axis of a unit (what a per-unit group size means for this design) -------------------
+    def group_axis(self, kind: str) -> str:
+        """What a group of `kind` spans: `"tokens"` (consecutive tokens of one channel) or `"channels"`
+        (consecutive channels of one token)."""
+        return "channels"
+
+    def unit_group(self, kind: str, head_dim: int) -> int:
+        """Elements per group of a `kind` unit at this quantizer's settings, along [`group_axis`]."""
+        raise NotImplementedError
+
+    def regrouped(self, group: int) -> Quantizer:
+        """This design with groups of `group` elements along the group axis of the kind it is used for (a unit's
+        own group size); the same quantizer when nothing changes."""
+        raise NotImplementedError
+
     def _to_groups(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """(B, H, T, D) -> (B, H, T // time_block, n_groups, group_len)."""
         raise NotImplementedError

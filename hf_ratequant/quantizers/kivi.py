@@ -19,6 +19,15 @@ class KIVIQuantizer(Quantizer):
     def time_block(self, kind: str) -> int:
         return self.group_size if kind == "key" else 1
 
+    def group_axis(self, kind: str) -> str:
+        return "tokens" if kind == "key" else "channels"
+
+    def unit_group(self, kind: str, head_dim: int) -> int:
+        return self.group_size
+
+    def regrouped(self, group: int) -> KIVIQuantizer:
+        return self if group == self.group_size else type(self)(group)
+
     def check_head_dim(self, head_dim: int, kind: str | None = None) -> None:
         if kind != "key" and head_dim % self.group_size:  # key groups are tokens: any head_dim
             raise ValueError(

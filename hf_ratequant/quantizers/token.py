@@ -32,6 +32,12 @@ class TokenQuantizer(Quantizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(group_size={self.group_size}, row_group={self.row_group})"
 
+    def unit_group(self, kind: str, head_dim: int) -> int:
+        return head_dim if self.row_group is None else self.row_group
+
+    def regrouped(self, group: int) -> TokenQuantizer:
+        return self if group == self.row_group else type(self)(self.group_size, row_group=group)
+
     def check_head_dim(self, head_dim: int, kind: str | None = None) -> None:
         if self.row_group is not None and head_dim % self.row_group:
             divisors = [g for g in (8, 16, 32, 64, 128, 256) if head_dim % g == 0 and g <= head_dim]
