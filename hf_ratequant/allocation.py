@@ -416,16 +416,20 @@ class Candidate:
         name (`str`): unique among the candidates, e.g. `"ratequant-measured"` or `"K3V2"`.
         family ([`Family`]): where the allocation comes from.
         bits (`torch.LongTensor`): `(layers, kv_heads, 2)` bits, `[..., 0]` keys and `[..., 1]` values.
+        groups (`torch.LongTensor`, *optional*): every unit's group size, same shape (None: the layout's).
     """
 
     name: str
     family: Family
     bits: torch.LongTensor
+    groups: torch.LongTensor | None = None
 
     @property
     def key(self) -> tuple[int, ...]:
-        """The flattened bits: candidates with equal keys are the same allocation (scored once)."""
-        return tuple(self.bits.reshape(-1).tolist())
+        """The flattened bits (and group sizes): candidates with equal keys are the same allocation (scored
+        once)."""
+        bits = tuple(self.bits.reshape(-1).tolist())
+        return bits if self.groups is None else bits + (-1,) + tuple(self.groups.reshape(-1).tolist())
 
 
 def fixed_split_name(key_bits: int, value_bits: int) -> str:
@@ -464,8 +468,9 @@ def validation_rungs(n_windows: int) -> list[int]:
     return [n_windows]
 
 
-RungScore = Callable[[list[torch.LongTensor], int], list[tuple[float, float]]]
-"""`score(allocations, rung)`: per allocation, `(KL summed over the rung's tokens, tokens)`."""
+RungScore = Callable[[list["Candidate"], int], list[tuple[float, float]]]
+"""`score(candidates, rung)`: per candidate (one per distinct allocation), `(KL summed over the rung's tokens,
+tokens)`."""
 
 
 @dataclass(frozen=True)
@@ -508,7 +513,7 @@ def successive_halving(
     def score_rung(field: list[Candidate], rung: int) -> None:
         todo = [c for c in _distinct(field) if len(tally.get(c.key, [])) == rung]
         if todo:
-            for c, pair in zip(todo, score([c.bits for c in todo], rung)):
+            for c, pair in zip(todo, score(todo, rung)):
                 tally.setdefault(c.key, []).append(pair)
 
     def enter(batch: Sequence[Candidate]) -> None:

@@ -49,6 +49,7 @@ from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
 from .footprint import code_budget
 from .memory_guard import OutOfCalibrationMemory, available_bytes, saved_memory_limit
 from .models import last_hidden_states, output_head
+from .options import OptionGrid, fixed_option_candidates, measuring_quantizers, option_candidates, option_table
 from .quantizers import Quantizer, get_quantizer
 from .record import CalibrationRecord, measure_description
 from .settings import BUDGET_UNITS, DEFAULT_SINK_TOKENS, MEASURES, CacheLayout, CalibrationSettings, split_settings
@@ -513,11 +514,15 @@ class CalibrationData:
 @dataclass(frozen=True)
 class Measurement:
     """The measured distortion table `(layers, kv_heads, 2, n_bits)` (float64, CPU, summed over every process's
-    windows), whether it is `residual_aware`, and the `seconds` it took."""
+    windows) at the layout's group size, whether it is `residual_aware`, and the `seconds` it took. With
+    `CalibrationSettings.groups`, also the table of every (bits, group) option `(layers, kv_heads, 2, n_options)`
+    and its [`OptionGrid`]."""
 
     distortion: torch.Tensor
     residual_aware: bool
     seconds: float
+    options: torch.Tensor | None = None
+    grid: OptionGrid | None = None
 
 
 def resolve_settings(
@@ -555,6 +560,8 @@ def check_feasible(layout: CacheLayout, settings: CalibrationSettings, fingerpri
     layout.check_head_dim(fingerprint.head_dim)
     n_units = 2 * fingerprint.num_layers * fingerprint.num_kv_heads
     check_budget(settings.budget, n_units, settings.b_min, settings.b_max)
+    if settings.groups is not None:
+        OptionGrid.build(layout, settings.groups, settings.bit_grid, fingerprint.head_dim)
 
 
 def load_calibration_data(
@@ -593,31 +600,53 @@ def measure_units(
                        ModelFingerprint.from_model_config(model.config).architecture)
         aware = False
     processes.agree(aware, "residual-aware measure")
-    table = processes.run(lambda: measure_distortion(
-        model, windows, layout.quantizer, settings.bit_grid, group_size=layout.group_size,
+    grid = None
+    if settings.groups is None:
+        designs: dict[str, Any] = {layout.quantizer: get_quantizer(layout.quantizer, layout.group_size)}
+    else:
+        head_dim = ModelFingerprint.from_model_config(model.config).head_dim
+        grid = OptionGrid.build(layout, settings.groups, settings.bit_grid, head_dim)
+        designs = measuring_quantizers(grid)
+    tables = processes.run(lambda: measure_distortions(
+        model, windows, designs, settings.bit_grid, group_size=layout.group_size,
         batch_size=settings.batch_size, residual_length=layout.residual_length if aware else None,
         sink_length=layout.sink_length, progress=progress and processes.is_main, measure=settings.measure,
     ), "measuring the distortion")
-    table = processes.sum(table).cpu()  # measured on the model's device; the fit and allocation are CPU math
-    return Measurement(table, aware, time.perf_counter() - start)
+    # Measured on the model's device; the fit and allocation are CPU math.
+    tables = {name: processes.sum(t).cpu() for name, t in tables.items()}
+    if grid is None:
+        return Measurement(tables[layout.quantizer], aware, time.perf_counter() - start)
+    options = option_table(tables, grid)
+    n_bits = len(settings.bit_grid)
+    own = torch.stack([options[:, :, k, grid.own_index(kind) * n_bits : (grid.own_index(kind) + 1) * n_bits]
+                       for k, kind in enumerate(("key", "value"))], dim=2)
+    return Measurement(own, aware, time.perf_counter() - start, options, grid)
 
 
 def calibration_candidates(
-    distortion: torch.Tensor, settings: CalibrationSettings, fingerprint: ModelFingerprint
+    distortion: torch.Tensor, settings: CalibrationSettings, fingerprint: ModelFingerprint,
+    measured: Measurement | None = None, true_budget: float | None = None,
 ) -> list[Candidate]:
-    """What validation races first: the [`allocation_candidates`], then every fixed split of the budget."""
+    """What validation races first: the [`allocation_candidates`], then every fixed split of the budget. With a
+    measurement over (bits, group) options and the `true_budget` (true bits per element) it stands for, also the
+    exact allocations over the options and every fixed (bits, group) pair of the same bytes."""
     s = settings
-    return (allocation_candidates(distortion, s.bit_grid, s.budget)
-            + fixed_candidates(fingerprint.num_layers, fingerprint.num_kv_heads, s.budget, s.b_min, s.b_max))
+    out = (allocation_candidates(distortion, s.bit_grid, s.budget)
+           + fixed_candidates(fingerprint.num_layers, fingerprint.num_kv_heads, s.budget, s.b_min, s.b_max))
+    if measured is not None and measured.grid is not None:
+        out += option_candidates(measured.options, measured.grid, true_budget, KEY_WEIGHTS)
+        out += fixed_option_candidates(measured.grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads)
+    return out
 
 
 def candidate_config(
     bits: torch.Tensor, layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint,
-    method: str,
+    method: str, groups: torch.Tensor | None = None,
 ) -> RateQuantConfig:
-    """The config of one allocation under calibration's layout, budget and bounds."""
+    """The config of one allocation (bits, and group sizes where it chose them) under calibration's layout, budget
+    and bounds."""
     return RateQuantConfig.from_bits(bits, layout, fingerprint=fingerprint, method=method, budget=settings.budget,
-                                     b_min=settings.b_min, b_max=settings.b_max)
+                                     b_min=settings.b_min, b_max=settings.b_max, groups=groups)
 
 
 def _kl_scorer(
@@ -631,22 +660,23 @@ def _kl_scorer(
     template = candidate_config(torch.full((fingerprint.num_layers, fingerprint.num_kv_heads, 2), s.b_min), layout,
                                 s, fingerprint, "ratequant")
 
-    def kl_sums(allocations: list[torch.Tensor], rung: int) -> torch.Tensor:  # per allocation: KL sum, tokens
+    def kl_sums(candidates: list[Candidate], rung: int) -> torch.Tensor:  # per candidate: KL sum, tokens
         if rung not in reference:
             reference[rung] = reference_logprobs(model, parts[rung], batch_size=s.batch_size)
             prefixes[rung] = shared_prefix(model, parts[rung], template, chunk=s.chunk, batch_size=s.batch_size,
                                            reference=reference[rung])
         out = []
-        for bits in allocations:
-            res = evaluate_quality(model, parts[rung], candidate_config(bits, layout, s, fingerprint, "candidate"),
+        for c in candidates:
+            config = candidate_config(c.bits, layout, s, fingerprint, "candidate", c.groups)
+            res = evaluate_quality(model, parts[rung], config,
                                    chunk=s.chunk, batch_size=s.batch_size, progress=False,
                                    reference=reference[rung], prefix=prefixes[rung])
             out.append([res.kl * res.tokens, res.tokens])
             bar.update()
         return torch.tensor(out, dtype=torch.float64).reshape(-1, 2)
 
-    def score(allocations: list[torch.Tensor], rung: int) -> list[tuple[float, float]]:
-        sums = processes.sum(processes.run(lambda: kl_sums(allocations, rung), "validating the candidates"))
+    def score(candidates: list[Candidate], rung: int) -> list[tuple[float, float]]:
+        sums = processes.sum(processes.run(lambda: kl_sums(candidates, rung), "validating the candidates"))
         return [tuple(pair) for pair in sums.tolist()]
 
     return score
@@ -665,7 +695,7 @@ def validate_candidates(
     parts = [windows[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def descend(scores: dict[str, float]) -> list[Candidate]:
-        fixed = [c for c in candidates if c.family == "fixed"]
+        fixed = [c for c in candidates if c.family == "fixed" and c.groups is None]
         if not fixed:
             return []
         return descent_candidates(distortion, settings.bit_grid, min(fixed, key=lambda c: scores[c.name]))
@@ -682,6 +712,7 @@ def validate_candidates(
 def calibration_record(
     data: CalibrationData, measured: Measurement, fit: CurveFit, settings: CalibrationSettings,
     candidates: list[Candidate], race: RaceResult | None, *, validate_s: float, total_s: float, processes: int,
+    true_budget: float | None = None,
 ) -> CalibrationRecord:
     """What the calibration did ([`CalibrationRecord`]); `race` is None when nothing was validated (the closed-form
     `ratequant` allocation wins) and `candidates` every candidate considered."""
@@ -701,6 +732,9 @@ def calibration_record(
         fit_r2_median=float(fit.r2.median()),
         seconds={"measure": measured.seconds, "validate": validate_s, "total": total_s}, processes=processes,
         candidates={c.name: c.bits.tolist() for c in candidates if c.family != "fixed"}, families=families,
+        true_budget=true_budget, group_grid=list(measured.grid.groups) if measured.grid else [],
+        candidate_groups={c.name: c.groups.tolist() for c in candidates
+                          if c.family != "fixed" and c.groups is not None},
     )
 
 
@@ -751,6 +785,10 @@ def calibrate(
         true_bits, budget = (budget if budget is not None else (settings or CalibrationSettings()).budget), None
     layout, settings = resolve_settings(quantizer, budget, layout=layout, settings=settings, **overrides)
     fp = ModelFingerprint.from_model_config(model.config)
+    if settings.groups is not None and true_bits is None:
+        raise ValueError(f"groups={list(settings.groups)} lets every unit choose its group size, which changes its "
+                         "bytes: give the budget in true bits per element (budget_unit='true', or --budget-unit "
+                         "true on the command line).")
     if true_bits is not None:
         settings = in_code_bits(true_bits, layout, settings, fp)
     check_feasible(layout, settings, fp)
@@ -758,7 +796,7 @@ def calibrate(
     data = load_calibration_data(tokenizer, data, layout, settings, fp, procs)
     measured = measure_units(model, data.fit, layout, settings, processes=procs, progress=progress)
     fit = fit_curves(measured.distortion, settings.bit_grid)
-    candidates = calibration_candidates(measured.distortion, settings, fp)
+    candidates = calibration_candidates(measured.distortion, settings, fp, measured, true_bits)
     t0, race = time.perf_counter(), None
     if len(data.validation):
         race = validate_candidates(model, data.validation, candidates, measured.distortion, layout, settings, fp,
@@ -768,12 +806,15 @@ def calibrate(
         candidates = [c for c in candidates if c.family == "ratequant"]
     validate_s = time.perf_counter() - t0
     record = calibration_record(data, measured, fit, settings, candidates, race, validate_s=validate_s,
-                                total_s=time.perf_counter() - start, processes=procs.count)
+                                total_s=time.perf_counter() - start, processes=procs.count, true_budget=true_bits)
     winner = next(c for c in candidates if c.name == record.winner)
-    config = candidate_config(winner.bits, layout, settings, fp, winner.name)
+    config = candidate_config(winner.bits, layout, settings, fp, winner.name, winner.groups)
     config.calibration = record.to_dict()
     config.curves = {"alpha": fit.alpha.float(), "beta": fit.beta.float(), "r2": fit.r2.float(),
                      "distortion": measured.distortion.float(), "bit_grid": torch.tensor(settings.bit_grid)}
+    if measured.grid is not None:  # every option's distortion, options group-major (group_grid x bit_grid)
+        config.curves.update(option_distortion=measured.options.float(),
+                             group_grid=torch.tensor(measured.grid.groups))
     logger.info("calibration: %s won (validation KL %s), %.1f s", record.winner, record.validation_kl.get(
         record.winner), time.perf_counter() - start)
     return config

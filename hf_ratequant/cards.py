@@ -109,7 +109,22 @@ def _memory_lines(config: RateQuantConfig) -> list[str]:
     return [f"Storage: {config.average_bits:.4g} average code bits, {true_bits:.4g} bits per stored element with the "
             f"16-bit scales and zero-points; at {REPORT_TOKENS} tokens a bf16/fp16 model's cache holds "
             f"{f.total / 2**20:.2f} MiB against {f.bytes_16bit / 2**20:.2f} MiB at 16 bits ({f.vs_16bit:.3f}x, the "
-            f"full-precision window and sinks included).", ""]
+            f"full-precision window and sinks included).", "", *_group_lines(config)]
+
+
+def _group_lines(config: RateQuantConfig) -> list[str]:
+    """How many units use each group size, when the config sets them per unit."""
+    if not config.has_unit_groups:
+        return []
+    parts = []
+    for kind, table in (("keys", config.key_groups), ("values", config.value_groups)):
+        counts: dict[int, int] = {}
+        for row in table:
+            for g in row:
+                counts[g] = counts.get(g, 0) + 1
+        parts.append(f"{kind} " + ", ".join(f"{n} units at {g}" for g, n in sorted(counts.items())))
+    return [f"Group sizes per unit (elements per scale and zero-point; kivi keys: tokens, otherwise channels): "
+            f"{'; '.join(parts)}.", ""]
 
 
 def _quality_section(evaluation: list[dict]) -> list[str]:

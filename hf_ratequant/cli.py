@@ -118,7 +118,7 @@ def _cache_columns(config: Any, fingerprint: Any, dtype: Any) -> tuple[str, str,
 
 def _print_footprint(config: Any, fingerprint: Any, dtype: Any, tokens: int) -> None:
     """Bytes of the cache by part at `tokens` tokens and at [`REPORT_TOKENS`], against a 16-bit cache."""
-    from .footprint import REPORT_TOKENS, cache_bytes
+    from .footprint import REPORT_TOKENS, cache_bytes, flush_block
 
     print(f"{'tokens':>7}{'quantized':>12}{'window':>12}{'sinks':>12}{'total':>12}{'16-bit cache':>14}"
           f"{'vs 16-bit':>11}")
@@ -126,10 +126,11 @@ def _print_footprint(config: Any, fingerprint: Any, dtype: Any, tokens: int) -> 
         f = cache_bytes(config, fingerprint, n, dtype=dtype)
         print(f"{n:>7}{_human(f.quantized):>12}{_human(f.window):>12}{_human(f.sinks):>12}{_human(f.total):>12}"
               f"{_human(f.bytes_16bit):>14}{f.vs_16bit:>10.2f}x")
-    print(f"The window (the last R={config.residual_length} to R+G-1 tokens) and the S={config.sink_length} sinks "
-          f"stay in the model's dtype ({str(dtype).replace('torch.', '')}); only older tokens are quantized. So at "
-          "short prompts most tokens sit in the window and the cache can hold more than a 16-bit one; the saving "
-          f"shows at long contexts ({REPORT_TOKENS} tokens above).")
+    block = max(flush_block(config, layer) for layer in range(config.num_layers))
+    print(f"The window (the last R={config.residual_length} to R+{block - 1} tokens) and the "
+          f"S={config.sink_length} sinks stay in the model's dtype ({str(dtype).replace('torch.', '')}); only "
+          "older tokens are quantized. So at short prompts most tokens sit in the window and the cache can hold "
+          f"more than a 16-bit one; the saving shows at long contexts ({REPORT_TOKENS} tokens above).")
 
 
 # ---- demo ----------------------------------------------------------------------------------------------------------
@@ -225,7 +226,11 @@ def _calibration_overrides(args: argparse.Namespace) -> dict[str, Any]:
         quantizer=args.quantizer, group_size=args.group_size, residual_length=args.residual_length,
         sink_length=args.sink_length, budget=args.budget, n_samples=args.samples, n_validation=args.validation,
         seq_len=args.seq_len, b_min=args.b_min, b_max=args.b_max, measure=args.measure, data_column=args.data_column,
+        groups=tuple(args.groups) if args.groups else None,
     )
+    if args.groups and args.budget_unit != "true":
+        raise ValueError(f"--groups {' '.join(map(str, args.groups))} lets every unit choose its group size, which "
+                         "changes its bytes: give the budget in true bits per element with --budget-unit true.")
     # A true-bits budget becomes code bits once the model's head_dim is known (calibrate checks it then).
     split_settings({**overrides, "budget": None} if args.budget_unit == "true" else overrides)
     return {k: v for k, v in overrides.items() if v is not None} | {"budget_unit": args.budget_unit}
@@ -574,6 +579,10 @@ def _add_calibrate(sub) -> None:
                    help="code: code bits per unit, as a config's average_bits; true: bits per stored element with "
                    "every group's 16-bit scale and zero-point (kivi G=32: code + 1; token and rotated: code + 32 / "
                    "head_dim)")
+    p.add_argument("--groups", type=int, nargs="+", default=None, metavar="G",
+                   help="group sizes a unit may choose besides G (kivi keys: tokens, multiples of G; otherwise "
+                   "channels, divisors of head_dim), allocated with the bits under a budget in true bits "
+                   "(needs --budget-unit true; default: G for every unit)")
     p.add_argument("--samples", type=int, default=CALIBRATION.n_samples, help="calibration windows measured, >= 1")
     p.add_argument("--validation", type=int, default=CALIBRATION.n_validation,
                    help="held-back windows the candidates are compared on, >= 0 (0: no validation)")

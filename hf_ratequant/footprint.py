@@ -48,6 +48,8 @@ __all__ = [
     "code_budget",
     "flush_block",
     "option_bits_per_element",
+    "option_groups",
+    "option_rates",
     "true_bits_per_element",
     "unit_bits_per_element",
 ]
@@ -89,6 +91,49 @@ def option_bits_per_element(quantizer: str, bits: int, group: int, kind: str, he
     if hasattr(q, "row_group"):
         return unit_bits_per_element(quantizer, 32, bits, kind, head_dim, dtype, row_group=group)
     return unit_bits_per_element(quantizer, group, bits, kind, head_dim, dtype)
+
+
+def option_groups(quantizer: str, group_size: int, groups: tuple[int, ...], head_dim: int) -> dict[str, list[int]]:
+    """Per kind, the group sizes a unit of that kind may choose: the layout's own, and those of `groups` that fit
+    the kind's group axis (tokens: multiples of `group_size` dividing the largest; channels: divisors of
+    `head_dim`). A size that fits no kind, or token groups that do not divide the largest, are a `ValueError`."""
+    q = get_quantizer(quantizer, group_size)
+    out = {}
+    for kind in KINDS:
+        if q.group_axis(kind) == "tokens":
+            fit = [g for g in groups if g % group_size == 0]
+        else:
+            fit = [g for g in groups if head_dim % g == 0]
+        out[kind] = sorted(set(fit) | {q.unit_group(kind, head_dim)})
+        if q.group_axis(kind) == "tokens" and any(max(out[kind]) % g for g in out[kind]):
+            raise ValueError(f"{quantizer} groups {kind}s over tokens, released from the window in whole groups of "
+                             f"the largest: the token groups {out[kind]} must each divide the largest (e.g. "
+                             f"{group_size}, {2 * group_size}, {4 * group_size}).")
+    unused = sorted(set(groups) - set(out["key"]) - set(out["value"]))
+    if unused:
+        raise ValueError(f"groups {unused} fit neither kind of {quantizer} at head_dim {head_dim} and G={group_size}: "
+                         f"key groups must be {_axis_rule(q, 'key', group_size, head_dim)}, value groups "
+                         f"{_axis_rule(q, 'value', group_size, head_dim)}.")
+    return out
+
+
+def _axis_rule(q, kind: str, group_size: int, head_dim: int) -> str:
+    if q.group_axis(kind) == "tokens":
+        return f"multiples of {group_size} tokens"
+    return f"divisors of {head_dim} channels"
+
+
+def option_rates(quantizer: str, groups: list[int], bit_grid: list[int], usable: dict[str, list[int]],
+                 head_dim: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """`(2, len(groups), len(bit_grid))` bits per stored element of every (kind, group, bits) option, NaN where
+    the kind cannot take the group (`usable`, from [`option_groups`])."""
+    out = torch.full((2, len(groups), len(bit_grid)), float("nan"), dtype=torch.float64)
+    for k, kind in enumerate(KINDS):
+        for i, g in enumerate(groups):
+            if g in usable[kind]:
+                for j, b in enumerate(bit_grid):
+                    out[k, i, j] = option_bits_per_element(quantizer, b, g, kind, head_dim, dtype)
+    return out
 
 
 def _unit_costs(config: RateQuantConfig, head_dim: int, dtype: torch.dtype) -> torch.Tensor:

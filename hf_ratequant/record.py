@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RECORD_VERSION", "CalibrationRecord", "measure_description"]
 
-RECORD_VERSION = 1
-"""1: `record_version` and `families` added, the `kvq-beta4` comparison no longer among the `candidates`."""
+RECORD_VERSION = 2
+"""1: `record_version` and `families` added, the `kvq-beta4` comparison no longer among the `candidates`. 2:
+`true_budget`, `group_grid` and `candidate_groups` (calibration over group sizes)."""
 
 
 def measure_description(measure: str, residual_aware: bool) -> str:
@@ -33,6 +34,9 @@ def measure_description(measure: str, residual_aware: bool) -> str:
             if measure == "output" else "gradient-weighted squared quantization error of the states")
     return (what + " (diagonal Fisher), summed over tokens"
             + (", gradients through the quantized part of the cache only" if residual_aware else ""))
+
+
+_GROUP_FIELDS = ("true_budget", "group_grid", "candidate_groups")  # record version 2
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class CalibrationRecord:
         candidates (`dict[str, list]`): the bits of the candidates derived from the measure (not the fixed splits).
         families (`dict[str, str]`): every candidate's family (`"ratequant"`, `"descent"`, `"fixed"`); empty in
             records written before version 1.
+        true_budget (`float`, *optional*): the budget in true bits per element, when it was given so.
+        group_grid (`list[int]`): the group sizes measured (empty: the layout's only).
+        candidate_groups (`dict[str, list]`): the group sizes of the candidates that chose them.
         record_version (`int`): the schema of the record; 0 for records written before versioning.
     """
 
@@ -80,11 +87,19 @@ class CalibrationRecord:
     processes: int = 1
     candidates: dict[str, list] = field(default_factory=dict)
     families: dict[str, str] = field(default_factory=dict)
+    true_budget: float | None = None
+    group_grid: list[int] = field(default_factory=list)
+    candidate_groups: dict[str, list] = field(default_factory=dict)
     record_version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object saved as `config.calibration` (a deep copy: changing it leaves the record alone)."""
-        return copy.deepcopy(dataclasses.asdict(self))
+        """The JSON object saved as `config.calibration` (a deep copy: changing it leaves the record alone). The
+        fields of calibration over group sizes are left out when unused, so other records keep their keys."""
+        out = copy.deepcopy(dataclasses.asdict(self))
+        for name in _GROUP_FIELDS:
+            if out[name] in (None, [], {}):
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CalibrationRecord:

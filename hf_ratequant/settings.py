@@ -128,6 +128,11 @@ class CalibrationSettings:
         residual_aware (`bool`, defaults to `True`): weight each unit's error only by the attention that reads it
             quantized (falls back to all attention, with a warning, on a model that ignores a custom mask).
         data_column (`str`, *optional*): text column of a `datasets` dataset (default `"text"`).
+        groups (`tuple[int, ...]`, *optional*): group sizes a unit may choose besides the layout's own, in elements
+            per scale and zero-point along the design's group axis (kivi keys: tokens, multiples of G that divide
+            the largest; kivi values and the per-token designs: channels, divisors of head_dim; a size is offered to
+            the kinds it fits). Every (bits, group) option is measured and the allocation is made over them under a
+            budget in true bits per element (`budget_unit="true"`). None: the layout's group for every unit.
     """
 
     budget: float = 2.5
@@ -141,6 +146,7 @@ class CalibrationSettings:
     measure: str = "output"
     residual_aware: bool = True
     data_column: str | None = None
+    groups: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("b_min", "b_max"):
@@ -166,6 +172,14 @@ class CalibrationSettings:
             raise ValueError(f"residual_aware={self.residual_aware!r} must be True or False.")
         if self.data_column is not None and not isinstance(self.data_column, str):
             raise ValueError(f"data_column={self.data_column!r} must be a column name (a string) or None.")
+        if self.groups is not None:
+            groups = self.groups
+            if not isinstance(groups, (list, tuple)) or not groups:
+                raise ValueError(f"groups={groups!r} must be a non-empty list of group sizes (e.g. [32, 64, 128]) "
+                                 "or None.")
+            for g in groups:
+                _check_int("groups entry", g, 1)
+            object.__setattr__(self, "groups", tuple(sorted(set(groups))))
 
     @property
     def bit_grid(self) -> list[int]:

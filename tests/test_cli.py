@@ -117,6 +117,13 @@ def test_cli_budget_unit():
     with pytest.raises(ValueError, match=r"budget=6.5 is outside \[b_min, b_max\]"):
         _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--budget", "6.5"]))
     assert parser.parse_args(["calibrate", "-o", "x"]).budget_unit == "code"
+    grouped = _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--budget-unit", "true",
+                                                        "--groups", "128", "64"]))
+    assert grouped["groups"] == (128, 64)
+    with pytest.raises(ValueError, match="--groups 64 lets every unit choose.*--budget-unit true"):
+        _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--groups", "64"]))
+    with pytest.raises(ValueError, match="groups entry=0 must be an integer"):
+        _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--budget-unit", "true", "--groups", "0"]))
 
 
 @pytest.mark.parametrize("quantizer", ["kivi", "token", "rotated"])

@@ -43,7 +43,8 @@ def candidate(name: str, *bits: int, family: str = "ratequant") -> Candidate:
 
 def fake_scorer(kl: dict[tuple[int, ...], list[float]], calls: list):
     """Scores each allocation's rung `r` with `kl[bits][r]` per token over 10 tokens; records every call."""
-    def score(allocations, rung):
+    def score(candidates, rung):
+        allocations = [c.bits for c in candidates]
         calls.append(([tuple(b.reshape(-1).tolist()) for b in allocations], rung))
         return [(kl[tuple(b.reshape(-1).tolist())][rung] * 10, 10.0) for b in allocations]
     return score

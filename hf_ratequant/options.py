@@ -1,0 +1,191 @@
+"""Calibration over (bit-width, group size) options: what a unit may choose when its group size is free too.
+
+A unit (layer, kv-head, K or V) at `b` bits with groups of `g` elements costs `b + 32 / g` bits per stored element
+(a 16-bit scale and zero-point per group) and has its own measured distortion. With the group sizes of
+`CalibrationSettings.groups`, calibration measures every option in the same pass ([`measuring_quantizers`]: one
+quantizer per group size, all measured on the same tokens), then allocates exactly over them under a budget in
+true bits per element ([`option_candidates`], through [`operating_points.allocate_rate`]), and races the result
+through the real cache against every fixed (bits, group) pair of keys and values of the same bytes
+([`fixed_option_candidates`]).
+
+- [`OptionGrid`]: the options of each kind: the group sizes that fit it (the layout's own always among them) times
+  the bit grid, with their true rates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .allocation import Candidate
+from .footprint import option_groups, option_rates
+from .operating_points import allocate_rate, integer_rates
+from .quantizers import Quantizer, get_quantizer
+from .quantizers.base import KINDS
+from .settings import CacheLayout
+
+__all__ = ["OptionGrid", "fixed_option_candidates", "measuring_quantizers", "option_candidates", "option_table"]
+
+
+@dataclass(frozen=True)
+class OptionGrid:
+    """The (bits, group) options of a layout on a model.
+
+    Attributes:
+        quantizer (`str`), group_size (`int`), head_dim (`int`): the design, its G, the model's head_dim.
+        groups (`tuple[int, ...]`): every group size measured, ascending (the union over both kinds).
+        bit_grid (`tuple[int, ...]`): the bit-widths measured.
+        usable (`dict[str, tuple[int, ...]]`): per kind, the group sizes it can take.
+        own (`dict[str, int]`): per kind, the layout's own group size (what a config without groups uses).
+    """
+
+    quantizer: str
+    group_size: int
+    head_dim: int
+    groups: tuple[int, ...]
+    bit_grid: tuple[int, ...]
+    usable: dict[str, tuple[int, ...]]
+    own: dict[str, int]
+
+    @classmethod
+    def build(cls, layout: CacheLayout, groups: tuple[int, ...], bit_grid: list[int], head_dim: int) -> OptionGrid:
+        """The grid of `groups` (and the layout's own) for `layout` at `head_dim`; a `ValueError` names a group
+        that fits no kind (see [`footprint.option_groups`])."""
+        usable = option_groups(layout.quantizer, layout.group_size, tuple(groups), head_dim)
+        q = get_quantizer(layout.quantizer, layout.group_size)
+        own = {kind: q.unit_group(kind, head_dim) for kind in KINDS}
+        union = tuple(sorted(set(usable["key"]) | set(usable["value"])))
+        return cls(layout.quantizer, layout.group_size, head_dim, union, tuple(bit_grid),
+                   {k: tuple(v) for k, v in usable.items()}, own)
+
+    @property
+    def n_options(self) -> int:
+        return len(self.groups) * len(self.bit_grid)
+
+    def option(self, index: int) -> tuple[int, int]:
+        """`(bits, group)` of option `index` (options run group-major: every bit-width of the first group first)."""
+        return self.bit_grid[index % len(self.bit_grid)], self.groups[index // len(self.bit_grid)]
+
+    def own_index(self, kind: str) -> int:
+        return self.groups.index(self.own[kind])
+
+    def rates(self) -> torch.Tensor:
+        """`(2, n_options)` true bits per element of every option, NaN where the kind cannot take it."""
+        return option_rates(self.quantizer, list(self.groups), list(self.bit_grid),
+                            {k: list(v) for k, v in self.usable.items()}, self.head_dim).reshape(2, -1)
+
+    def token_block(self) -> int:
+        """Tokens every option is measured on a multiple of: the least common multiple of the token groups."""
+        q = get_quantizer(self.quantizer, self.group_size)
+        return math.lcm(*(g for kind in KINDS if q.group_axis(kind) == "tokens" for g in self.usable[kind]), 1)
+
+
+class _MeasuredOption:
+    """One group size of a design as the distortion measure sees it: the design at that group for each kind that
+    can take it (the layout's own for a kind that cannot: measured, then masked), quantizing whole blocks of
+    `block` tokens, so that every group size is measured on the same tokens."""
+
+    def __init__(self, per_kind: dict[str, Quantizer], block: int):
+        self._q, self.block = per_kind, block
+
+    def time_block(self, kind: str) -> int:
+        return self.block
+
+    def quantize(self, x: torch.Tensor, bits: int, kind: str):
+        return self._q[kind].quantize(x, bits, kind)
+
+    def dequantize(self, q, kind: str, out=None):
+        return self._q[kind].dequantize(q, kind, out=out)
+
+
+def measuring_quantizers(grid: OptionGrid) -> dict[str, _MeasuredOption]:
+    """`{"g<group>": quantizer}` for `calibration.measure_distortions`, one per group size of `grid`."""
+    base = get_quantizer(grid.quantizer, grid.group_size)
+    block = grid.token_block()
+    out = {}
+    for g in grid.groups:
+        per_kind = {}
+        for kind in KINDS:
+            group = g if g in grid.usable[kind] else grid.own[kind]
+            per_kind[kind] = base if group == base.unit_group(kind, grid.head_dim) else base.regrouped(group)
+        out[f"g{g}"] = _MeasuredOption(per_kind, block)
+    return out
+
+
+def option_table(tables: dict[str, torch.Tensor], grid: OptionGrid) -> torch.Tensor:
+    """The measured `(layers, kv_heads, 2, n_options)` table from the per-group `(layers, kv_heads, 2, n_bits)`
+    ones, +inf where a kind cannot take the group."""
+    parts = []
+    for g in grid.groups:
+        t = tables[f"g{g}"].clone()
+        for k, kind in enumerate(KINDS):
+            if g not in grid.usable[kind]:
+                t[:, :, k] = float("inf")
+        parts.append(t)
+    return torch.cat(parts, dim=-1)
+
+
+def _unit_rows(options: torch.Tensor, rates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per unit (in `(layers, kv_heads, 2)` order): its distortion and rate rows."""
+    layers, heads = options.shape[:2]
+    dist = options.reshape(-1, options.shape[-1]).double()
+    rate_rows = rates.unsqueeze(0).expand(layers * heads, 2, -1).reshape(-1, rates.shape[-1])
+    dist = torch.where(torch.isnan(rate_rows), torch.full_like(dist, float("inf")), dist)
+    return dist, rate_rows
+
+
+def _capacity(true_budget: float, n_units: int, scale: int) -> int:
+    cap = true_budget * n_units * scale
+    return int(math.floor(cap + 1e-9))
+
+
+def _chosen(choice: torch.Tensor, grid: OptionGrid, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [grid.option(i) for i in choice.tolist()]
+    bits = torch.tensor([b for b, _ in pairs]).reshape(shape)
+    groups = torch.tensor([g for _, g in pairs]).reshape(shape)
+    return bits, groups
+
+
+def option_candidates(options: torch.Tensor, grid: OptionGrid, true_budget: float,
+                      key_weights: tuple[float, ...]) -> list[Candidate]:
+    """The exact allocations over every unit's options of at most `true_budget` true bits per element on average:
+    `ratequant-options` on the measured table, and `ratequant-options-keys-xW` with the keys' distortion times W
+    (as `calibration.allocation_candidates` does for bits)."""
+    shape = options.shape[:3]
+    dist, rate_rows = _unit_rows(options, grid.rates())
+    int_rates, scale = integer_rates(torch.nan_to_num(rate_rows, nan=0.0))
+    cap = _capacity(true_budget, dist.shape[0], scale)
+    tables = {"ratequant-options": dist}
+    for w in key_weights:
+        weighted = dist.clone()
+        weighted[0::2] *= w  # units alternate key, value
+        tables[f"ratequant-options-keys-x{w:g}"] = weighted
+    out = []
+    for name, table in tables.items():
+        bits, groups = _chosen(allocate_rate(int_rates, table, cap), grid, shape)
+        out.append(Candidate(name, "ratequant", bits, groups))
+    return out
+
+
+def fixed_option_candidates(grid: OptionGrid, true_budget: float, num_layers: int,
+                            num_kv_heads: int) -> list[Candidate]:
+    """Every fixed configuration of exactly `true_budget` true bits per element that uses a group size other than
+    the layout's: one (bits, group) option for all keys and one for all values, named like `"K2g64V2g64"` (the
+    layout's own fixed splits are `allocation.fixed_candidates`)."""
+    rates = grid.rates()
+    out = []
+    for ko in range(grid.n_options):
+        for vo in range(grid.n_options):
+            rk, rv = float(rates[0, ko]), float(rates[1, vo])
+            if math.isnan(rk) or math.isnan(rv) or not math.isclose((rk + rv) / 2, true_budget, abs_tol=1e-9):
+                continue
+            (kb, kg), (vb, vg) = grid.option(ko), grid.option(vo)
+            if kg == grid.own["key"] and vg == grid.own["value"]:
+                continue
+            shape = (num_layers, num_kv_heads)
+            bits = torch.stack([torch.full(shape, kb), torch.full(shape, vb)], dim=-1)
+            groups = torch.stack([torch.full(shape, kg), torch.full(shape, vg)], dim=-1)
+            out.append(Candidate(f"K{kb}g{kg}V{vb}g{vg}", "fixed", bits, groups))
+    return out

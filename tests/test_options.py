@@ -1,0 +1,151 @@
+"""Calibration over (bits, group size) options (`hf_ratequant.options`): the grid, its true rates, the exact
+allocation against brute force, the fixed pairs of equal bytes, the measure on equal tokens, and `calibrate` /
+`hf-ratequant calibrate` with `groups`."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import build_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_ratequant.allocation import Candidate
+from hf_ratequant.calibration import calibrate
+from hf_ratequant.cards import model_card
+from hf_ratequant.footprint import true_bits_per_element
+from hf_ratequant.options import OptionGrid, fixed_option_candidates, measuring_quantizers, option_candidates
+from hf_ratequant.settings import CacheLayout, CalibrationSettings
+
+KIVI = CacheLayout("kivi", 32, 128, 32)
+TOKEN = CacheLayout("token", 32, 128, 32)
+
+
+def test_grid_offers_each_kind_the_groups_that_fit_it():
+    grid = OptionGrid.build(KIVI, (32, 64, 128), [1, 2, 3], head_dim=64)
+    assert grid.usable == {"key": (32, 64, 128), "value": (32, 64)} and grid.own == {"key": 32, "value": 32}
+    rates = grid.rates()  # (kind, group-major options): bits + 32 / group
+    assert rates[0].tolist() == [1 + 1, 2 + 1, 3 + 1, 1.5, 2.5, 3.5, 1.25, 2.25, 3.25]
+    assert rates[1, :6].tolist() == [2, 3, 4, 1.5, 2.5, 3.5] and bool(rates[1, 6:].isnan().all())
+    assert grid.token_block() == 128 and grid.option(4) == (2, 64)
+    token = OptionGrid.build(TOKEN, (16, 32), [2], head_dim=64)
+    assert token.usable == {"key": (16, 32, 64), "value": (16, 32, 64)} and token.own["key"] == 64
+    assert token.token_block() == 1
+
+
+@pytest.mark.parametrize(("groups", "message"), [
+    ((48,), r"groups \[48\] fit neither kind of kivi.*multiples of 32 tokens.*divisors of 64 channels"),
+    ((64, 96), r"token groups \[32, 64, 96\] must each divide the largest"),
+    ((128,), r"groups \[128\] fit neither kind of token"),
+])
+def test_groups_that_cannot_be_stored_are_refused(groups, message):
+    layout = TOKEN if message.endswith("token") else KIVI
+    with pytest.raises(ValueError, match=message):
+        OptionGrid.build(layout, groups, [1, 2], head_dim=64)
+
+
+def test_settings_check_the_groups():
+    assert CalibrationSettings(groups=[128, 64, 64]).groups == (64, 128)
+    for bad in ([], [0], [32.0], "32"):
+        with pytest.raises(ValueError, match="groups"):
+            CalibrationSettings(groups=bad)
+
+
+def test_option_allocation_is_the_brute_force_optimum():
+    grid = OptionGrid.build(KIVI, (32, 64, 128), [1, 2, 3], head_dim=64)
+    gen = torch.Generator().manual_seed(0)
+    rates = grid.rates()
+    for trial in range(4):
+        # 2 layers x 1 kv-head x K/V = 4 units; distortion falls with bits, larger groups cost a little more of it.
+        base = torch.rand(2, 1, 2, 1, generator=gen) * 10 + 0.1
+        d = torch.stack([base * 4.0 ** -b * (1 + 0.3 * math.log2(g / 32) + 0.2 * torch.rand(2, 1, 2, 1, generator=gen))
+                         for g in grid.groups for b in grid.bit_grid], dim=-1).squeeze(-2)
+        for budget in (1.5, 2.25, 2.5, 3.0):
+            (cand, _) = option_candidates(d, grid, budget, (4.0,))
+            chosen = (cand.bits.reshape(-1).tolist(), cand.groups.reshape(-1).tolist())
+            best_total = math.inf
+            options = [[o for o in range(grid.n_options) if not math.isnan(rates[u % 2, o])] for u in range(4)]
+            for combo in itertools.product(*options):
+                rate = sum(float(rates[u % 2, o]) for u, o in enumerate(combo)) / 4
+                total = sum(float(d.reshape(4, -1)[u, o]) for u, o in enumerate(combo))
+                if rate <= budget + 1e-9 and total < best_total - 1e-12:
+                    best_total = total
+            got = sum(float(d.reshape(4, -1)[u, grid.groups.index(g) * 3 + grid.bit_grid.index(b)])
+                      for u, (b, g) in enumerate(zip(*chosen)))
+            assert math.isclose(got, best_total, rel_tol=1e-9), (trial, budget)
+            spent = sum(float(rates[u % 2, grid.groups.index(g) * 3 + grid.bit_grid.index(b)])
+                        for u, (b, g) in enumerate(zip(*chosen))) / 4
+            assert spent <= budget + 1e-9
+
+
+def test_fixed_pairs_are_exactly_the_budget_and_off_the_layout_group():
+    grid = OptionGrid.build(KIVI, (32, 64, 128), list(range(1, 7)), head_dim=64)
+    fixed = fixed_option_candidates(grid, 2.5, num_layers=2, num_kv_heads=3)
+    names = {c.name for c in fixed}
+    assert names == {"K1g64V3g64", "K2g64V2g64", "K3g64V1g64"}
+    assert "K1g32V2g32" not in names  # the layout's own split is allocation.fixed_candidates' K1V2
+    for c in fixed:
+        rates = grid.rates()
+        k = grid.groups.index(int(c.groups[0, 0, 0])) * 6 + int(c.bits[0, 0, 0]) - 1
+        v = grid.groups.index(int(c.groups[0, 0, 1])) * 6 + int(c.bits[0, 0, 1]) - 1
+        assert (float(rates[0, k]) + float(rates[1, v])) / 2 == 2.5 and c.family == "fixed"
+
+
+def test_candidates_with_other_groups_are_other_allocations():
+    bits = torch.full((1, 1, 2), 2)
+    assert Candidate("a", "fixed", bits).key != Candidate("b", "fixed", bits, torch.full((1, 1, 2), 64)).key
+
+
+def test_every_group_is_measured_on_the_same_tokens():
+    grid = OptionGrid.build(KIVI, (64, 128), [2], head_dim=64)
+    designs = measuring_quantizers(grid)
+    assert set(designs) == {"g32", "g64", "g128"}
+    x = torch.randn(1, 2, 256, 64)
+    for name, q in designs.items():
+        assert q.time_block("key") == q.time_block("value") == 128
+        block = q.quantize(x, 2, "key")
+        assert block.time_block == int(name[1:])  # keys grouped over `group` tokens
+        assert q.dequantize(block, "key").shape == x.shape
+
+
+def _tiny():
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    return build_model(LlamaForCausalLM, config)
+
+
+class _CharTokenizer:
+    def __call__(self, text, **kwargs):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+TEXT = [" ".join(f"word{i % 97} thing{i % 13}" for i in range(j, j + 400)) for j in range(60)]
+
+
+def test_calibrate_over_groups_returns_a_stored_allocation_within_the_bytes(tmp_path):
+    from hf_ratequant import RateQuantCache, RateQuantConfig
+
+    model = _tiny()
+    config = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=2.5, budget_unit="true",
+                       groups=(64, 128), n_samples=2, n_validation=2, seq_len=256, progress=False)
+    record = config.calibration
+    assert record["group_grid"] == [32, 64, 128] and record["true_budget"] == 2.5
+    assert any(name.startswith("ratequant-options") for name in record["validation_kl"])
+    assert any(name.endswith("g64") for name in record["validation_kl"])  # the fixed pairs of other groups raced
+    assert true_bits_per_element(config, 64) <= 2.5 + 1e-9
+    assert config.curves["option_distortion"].shape == (2, 2, 2, 3 * 6)
+    card = model_card(config, "me/tiny-options")
+    assert "Group sizes per unit" in card and "bits per stored element" in card
+    config.save_pretrained(tmp_path)
+    loaded = RateQuantConfig.from_pretrained(tmp_path)
+    assert loaded.key_groups == config.key_groups and loaded.method == config.method
+    out = model.generate(torch.randint(1, 128, (1, 300)), max_new_tokens=3, do_sample=False,
+                         past_key_values=RateQuantCache.from_pretrained(loaded, model=model))
+    assert out.shape == (1, 303)
+
+
+def test_groups_need_a_budget_in_true_bits_before_any_work():
+    with pytest.raises(ValueError, match="budget in true bits per element"):
+        calibrate(_tiny(), _CharTokenizer(), data=None, budget=2.5, groups=(64,))
+    with pytest.raises(ValueError, match=r"groups \[48\] fit neither kind"):
+        calibrate(_tiny(), _CharTokenizer(), data=None, budget=2.5, budget_unit="true", groups=(48,))
