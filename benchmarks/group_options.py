@@ -11,8 +11,9 @@ option ([`operating_points.allocate_rate`]) against the best allocation of bits 
 fixed configuration (one bits-and-group option for all keys, one for all values) of no more bytes.
 
 What this measures is calibration's objective, the sum of the units' measured distortions, not quality through the
-cache: the cache does not yet store a group size per unit (issue [4 bytes]). It says which options lie on the
-units' lower convex hulls and how much of the objective the group axis could save, before building the storage.
+cache. It says which options lie on the units' lower convex hulls and how much of the objective the group axis
+could save; quality through the cache, with the groups calibration chooses per unit and stores, is
+`ratequant_quality.py --budget-unit true --groups ...`.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from _common import (
     write_results,
 )
 
-from hf_ratequant.settings import MEASURES
+from hf_ratequant.settings import BUDGET_UNITS, MEASURES
 
 logger = logging.getLogger("benchmarks.ratequant_quality")
 
@@ -73,6 +73,7 @@ class Row:
     tokens: int = 0
     seconds: float = 0.0
     validation_kl: float | None = None  # the score calibration gave it on its held-back calibration windows
+    true_bits: float | None = None  # bits per stored element, scales and zero-points included
     window_nll: list[float] = field(default_factory=list)  # mean NLL per token of every window group
     window_kl: list[float] = field(default_factory=list)
     window_tokens: list[int] = field(default_factory=list)
@@ -142,13 +143,16 @@ def bits_config(bits: torch.Tensor, template, name: str):
 
 
 def make_row(quantizer: str, budget: float | None, cache: str, kind: str, cfg, result: dict, val=None) -> Row:
+    from hf_ratequant.footprint import true_bits_per_element
+
     if cfg is None:
-        avg = kb = vb = 16.0
+        avg = kb = vb = true = 16.0
     else:
         bt = cfg.bits_tensor().double()
         avg, kb, vb = cfg.average_bits, float(bt[..., 0].mean()), float(bt[..., 1].mean())
+        true = true_bits_per_element(cfg, cfg.fingerprint.head_dim) if cfg.fingerprint else None
     return Row(quantizer=quantizer, budget=budget, cache=cache, kind=kind, avg_bits=avg, key_bits_mean=kb,
-               value_bits_mean=vb, validation_kl=val, **result)
+               value_bits_mean=vb, validation_kl=val, true_bits=true, **result)
 
 
 # ---- one (quantizer, budget) --------------------------------------------------------------------------------------
@@ -159,11 +163,16 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
     from hf_ratequant.allocation import fixed_allocations
     from hf_ratequant.calibration import calibrate
     from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.footprint import code_budget
+    from hf_ratequant.options import OptionGrid, fixed_option_candidates
 
     fp = ModelFingerprint.from_model_config(model.config)
     n_heads = fp.num_layers * fp.num_kv_heads
 
     layout = layout_from_args(args, quantizer=quantizer)  # of the calibrated and of every fixed cache
+    true_budget = args.budget_unit == "true"
+    code = (code_budget(budget, quantizer, layout.group_size, fp.head_dim, args.b_min, args.b_max) if true_budget
+            else budget)  # the fixed splits at the layout's group: this many code bits store `budget` true bits
     logger.info("[%s %.4g] calibrating", quantizer, budget)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     config = calibrate(
@@ -171,7 +180,7 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
         seq_len=args.seq_len, n_validation=args.validation, group_size=layout.group_size,
         residual_length=layout.residual_length, sink_length=layout.sink_length, b_min=args.b_min, b_max=args.b_max,
         batch_size=args.batch_size, chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
-        measure=args.measure,
+        measure=args.measure, budget_unit=args.budget_unit, groups=tuple(args.groups) if args.groups else None,
     )
     calib = dict(wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
     if args.save_configs:
@@ -192,11 +201,16 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
                     row.avg_bits, row.perplexity, row.kl, row.seconds)
         return row
 
-    fixed = fixed_allocations(n_heads, n_heads, budget, args.b_min, args.b_max)
+    fixed = fixed_allocations(n_heads, n_heads, code, args.b_min, args.b_max)
     for k_bits, v_bits in fixed:
         name = f"uniform-{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
         cfg = RateQuantConfig.uniform(model.config, key_bits=k_bits, value_bits=v_bits, layout=layout)
         add(name, "fixed", cfg, val.get(name))
+    if args.groups:  # every fixed (bits, group) pair of keys and values of the same bytes, other groups too
+        grid = OptionGrid.build(layout, tuple(args.groups), list(range(args.b_min, args.b_max + 1)), fp.head_dim)
+        for c in fixed_option_candidates(grid, budget, fp.num_layers, fp.num_kv_heads):
+            cfg = RateQuantConfig.from_bits(c.bits, layout, fingerprint=fp, method=c.name, groups=c.groups)
+            add(c.name, "fixed", cfg, val.get(c.name))
     chosen = add(f"chosen ({winner})", "chosen", config, val.get(winner))
     chosen_bits = config.bits_tensor()
     same_as_chosen = None
@@ -243,7 +257,7 @@ def summarize(quantizer, budget, rows, full, chosen, fixed, calib, fwd_bwd, cal,
         paired_dlogppl_vs_best_fixed=d_nll, paired_dlogppl_se=se_nll,
         paired_dkl_vs_best_fixed_by_kl=d_kl, paired_dkl_se=se_kl,
     )
-    uniform = next((r for r in fixed_rows if r.cache == f"uniform-{budget:g}"), None)
+    uniform = next((r for r in fixed_rows if r.cache.startswith("uniform-")), None)  # at most one of the budget
     if uniform is not None:
         s["uniform_kl"] = uniform.kl
         s["kl_vs_uniform"] = chosen.kl / uniform.kl - 1
@@ -289,6 +303,11 @@ def markdown(payload: dict) -> str:
         f"{a['ref_dtype']}) and shared by every cache; windows evaluated {a['eval_batch_size']} at a time, so every "
         "difference below has a paired standard error over window groups (± 1 SE; few windows: a rough bar).",
         f"- {NOISE_NOTE}",
+        *(["- **Budgets in true bits per element** (codes plus every group's 16-bit scale and zero-point); the "
+           "fixed allocations are every keys/values split of the same bytes at G"
+           + (f" and every fixed (bits, group) pair of keys and values of the same bytes over group sizes "
+              f"{a['groups']}, which calibration chose from per unit" if a.get("groups") else "") + "."]
+          if a.get("budget_unit") == "true" else []),
         "",
         "## Summary",
         "",
@@ -328,12 +347,12 @@ def markdown(payload: dict) -> str:
         f"Full precision: perplexity {payload['full']['perplexity']:.3f} (KL 0) on these windows. 'val KL' is the "
         "score `calibrate` gave the allocation on its held-back *calibration* windows (how it picked the winner).",
         "",
-        "| quantizer | budget | cache | avg bits (K / V) | perplexity | KL | Δlog-ppl vs chosen ± SE | val KL "
-        "| eval s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| quantizer | budget | cache | avg bits (K / V) | true bits | perplexity | KL | Δlog-ppl vs chosen ± SE "
+        "| val KL | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     full = payload["full"]
-    lines.append(f"| - | - | full precision | 16 | {full['perplexity']:.3f} | 0 | | | {full['seconds']:.0f} |")
+    lines.append(f"| - | - | full precision | 16 | 16 | {full['perplexity']:.3f} | 0 | | | {full['seconds']:.0f} |")
     for block in payload["blocks"]:
         rows = [Row(**r) for r in block["rows"]]
         chosen = next(r for r in rows if r.kind == "chosen")
@@ -342,7 +361,8 @@ def markdown(payload: dict) -> str:
             name = f"**{r.cache}**" if r is chosen else r.cache
             lines.append(
                 f"| {r.quantizer} | {r.budget:g} | {name} | {r.avg_bits:.3f} ({r.key_bits_mean:.2f} / "
-                f"{r.value_bits_mean:.2f}) | {r.perplexity:.3f} | {r.kl:.4f} | {d} | {_f(r.validation_kl, '.4f')} | "
+                f"{r.value_bits_mean:.2f}) | {_f(r.true_bits, '.4g')} | {r.perplexity:.3f} | {r.kl:.4f} | {d} | "
+                f"{_f(r.validation_kl, '.4f')} | "
                 f"{r.seconds:.0f} |"
             )
     lines += ["", "## Calibration details", ""]
@@ -390,6 +410,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--b-min", type=int, default=CALIBRATION.b_min, help=f"default {CALIBRATION.b_min}")
     p.add_argument("--b-max", type=int, default=CALIBRATION.b_max, help=f"default {CALIBRATION.b_max}")
     p.add_argument("--group-size", type=int, default=LAYOUT.group_size, help=f"G (default {LAYOUT.group_size})")
+    p.add_argument("--budget-unit", choices=BUDGET_UNITS, default="code",
+                   help="what --budgets count: code bits per unit (default) or true bits per stored element; the "
+                   "fixed splits are those of the same bytes")
+    p.add_argument("--groups", type=int, nargs="+", default=None,
+                   help="group sizes calibration may choose per unit (needs --budget-unit true); the fixed "
+                   "(bits, group) pairs of keys and values of the same bytes are evaluated too")
     p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
                    help=f"R (default {LAYOUT.residual_length})")
     add_sink_length(p, "by every quantized cache, fixed and calibrated")
