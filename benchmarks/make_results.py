@@ -175,7 +175,8 @@ def lm_eval(d: dict) -> list[str]:
 
 DOMAIN_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_pydoc-to-bbc.json",
                "ratequant_quality_bbc-to-bbc.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
-               "ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json")
+               "ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m.json",
+               "ratequant_quality_gemma3-270m_pydoc-to-bbc.json")
 
 
 def _domain(source: str) -> str:
@@ -249,6 +250,93 @@ def group_options(d: dict) -> list[str]:
     return ["#" + line if line.startswith("## ") else line for line in study.markdown(d).split("\n")[2:]]
 
 
+BYTE_RUNS = ("ratequant_quality_bytes_kivi-2.5.json", "ratequant_quality_bytes_kivi-3.json",
+             "ratequant_quality_bytes_token-3.json", "ratequant_quality_bytes_rotated-3.json")
+
+
+def _options_used(config: dict) -> str:
+    """How many units chose each (bits, group) option, keys and values apart: `K 2b g128: 40, ...`."""
+    from hf_ratequant import RateQuantConfig
+
+    counts: dict[str, int] = {}
+    groups = RateQuantConfig.from_dict(config).groups_tensor(config["fingerprint"]["head_dim"])
+    for k, (kind, bits) in enumerate((("K", config["key_bits"]), ("V", config["value_bits"]))):
+        for layer, row in enumerate(bits):
+            for head, b in enumerate(row):
+                key = f"{kind} {b}b g{int(groups[layer, head, k])}"
+                counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1])))
+
+
+def _held_mib(config) -> float:
+    """Mean MiB a bf16 cache of `config` (a `RateQuantConfig`) holds over 4096 to 4223 tokens: the window's share
+    depends on where the sequence stands between two releases, which larger key groups spread over more tokens."""
+    import torch
+
+    from hf_ratequant.footprint import cache_bytes
+
+    sizes = [cache_bytes(config, config.fingerprint, n, dtype=torch.bfloat16).total for n in range(4096, 4224)]
+    return sum(sizes) / len(sizes) / 2**20
+
+
+def _fixed_config(name: str, template):
+    """The fixed allocation `name` (`K3V2`, `uniform-2`, `K2g64V2g64`) with the layout and model of `template`."""
+    import re
+
+    from hf_ratequant import RateQuantConfig
+
+    m = re.fullmatch(r"uniform-(\d+)|K(\d+)(?:g(\d+))?V(\d+)(?:g(\d+))?", name)
+    if m.group(1):
+        return RateQuantConfig.uniform(template.fingerprint, bits=int(m.group(1)), layout=template.layout)
+    kg, vg = (int(g) if g else None for g in (m.group(3), m.group(5)))
+    return RateQuantConfig.uniform(template.fingerprint, key_bits=int(m.group(2)), value_bits=int(m.group(4)),
+                                   layout=template.layout, key_group=kg, value_group=vg)
+
+
+def byte_budgets_table(runs: list[dict]) -> list[str]:
+    """Calibration over (bits, group) options at budgets in true bits, against every fixed allocation of the same
+    bytes (every keys/values split at G and every fixed (bits, group) pair of keys and values)."""
+    from hf_ratequant import RateQuantConfig
+
+    rows, used = [], []
+    for d in runs:
+        for s, block in zip(d["summaries"], d["blocks"]):
+            fixed_kl = s["best_fixed_kl_min"]
+            chosen = RateQuantConfig.from_dict(block["config"])
+            mib = f"{_held_mib(chosen):.2f} / {_held_mib(_fixed_config(s['best_fixed_by_kl'], chosen)):.2f}"
+            rows.append([
+                s["quantizer"], f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
+                f"{s['best_fixed']} {s['best_fixed_ppl']:.3f}", s["winner"].removeprefix("ratequant-"),
+                f"{s['chosen_ppl']:.3f} / {s['chosen_kl']:.4f}", f"{s['chosen_kl'] / fixed_kl - 1:+.0%}",
+                "yes" if s["beats_every_fixed_kl"] else "**no**", _f(s.get("ppl_gap_recovered"), ".0%"),
+                f"{s['paired_dlogppl_vs_best_fixed']:+.4f} ± {s['paired_dlogppl_se']:.4f}",
+                f"{s['ratio_wall']:.1f}x" + (" (busy)" if _busy(d) else ""), mib,
+            ])
+            offered = ", ".join(map(str, d["settings"].get("groups") or ()))
+            used.append(f"- {s['quantizer']} {s['budget']:g} true bits (groups {offered} offered besides the "
+                        f"layout's own), {s['winner']}: {_options_used(block['config'])}")
+    d = runs[0]
+    return [
+        f"{_model_label(d)}; budgets in **true bits per element** (codes plus each group's 16-bit scale and "
+        "zero-point). Calibration chose each unit's bits and group size (kivi keys group tokens, everything else "
+        "channels); the fixed allocations are every keys/values split of the same bytes at the layout's group and "
+        "every fixed (bits, group) pair of keys and values of the same bytes. Held-out text through the real cache "
+        f"({d['eval_windows']} x {d['settings']['window']} tokens, the same sinks and window for every cache).", "",
+        *_table(["design", "true bits", "best fixed by KL", "best fixed by ppl", "RateQuant", "ppl / KL",
+                 "KL vs best fixed", "beats every fixed (KL)?", "ppl gap recovered", "Δlog-ppl ± SE",
+                 "calibration / fwd+bwd", "MiB held: RateQuant / best fixed"], rows, "lrllllrlrrrr"), "",
+        "MiB held: the mean over 4096 to 4223 tokens of what a bf16 cache holds (`cache_bytes`, window and sinks "
+        "included). The budget counts the quantized elements; a layer whose keys use 128-token groups also keeps "
+        "up to 96 more tokens in its full-precision window, which the budget does not charge (the difference in "
+        "this column).", "",
+        "Options the calibrated allocations use (units of keys K and values V per bits b and group g):", "", *used,
+    ]
+
+
+def byte_budgets(_: None) -> list[str]:
+    return byte_budgets_table([_load(name) for name in BYTE_RUNS])
+
+
 def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
     def render(_: None) -> list[str]:
         rows = []
@@ -315,6 +403,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b", quality),
     ("Group-size options (issue [4 bytes], calibration's objective only)", "group_options.json",
      "python benchmarks/group_options.py", group_options),
+    ("Budgets in bytes: bits and group size per unit (issue [4 bytes])", None,
+     "python benchmarks/ratequant_quality.py --budget-unit true --quantizers Q --budgets B --groups 64 128 (kivi) | "
+     "16 32 (token, rotated) --tag bytes_Q-B", byte_budgets),
     ("Calibration memory", "calibration_memory.json",
      "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m", calibration_memory),
     ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated]",
@@ -338,7 +429,7 @@ def cited_files() -> set[str]:
     its benchmark wrote beside it; plus whatever lies in KEPT_FOLDERS."""
     names = {f for _, f, _, _ in SECTIONS if f}
     names |= {f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")}
-    names |= set(DOMAIN_RUNS) | set(MODEL_RUNS)
+    names |= set(DOMAIN_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= {"field_frontier.png", "memory.png"}
     for folder in KEPT_FOLDERS:
