@@ -152,13 +152,18 @@ class Quantizer:
         return "channels"
 
     def unit_group(self, kind: str, head_dim: int) -> int:
-        """Elements per group of a `kind` unit at this quantizer's settings, along [`group_axis`]."""
-        raise NotImplementedError
+        """Elements per group of a `kind` unit at this quantizer's settings, along [`group_axis`] (by default
+        `group_size`; a design whose groups are something else says so)."""
+        return self.group_size
 
     def regrouped(self, group: int) -> Quantizer:
         """This design with groups of `group` elements along the group axis of the kind it is used for (a unit's
-        own group size); the same quantizer when nothing changes."""
-        raise NotImplementedError
+        own group size); the same quantizer when nothing changes. A design that cannot change its group size per
+        unit refuses any other."""
+        if group == self.group_size:
+            return self
+        raise ValueError(f"The {self.name!r} quantizer has no group size per unit (it was asked for {group}); "
+                         "use its own group size, or implement `regrouped` for it.")
 
     def _to_groups(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """(B, H, T, D) -> (B, H, T // time_block, n_groups, group_len)."""
