@@ -634,6 +634,9 @@ def calibration_candidates(
     out = (allocation_candidates(distortion, s.bit_grid, s.budget)
            + fixed_candidates(fingerprint.num_layers, fingerprint.num_kv_heads, s.budget, s.b_min, s.b_max))
     if measured is not None and measured.grid is not None:
+        if true_budget is None:
+            raise ValueError("A measurement over group sizes is allocated under a budget in true bits per element: "
+                             "pass true_budget.")
         out += option_candidates(measured.options, measured.grid, true_budget, KEY_WEIGHTS)
         out += fixed_option_candidates(measured.grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads)
     return out

@@ -246,7 +246,8 @@ class RateQuantConfig:
             own = {k: get_quantizer(layout.quantizer, layout.group_size).unit_group(k, fp.head_dim) for k in KINDS}
             pair = [own["key"] if key_group is None else key_group,
                     own["value"] if value_group is None else value_group]
-            groups = torch.tensor(pair).expand(fp.num_layers, fp.num_kv_heads, 2)
+            if pair != [own["key"], own["value"]]:  # the layout's own groups need no table (nor schema 4)
+                groups = torch.tensor(pair).expand(fp.num_layers, fp.num_kv_heads, 2)
         method = "uniform" if key_bits == value_bits else "kv-split"
         return cls.from_bits(bits_table, layout, fingerprint=fp, method=method, budget=(key_bits + value_bits) / 2,
                              groups=groups)

@@ -221,6 +221,8 @@ def test_uniform_takes_a_group_size():
     config = RateQuantConfig.uniform(MODEL, bits=2, quantizer="kivi", key_group=128, value_group=64)
     assert config.key_groups == [[128] * 3] * 2 and config.value_groups == [[64] * 3] * 2
     assert abs(true_bits_per_element(config, HEAD_DIM) - (2 + (32 / 128 + 32 / 64) / 2)) < 1e-9
+    own = RateQuantConfig.uniform(MODEL, bits=3, quantizer="token", group=HEAD_DIM)  # one group per row: the default
+    assert own.key_groups is None and own.version == 2
 
 
 @pytest.mark.parametrize(
