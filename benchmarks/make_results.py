@@ -305,7 +305,7 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
             chosen = RateQuantConfig.from_dict(block["config"])
             mib = f"{_held_mib(chosen):.2f} / {_held_mib(_fixed_config(s['best_fixed_by_kl'], chosen)):.2f}"
             rows.append([
-                s["quantizer"], f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
+                _model_label(d), s["quantizer"], f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
                 f"{s['best_fixed']} {s['best_fixed_ppl']:.3f}", s["winner"].removeprefix("ratequant-"),
                 f"{s['chosen_ppl']:.3f} / {s['chosen_kl']:.4f}", f"{s['chosen_kl'] / fixed_kl - 1:+.0%}",
                 "yes" if s["beats_every_fixed_kl"] else "**no**", _f(s.get("ppl_gap_recovered"), ".0%"),
@@ -313,18 +313,18 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
                 f"{s['ratio_wall']:.1f}x" + (" (busy)" if _busy(d) else ""), mib,
             ])
             offered = ", ".join(map(str, d["settings"].get("groups") or ()))
-            used.append(f"- {s['quantizer']} {s['budget']:g} true bits (groups {offered} offered besides the "
-                        f"layout's own), {s['winner']}: {_options_used(block['config'])}")
+            used.append(f"- {_model_label(d)}, {s['quantizer']} {s['budget']:g} true bits (groups {offered} offered "
+                        f"besides the layout's own), {s['winner']}: {_options_used(block['config'])}")
     d = runs[0]
     return [
-        f"{_model_label(d)}; budgets in **true bits per element** (codes plus each group's 16-bit scale and "
+        "Budgets in **true bits per element** (codes plus each group's 16-bit scale and "
         "zero-point). Calibration chose each unit's bits and group size (kivi keys group tokens, everything else "
         "channels); the fixed allocations are every keys/values split of the same bytes at the layout's group and "
         "every fixed (bits, group) pair of keys and values of the same bytes. Held-out text through the real cache "
         f"({d['eval_windows']} x {d['settings']['window']} tokens, the same sinks and window for every cache).", "",
-        *_table(["design", "true bits", "best fixed by KL", "best fixed by ppl", "RateQuant", "ppl / KL",
+        *_table(["model", "design", "true bits", "best fixed by KL", "best fixed by ppl", "RateQuant", "ppl / KL",
                  "KL vs best fixed", "beats every fixed (KL)?", "ppl gap recovered", "Δlog-ppl ± SE",
-                 "calibration / fwd+bwd", "MiB held: RateQuant / best fixed"], rows, "lrllllrlrrrr"), "",
+                 "calibration / fwd+bwd", "MiB held: RateQuant / best fixed"], rows, "llrllllrlrrrr"), "",
         "MiB held: the mean over 4096 to 4223 tokens of what a bf16 cache holds (`cache_bytes`, window and sinks "
         "included). The budget counts the quantized elements; a layer whose keys use 128-token groups also keeps "
         "up to 96 more tokens in its full-precision window, which the budget does not charge (the difference in "
