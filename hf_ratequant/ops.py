@@ -123,7 +123,7 @@ def _quantizer(name: str, group: int):
     """Design `name` with groups of `group` elements along its group axis (a class's own quantizer)."""
     from .quantizers import get_quantizer
 
-    return get_quantizer(name).regrouped(group)
+    return get_quantizer(name, group).regrouped(group)
 
 
 def _dequantize_part(part: PastPart, quantizer: str, kind: str, window: torch.Tensor) -> torch.Tensor:

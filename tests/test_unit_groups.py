@@ -263,10 +263,10 @@ def test_a_file_with_groups_but_an_older_version_is_refused(tmp_path):
 
 def test_a_design_without_per_unit_groups_still_serves_the_cache_and_refuses_other_groups():
     from hf_ratequant.cache import RateQuantLayer
-    from hf_ratequant.quantizers import Quantizer
+    from hf_ratequant.quantizers import Quantizer, register_quantizer
+    from hf_ratequant.quantizers.base import _REGISTRY
 
     class OneGroupPerRow(Quantizer):  # the base class's defaults: no group size per unit
-        name = "one-group-per-row"
         chunked_groups = True
 
         def _to_groups(self, x, kind):
@@ -275,11 +275,17 @@ def test_a_design_without_per_unit_groups_still_serves_the_cache_and_refuses_oth
         def _from_groups(self, g, kind, shape):
             return g.reshape(shape)
 
-    q = OneGroupPerRow(group_size=HEAD_DIM)
-    layer = RateQuantLayer([2, 3], [2, 2], q, residual_length=R, group_size=G)
-    x = torch.randn(1, 2, 80, HEAD_DIM)
-    keys, _ = layer.update(x, x)
-    assert keys.shape == x.shape and layer.past_keys.num_tokens == 80 - R - (80 - R) % G
-    grouped = RateQuantLayer([2, 3], [2, 2], q, residual_length=R, group_size=G, key_groups=[32, None])
-    with pytest.raises(ValueError, match="'one-group-per-row' quantizer has no group size per unit"):
-        grouped.update(x, x)
+    register_quantizer("one-group-per-row")(OneGroupPerRow)
+    try:
+        q = OneGroupPerRow(group_size=G)  # a layout G other than the registry's default of 32
+        layer = RateQuantLayer([2, 3], [2, 2], q, residual_length=R, group_size=G)
+        x = torch.randn(1, 2, 80, HEAD_DIM)
+        layer.update(x, x)
+        keys, _ = layer.update(x[:, :, :5], x[:, :, :5])  # the past goes through the ops now
+        assert keys.shape == (1, 2, 85, HEAD_DIM) and layer.past_keys.num_tokens == 85 - R - (85 - R) % G
+        torch.testing.assert_close(keys[:, :, -5:], x[:, :, :5])
+        grouped = RateQuantLayer([2, 3], [2, 2], q, residual_length=R, group_size=G, key_groups=[32, None])
+        with pytest.raises(ValueError, match="'one-group-per-row' quantizer has no group size per unit"):
+            grouped.update(x, x)
+    finally:
+        del _REGISTRY["one-group-per-row"]
