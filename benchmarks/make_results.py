@@ -251,7 +251,8 @@ def group_options(d: dict) -> list[str]:
 
 
 BYTE_RUNS = ("ratequant_quality_bytes_kivi-2.5.json", "ratequant_quality_bytes_kivi-3.json",
-             "ratequant_quality_bytes_token-3.json", "ratequant_quality_bytes_rotated-3.json")
+             "ratequant_quality_bytes_token-3.json", "ratequant_quality_bytes_rotated-3.json",
+             "ratequant_quality_bytes_qwen2.5-coder-0.5b_kivi-2.5.json")
 
 
 def _options_used(config: dict) -> str:
@@ -405,7 +406,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "python benchmarks/group_options.py", group_options),
     ("Budgets in bytes: bits and group size per unit (issue [4 bytes])", None,
      "python benchmarks/ratequant_quality.py --budget-unit true --quantizers Q --budgets B --groups 64 128 (kivi) | "
-     "16 32 (token, rotated) --tag bytes_Q-B", byte_budgets),
+     "16 32 (token, rotated) --tag bytes_Q-B  # Qwen: --model qwen2.5-coder-0.5b --calib-data pydoc --eval-data pydoc",
+     byte_budgets),
     ("Calibration memory", "calibration_memory.json",
      "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m", calibration_memory),
     ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated]",
