@@ -577,7 +577,7 @@ def load_calibration_data(
     sha = text_fingerprint(text)
     processes.agree((fp.geometry(), fp.layer_types, fp.model_type, sha, tuple(windows.shape), layout.quantizer,
                      s.budget, layout.group_size, layout.residual_length, layout.sink_length, s.b_min, s.b_max,
-                     s.measure), "model, data or settings")
+                     s.measure, s.groups), "model, data or settings")
     fit, validation = windows[: s.n_samples], windows[s.n_samples :]
     return CalibrationData(processes.shard(fit, "calibration"), processes.shard(validation, "validation"), source,
                            sha, int(fit.numel()), int(validation.numel()))
