@@ -89,7 +89,7 @@ def option_bits_per_element(quantizer: str, bits: int, group: int, kind: str, he
     if q.group_axis(kind) == "tokens":
         return unit_bits_per_element(quantizer, group, bits, kind, head_dim, dtype)
     if hasattr(q, "row_group"):
-        return unit_bits_per_element(quantizer, 32, bits, kind, head_dim, dtype, row_group=group)
+        return unit_bits_per_element(quantizer, q.group_size, bits, kind, head_dim, dtype, row_group=group)
     return unit_bits_per_element(quantizer, group, bits, kind, head_dim, dtype)
 
 

@@ -271,9 +271,15 @@ def _parts(quantizer: str, k_args, v_args) -> tuple[bool, PastPart, PastPart]:
     """`(rotates, keys, values)`: whether the design rotates, and both kinds' parts."""
     k = PastPart.from_args(*k_args, lambda g: _quantizer(quantizer, g).time_block("key"))
     v = PastPart.from_args(*v_args, lambda g: _quantizer(quantizer, g).time_block("value"))
+    return _rotates(quantizer), k, v
+
+
+@functools.lru_cache(maxsize=None)
+def _rotates(name: str) -> bool:
+    """Whether design `name` rotates (asked every step: the design is built once)."""
     from .quantizers import get_quantizer
 
-    return get_quantizer(quantizer).rotates, k, v
+    return get_quantizer(name).rotates
 
 
 def _dequantize_layer_reference(*args):
