@@ -337,26 +337,23 @@ class RateQuantConfig:
                                  f"{self.num_layers}x{self.num_kv_heads}: one group size per unit.")
             setattr(self, name, table)
             flat = {g for row in table for g in row}
-            if quantizer.group_axis(kind) == "tokens":
-                bad = sorted(g for g in flat if g % self.group_size)
-                if bad:
-                    raise ValueError(f"{name} holds {bad}: {self.quantizer} groups {kind}s over tokens, which leave "
-                                     f"the window in groups of group_size={self.group_size}, so a {kind} group must "
-                                     f"be a multiple of {self.group_size} (e.g. {self.group_size}, "
-                                     f"{2 * self.group_size}, {4 * self.group_size}).")
-                largest = max(flat)
-                bad = sorted(g for g in flat if largest % g)
-                if bad:
-                    raise ValueError(f"{name} holds {bad}, which do not divide the largest key group {largest}: "
-                                     "tokens leave the window in whole groups of the largest, so every token group "
-                                     f"must divide it (e.g. powers of two times {self.group_size}).")
-            elif head_dim is not None:
-                bad = sorted(g for g in flat if head_dim % g)
-                if bad:
-                    divisors = [g for g in range(1, head_dim + 1) if head_dim % g == 0 and g >= 8]
-                    raise ValueError(f"{name} holds {bad}, which do not divide head_dim={head_dim}: {self.quantizer} "
-                                     f"groups {kind}s over channels of a token; allowed are the divisors of "
-                                     f"{head_dim} (e.g. {divisors}).")
+            bad = sorted(g for g in flat if not quantizer.fits_group(kind, g, head_dim))
+            tokens = quantizer.group_axis(kind) == "tokens"
+            if bad and tokens:
+                raise ValueError(f"{name} holds {bad}: {self.quantizer} groups {kind}s over tokens, which leave "
+                                 f"the window in groups of group_size={self.group_size}, so a {kind} group must "
+                                 f"be a multiple of {self.group_size} (e.g. {self.group_size}, "
+                                 f"{2 * self.group_size}, {4 * self.group_size}).")
+            if bad:
+                divisors = [g for g in range(1, head_dim + 1) if head_dim % g == 0 and g >= 8]
+                raise ValueError(f"{name} holds {bad}, which do not divide head_dim={head_dim}: {self.quantizer} "
+                                 f"groups {kind}s over channels of a token; allowed are the divisors of "
+                                 f"{head_dim} (e.g. {divisors}).")
+            bad = quantizer.unnested(flat) if tokens else []
+            if bad:
+                raise ValueError(f"{name} holds {bad}, which do not divide the largest key group {max(flat)}: "
+                                 "tokens leave the window in whole groups of the largest, so every token group "
+                                 f"must divide it (e.g. powers of two times {self.group_size}).")
         self.version = 4
 
     def _check_search_settings(self) -> None:

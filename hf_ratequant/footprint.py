@@ -100,27 +100,18 @@ def option_groups(quantizer: str, group_size: int, groups: tuple[int, ...], head
     q = get_quantizer(quantizer, group_size)
     out = {}
     for kind in KINDS:
-        if q.group_axis(kind) == "tokens":
-            fit = [g for g in groups if g % group_size == 0]
-        else:
-            fit = [g for g in groups if head_dim % g == 0]
-        out[kind] = sorted(set(fit) | {q.unit_group(kind, head_dim)})
-        if q.group_axis(kind) == "tokens" and any(max(out[kind]) % g for g in out[kind]):
+        fit = {g for g in groups if q.fits_group(kind, g, head_dim)}
+        out[kind] = sorted(fit | {q.unit_group(kind, head_dim)})
+        if q.group_axis(kind) == "tokens" and q.unnested(out[kind]):
             raise ValueError(f"{quantizer} groups {kind}s over tokens, released from the window in whole groups of "
                              f"the largest: the token groups {out[kind]} must each divide the largest (e.g. "
                              f"{group_size}, {2 * group_size}, {4 * group_size}).")
     unused = sorted(set(groups) - set(out["key"]) - set(out["value"]))
     if unused:
         raise ValueError(f"groups {unused} fit neither kind of {quantizer} at head_dim {head_dim} and G={group_size}: "
-                         f"key groups must be {_axis_rule(q, 'key', group_size, head_dim)}, value groups "
-                         f"{_axis_rule(q, 'value', group_size, head_dim)}.")
+                         f"key groups must be {q.group_rule('key', head_dim)}, value groups "
+                         f"{q.group_rule('value', head_dim)}.")
     return out
-
-
-def _axis_rule(q, kind: str, group_size: int, head_dim: int) -> str:
-    if q.group_axis(kind) == "tokens":
-        return f"multiples of {group_size} tokens"
-    return f"divisors of {head_dim} channels"
 
 
 def option_rates(quantizer: str, groups: list[int], bit_grid: list[int], usable: dict[str, list[int]],

@@ -156,6 +156,27 @@ class Quantizer:
         `group_size`; a design whose groups are something else says so)."""
         return self.group_size
 
+    def fits_group(self, kind: str, group: int, head_dim: int | None) -> bool:
+        """Whether a `kind` unit can take groups of `group` elements along its [`group_axis`]: tokens leave the
+        window in groups of `group_size`, so a token group is a multiple of it; a channel group divides `head_dim`
+        (unknown `head_dim`: any)."""
+        if self.group_axis(kind) == "tokens":
+            return group % self.group_size == 0
+        return head_dim is None or head_dim % group == 0
+
+    def group_rule(self, kind: str, head_dim: int | None) -> str:
+        """[`fits_group`] in words, for error messages."""
+        if self.group_axis(kind) == "tokens":
+            return f"multiples of {self.group_size} tokens"
+        return f"divisors of {head_dim} channels" if head_dim is not None else "divisors of head_dim channels"
+
+    @staticmethod
+    def unnested(token_groups) -> list[int]:
+        """The token groups that do not divide the largest: a layer releases window tokens in whole groups of its
+        largest key group, so every other must divide it."""
+        largest = max(token_groups)
+        return sorted({g for g in token_groups if largest % g})
+
     def regrouped(self, group: int) -> Quantizer:
         """This design with groups of `group` elements along the group axis of the kind it is used for (a unit's
         own group size); the same quantizer when nothing changes. A design that cannot change its group size per
