@@ -409,17 +409,24 @@ def measure_distortions(
         done += ids.shape[0]
         bar.update(ids.shape[0])
         for name, q in designs.items():
+            kinds = getattr(q, "kinds", ("key", "value"))  # an option grid's group measures only who can take it
             if measure == "output":
-                table = torch.stack([output_distortion(*row[4], q, bit_grid) for row in states])
+                table = torch.stack([output_distortion(*row[4], q, bit_grid, kinds) for row in states])
             else:
                 table = torch.stack([
-                    torch.stack([fisher_distortion(k, gk, q, "key", bit_grid),
-                                 fisher_distortion(v, gv, q, "value", bit_grid)], dim=1)
+                    torch.stack([_fisher_or_inf(k, gk, q, "key", bit_grid, kinds),
+                                 _fisher_or_inf(v, gv, q, "value", bit_grid, kinds)], dim=1)
                     for k, v, gk, gv in states
                 ])  # (layers, kv_heads, 2, n_bits)
             totals[name] = table if name not in totals else totals[name] + table
     bar.close()
     return totals
+
+
+def _fisher_or_inf(states, grads, q, kind: str, bit_grid: list[int], kinds) -> torch.Tensor:
+    if kind in kinds:
+        return fisher_distortion(states, grads, q, kind, bit_grid)
+    return torch.full((states.shape[1], len(bit_grid)), float("inf"), dtype=torch.float64, device=states.device)
 
 
 SAVED_FRACTION = 0.5

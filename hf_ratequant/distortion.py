@@ -59,6 +59,7 @@ def output_distortion(
     n_quantized: int,
     quantizer: Quantizer,
     bit_grid: list[int],
+    kinds: tuple[str, ...] = ("key", "value"),
 ) -> torch.Tensor:
     """Gradient-weighted error of one layer's *attention output* when its keys (or its values) are quantized.
 
@@ -77,6 +78,7 @@ def output_distortion(
             rest, if any, are the full-precision copies of the residual-aware split).
         quantizer (`Quantizer`): the design whose error is measured.
         bit_grid (`list[int]`): bit-widths to measure.
+        kinds (`tuple[str, ...]`, *optional*): the kinds to measure; the other's entries are `inf` (not measured).
 
     Returns:
         `torch.Tensor`: float64 `(kv_heads, 2, len(bit_grid))`, keys then values.
@@ -91,10 +93,12 @@ def output_distortion(
         q = quantizer.dequantize(quantizer.quantize(part, bits, kind), kind).to(x.dtype)
         return torch.cat([q, x[:, :, usable:]], dim=2)
 
-    out = torch.empty(kv_heads, 2, len(bit_grid), dtype=torch.float64)
+    out = torch.full((kv_heads, 2, len(bit_grid)), float("inf"), dtype=torch.float64)
     for i, bits in enumerate(bit_grid):
-        for kind_idx, (k, v) in enumerate(((quantized(keys, "key", bits), values),
-                                           (keys, quantized(values, "value", bits)))):
+        for kind_idx, kind in enumerate(("key", "value")):
+            if kind not in kinds:
+                continue
+            k, v = (quantized(keys, kind, bits), values) if kind == "key" else (keys, quantized(values, kind, bits))
             err = (attend(k, v).float() - base).square_().mul_(w).sum(dim=(0, 1, 3))  # (q_heads,)
             out[:, kind_idx, i] = err.view(kv_heads, -1).sum(-1).double().cpu()
     return out

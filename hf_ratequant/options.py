@@ -85,10 +85,10 @@ class OptionGrid:
 class _MeasuredOption:
     """One group size of a design as the distortion measure sees it: the design at that group for each kind that
     can take it (the layout's own for a kind that cannot: measured, then masked), quantizing whole blocks of
-    `block` tokens, so that every group size is measured on the same tokens."""
+    `block` tokens, so that every group size is measured on the same tokens. `kinds`: those it is measured for."""
 
-    def __init__(self, per_kind: dict[str, Quantizer], block: int):
-        self._q, self.block = per_kind, block
+    def __init__(self, per_kind: dict[str, Quantizer], block: int, kinds: tuple[str, ...] = KINDS):
+        self._q, self.block, self.kinds = per_kind, block, kinds  # kinds: those that can take this group
 
     def time_block(self, kind: str) -> int:
         return self.block
@@ -110,7 +110,8 @@ def measuring_quantizers(grid: OptionGrid) -> dict[str, _MeasuredOption]:
         for kind in KINDS:
             group = g if g in grid.usable[kind] else grid.own[kind]
             per_kind[kind] = base if group == base.unit_group(kind, grid.head_dim) else base.regrouped(group)
-        out[f"g{g}"] = _MeasuredOption(per_kind, block)
+        kinds = tuple(kind for kind in KINDS if g in grid.usable[kind])  # the others are masked: not measured
+        out[f"g{g}"] = _MeasuredOption(per_kind, block, kinds)
     return out
 
 

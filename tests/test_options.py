@@ -108,6 +108,30 @@ def test_every_group_is_measured_on_the_same_tokens():
         assert q.dequantize(block, "key").shape == x.shape
 
 
+def test_a_group_only_one_kind_can_take_is_measured_for_that_kind_only():
+    """kivi values cannot take 128-channel groups at head_dim 64: that entry is not measured (inf, as the option
+    table masks it), and what is measured equals measuring both kinds."""
+    from hf_ratequant.distortion import output_distortion
+    from hf_ratequant.options import _MeasuredOption
+
+    grid = OptionGrid.build(KIVI, (64, 128), [1, 2, 3], head_dim=64)
+    designs = measuring_quantizers(grid)
+    assert designs["g128"].kinds == ("key",) and designs["g64"].kinds == ("key", "value")
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 2, 256, 64, generator=g), torch.randn(1, 2, 256, 64, generator=g)
+    query, grad = torch.randn(1, 4, 8, 64, generator=g), torch.randn(1, 8, 4, 64, generator=g)
+
+    def attend(k, v):
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        return torch.softmax(query @ k.transpose(-1, -2) / 8, dim=-1).matmul(v).transpose(1, 2)
+
+    skipped = output_distortion(attend, keys, values, grad, 256, designs["g128"], [1, 2, 3], designs["g128"].kinds)
+    both = _MeasuredOption(designs["g128"]._q, designs["g128"].block)
+    full = output_distortion(attend, keys, values, grad, 256, both, [1, 2, 3], both.kinds)
+    assert torch.isinf(skipped[:, 1]).all() and torch.isfinite(full[:, 1]).all()
+    assert torch.equal(skipped[:, 0], full[:, 0])
+
+
 def _tiny():
     config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64)
