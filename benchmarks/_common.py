@@ -225,6 +225,16 @@ def benchmark_ids(tokenizer, model, text_spec: str, seq_len: int, device: torch.
     return tokenize_windows(tokenizer, text, seq_len=seq_len, n_windows=1).to(device), source
 
 
+def held_mib(config) -> float:
+    """Mean MiB a bf16 cache of `config` (a `RateQuantConfig` with its model's fingerprint) holds over 4096 to 4223
+    tokens: the window's share depends on where the sequence stands between two releases, which larger key groups
+    spread over more tokens."""
+    from hf_ratequant.footprint import cache_bytes
+
+    sizes = [cache_bytes(config, config.fingerprint, n, dtype=torch.bfloat16).total for n in range(4096, 4224)]
+    return sum(sizes) / len(sizes) / 2**20
+
+
 def time_fwd_bwd(model, ids: torch.LongTensor, batch_size: int) -> dict:
     """One plain forward + backward pass (every parameter requiring grad, `loss.backward()`) over `ids`."""
     flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -5,6 +5,7 @@ over its fit tokens. Both are timed in one run, on the same model, device and ba
 runs of each is reported.
 
     python benchmarks/calibration_speed.py                                   # default model, CPU, float32
+    python benchmarks/calibration_speed.py --budget 3 --budget-unit true --groups 64 128 --tag kivi-3-true-groups
     python benchmarks/calibration_speed.py --device cuda --dtype bfloat16 --model Qwen/Qwen3-8B
     python benchmarks/calibration_speed.py --device cuda --dtype bfloat16 --model random:qwen3-8b \\
         --tokenizer PATH    # timing only, without downloading the weights (any tokenizer folder will do)
@@ -33,6 +34,7 @@ from _common import (
 )
 
 from hf_ratequant.quantizers import available_quantizers
+from hf_ratequant.settings import BUDGET_UNITS
 
 logger = logging.getLogger("benchmarks.calibration_speed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_sink_length(p, "of the cache calibrated")
     p.add_argument("--batch-size", type=int, default=CALIBRATION.batch_size,
                    help=f"default {CALIBRATION.batch_size}")
+    p.add_argument("--budget-unit", default="code", choices=BUDGET_UNITS,
+                   help="what --budget counts: code bits, or true bits per element (metadata included)")
+    p.add_argument("--groups", type=int, nargs="*", default=None,
+                   help="group sizes each unit may choose besides the layout's (needs --budget-unit true)")
     p.add_argument("--data", default=None, help="calibration text (default: hf_ratequant's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output-dir", default=RESULTS_DIR)
@@ -93,7 +99,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         config = calibrate(model, tokenizer, data=args.data, quantizer=args.quantizer, budget=args.budget,
                            n_samples=args.samples, n_validation=args.validation, seq_len=args.seq_len,
-                           sink_length=args.sink_length, batch_size=args.batch_size, progress=False)
+                           sink_length=args.sink_length, batch_size=args.batch_size, progress=False,
+                           budget_unit=args.budget_unit, groups=tuple(args.groups) if args.groups else None)
         _sync(device)
         calib.append(time.perf_counter() - start)
         parts.append(config.calibration["seconds"])
@@ -106,7 +113,9 @@ def main(argv=None) -> int:
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, device {info['device']}{gpu}; torch {info['torch']}, "
         f"transformers {info.get('transformers')}. Model: {model_name}, in {args.dtype}. Text: {source}. "
-        f"{args.quantizer} at {args.budget} bits, {args.samples} fit + {args.validation} validation windows of "
+        f"{args.quantizer} at {args.budget} {args.budget_unit} bits"
+        + (f", groups {sorted(set(args.groups) | {LAYOUT.group_size})} per unit" if args.groups else "")
+        + f", {args.samples} fit + {args.validation} validation windows of "
         f"{args.seq_len} tokens, sinks {args.sink_length}, batch {args.batch_size}; median of {args.repeats} runs.",
         "",
         "| fwd+bwd s (fit tokens) | calibration s | of which measure s | validate s | ratio (goal <= 3x) |",

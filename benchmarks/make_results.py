@@ -269,17 +269,6 @@ def _options_used(config: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1])))
 
 
-def _held_mib(config) -> float:
-    """Mean MiB a bf16 cache of `config` (a `RateQuantConfig`) holds over 4096 to 4223 tokens: the window's share
-    depends on where the sequence stands between two releases, which larger key groups spread over more tokens."""
-    import torch
-
-    from hf_ratequant.footprint import cache_bytes
-
-    sizes = [cache_bytes(config, config.fingerprint, n, dtype=torch.bfloat16).total for n in range(4096, 4224)]
-    return sum(sizes) / len(sizes) / 2**20
-
-
 def _fixed_config(name: str, template):
     """The fixed allocation `name` (`K3V2`, `uniform-2`, `K2g64V2g64`) with the layout and model of `template`."""
     import re
@@ -297,6 +286,8 @@ def _fixed_config(name: str, template):
 def byte_budgets_table(runs: list[dict]) -> list[str]:
     """Calibration over (bits, group) options at budgets in true bits, against every fixed allocation of the same
     bytes (every keys/values split at G and every fixed (bits, group) pair of keys and values)."""
+    from _common import held_mib
+
     from hf_ratequant import RateQuantConfig
 
     rows, used = [], []
@@ -304,7 +295,7 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
         for s, block in zip(d["summaries"], d["blocks"]):
             fixed_kl = s["best_fixed_kl_min"]
             chosen = RateQuantConfig.from_dict(block["config"])
-            mib = f"{_held_mib(chosen):.2f} / {_held_mib(_fixed_config(s['best_fixed_by_kl'], chosen)):.2f}"
+            mib = f"{held_mib(chosen):.2f} / {held_mib(_fixed_config(s['best_fixed_by_kl'], chosen)):.2f}"
             rows.append([
                 _model_label(d), s["quantizer"], f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
                 f"{s['best_fixed']} {s['best_fixed_ppl']:.3f}", s["winner"].removeprefix("ratequant-"),
@@ -336,6 +327,45 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
 
 def byte_budgets(_: None) -> list[str]:
     return byte_budgets_table([_load(name) for name in BYTE_RUNS])
+
+
+def byte_frontier(d: dict) -> list[str]:
+    """Every RateQuant point of the frontier run against the lowest-KL fixed configuration (any design, bits x
+    group) and `QuantizedCache` that hold no more bytes, and the plot."""
+    def best(c) -> str:
+        if c is None:
+            return "none fits"
+        se = f" ± {c['d_kl_se']:.4f}" if c.get("d_kl_se") is not None else ""
+        return f"{c['best']} {c['perplexity']:.3f} / {c['kl']:.4f} ({c['mib']:.2f}; ΔKL {c['d_kl']:+.4f}{se})"
+
+    points = {p["method"]: p for p in d["points"]}
+    full = next(p for p in d["points"] if p["family"] == "full")
+    rows = []
+    for v in d["verdicts"]:
+        checks = v["checks"]
+        below = all(c is None or c["below"] for c in checks.values())
+        p = points[v["method"]]
+        ratio = p["calibration_s"] / p["fwd_bwd_s"] if p["calibration_s"] and p["fwd_bwd_s"] else None
+        rows.append([v["design"], f"{v['budget']:g}", f"{v['perplexity']:.3f} / {v['kl']:.4f}", f"{v['mib']:.2f}",
+                     best(checks["fixed, bytes held <="]), best(checks["QuantizedCache, bytes held <="]),
+                     "yes" if below else "**no**", _f(ratio, ".1f") + "x"])
+    n_fixed = sum(p["family"] == "fixed" for p in d["points"])
+    n_qc = sum(p["family"] in ("quanto", "hqq") and p["error"] is None for p in d["points"])
+    failed = [p["method"] for p in d["points"] if p["error"]]
+    return [
+        f"Held-out: {d['eval_tokens']} tokens ({_domain(d['eval_source'])}); full precision {full['perplexity']:.3f} "
+        f"({full['mib']:.2f} MiB). Compared with {n_fixed} fixed configurations (kivi, token, rotated: one (bits, "
+        f"group) for all keys and one for all values, uniform or split by one bit, between "
+        f"{d['settings']['min_true']:g} and {max(d['settings']['budgets']):g} true bits) and {n_qc} `QuantizedCache` "
+        "(quanto, HQQ; q_group_size 32 / 64 / 128)"
+        + (f"; failed: {', '.join(failed)} (see the run's markdown)" if failed else "") + ". MiB: mean held over "
+        "4096 to 4223 tokens, bf16 states, window and sinks included. ΔKL: RateQuant minus the other, paired over "
+        "windows ± standard error. The run's markdown also checks every fixed configuration of no more true bits "
+        "and lists every cache.", "",
+        *_table(["design", "true bits", "RateQuant ppl / KL", "MiB", "lowest-KL fixed, bytes held <= (MiB)",
+                 "lowest-KL QuantizedCache, bytes held <=", "KL below both", "calibration / fwd+bwd"], rows),
+        "", "![quality against memory](results/byte_frontier.png)",
+    ]
 
 
 def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
@@ -408,6 +438,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "python benchmarks/ratequant_quality.py --budget-unit true --quantizers Q --budgets B --groups 64 128 (kivi) | "
      "16 32 (token, rotated) --tag bytes_Q-B  # Qwen: --model qwen2.5-coder-0.5b --calib-data pydoc --eval-data pydoc",
      byte_budgets),
+    ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", "byte_frontier.json",
+     "python benchmarks/byte_frontier.py --configs-from DIR  # DIR: the bytes_Q-B runs' configs", byte_frontier),
     ("Calibration memory", "calibration_memory.json",
      "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m", calibration_memory),
     ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated]",
@@ -433,7 +465,7 @@ def cited_files() -> set[str]:
     names |= {f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")}
     names |= set(DOMAIN_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
-    names |= {"field_frontier.png", "memory.png"}
+    names |= {"field_frontier.png", "memory.png", "byte_frontier.png"}
     for folder in KEPT_FOLDERS:
         for root, _, files in os.walk(os.path.join(RESULTS_DIR, folder)):
             names |= {os.path.relpath(os.path.join(root, f), RESULTS_DIR) for f in files}
@@ -442,6 +474,7 @@ def cited_files() -> set[str]:
 
 README = os.path.join(os.path.dirname(HERE), "README.md")
 HEADLINE = ("<!-- results:headline -->", "<!-- /results:headline -->")
+FRONTIER_BLOCK = ("<!-- results:bytes -->", "<!-- /results:bytes -->")
 HEADLINE_METHODS = ("full precision (DynamicCache)", "QuantizedCache quanto 2-bit", "QuantizedCache hqq 2-bit",
                     "QuantizedCache quanto 4-bit", "QuantizedCache hqq 4-bit")
 
@@ -510,6 +543,25 @@ def models_table() -> list[str]:
                    "KL", "ppl gap recovered", "MiB @ 4k tokens: fixed / RateQuant (16-bit)"], rows)
 
 
+def frontier_headline(d: dict) -> list[str]:
+    """The README's bytes table: at each budget the lowest-KL RateQuant design against the lowest-KL other cache
+    (fixed configuration of any design, or `QuantizedCache`) holding no more bytes; then the plot."""
+    ok = [p for p in d["points"] if p["kl"] is not None and p["error"] is None and p["family"] != "full"]
+    rows = []
+    for budget in sorted({p["budget"] for p in ok if p["family"] == "ratequant"}):
+        rq = min((p for p in ok if p["family"] == "ratequant" and p["budget"] == budget), key=lambda p: p["kl"])
+        other = min((p for p in ok if p["family"] != "ratequant" and p["mib"] <= rq["mib"] + 1e-9),
+                    key=lambda p: p["kl"], default=None)
+        cells = ["none fits", "-"] if other is None else [
+            f"{other['method']}: {other['perplexity']:.3f} / {other['kl']:.4f} ({other['mib']:.2f})",
+            f"{rq['kl'] / other['kl'] - 1:+.0%}" if other["kl"] > 0 else "-"]
+        rows.append([f"{budget:g}", f"{rq['design']}: **{rq['perplexity']:.3f} / {rq['kl']:.4f}** ({rq['mib']:.2f})",
+                     *cells])
+    return [*_table(["true bits", "RateQuant, best design: ppl / KL (MiB)",
+                     "best other cache of no more MiB: ppl / KL (MiB)", "KL"], rows),
+            "", "![quality against memory](benchmarks/results/byte_frontier.png)"]
+
+
 def _replace_block(text: str, markers: tuple[str, str], lines: list[str]) -> str:
     start, end = (text.index(m) for m in markers)
     return text[:start] + "\n".join([markers[0], *lines, markers[1]]) + text[end + len(markers[1]):]
@@ -518,6 +570,7 @@ def _replace_block(text: str, markers: tuple[str, str], lines: list[str]) -> str
 def render_readme(readme: str) -> str:
     """`readme` with the blocks between the HEADLINE and MODELS_BLOCK markers replaced by the current tables."""
     readme = _replace_block(readme, HEADLINE, headline(_load("field_comparison.json")))
+    readme = _replace_block(readme, FRONTIER_BLOCK, frontier_headline(_load("byte_frontier.json")))
     return _replace_block(readme, MODELS_BLOCK, models_table())
 
 

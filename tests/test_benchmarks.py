@@ -52,6 +52,8 @@ SHARED_FLAGS = ("--quantizer", "--group-size", "--residual-length", "--sink-leng
 # that default to a calibration setting in that script only (elsewhere `--samples 8` is a deliberately smaller run).
 EXPECTED = {
     "allocation_neighbourhood": dict(seq_len=CALIBRATION.seq_len, samples=CALIBRATION.n_samples),
+    "byte_frontier": dict(b_min=CALIBRATION.b_min, b_max=CALIBRATION.b_max, window=EVALUATION.window,
+                          windows=EVALUATION.n_windows, chunk=EVALUATION.chunk),
     "calibration_scaling": dict(quantizer=LAYOUT.quantizer, budget=CALIBRATION.budget),
     "calibration_speed": dict(quantizer=LAYOUT.quantizer, budget=CALIBRATION.budget, seq_len=CALIBRATION.seq_len,
                               sink_length=LAYOUT.sink_length, samples=CALIBRATION.n_samples,
@@ -231,6 +233,49 @@ def test_memory_per_unit_group_row_holds_the_arithmetic(bench_modules):
         rows = memory.measure(states, config, layout, memory.reference_bytes(states, config))
         (grouped,) = [r for r in rows if r.allocation.endswith("per-unit groups")]
         assert grouped.true_bits == 2.5 and abs(grouped.nbytes - grouped.arithmetic) <= 2
+
+
+def test_byte_frontier_lists_every_fixed_configuration_at_its_true_rate(bench_modules):
+    from transformers import LlamaConfig
+
+    from hf_ratequant.footprint import true_bits_per_element
+
+    frontier = bench_modules("byte_frontier")
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    for design in ("kivi", "rotated"):
+        listed = frontier.fixed_configs(config, design, 2.0, 5.0, 1, 6)
+        names = [name for name, _, _ in listed]
+        assert len(set(names)) == len(names)
+        for name, cfg, true in listed:
+            assert abs(true - true_bits_per_element(cfg, 64)) < 1e-9 and 2.0 <= true <= 5.0, name
+            kb, vb = cfg.bits_tensor()[0, 0].tolist()
+            kg, vg = cfg.groups_tensor(64)[0, 0].tolist()
+            assert abs(kb - vb) <= 1 and (design == "kivi" or kg == vg), name
+        groups = {tuple(cfg.groups_tensor(64)[0, 0].tolist()) for _, cfg, _ in listed}
+        assert groups == ({(k, v) for k in (32, 64, 128) for v in (32, 64)} if design == "kivi"
+                          else {(g, g) for g in (16, 32, 64)})
+    assert any(name == "kivi K2g128V2g64" for name, _, _ in frontier.fixed_configs(config, "kivi", 2.0, 5.0, 1, 6))
+
+
+def test_byte_frontier_checks_compare_with_what_fits_in_the_bytes(bench_modules):
+    frontier = bench_modules("byte_frontier")
+    P = frontier.Point
+
+    def pt(name, family, mib, kl, true=None, budget=None):
+        return P(name, family, "kivi" if family in ("fixed", "ratequant") else None, true_bits=true, budget=budget,
+                 mib=mib, perplexity=10 + kl, kl=kl, window_nll=[kl, 2 * kl], window_kl=[kl, 2 * kl])
+
+    points = [pt("rq", "ratequant", 10.0, 0.010, 2.9, 3.0), pt("cheap", "fixed", 9.0, 0.020, 2.75),
+              pt("dear but good", "fixed", 10.5, 0.001, 3.0), pt("same bits", "fixed", 10.4, 0.015, 3.0),
+              pt("hqq", "hqq", 12.0, 0.0001)]
+    (v,) = frontier.verdicts(points)
+    assert v["checks"]["fixed, bytes held <="]["best"] == "cheap" and v["checks"]["fixed, bytes held <="]["below"]
+    assert v["checks"]["fixed, true bits <="]["best"] == "dear but good"
+    assert not v["checks"]["fixed, true bits <="]["below"]
+    assert v["checks"]["QuantizedCache, bytes held <="] is None
+    xs, ys = frontier._envelope([p for p in points if p.family != "ratequant"], "kl")
+    assert xs == sorted(xs) and ys == sorted(ys, reverse=True) and ys[-1] == 0.0001
 
 
 # ---- the results writer -------------------------------------------------------------------------------------------
