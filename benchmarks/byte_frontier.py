@@ -54,6 +54,8 @@ from _common import (
     time_fwd_bwd,
     write_results,
 )
+from field_comparison import cache_bytes, quantized_cache
+from ratequant_quality import evaluate, paired
 
 logger = logging.getLogger("benchmarks.byte_frontier")
 
@@ -114,17 +116,6 @@ def fixed_configs(model_config, design: str, min_true: float, max_true: float, b
     return out
 
 
-def quantized_cache(model_config, backend: str, bits: int, group: int, residual: int):
-    def make():
-        from transformers import QuantizedCache
-
-        axis = 0 if backend == "quanto" else 1  # the axes transformers' documentation uses for each backend
-        return QuantizedCache(backend=backend, config=model_config, nbits=bits, axis_key=axis, axis_value=axis,
-                              q_group_size=group, residual_length=residual)
-
-    return make
-
-
 def _matches(cfg, design: str, budget: float, b_min: int, b_max: int) -> str | None:
     """Why a saved config is not the one this run would calibrate (None: it is)."""
     from hf_ratequant.config import CacheLayout
@@ -181,8 +172,6 @@ def option_histogram(cfg) -> str:
 def quantized_cache_mib(make, states) -> float:
     """Mean MiB a `QuantizedCache` holds after a prefill of MEMORY_TOKENS[0] tokens and each decode step up to
     MEMORY_TOKENS[1] (its residual grows token by token between two re-quantizations)."""
-    from field_comparison import cache_bytes
-
     start, stop = MEMORY_TOKENS
     cache = make()
     sizes = []
@@ -214,14 +203,6 @@ def long_states(model, tok, eval_data) -> list[tuple[torch.Tensor, torch.Tensor]
 # ---- the checks ---------------------------------------------------------------------------------------------------
 
 
-def _paired(a: Point, b: Point, metric: str) -> tuple[float, float | None]:
-    xs, ys = (a.window_nll, b.window_nll) if metric == "nll" else (a.window_kl, b.window_kl)
-    d = [x - y for x, y in zip(xs, ys)]
-    mean = sum(d) / len(d)
-    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else None
-    return mean, se
-
-
 def verdicts(points: list[Point]) -> list[dict]:
     """Per RateQuant point, the best (lowest-KL) competitor of each kind that fits in its bytes."""
     ok = [p for p in points if p.kl is not None and p.error is None]
@@ -240,7 +221,7 @@ def verdicts(points: list[Point]) -> list[dict]:
             if best is None:
                 entry["checks"][what] = None
                 continue
-            dkl, se = _paired(r, best, "kl")
+            dkl, se = paired(r, best, "kl")
             entry["checks"][what] = dict(best=best.method, kl=best.kl, perplexity=best.perplexity, mib=best.mib,
                                          below=r.kl < best.kl, d_kl=dkl, d_kl_se=se)
         out.append(entry)
@@ -418,8 +399,6 @@ def main(argv=None) -> int:
         with open(args.from_json, encoding="utf-8") as f:
             print(write_report(json.load(f), args.output_dir))
         return 0
-    from ratequant_quality import evaluate
-
     from hf_ratequant.config import ModelFingerprint
     from hf_ratequant.data import load_text, text_fingerprint, tokenize_windows
     from hf_ratequant.evaluation import evaluation_windows, reference_logprobs
