@@ -422,3 +422,33 @@ def test_validation_shares_the_exact_start_of_its_windows_without_changing_a_sco
     alone = calibrate(model, WordTokenizer(), [corpus(4000)], **kwargs)
     assert alone.calibration["validation_kl"] == shared.calibration["validation_kl"]
     assert alone.calibration["winner"] == shared.calibration["winner"]
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_value_errors_of_every_width_in_one_call_equal_one_call_each(model, implementation):
+    """Attention is linear in the values: every bit-width's value error measured in one call (values of n x
+    head_dim channels) equals measuring them one call each, which an attention that refuses such values falls
+    back to."""
+    from hf_ratequant.distortion import output_distortion
+    from hf_ratequant.quantizers import get_quantizer
+
+    model.set_attn_implementation(implementation)
+    try:
+        ids = torch.randint(0, len(WORDS), (2, 64), generator=torch.Generator().manual_seed(5))
+        attend, keys, values, g, n = capture_states(model, ids, residual_length=8, group_size=8, attention=True)[1][4]
+    finally:
+        model.set_attn_implementation("sdpa")
+    calls = []
+
+    def narrow(k, v):  # as a kernel that needs the values' channels to equal the queries'
+        calls.append(v.shape[-1])
+        if v.shape[-1] != k.shape[-1]:
+            raise RuntimeError("value head_dim must equal query head_dim")
+        return attend(k, v)
+
+    q = get_quantizer("kivi", 8)
+    one_call = output_distortion(attend, keys, values, g, n, q, [1, 2, 3, 4], ("value",))
+    each = output_distortion(narrow, keys, values, g, n, q, [1, 2, 3, 4], ("value",))
+    assert calls == [32, 4 * 32, 32, 32, 32, 32]  # base, the refused batched call, then one per width
+    assert torch.isinf(one_call[:, 0]).all() and torch.isfinite(one_call[:, 1]).all()
+    torch.testing.assert_close(one_call, each, rtol=1e-5, atol=0)
