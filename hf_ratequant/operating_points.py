@@ -16,6 +16,10 @@ costs one more code bit than the last and the distortion falls exponentially in 
   budget exactly, otherwise a dynamic program over the running total rate, over every Pareto option (an option
   above the hull can be the optimum when the budget is tight). Rates are integers: pass rates in a unit that makes
   them exact, e.g. bits per block of elements (see [`integer_rates`]).
+- [`allocate_blocks`]: the same when units come in blocks that each pick a *mode* first: a mode restricts the
+  options of the block's units and costs the block an extra rate (a layer whose keys use larger token groups keeps
+  a longer full-precision window). Exact too: each block's Pareto frontier over its modes and its units' options,
+  then [`allocate_rate`] over the blocks.
 
 Pure functions, deterministic, float64 on CPU; no model, no I/O.
 """
@@ -27,7 +31,7 @@ from fractions import Fraction
 
 import torch
 
-__all__ = ["allocate_rate", "hull_path", "integer_rates", "lower_hull", "pareto_options", "total_rate"]
+__all__ = ["allocate_blocks", "allocate_rate", "block_frontier", "hull_path", "integer_rates", "lower_hull", "pareto_options", "total_rate"]
 
 _MAX_CAPACITY = 1 << 26  # the dynamic program's running totals: a budget past this is a unit mistake
 
@@ -131,14 +135,16 @@ def _dynamic_program(rates: torch.Tensor, distortion: torch.Tensor, budget: int)
     cost[0] = 0.0
     picks = torch.empty(n_units, budget + 1, dtype=torch.long)
     for u in range(n_units):
-        options = pareto_options(rates[u], distortion[u])
-        shifted = torch.full((len(options), budget + 1), math.inf, dtype=torch.float64)
-        for j, o in enumerate(options):
+        best = torch.full((budget + 1,), math.inf, dtype=torch.float64)
+        pick = torch.zeros(budget + 1, dtype=torch.long)
+        for o in pareto_options(rates[u], distortion[u]):  # cheapest first: on ties the cheaper option stays
             r = int(rates[u, o])
             if r <= budget:
-                shifted[j, r:] = cost[: budget + 1 - r] + float(distortion[u, o])
-        cost, best = shifted.min(0)  # first minimum: the cheaper option on ties
-        picks[u] = torch.tensor(options, dtype=torch.long)[best]
+                shifted = cost[: budget + 1 - r] + float(distortion[u, o])
+                better = shifted < best[r:]
+                best[r:] = torch.where(better, shifted, best[r:])
+                pick[r:] = torch.where(better, o, pick[r:])
+        cost, picks[u] = best, pick
     if not math.isfinite(float(cost.min())):
         raise AssertionError("unreachable: the cheapest allocation was checked to fit")
     total = int(torch.argmin(cost))  # the least total rate among the best
@@ -188,6 +194,101 @@ def allocate_rate(rates: torch.Tensor, distortion: torch.Tensor, budget: int) ->
         raise ValueError(f"budget {budget} is too large for the exact program (at most {_MAX_CAPACITY}); express "
                          "rates in a coarser unit.")
     return _dynamic_program(rates, distortion, budget)
+
+
+def block_frontier(rates: torch.Tensor, distortion: torch.Tensor, modes: list[tuple[torch.Tensor, int]]
+                   ) -> tuple[list[int], list[float], list[tuple[int, torch.Tensor]]]:
+    """The Pareto frontier of one block of units over its modes: every (total rate, total distortion) no other
+    choice of mode and options beats, with the choice that reaches it.
+
+    Args:
+        rates, distortion (`torch.Tensor`): `(n_units, n_options)` of the block's units, as for [`allocate_rate`].
+        modes (`list[tuple[torch.Tensor, int]]`): per mode, a `(n_units, n_options)` bool mask of the options it
+            allows and the extra (integer) rate the block pays in it.
+
+    Returns:
+        `(totals, distortions, choices)`, in increasing rate and strictly decreasing distortion; `choices[i]` is
+        `(mode, options)` with `options` the `(n_units,)` option per unit.
+    """
+    rates, distortion = _check(rates, distortion)
+    points: list[tuple[int, float, int, torch.Tensor]] = []
+    for m, (allowed, extra) in enumerate(modes):
+        d = torch.where(torch.as_tensor(allowed, dtype=torch.bool), distortion, math.inf)
+        if not bool(torch.isfinite(d).any(1).all()):
+            continue  # some unit has no option this mode allows
+        top = int(rates.where(torch.isfinite(d), 0).max(1).values.sum())
+        cost = torch.full((top + 1,), math.inf, dtype=torch.float64)  # best distortion at each exact total
+        cost[0] = 0.0
+        picks = torch.empty(rates.shape[0], top + 1, dtype=torch.long)
+        for u in range(rates.shape[0]):
+            options = pareto_options(rates[u], d[u])
+            shifted = torch.full((len(options), top + 1), math.inf, dtype=torch.float64)
+            for j, o in enumerate(options):
+                r = int(rates[u, o])
+                shifted[j, r:] = cost[: top + 1 - r] + float(d[u, o])
+            cost, best = shifted.min(0)
+            picks[u] = torch.tensor(options, dtype=torch.long)[best]
+        for total in torch.isfinite(cost).nonzero().flatten().tolist():
+            choice, left = torch.empty(rates.shape[0], dtype=torch.long), total
+            for u in range(rates.shape[0] - 1, -1, -1):
+                choice[u] = picks[u, left]
+                left -= int(rates[u, choice[u]])
+            points.append((total + int(extra), float(cost[total]), m, choice))
+    if not points:
+        raise ValueError("no mode of the block allows an option for every unit.")
+    totals, dists, choices = [], [], []
+    for total, dist, m, choice in sorted(points, key=lambda p: (p[0], p[1], p[2])):
+        if not dists or dist < dists[-1]:
+            totals.append(total)
+            dists.append(dist)
+            choices.append((m, choice))
+    return totals, dists, choices
+
+
+def allocate_blocks(rates: torch.Tensor, distortion: torch.Tensor, blocks: list[list[int]],
+                    modes: list[list[tuple[torch.Tensor, int]]], budget: int) -> tuple[torch.LongTensor, list[int]]:
+    """The option per unit and the mode per block minimising the total distortion with the total rate (the
+    units' options plus every block's mode rate) at most `budget`, exactly.
+
+    Args:
+        rates, distortion (`torch.Tensor`): `(n_units, n_options)`, as for [`allocate_rate`].
+        blocks (`list[list[int]]`): the units of each block; every unit in exactly one.
+        modes (`list[list[tuple[torch.Tensor, int]]]`): per block, its modes as [`block_frontier`] takes them (masks
+            over the block's units, in the order `blocks` lists them).
+        budget (`int`): the most total rate.
+
+    Returns:
+        `(choice, block_modes)`: the `(n_units,)` option of every unit and the mode of every block.
+
+    Example:
+        >>> rates = torch.tensor([[2, 3], [2, 3]])
+        >>> one = torch.ones(1, 2, dtype=torch.bool)
+        >>> cheap_only = torch.tensor([[True, False]])
+        >>> allocate_blocks(rates, torch.tensor([[4.0, 1.0], [4.0, 2.0]]), [[0], [1]],
+        ...                 [[(one, 1)], [(cheap_only, 0), (one, 1)]], budget=6)
+        (tensor([1, 0]), [0, 0])
+    """
+    rates, distortion = _check(rates, distortion)
+    units = sorted(u for block in blocks for u in block)
+    if units != list(range(rates.shape[0])) or len(modes) != len(blocks):
+        raise ValueError(f"blocks must list every one of the {rates.shape[0]} units exactly once and modes give one "
+                         f"list per block (got {len(blocks)} blocks, {len(modes)} mode lists).")
+    fronts = [block_frontier(rates[block], distortion[block], block_modes) for block, block_modes in
+              zip(blocks, modes)]
+    width = max(len(f[0]) for f in fronts)
+    outer_rates = torch.zeros(len(blocks), width, dtype=torch.long)
+    outer_dist = torch.full((len(blocks), width), math.inf, dtype=torch.float64)
+    for b, (totals, dists, _) in enumerate(fronts):
+        outer_rates[b, : len(totals)] = torch.tensor(totals, dtype=torch.long)
+        outer_dist[b, : len(dists)] = torch.tensor(dists, dtype=torch.float64)
+    picked = allocate_rate(outer_rates, outer_dist, budget)
+    choice = torch.empty(rates.shape[0], dtype=torch.long)
+    block_modes = []
+    for b, (block, (_, _, choices)) in enumerate(zip(blocks, fronts)):
+        m, options = choices[int(picked[b])]
+        choice[block] = options
+        block_modes.append(m)
+    return choice, block_modes
 
 
 def integer_rates(rates: torch.Tensor, max_denominator: int = 1024) -> tuple[torch.LongTensor, int]:

@@ -8,7 +8,9 @@ import torch
 
 from hf_ratequant.allocation import allocate_bits
 from hf_ratequant.operating_points import (
+    allocate_blocks,
     allocate_rate,
+    block_frontier,
     hull_path,
     integer_rates,
     lower_hull,
@@ -138,3 +140,83 @@ def test_a_real_size_problem_is_fast():
     choice = allocate_rate(rates, distortion, round(3.0 * 90 * scale) + 1)
     assert time.perf_counter() - start < 5.0
     assert total_rate(rates, choice) <= round(3.0 * 90 * scale) + 1
+
+
+def _block_problem(seed):
+    """Units in blocks of 2 or 3; each block has 1-3 modes, each allowing a random subset of options (always at
+    least option 0) at an extra rate of 0-3."""
+    g = torch.Generator().manual_seed(100 + seed)
+    rates, distortion = _problem(seed, n_units=4 + seed % 2, n_options=3)
+    blocks = [[0, 1], list(range(2, rates.shape[0]))]
+    modes = []
+    for block in blocks:
+        block_modes = []
+        for _ in range(1 + int(torch.randint(0, 3, (1,), generator=g))):
+            allowed = torch.rand(len(block), rates.shape[1], generator=g) < 0.6
+            allowed[:, 0] = True
+            block_modes.append((allowed, int(torch.randint(0, 4, (1,), generator=g))))
+        modes.append(block_modes)
+    return rates, distortion, blocks, modes
+
+
+def _brute_force_blocks(rates, distortion, blocks, modes, budget):
+    best = (math.inf, math.inf)
+    for mode_choice in itertools.product(*[range(len(m)) for m in modes]):
+        allowed = torch.zeros_like(distortion, dtype=torch.bool)
+        extra = 0
+        for block, block_modes, m in zip(blocks, modes, mode_choice):
+            allowed[block] = block_modes[m][0]
+            extra += block_modes[m][1]
+        d = torch.where(allowed, distortion, math.inf)
+        if not bool(torch.isfinite(d).any(1).all()):
+            continue
+        best = min(best, (lambda r: (r[0], r[1] + extra))(_brute_force(rates, d, budget - extra)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_blocks_with_modes_exact_against_brute_force(seed):
+    """A mode per block (an extra rate, a subset of options) and an option per unit: the exact optimum at every
+    budget, against trying every mode and every allocation."""
+    rates, distortion, blocks, modes = _block_problem(seed)
+    for budget in range(0, int(rates.max()) * rates.shape[0] + 8):
+        best_d, best_r = _brute_force_blocks(rates, distortion, blocks, modes, budget)
+        if not math.isfinite(best_d):
+            with pytest.raises(ValueError, match="below the cheapest"):
+                allocate_blocks(rates, distortion, blocks, modes, budget)
+            continue
+        choice, picked = allocate_blocks(rates, distortion, blocks, modes, budget)
+        total = total_rate(rates, choice) + sum(modes[b][m][1] for b, m in enumerate(picked))
+        for block, m in zip(blocks, picked):  # every unit's option is one its block's mode allows
+            assert bool(modes[blocks.index(block)][m][0][torch.arange(len(block)), choice[block]].all())
+        d = float(distortion.gather(1, choice[:, None]).sum())
+        assert total <= budget
+        assert math.isclose(d, best_d, rel_tol=1e-12, abs_tol=1e-12), (budget, d, best_d)
+        assert total == best_r
+
+
+def test_one_free_mode_is_allocate_rate():
+    """One mode allowing everything at no extra rate: the same allocation as [`allocate_rate`]."""
+    rates, distortion = _problem(4, n_units=6, n_options=5)
+    everything = torch.ones(3, 5, dtype=torch.bool)
+    for budget in range(int(rates.min(1).values.sum()), int(rates.max(1).values.sum()) + 1):
+        choice, _ = allocate_blocks(rates, distortion, [[0, 1, 2], [3, 4, 5]], [[(everything, 0)]] * 2, budget)
+        expected = allocate_rate(rates, distortion, budget)
+        assert float(distortion.gather(1, choice[:, None]).sum()) == pytest.approx(
+            float(distortion.gather(1, expected[:, None]).sum()), rel=1e-12)
+
+
+def test_block_frontier_is_pareto():
+    rates, distortion, blocks, modes = _block_problem(5)
+    totals, dists, _ = block_frontier(rates[blocks[1]], distortion[blocks[1]], modes[1])
+    assert totals == sorted(totals) and len(set(totals)) == len(totals)
+    assert all(a > b for a, b in zip(dists, dists[1:]))
+
+
+def test_blocks_bad_input():
+    rates, distortion = torch.tensor([[1, 2], [1, 2]]), torch.tensor([[1.0, 0.5], [1.0, 0.5]])
+    every = torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="exactly once"):
+        allocate_blocks(rates, distortion, [[0]], [[(every, 0)]], 4)
+    with pytest.raises(ValueError, match="no mode"):
+        allocate_blocks(rates, distortion, [[0], [1]], [[(every, 0)], [(torch.zeros(1, 2, dtype=torch.bool), 0)]], 4)
