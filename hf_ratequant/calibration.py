@@ -46,10 +46,17 @@ from .data import load_text, text_fingerprint, tokenize_windows
 from .distortion import CurveFit, fisher_distortion, fit_curves, output_distortion
 from .distributed import Processes
 from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
-from .footprint import code_budget
+from .footprint import REPORT_TOKENS, code_budget
 from .memory_guard import OutOfCalibrationMemory, available_bytes, saved_memory_limit
 from .models import last_hidden_states, output_head
-from .options import OptionGrid, fixed_option_candidates, measuring_quantizers, option_candidates, option_table
+from .options import (
+    OptionGrid,
+    fixed_option_candidates,
+    measuring_quantizers,
+    option_candidates,
+    option_table,
+    window_costs,
+)
 from .quantizers import Quantizer, get_quantizer
 from .record import CalibrationRecord, measure_description
 from .settings import BUDGET_UNITS, DEFAULT_SINK_TOKENS, MEASURES, CacheLayout, CalibrationSettings, split_settings
@@ -632,11 +639,13 @@ def measure_units(
 
 def calibration_candidates(
     distortion: torch.Tensor, settings: CalibrationSettings, fingerprint: ModelFingerprint,
-    measured: Measurement | None = None, true_budget: float | None = None,
+    measured: Measurement | None = None, true_budget: float | None = None, layout: CacheLayout | None = None,
 ) -> list[Candidate]:
     """What validation races first: the [`allocation_candidates`], then every fixed split of the budget. With a
     measurement over (bits, group) options and the `true_budget` (true bits per element) it stands for, also the
-    exact allocations over the options and every fixed (bits, group) pair of the same bytes."""
+    exact allocations over the options and every fixed (bits, group) pair of the same bytes; with the `layout`,
+    the bytes include the longer window of layers whose keys take larger token groups, at [`REPORT_TOKENS`]
+    tokens ([`options.window_costs`])."""
     s = settings
     out = (allocation_candidates(distortion, s.bit_grid, s.budget)
            + fixed_candidates(fingerprint.num_layers, fingerprint.num_kv_heads, s.budget, s.b_min, s.b_max))
@@ -644,8 +653,10 @@ def calibration_candidates(
         if true_budget is None:
             raise ValueError("A measurement over group sizes is allocated under a budget in true bits per element: "
                              "pass true_budget.")
-        out += option_candidates(measured.options, measured.grid, true_budget, KEY_WEIGHTS)
-        out += fixed_option_candidates(measured.grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads)
+        charges = None if layout is None else window_costs(measured.grid, layout, fingerprint, REPORT_TOKENS)
+        out += option_candidates(measured.options, measured.grid, true_budget, KEY_WEIGHTS, charges)
+        out += fixed_option_candidates(measured.grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads,
+                                       charges)
     return out
 
 
@@ -745,6 +756,7 @@ def calibration_record(
         true_budget=true_budget, group_grid=list(measured.grid.groups) if measured.grid else [],
         candidate_groups={c.name: c.groups.tolist() for c in candidates
                           if c.family != "fixed" and c.groups is not None},
+        window_tokens=REPORT_TOKENS if measured.grid is not None and len(measured.grid.flush_blocks()) > 1 else None,
     )
 
 
@@ -806,7 +818,7 @@ def calibrate(
     data = load_calibration_data(tokenizer, data, layout, settings, fp, procs)
     measured = measure_units(model, data.fit, layout, settings, processes=procs, progress=progress)
     fit = fit_curves(measured.distortion, settings.bit_grid)
-    candidates = calibration_candidates(measured.distortion, settings, fp, measured, true_bits)
+    candidates = calibration_candidates(measured.distortion, settings, fp, measured, true_bits, layout)
     t0, race = time.perf_counter(), None
     if len(data.validation):
         race = validate_candidates(model, data.validation, candidates, measured.distortion, layout, settings, fp,

@@ -109,7 +109,16 @@ def _memory_lines(config: RateQuantConfig) -> list[str]:
     return [f"Storage: {config.average_bits:.4g} average code bits, {true_bits:.4g} bits per stored element with the "
             f"16-bit scales and zero-points; at {REPORT_TOKENS} tokens a bf16/fp16 model's cache holds "
             f"{f.total / 2**20:.2f} MiB against {f.bytes_16bit / 2**20:.2f} MiB at 16 bits ({f.vs_16bit:.3f}x, the "
-            f"full-precision window and sinks included).", "", *_group_lines(config)]
+            f"full-precision window and sinks included).{_window_sentence(config)}", "", *_group_lines(config)]
+
+
+def _window_sentence(config: RateQuantConfig) -> str:
+    tokens = (config.calibration or {}).get("window_tokens")
+    if not tokens:
+        return ""
+    return (f" The calibration budget of {config.calibration['true_budget']:g} true bits per element also paid for "
+            f"the longer full-precision window of layers whose keys use larger token groups, counted at {tokens} "
+            "tokens.")
 
 
 def _group_lines(config: RateQuantConfig) -> list[str]:

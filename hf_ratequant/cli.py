@@ -312,8 +312,10 @@ def _print_calibration(config: Any, model: Any) -> None:
         line += (f"; {true_bits_per_element(config, fingerprint.head_dim, model.dtype):.4g} with this "
                  f"{str(model.dtype).replace('torch.', '')} model's")
     print(line + ")")
-    if all(t == "full_attention" for t in fingerprint.layer_types):
-        _print_footprint(config, fingerprint, model.dtype, REPORT_TOKENS)
+    if info.get("window_tokens"):
+        print(f"the budget of {info['true_budget']:g} true bits also paid for the longer full-precision window of "
+              f"layers whose keys take larger token groups, at {info['window_tokens']} tokens")
+    _print_footprint(config, fingerprint, model.dtype, REPORT_TOKENS)
 
 
 # ---- push ----------------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ __all__ = [
     "option_rates",
     "true_bits_per_element",
     "unit_bits_per_element",
+    "window_growth",
 ]
 
 
@@ -153,6 +154,35 @@ def flush_block(config: RateQuantConfig, layer: int) -> int:
             if q.group_axis(kind) == "tokens":  # a 16-bit unit has no groups
                 blocks += [g for g, b in zip(groups[layer], bits[layer]) if b != KEEP_BITS]
     return math.lcm(*blocks)
+
+
+def window_growth(layout, fingerprint: ModelFingerprint, layer: int, block: int, tokens: int = REPORT_TOKENS,
+                  window_bits: int = 16) -> float:
+    """What releasing the window in blocks of `block` tokens instead of G costs a layer, in bits per quantized
+    element of one unit, summed over the layer's units (its keys and values of every kv-head).
+
+    A layer whose keys are grouped over more tokens than G releases its full-precision window in whole blocks of the
+    largest group ([`flush_block`]), so it holds on average `(block - G) / 2` more window tokens, at `window_bits`
+    each (16: a bf16/fp16 cache). Averaged over the contexts `tokens .. tokens + block - 1` and divided by the
+    quantized tokens the layer holds there with blocks of G (a sliding-window layer holds fewer, so its window weighs
+    more). An upper bound: the tokens kept in the window are not also counted out of the quantized part.
+
+    Args:
+        layout: anything with `group_size`, `residual_length` and `sink_length` (a [`CacheLayout`] or a config).
+        fingerprint ([`ModelFingerprint`]): the model (kv-heads, layer types and windows).
+        layer (`int`), block (`int`): the layer and the tokens its window releases at a time.
+        tokens (`int`, *optional*, defaults to [`REPORT_TOKENS`]): the context the bytes are counted at.
+    """
+    if block % layout.group_size:
+        raise ValueError(f"block={block} must be a multiple of group_size={layout.group_size}.")
+    window = fingerprint.window(fingerprint.layer_types[layer])
+    extra = quantized = 0
+    for t in range(tokens, tokens + block):
+        quantized += _held_tokens(t, window, layout, layout.group_size)[0]
+        extra += _held_tokens(t, window, layout, block)[2] - _held_tokens(t, window, layout, layout.group_size)[2]
+    if quantized == 0:
+        return 0.0 if extra == 0 else math.inf
+    return extra * window_bits * 2 * fingerprint.num_kv_heads / quantized
 
 
 def code_budget(true_bits: float, quantizer: str, group_size: int, head_dim: int, b_min: int, b_max: int) -> float:

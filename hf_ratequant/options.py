@@ -10,6 +10,12 @@ through the real cache against every fixed (bits, group) pair of keys and values
 
 - [`OptionGrid`]: the options of each kind: the group sizes that fit it (the layout's own always among them) times
   the bit grid, with their true rates.
+
+The budget counts every byte a layer's choice costs: a layer whose keys are grouped over more tokens than G
+releases its full-precision window in whole groups of the largest, so it keeps a longer window
+([`footprint.window_growth`], at the context [`footprint.REPORT_TOKENS`]). Each layer picks a *flush block*
+([`OptionGrid.flush_blocks`]) that its key token groups must divide and pays its window's growth, and the exact
+allocation runs over layers ([`operating_points.allocate_blocks`]).
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ from dataclasses import dataclass
 import torch
 
 from .allocation import Candidate
-from .footprint import option_groups, option_rates
-from .operating_points import allocate_rate, integer_rates
+from .footprint import option_groups, option_rates, window_growth
+from .operating_points import allocate_blocks, allocate_rate, integer_rates
 from .quantizers import Quantizer, get_quantizer
 from .quantizers.base import KINDS
 from .settings import CacheLayout
 
-__all__ = ["OptionGrid", "fixed_option_candidates", "measuring_quantizers", "option_candidates", "option_table"]
+__all__ = ["OptionGrid", "fixed_option_candidates", "measuring_quantizers", "option_candidates", "option_table",
+           "window_costs"]
+
+WINDOW_GRID = 16
+"""A layer's window growth is charged in whole 1/16 bits per element (summed over its units), rounded up: the
+exact allocation needs integer rates, and rounding up keeps the bytes within the budget."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,24 @@ class OptionGrid:
         """`(2, n_options)` true bits per element of every option, NaN where the kind cannot take it."""
         return option_rates(self.quantizer, list(self.groups), list(self.bit_grid),
                             {k: list(v) for k, v in self.usable.items()}, self.head_dim).reshape(2, -1)
+
+    def flush_blocks(self) -> tuple[int, ...]:
+        """The blocks a layer's window can release tokens in: G and every token group a kind can take (nested: each
+        divides the largest, so a layer's block is its largest token group)."""
+        q = get_quantizer(self.quantizer, self.group_size)
+        return tuple(sorted({self.group_size} | {g for kind in KINDS if q.group_axis(kind) == "tokens"
+                                                 for g in self.usable[kind]}))
+
+    def allowed(self, block: int) -> torch.Tensor:
+        """`(2, n_options)` bool: the options a unit of each kind can take in a layer releasing blocks of `block`
+        tokens (token groups dividing it; channel groups are free)."""
+        q = get_quantizer(self.quantizer, self.group_size)
+        out = torch.ones(2, self.n_options, dtype=torch.bool)
+        for k, kind in enumerate(KINDS):
+            if q.group_axis(kind) == "tokens":
+                for i in range(self.n_options):
+                    out[k, i] = block % self.option(i)[1] == 0
+        return out
 
     def token_block(self) -> int:
         """Tokens every option is measured on a multiple of: the least common multiple of the token groups."""
@@ -149,14 +178,45 @@ def _chosen(choice: torch.Tensor, grid: OptionGrid, shape: torch.Size) -> tuple[
     return bits, groups
 
 
+def window_costs(grid: OptionGrid, layout: CacheLayout, fingerprint, tokens: int) -> torch.Tensor:
+    """`(num_layers, n_blocks)`: what each layer pays, in bits per element summed over its units, for releasing its
+    window in each of `grid.flush_blocks()` ([`footprint.window_growth`] at `tokens` tokens)."""
+    return torch.tensor([[window_growth(layout, fingerprint, layer, block, tokens) for block in grid.flush_blocks()]
+                         for layer in range(fingerprint.num_layers)], dtype=torch.float64)
+
+
+def _allocate(int_rates: torch.Tensor, table: torch.Tensor, grid: OptionGrid, cap: int, heads: int,
+              charges: torch.Tensor | None) -> torch.Tensor:
+    """One exact allocation: over units when no layer pays for its window, else over layers and their blocks."""
+    if charges is None:
+        return allocate_rate(int_rates, table, cap)
+    per_layer = 2 * heads  # units run (layer, kv-head, K/V)
+    masks = [grid.allowed(block).repeat(heads, 1) for block in grid.flush_blocks()]
+    blocks = [list(range(layer * per_layer, (layer + 1) * per_layer)) for layer in range(charges.shape[0])]
+    modes = [[(mask, int(c)) for mask, c in zip(masks, row.tolist())] for row in charges]
+    return allocate_blocks(int_rates, table, blocks, modes, cap)[0]
+
+
+def _charged(charges: torch.Tensor | None, scale: int) -> tuple[torch.Tensor | None, int]:
+    """Charges in whole steps of a rate grid fine enough for them ([`WINDOW_GRID`]), rounded up, and the factor
+    the rates' own scale is multiplied by; `(None, 1)` when no layer can pay anything."""
+    if charges is None or not bool((charges > 0).any()):
+        return None, 1
+    factor = math.lcm(scale, WINDOW_GRID) // scale
+    return torch.ceil(charges * scale * factor - 1e-9).clamp_min(0).to(torch.long), factor
+
+
 def option_candidates(options: torch.Tensor, grid: OptionGrid, true_budget: float,
-                      key_weights: tuple[float, ...]) -> list[Candidate]:
+                      key_weights: tuple[float, ...], charges: torch.Tensor | None = None) -> list[Candidate]:
     """The exact allocations over every unit's options of at most `true_budget` true bits per element on average:
     `ratequant-options` on the measured table, and `ratequant-options-keys-xW` with the keys' distortion times W
-    (as `calibration.allocation_candidates` does for bits)."""
+    (as `calibration.allocation_candidates` does for bits). `charges` ([`window_costs`]): what a layer pays for
+    each flush block; the budget then covers them too (rounded up to 1/[`WINDOW_GRID`] bit)."""
     shape = options.shape[:3]
     dist, rate_rows = _unit_rows(options, grid.rates())
     int_rates, scale = integer_rates(torch.nan_to_num(rate_rows, nan=0.0))
+    steps, factor = _charged(charges, scale)
+    int_rates, scale = int_rates * factor, scale * factor
     cap = _capacity(true_budget, dist.shape[0], scale)
     tables = {"ratequant-options": dist}
     for w in key_weights:
@@ -165,24 +225,41 @@ def option_candidates(options: torch.Tensor, grid: OptionGrid, true_budget: floa
         tables[f"ratequant-options-keys-x{w:g}"] = weighted
     out = []
     for name, table in tables.items():
-        bits, groups = _chosen(allocate_rate(int_rates, table, cap), grid, shape)
+        bits, groups = _chosen(_allocate(int_rates, table, grid, cap, shape[1], steps), grid, shape)
         out.append(Candidate(name, "ratequant", bits, groups))
     return out
 
 
+FIXED_SLACK = 0.25
+"""With window charges a fixed configuration rarely spends the budget exactly: those up to this many bits per
+element below it race too."""
+
+
 def fixed_option_candidates(grid: OptionGrid, true_budget: float, num_layers: int,
-                            num_kv_heads: int) -> list[Candidate]:
+                            num_kv_heads: int, charges: torch.Tensor | None = None) -> list[Candidate]:
     """Every fixed configuration of exactly `true_budget` true bits per element that uses a group size other than
     the layout's: one (bits, group) option for all keys and one for all values, named like `"K2g64V2g64"` (the
-    layout's own fixed splits are `allocation.fixed_candidates`)."""
+    layout's own fixed splits are `allocation.fixed_candidates`). With `charges` ([`window_costs`]) its layers'
+    window growth counts too, and the configurations of at most the budget and at most [`FIXED_SLACK`] below it
+    race."""
     rates = grid.rates()
+    blocks = grid.flush_blocks()
+    charged = charges is not None and bool((charges > 0).any())
     out = []
     for ko in range(grid.n_options):
         for vo in range(grid.n_options):
             rk, rv = float(rates[0, ko]), float(rates[1, vo])
-            if math.isnan(rk) or math.isnan(rv) or not math.isclose((rk + rv) / 2, true_budget, abs_tol=1e-9):
+            if math.isnan(rk) or math.isnan(rv):
                 continue
             (kb, kg), (vb, vg) = grid.option(ko), grid.option(vo)
+            mean = (rk + rv) / 2
+            if charged:
+                block = min(b for b in blocks if bool(grid.allowed(b)[0, ko]) and bool(grid.allowed(b)[1, vo]))
+                mean += float(charges[:, blocks.index(block)].sum()) / (2 * num_layers * num_kv_heads)
+                if not true_budget - FIXED_SLACK - 1e-9 <= mean <= true_budget + 1e-9:
+                    continue
+            elif not math.isclose(mean, true_budget, abs_tol=1e-9):
+                continue
             if kg == grid.own["key"] and vg == grid.own["value"]:
                 continue
             shape = (num_layers, num_kv_heads)

@@ -23,9 +23,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RECORD_VERSION", "CalibrationRecord", "measure_description"]
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 """1: `record_version` and `families` added, the `kvq-beta4` comparison no longer among the `candidates`. 2:
-`true_budget`, `group_grid` and `candidate_groups` (calibration over group sizes)."""
+`true_budget`, `group_grid` and `candidate_groups` (calibration over group sizes). 3: `window_tokens` (the true
+budget counts the longer full-precision window of layers with larger key token groups)."""
 
 
 def measure_description(measure: str, residual_aware: bool) -> str:
@@ -36,7 +37,7 @@ def measure_description(measure: str, residual_aware: bool) -> str:
             + (", gradients through the quantized part of the cache only" if residual_aware else ""))
 
 
-_GROUP_FIELDS = ("true_budget", "group_grid", "candidate_groups")  # record version 2
+_GROUP_FIELDS = ("true_budget", "group_grid", "candidate_groups", "window_tokens")  # record versions 2 and 3
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class CalibrationRecord:
         true_budget (`float`, *optional*): the budget in true bits per element, when it was given so.
         group_grid (`list[int]`): the group sizes measured (empty: the layout's only).
         candidate_groups (`dict[str, list]`): the group sizes of the candidates that chose them.
+        window_tokens (`int`, *optional*): the context at which the true budget also counted the longer
+            full-precision window of layers whose keys chose larger token groups (see `footprint.window_growth`);
+            None where no unit could (or before version 3).
         record_version (`int`): the schema of the record; 0 for records written before versioning.
     """
 
@@ -90,6 +94,7 @@ class CalibrationRecord:
     true_budget: float | None = None
     group_grid: list[int] = field(default_factory=list)
     candidate_groups: dict[str, list] = field(default_factory=dict)
+    window_tokens: int | None = None
     record_version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:

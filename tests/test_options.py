@@ -157,9 +157,20 @@ def test_calibrate_over_groups_returns_a_stored_allocation_within_the_bytes(tmp_
     assert any(name.startswith("ratequant-options") for name in record["validation_kl"])
     assert any(name.endswith("g64") for name in record["validation_kl"])  # the fixed pairs of other groups raced
     assert true_bits_per_element(config, 64) <= 2.5 + 1e-9
+    # the bytes held at 4k tokens (a period of the largest group), window included, are within the budget's
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.footprint import cache_bytes
+
+    fp, plain = ModelFingerprint.from_model_config(model.config), RateQuantConfig.uniform(model.config, bits=2)
+    period = range(4096, 4096 + 128)
+    held = sum(cache_bytes(config, fp, t).total for t in period)
+    at_g = [cache_bytes(plain, fp, t) for t in period]  # 2 code bits at G = 32: 3 true bits
+    assert held <= sum(f.quantized * 2.5 / 3 + f.window + f.sinks for f in at_g)
+    assert record["window_tokens"] == 4096
     assert config.curves["option_distortion"].shape == (2, 2, 2, 3 * 6)
     card = model_card(config, "me/tiny-options")
     assert "Group sizes per unit" in card and "bits per stored element" in card
+    assert "longer full-precision window of layers whose keys use larger token groups, counted at 4096" in card
     config.save_pretrained(tmp_path)
     loaded = RateQuantConfig.from_pretrained(tmp_path)
     assert loaded.key_groups == config.key_groups and loaded.method == config.method
@@ -173,3 +184,75 @@ def test_groups_need_a_budget_in_true_bits_before_any_work():
         calibrate(_tiny(), _CharTokenizer(), data=None, budget=2.5, groups=(64,))
     with pytest.raises(ValueError, match=r"groups \[48\] fit neither kind"):
         calibrate(_tiny(), _CharTokenizer(), data=None, budget=2.5, budget_unit="true", groups=(48,))
+
+
+def test_a_layer_releases_its_window_in_blocks_of_its_largest_key_group():
+    grid = OptionGrid.build(KIVI, (64, 128), [1, 2], head_dim=64)
+    assert grid.flush_blocks() == (32, 64, 128)
+    in_64 = grid.allowed(64)  # keys up to 64-token groups; values group channels, free
+    assert [grid.option(i) for i in range(grid.n_options) if in_64[0, i]] == [(1, 32), (2, 32), (1, 64), (2, 64)]
+    assert bool(in_64[1].all())
+    assert OptionGrid.build(TOKEN, (16, 32), [2], head_dim=64).flush_blocks() == (32,)  # no token groups
+
+
+def test_window_growth_matches_the_bytes_a_cache_holds():
+    """The charge of a block is what a config using it holds more than one of G, averaged over a period."""
+    from hf_ratequant import RateQuantConfig
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.footprint import cache_bytes, window_growth
+
+    model_config = _tiny().config
+    fp = ModelFingerprint.from_model_config(model_config)
+    plain = RateQuantConfig.uniform(model_config, bits=2, layout=KIVI)
+    wide = RateQuantConfig.uniform(model_config, bits=2, layout=KIVI, key_group=128)
+    period = range(4096, 4096 + 128)
+    extra_window = sum(cache_bytes(wide, fp, t).window - cache_bytes(plain, fp, t).window for t in period)
+    # bits per element of one unit, summed over a layer's units: the layers' extra window bits over the elements
+    # one unit quantizes (2 bits + 1 for scales: 3 true bits; 2 layers x 2 kv-heads x K/V = 8 units)
+    unit_elements = sum(cache_bytes(plain, fp, t).quantized for t in period) * 8 / 3.0 / 8
+    expected = extra_window * 8 / unit_elements / fp.num_layers
+    assert window_growth(KIVI, fp, 0, 128) == pytest.approx(expected, rel=1e-9)
+    assert window_growth(KIVI, fp, 0, 32) == 0.0
+
+
+def test_option_allocation_with_window_charges_is_the_brute_force_optimum():
+    """Each layer pays for its largest key group (charges on the 1/16-bit grid, so none is rounded): the exact
+    allocation against every combination."""
+    grid = OptionGrid.build(KIVI, (64, 128), [1, 2, 3], head_dim=64)
+    rates = grid.rates()
+    blocks = grid.flush_blocks()
+    charges = torch.tensor([[0.0, 0.25, 0.75], [0.0, 0.5, 1.0]], dtype=torch.float64)  # (layers, blocks)
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(3):
+        base = torch.rand(2, 1, 2, 1, generator=gen) * 10 + 0.1
+        d = torch.stack([base * 4.0 ** -b * (1 + 0.3 * math.log2(g / 32) + 0.2 * torch.rand(2, 1, 2, 1, generator=gen))
+                         for g in grid.groups for b in grid.bit_grid], dim=-1).squeeze(-2)
+        flat = d.reshape(4, -1)
+        options = [[o for o in range(grid.n_options) if not math.isnan(rates[u % 2, o])] for u in range(4)]
+        for budget in (1.75, 2.25, 2.5, 3.0):
+            best_total = math.inf
+            for combo in itertools.product(*options):
+                spent = sum(float(rates[u % 2, o]) for u, o in enumerate(combo))
+                for layer in range(2):
+                    spent += float(charges[layer, blocks.index(max(32, grid.option(combo[2 * layer])[1]))])
+                total = sum(float(flat[u, o]) for u, o in enumerate(combo))
+                if spent / 4 <= budget + 1e-9 and total < best_total - 1e-12:
+                    best_total = total
+            (cand, _) = option_candidates(d, grid, budget, (4.0,), charges)
+            chosen = [grid.groups.index(g) * 3 + grid.bit_grid.index(b)
+                      for b, g in zip(cand.bits.reshape(-1).tolist(), cand.groups.reshape(-1).tolist())]
+            got = sum(float(flat[u, o]) for u, o in enumerate(chosen))
+            assert math.isclose(got, best_total, rel_tol=1e-9), (trial, budget, got, best_total)
+            spent = sum(float(rates[u % 2, o]) for u, o in enumerate(chosen)) + sum(
+                float(charges[layer, blocks.index(max(32, grid.option(chosen[2 * layer])[1]))]) for layer in range(2))
+            assert spent / 4 <= budget + 1e-9
+
+
+def test_fixed_pairs_with_window_charges_fit_the_budget():
+    grid = OptionGrid.build(KIVI, (64, 128), list(range(1, 7)), head_dim=64)
+    charges = torch.tensor([[0.0, 0.4, 1.2]] * 2, dtype=torch.float64)  # 2 layers, 3 kv-heads: 12 units
+    fixed = fixed_option_candidates(grid, 2.5, num_layers=2, num_kv_heads=3, charges=charges)
+    names = {c.name for c in fixed}
+    assert "K2g64V2g64" not in names  # 2.5 + 0.8 / 12: over the budget once its window counts
+    assert "K2g64V1g64" not in names  # 2.0 + 0.8 / 12: more than FIXED_SLACK below it
+    assert {"K1g32V2g64", "K1g128V2g32"} <= names  # 2.25 (no charge); 2.125 + 2.4 / 12 = 2.325
