@@ -141,6 +141,27 @@ def decode(d: dict) -> list[str]:
                     rows, "rlrrrrr")]
 
 
+DECODE_MODEL_RUNS = ("decode_speed_gemma3-270m.json", "decode_speed_qwen2.5-coder-0.5b.json")
+
+
+def decode_models(_: None) -> list[str]:
+    """The real models' calibrated caches at 4k tokens against DynamicCache (issue [3 models]: within 1.2x)."""
+    rows = []
+    for name in DECODE_MODEL_RUNS:
+        d = _load(name)
+        for r in d["results"]:
+            if r["available"]:
+                rows.append([d["model"].split(" (")[0], r["cache"].replace("RateQuantCache ", ""),
+                             f"{r['tokens_per_s']:.1f}", f"{r['ms_per_token']:.1f}", _f(r["kv_mib"], ".1f"),
+                             f"{1 / r['vs_dynamic']:.2f}x", machine_line(d["machine"]).split(",")[0]])
+    return ["`python benchmarks/decode_speed.py --model M --contexts 4096 --ratequant-bits 2 --backends --configs "
+            "hub_artifacts/<M's configs> --tag M` -> `results/decode_speed_<M>.json`. Greedy decoding after a "
+            "4096-token context, fp32 on the CPU, median of 3 interleaved runs of 32 steps; the calibrated configs are "
+            "the ones published in `hub_artifacts/` (bar: at most 1.2x `DynamicCache`'s time per token).", "",
+            *_table(["model", "cache", "tokens/s", "ms/token", "KV MiB", "time per token vs DynamicCache",
+                     "machine"], rows, "llrrrrl")]
+
+
 def long_context(d: dict) -> list[str]:
     rows = [[str(r["context"]), r["cache"], f"{r['nbytes'] / 2**20:.1f}", f"{r['vs_16bit']:.3f}",
              f"{r['median_step_ms']:.1f}", f"{r['step_vs_dynamic']:.2f}x"] for r in d["rows"] if not r.get("error")]
@@ -240,7 +261,9 @@ def calibration_memory(d: dict) -> list[str]:
             "reset after the model loaded (W: RSS with the model loaded); fp32 on the CPU. The bar: calibration no "
             "more than W + 1.5x the plain pass above W.", "",
             *_table(["model", "weights GiB", "W GiB", "plain fwd+bwd peak GiB (above W)",
-                     "calibrate peak GiB (above W)", "calibrate / plain, above W", "within 1.5x"], rows, "lrrrrrl")]
+                     "calibrate peak GiB (above W)", "calibrate / plain, above W", "within 1.5x"], rows, "lrrrrrl"),
+            "", "Machines: " + "; ".join(f"{r['model'].split(' (')[0]}: {machine_line(r.get('machine', d['machine']))}"
+                                         for r in d["rows"]) + "."]
 
 
 def group_options(d: dict) -> list[str]:
@@ -422,6 +445,7 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Memory", "memory.json", "python benchmarks/memory.py", memory),
     ("Decode speed on the CPU", "decode_speed.json", "python benchmarks/decode_speed.py", decode),
     ("Long contexts on the CPU", "long_context.json", "python benchmarks/long_context.py", long_context),
+    ("Decode speed of the real models' calibrated caches (CPU, 4k tokens)", None, "", decode_models),
     ("Decode speed on an H100 (dequantize path)", "decode_speed_h100_qwen3-8b-arch_flash.json",
      "python benchmarks/decode_speed.py --model random:qwen3-8b --device cuda --dtype bfloat16 --contexts 4096 "
      "32768 --backends --sdpa flash", gpu_dequantize),
@@ -463,7 +487,7 @@ def cited_files() -> set[str]:
     its benchmark wrote beside it; plus whatever lies in KEPT_FOLDERS."""
     names = {f for _, f, _, _ in SECTIONS if f}
     names |= {f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")}
-    names |= set(DOMAIN_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS)
+    names |= set(DOMAIN_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS) | set(DECODE_MODEL_RUNS)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= {"field_frontier.png", "memory.png", "byte_frontier.png"}
     for folder in KEPT_FOLDERS:
