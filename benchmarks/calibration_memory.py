@@ -84,17 +84,26 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"calibration budget (default {CALIBRATION.budget})")
     p.add_argument("--data", default=None, help="calibration text (default: the library's; offline: pydoc)")
     p.add_argument("--output-dir", default=RESULTS_DIR)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of other models from the saved results (each row names its machine)")
     p.add_argument("--worker", choices=["plain", "calibrate"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.model[0], args.budget, args.data)))
         return 0
-    rows = []
+    rows, info = [], machine()
     for spec in args.model:
         one = argparse.Namespace(**{**vars(args), "model": spec})
         plain, calib = run("plain", one), run("calibrate", one)
-        rows.append(dict(model=calib["model"], plain=plain, calibrate=calib))
-    payload = dict(budget=args.budget, rows=rows, machine=machine())
+        rows.append(dict(model=calib["model"], plain=plain, calibrate=calib, machine=info))
+    if args.merge:  # keep the other models' rows of the last run (each row names its machine)
+        with open(os.path.join(args.output_dir, "calibration_memory.json"), encoding="utf-8") as f:
+            old = json.load(f)
+        if old["budget"] != args.budget:
+            raise SystemExit(f"--merge: the saved rows are at budget {old['budget']}, this run at {args.budget}.")
+        new = {r["model"] for r in rows}
+        rows = [{**r, "machine": r.get("machine", old["machine"])} for r in old["rows"] if r["model"] not in new] + rows
+    payload = dict(budget=args.budget, rows=rows, machine=info)
     markdown = render(payload)
     write_results("calibration_memory", payload, markdown, args.output_dir)
     print(markdown)
