@@ -391,7 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", nargs="+", type=float, default=[2.25, 2.5, 3.0, 3.5])
     p.add_argument("--calib-data", default=None,
                    help="calibration text (default: WikiText-2 train; offline: the train half of pydoc topics;\n"
-                   "'bbc': the calibration half of BBC News)")
+                   "'bbc': the calibration half of BBC News; 'pydoc+bbc': both, paragraph by paragraph)")
     p.add_argument("--eval-data", default=None,
                    help="evaluation text (default: WikiText-2 test; offline: the test half of pydoc topics;\n"
                    "'bbc': the held-out half of BBC News)")

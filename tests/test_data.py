@@ -247,6 +247,25 @@ def test_news_text_is_a_second_domain_in_disjoint_interleaved_halves(offline, ca
     data.check_source("bbc")
 
 
+def test_mixed_text_interleaves_the_paragraphs_of_its_sources(offline, tmp_path):
+    (mixed, source) = load_text("pydoc+bbc", split="train")
+    docs, news = local_text("train").split("\n\n"), load_text("bbc", split="train")[0].split("\n\n")
+    paragraphs = mixed.split("\n\n")
+    assert paragraphs[:4] == [docs[0], news[0], docs[1], news[1]]  # one by one, from the start
+    assert set(paragraphs) == {p for p in docs + news if p.strip()}  # all of both, nothing else
+    assert source.startswith("mixed, paragraph by paragraph: pydoc_data.topics") and "BBC News" in source
+    held_out = load_text("pydoc+bbc", split="test")[0]
+    assert not set(paragraphs) & set(held_out.split("\n\n"))  # the halves stay disjoint
+    path = tmp_path / "notes.txt"
+    path.write_text("alpha\n\nbeta\n\ngamma", encoding="utf-8")
+    assert load_text(f"{path}+pydoc", max_chars=40)[0].startswith("alpha\n\n" + local_text("train")[:10])
+    for bad in ("pydoc+", "pydoc+pydoc", "+bbc"):
+        with pytest.raises(ValueError, match="two or more different sources"):
+            data.check_source(bad)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        data.check_source("pydoc+missing.txt")
+
+
 def test_news_text_without_its_package_names_the_install(offline, monkeypatch):
     import hf_ratequant.news_text as news
 
