@@ -319,13 +319,14 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
             fixed_kl = s["best_fixed_kl_min"]
             chosen = RateQuantConfig.from_dict(block["config"])
             mib = f"{held_mib(chosen):.2f} / {held_mib(_fixed_config(s['best_fixed_by_kl'], chosen)):.2f}"
+            charged = "yes" if (chosen.calibration or {}).get("window_tokens") else "no"
             rows.append([
                 _model_label(d), s["quantizer"], f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
                 f"{s['best_fixed']} {s['best_fixed_ppl']:.3f}", s["winner"].removeprefix("ratequant-"),
                 f"{s['chosen_ppl']:.3f} / {s['chosen_kl']:.4f}", f"{s['chosen_kl'] / fixed_kl - 1:+.0%}",
                 "yes" if s["beats_every_fixed_kl"] else "**no**", _f(s.get("ppl_gap_recovered"), ".0%"),
                 f"{s['paired_dlogppl_vs_best_fixed']:+.4f} ± {s['paired_dlogppl_se']:.4f}",
-                f"{s['ratio_wall']:.1f}x" + (" (busy)" if _busy(d) else ""), mib,
+                f"{s['ratio_wall']:.1f}x" + (" (busy)" if _busy(d) else ""), mib, charged,
             ])
             offered = ", ".join(map(str, d["settings"].get("groups") or ()))
             used.append(f"- {_model_label(d)}, {s['quantizer']} {s['budget']:g} true bits (groups {offered} offered "
@@ -339,11 +340,15 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
         f"({d['eval_windows']} x {d['settings']['window']} tokens, the same sinks and window for every cache).", "",
         *_table(["model", "design", "true bits", "best fixed by KL", "best fixed by ppl", "RateQuant", "ppl / KL",
                  "KL vs best fixed", "beats every fixed (KL)?", "ppl gap recovered", "Δlog-ppl ± SE",
-                 "calibration / fwd+bwd", "MiB held: RateQuant / best fixed"], rows, "llrllllrlrrrr"), "",
+                 "calibration / fwd+bwd", "MiB held: RateQuant / best fixed", "budget counts the window"], rows,
+                "llrllllrlrrrrl"), "",
         "MiB held: the mean over 4096 to 4223 tokens of what a bf16 cache holds (`cache_bytes`, window and sinks "
-        "included). The budget counts the quantized elements; a layer whose keys use 128-token groups also keeps "
-        "up to 96 more tokens in its full-precision window, which the budget does not charge (the difference in "
-        "this column).", "",
+        "included). A layer whose keys use 64- or 128-token groups releases its full-precision window in those "
+        "blocks, so it keeps up to 32 or 96 more tokens there. Calibrations since record version 3 charge that "
+        "growth to the budget (the last column: each layer picks its block in the allocation, at 4096 tokens), so "
+        "their bytes stay within it; the older rows counted the quantized elements only (the fixed configurations "
+        "beside them are listed by the same older rule, so a fixed pair with 64-token key groups holds a little more "
+        "than the budget).", "",
         "Options the calibrated allocations use (units of keys K and values V per bits b and group g):", "", *used,
     ]
 
