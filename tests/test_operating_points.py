@@ -220,3 +220,27 @@ def test_blocks_bad_input():
         allocate_blocks(rates, distortion, [[0]], [[(every, 0)]], 4)
     with pytest.raises(ValueError, match="no mode"):
         allocate_blocks(rates, distortion, [[0], [1]], [[(every, 0)], [(torch.zeros(1, 2, dtype=torch.bool), 0)]], 4)
+
+
+def test_a_real_size_block_problem_is_fast():
+    """30 layers x 6 units x (6 bits x 3 groups), each layer choosing one of 3 flush blocks at a window charge, on
+    a 1/16-bit grid and a budget between hull points: well under the time of a calibration."""
+    import time
+
+    g = torch.Generator().manual_seed(2)
+    bits = torch.arange(1, 7).double()
+    rate_bpe = torch.cat([bits + 32 / G for G in (32, 64, 128)])
+    rates, scale = integer_rates(rate_bpe.expand(180, -1))
+    rates, scale = rates * (16 // scale), 16
+    distortion = torch.rand(180, 1, generator=g, dtype=torch.float64) * 4.0 ** (-torch.cat([bits] * 3)) * \
+        torch.tensor([1.0] * 6 + [1.3] * 6 + [1.8] * 6, dtype=torch.float64)
+    group = torch.tensor([32] * 6 + [64] * 6 + [128] * 6)
+    masks = [(group[None, :] <= block).expand(6, -1) for block in (32, 64, 128)]
+    modes = [[(m, c) for m, c in zip(masks, (0, 7, 19))] for _ in range(30)]
+    blocks = [list(range(6 * layer, 6 * layer + 6)) for layer in range(30)]
+    budget = round(2.5 * 180 * scale) + 3
+    start = time.perf_counter()
+    choice, picked = allocate_blocks(rates, distortion, blocks, modes, budget)
+    assert time.perf_counter() - start < 10.0
+    spent = total_rate(rates, choice) + sum(modes[b][m][1] for b, m in enumerate(picked))
+    assert budget - 16 < spent <= budget
