@@ -90,9 +90,13 @@ def output_distortion(
 
     def quantized(x: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
         usable = n_quantized - n_quantized % quantizer.time_block(kind)
-        part = x[:, :, :usable]
-        q = quantizer.dequantize(quantizer.quantize(part, bits, kind), kind).to(x.dtype)
-        return torch.cat([q, x[:, :, usable:]], dim=2)
+        block = quantizer.quantize(x[:, :, :usable], bits, kind)
+        out = x.clone()
+        if block.scale.dtype == x.dtype:  # reconstructed in place (the stored dtype is the states' dtype)
+            quantizer.dequantize(block, kind, out=out[:, :, :usable])
+        else:
+            out[:, :, :usable] = quantizer.dequantize(block, kind)
+        return out
 
     out = torch.full((kv_heads, 2, len(bit_grid)), float("inf"), dtype=torch.float64)
     if "key" in kinds:
