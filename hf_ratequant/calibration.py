@@ -415,19 +415,31 @@ def measure_distortions(
             continue
         done += ids.shape[0]
         bar.update(ids.shape[0])
-        for name, q in designs.items():
-            kinds = getattr(q, "kinds", ("key", "value"))  # an option grid's group measures only who can take it
-            if measure == "output":
-                table = torch.stack([output_distortion(*row[4], q, bit_grid, kinds) for row in states])
-            else:
-                table = torch.stack([
-                    torch.stack([_fisher_or_inf(k, gk, q, "key", bit_grid, kinds),
-                                 _fisher_or_inf(v, gv, q, "value", bit_grid, kinds)], dim=1)
-                    for k, v, gk, gv in states
-                ])  # (layers, kv_heads, 2, n_bits)
+        tables = _output_tables(states, designs, bit_grid) if measure == "output" else {
+            name: torch.stack([
+                torch.stack([_fisher_or_inf(k, gk, q, "key", bit_grid, _kinds(q)),
+                             _fisher_or_inf(v, gv, q, "value", bit_grid, _kinds(q))], dim=1)
+                for k, v, gk, gv, *_ in states
+            ]) for name, q in designs.items()}  # (layers, kv_heads, 2, n_bits)
+        for name, table in tables.items():
             totals[name] = table if name not in totals else totals[name] + table
     bar.close()
     return totals
+
+
+def _kinds(q: Any) -> tuple[str, ...]:
+    return getattr(q, "kinds", ("key", "value"))  # an option grid's group measures only the kinds that can take it
+
+
+def _output_tables(states: list[tuple], designs: dict[str, Any], bit_grid: list[int]) -> dict[str, torch.Tensor]:
+    """[`output_distortion`] of every design, layer by layer; the designs share each layer's exact output."""
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in designs}
+    for *_, (attend, keys, values, grad_out, n_quantized) in states:
+        base = attend(keys, values).float() if len(designs) > 1 else None
+        for name, q in designs.items():
+            rows[name].append(output_distortion(attend, keys, values, grad_out, n_quantized, q, bit_grid, _kinds(q),
+                                                base))
+    return {name: torch.stack(r) for name, r in rows.items()}  # (layers, kv_heads, 2, n_bits)
 
 
 def _fisher_or_inf(states, grads, q, kind: str, bit_grid: list[int], kinds) -> torch.Tensor:

@@ -60,6 +60,7 @@ def output_distortion(
     quantizer: Quantizer,
     bit_grid: list[int],
     kinds: tuple[str, ...] = ("key", "value"),
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient-weighted error of one layer's *attention output* when its keys (or its values) are quantized.
 
@@ -80,13 +81,15 @@ def output_distortion(
         quantizer (`Quantizer`): the design whose error is measured.
         bit_grid (`list[int]`): bit-widths to measure.
         kinds (`tuple[str, ...]`, *optional*): the kinds to measure; the other's entries are `inf` (not measured).
+        base (`torch.Tensor`, *optional*): `attend(keys, values)` in float32, when the caller has it (several
+            designs measured on the same states share it).
 
     Returns:
         `torch.Tensor`: float64 `(kv_heads, 2, len(bit_grid))`, keys then values.
     """
     kv_heads = keys.shape[1]
     w = grad_out.float().square()
-    base = attend(keys, values).float()
+    base = attend(keys, values).float() if base is None else base
 
     def quantized(x: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
         usable = n_quantized - n_quantized % quantizer.time_block(kind)

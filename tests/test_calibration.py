@@ -452,3 +452,17 @@ def test_value_errors_of_every_width_in_one_call_equal_one_call_each(model, impl
     assert calls == [32, 4 * 32, 32, 32, 32, 32]  # base, the refused batched call, then one per width
     assert torch.isinf(one_call[:, 0]).all() and torch.isfinite(one_call[:, 1]).all()
     torch.testing.assert_close(one_call, each, rtol=1e-5, atol=0)
+
+
+def test_designs_measured_together_equal_each_measured_alone(model):
+    """Several designs on the same captured states (sharing each layer's exact output) give each the table it gets
+    alone."""
+    from hf_ratequant.calibration import measure_distortions
+    from hf_ratequant.quantizers import get_quantizer
+
+    ids = torch.randint(0, len(WORDS), (2, 64), generator=torch.Generator().manual_seed(6))
+    designs = {"kivi": get_quantizer("kivi", 8), "token": get_quantizer("token", 8)}
+    kw = dict(group_size=8, residual_length=8, sink_length=8, progress=False)
+    together = measure_distortions(model, ids, designs, [2, 3], **kw)
+    for name, q in designs.items():
+        assert torch.equal(together[name], measure_distortions(model, ids, {name: q}, [2, 3], **kw)[name])
