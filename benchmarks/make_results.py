@@ -162,6 +162,29 @@ def decode_models(_: None) -> list[str]:
                      "machine"], rows, "llrrrrl")]
 
 
+PASSKEY_MODEL_RUNS = ("passkey_gemma3-270m.json", "passkey_qwen2.5-coder-0.5b.json")
+
+
+def passkey_models(_: None) -> list[str]:
+    """Passkey retrieval through the cache on the real models (rows written by `hf-ratequant eval --json`)."""
+    rows = []
+    for name in PASSKEY_MODEL_RUNS:
+        model = name.removeprefix("passkey_").removesuffix(".json")
+        for r in _load(name):
+            by_length = " / ".join(f"{v:.0%}" for _, v in sorted(r["passkey_by_length"].items(), key=lambda kv:
+                                                                  int(kv[0])))
+            rows.append([model, r["cache"].removeprefix("hub_artifacts/"), str(r["code_bits"]),
+                         f"{r['passkey']:.0%}", by_length, str(len(r["passkey_trials"]))])
+    return ["`hf-ratequant eval --model \"$(python benchmarks/real_models.py M)\" --data pydoc --windows 1 --cache "
+            "none kv:3,2 hub_artifacts/<M's configs> --passkey 1024 2048 4096 --json results/passkey_M.json` "
+            "(machine not recorded by `eval`; the 2-core CPU of the decode rows). A five-digit key at depths 0.1, "
+            "0.5 and 0.9 of filler, the context stored in the cache first, then the question and the answer through "
+            "it; fp32. Nine trials per cache: a coarse check that quantization does not break retrieval, not a "
+            "ranking (the base Gemma 3 270M retrieves 4 of 9 keys even in full precision).", "",
+            *_table(["model", "cache", "code bits", "passkey", "1024 / 2048 / 4096 tokens", "trials"], rows,
+                    "llrrrr")]
+
+
 def long_context(d: dict) -> list[str]:
     rows = [[str(r["context"]), r["cache"], f"{r['nbytes'] / 2**20:.1f}", f"{r['vs_16bit']:.3f}",
              f"{r['median_step_ms']:.1f}", f"{r['step_vs_dynamic']:.2f}x"] for r in d["rows"] if not r.get("error")]
@@ -396,6 +419,11 @@ def byte_frontier(d: dict) -> list[str]:
     ]
 
 
+CALIBRATION_SPEED_RUNS = ("calibration_speed_kivi-3.5.json", "calibration_speed_token-3.5-shared-prefix.json",
+                          "calibration_speed_rotated-3.5-shared-prefix.json",
+                          "calibration_speed_kivi-3-true-groups.json")
+
+
 def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
     def render(_: None) -> list[str]:
         rows = []
@@ -403,13 +431,17 @@ def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
             d = _load(name)
             a = d["args"]
             parts = d["parts"][0]
-            rows.append([a.get("quantizer", "kivi"), f"{a['budget']:g}", f"{d['calibration_s'][0]:.1f}",
+            unit = " true" if a.get("budget_unit") == "true" else ""
+            rows.append([a.get("quantizer", "kivi"), f"{a['budget']:g}{unit}",
+                         ", ".join(map(str, a.get("groups") or [])) or "-", f"{d['calibration_s'][0]:.1f}",
                          f"{parts['measure']:.1f}", f"{parts['validate']:.1f}", f"{d['fwd_bwd_s'][0]:.1f}",
                          f"{d['ratio']:.2f}x"])
         return ["`calibrate` with its defaults on the default model (fp32, CPU) against one plain forward+backward "
                 "pass over the same tokens.", "",
-                *_table(["quantizer", "budget", "calibration s", "measure s", "validation s", "fwd+bwd s", "ratio"],
-                        rows, "lrrrrrr")]
+                *_table(["quantizer", "budget", "groups offered", "calibration s", "measure s", "validation s",
+                         "fwd+bwd s", "ratio"], rows, "lrrrrrrr"), "",
+                "Machines: " + "; ".join(f"{n.removeprefix('calibration_speed_').removesuffix('.json')}: "
+                                         f"{machine_line(_load(n)['machine'])}" for n in names) + "."]
     return render
 
 
@@ -451,6 +483,7 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Decode speed on the CPU", "decode_speed.json", "python benchmarks/decode_speed.py", decode),
     ("Long contexts on the CPU", "long_context.json", "python benchmarks/long_context.py", long_context),
     ("Decode speed of the real models' calibrated caches (CPU, 4k tokens)", None, "", decode_models),
+    ("Passkey retrieval on the real models", None, "", passkey_models),
     ("Decode speed on an H100 (dequantize path)", "decode_speed_h100_qwen3-8b-arch_flash.json",
      "python benchmarks/decode_speed.py --model random:qwen3-8b --device cuda --dtype bfloat16 --contexts 4096 "
      "32768 --backends --sdpa flash", gpu_dequantize),
@@ -471,8 +504,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "python benchmarks/byte_frontier.py --configs-from DIR  # DIR: the bytes_Q-B runs' configs", byte_frontier),
     ("Calibration memory", "calibration_memory.json",
      "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m", calibration_memory),
-    ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated]",
-     calibration_speed([f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")])),
+    ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated] "
+     "--tag Q-3.5 | --budget 3 --budget-unit true --groups 64 128 --tag kivi-3-true-groups",
+     calibration_speed(CALIBRATION_SPEED_RUNS)),
     ("lm-evaluation-harness through the cache", "lm_eval_table.json", "python benchmarks/lm_eval_table.py",
      lm_eval),
     ("The distortion-model mismatch", "analysis/analysis.json",
@@ -491,9 +525,10 @@ def cited_files() -> set[str]:
     """Every file under benchmarks/results/ that the README or RESULTS.md reads or shows, each JSON with the markdown
     its benchmark wrote beside it; plus whatever lies in KEPT_FOLDERS."""
     names = {f for _, f, _, _ in SECTIONS if f}
-    names |= {f"calibration_speed_{q}-3.5-shared-prefix.json" for q in ("kivi", "token", "rotated")}
+    names |= set(CALIBRATION_SPEED_RUNS)
     names |= set(DOMAIN_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS) | set(DECODE_MODEL_RUNS)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
+    names |= set(PASSKEY_MODEL_RUNS)  # `hf-ratequant eval --json` rows: no markdown beside them
     names |= {"field_frontier.png", "memory.png", "byte_frontier.png"}
     for folder in KEPT_FOLDERS:
         for root, _, files in os.walk(os.path.join(RESULTS_DIR, folder)):
