@@ -282,7 +282,8 @@ def calibration_memory(d: dict) -> list[str]:
     return ["Peak RSS of `calibrate` with its defaults against one plain forward+backward (`loss.backward()`, every "
             "parameter requiring a gradient) over one batch of its windows, each in its own process, the peak mark "
             "reset after the model loaded (W: RSS with the model loaded); fp32 on the CPU. The bar: calibration no "
-            "more than W + 1.5x the plain pass above W.", "",
+            "more than W + 1.5x the plain pass above W. A safetensors folder is memory-mapped, so W can be below the "
+            "weights (Qwen): the pages they fault in count in both peaks above W.", "",
             *_table(["model", "weights GiB", "W GiB", "plain fwd+bwd peak GiB (above W)",
                      "calibrate peak GiB (above W)", "calibrate / plain, above W", "within 1.5x"], rows, "lrrrrrl"),
             "", "Machines: " + "; ".join(f"{r['model'].split(' (')[0]}: {machine_line(r.get('machine', d['machine']))}"
@@ -503,7 +504,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", "byte_frontier.json",
      "python benchmarks/byte_frontier.py --configs-from DIR  # DIR: the bytes_Q-B runs' configs", byte_frontier),
     ("Calibration memory", "calibration_memory.json",
-     "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m", calibration_memory),
+     "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m; python benchmarks/calibration_memory.py "
+     "--model qwen2.5-coder-0.5b --merge", calibration_memory),
     ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated] "
      "--tag Q-3.5 | --budget 3 --budget-unit true --groups 64 128 --tag kivi-3-true-groups",
      calibration_speed(CALIBRATION_SPEED_RUNS)),
