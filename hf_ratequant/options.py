@@ -193,7 +193,8 @@ def _allocate(int_rates: torch.Tensor, table: torch.Tensor, grid: OptionGrid, ca
     per_layer = 2 * heads  # units run (layer, kv-head, K/V)
     masks = [grid.allowed(block).repeat(heads, 1) for block in grid.flush_blocks()]
     blocks = [list(range(layer * per_layer, (layer + 1) * per_layer)) for layer in range(charges.shape[0])]
-    modes = [[(mask, int(c)) for mask, c in zip(masks, row.tolist())] for row in charges]
+    # a block whose window would hold tokens the layer never quantizes at that context costs +inf: not offered
+    modes = [[(mask, int(c)) for mask, c in zip(masks, row.tolist()) if math.isfinite(c)] for row in charges]
     return allocate_blocks(int_rates, table, blocks, modes, cap)[0]
 
 
@@ -203,7 +204,7 @@ def _charged(charges: torch.Tensor | None, scale: int) -> tuple[torch.Tensor | N
     if charges is None or not bool((charges > 0).any()):
         return None, 1
     factor = math.lcm(scale, WINDOW_GRID) // scale
-    return torch.ceil(charges * scale * factor - 1e-9).clamp_min(0).to(torch.long), factor
+    return torch.ceil(charges * scale * factor - 1e-9).clamp_min(0), factor  # float: +inf stays +inf
 
 
 def option_candidates(options: torch.Tensor, grid: OptionGrid, true_budget: float,

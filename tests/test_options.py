@@ -256,3 +256,15 @@ def test_fixed_pairs_with_window_charges_fit_the_budget():
     assert "K2g64V2g64" not in names  # 2.5 + 0.8 / 12: over the budget once its window counts
     assert "K2g64V1g64" not in names  # 2.0 + 0.8 / 12: more than FIXED_SLACK below it
     assert {"K1g32V2g64", "K1g128V2g32"} <= names  # 2.25 (no charge); 2.125 + 2.4 / 12 = 2.325
+
+
+def test_a_block_a_layer_cannot_pay_for_is_not_offered():
+    """A window block whose growth cannot be counted (+inf: the layer quantizes nothing at that context) is left
+    out of that layer's choices; the other layer may still take it."""
+    grid = OptionGrid.build(KIVI, (64, 128), [1, 2, 3], head_dim=64)
+    options = torch.stack([4.0 ** -torch.tensor([float(b) for g in grid.groups for b in grid.bit_grid])
+                           * (1 + 0.01 * torch.arange(grid.n_options))] * 4).reshape(2, 1, 2, -1)
+    options[:, :, 0, 6:] /= 50  # 128-token key groups look far better: both layers would take them
+    charges = torch.tensor([[0.0, 0.0, math.inf], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    cand = option_candidates(options, grid, 3.0, (), charges)[0]
+    assert int(cand.groups[0, 0, 0]) != 128 and int(cand.groups[1, 0, 0]) == 128
