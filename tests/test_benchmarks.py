@@ -339,3 +339,28 @@ def test_group_options_analysis_is_consistent(bench_modules):
         assert r["all_options_rate"] <= r["budget"] + 1e-9 and sum(r["used"].values()) == 12
     assert "token" in module.markdown(dict(model="m", source="s", tokens=1, seconds=1.0, n_designs=1,
                                            designs=[dict(result, design="token")]))
+
+
+def test_decode_speed_fills_sliding_layers_with_the_whole_context(bench_modules):
+    """A sliding-window model's caches are filled with every context token (each keeping its own window) and count
+    them all, as after a real prefill: decoding continues at the right position."""
+    from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+    from hf_ratequant import RateQuantCache, RateQuantConfig
+
+    decode_speed = bench_modules("decode_speed")
+    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, head_dim=32, sliding_window=64)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 300))
+    states, first = decode_speed.prefill(model, ids)
+    assert all(k.shape[2] == 300 for k, _ in states)
+    for cache in (DynamicCache(config=config), RateQuantCache(config=config,
+                                                               quant_config=RateQuantConfig.uniform(config, bits=4))):
+        with torch.inference_mode():
+            decode_speed.fill(cache, states)
+        decode_speed.decode(model, cache, first, 2, torch.device("cpu"))
+        assert cache.get_seq_length() == 302
+    with torch.inference_mode():  # the first decoded token is the model's own next token after the whole context
+        assert int(model(ids).logits[0, -1].argmax()) == int(first)
