@@ -220,7 +220,7 @@ def lm_eval(d: dict) -> list[str]:
 DOMAIN_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_pydoc-to-bbc.json",
                "ratequant_quality_bbc-to-bbc.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
                "ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m.json",
-               "ratequant_quality_gemma3-270m_pydoc-to-bbc.json")
+               "ratequant_quality_gemma3-270m_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m_mixed-to-bbc.json")
 
 
 def _domain(source: str) -> str:
