@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / "hub_artifacts"
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"  # the other base models' config.json
 EXPECTED = {f"SmolLM2-135M-Instruct-ratequant-{q}-{b}" for q in ("kivi", "token", "rotated") for b in ("2.5", "3")}
 EXPECTED |= {"gemma-3-270m-ratequant-kivi-2.5", "gemma-3-270m-ratequant-kivi-3",
-             "Qwen2.5-Coder-0.5B-Instruct-ratequant-kivi-2.5"}
+             "Qwen2.5-Coder-0.5B-Instruct-ratequant-kivi-2.5", "Qwen2.5-Coder-0.5B-Instruct-ratequant-kivi-3"}
 FOLDERS = sorted(p for p in ROOT.iterdir() if (p / CONFIG_NAME).exists())
 DEFAULT_MODEL_FOLDERS = [p for p in FOLDERS if p.name.startswith("SmolLM2-135M-Instruct-")]
 OTHER_FOLDERS = [p for p in FOLDERS if p not in DEFAULT_MODEL_FOLDERS]
