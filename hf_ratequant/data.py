@@ -353,7 +353,7 @@ def check_source(data: str | os.PathLike | Sequence[str] | None) -> None:
     text = os.fspath(data)
     if text == LOCAL_SOURCE:
         return
-    if isinstance(data, str) and MIX in text and not os.path.isfile(os.path.expanduser(text)):
+    if isinstance(data, str) and _is_mix(text):
         for part in _mix_parts(text):
             check_source(part)
         return
@@ -500,7 +500,7 @@ def _load_from_string(
     if data == NEWS_SOURCE:
         text, source = news_text(_is_held_out(split), _JOIN)
         return (text if max_chars is None else text[:max_chars]), source
-    if MIX in data and not os.path.isfile(os.path.expanduser(data)):
+    if _is_mix(data):
         return _load_mix(data, split, column, dataset_config, max_chars)
 
     if os.path.isfile(os.path.expanduser(data)) or _looks_like_path(data):
@@ -519,6 +519,11 @@ def _load_from_string(
 
 MIX = "+"
 """Joins the sources of a mixed text, e.g. ``"pydoc+bbc"``."""
+
+
+def _is_mix(spec: str) -> bool:
+    """Whether `spec` names a mixed text (sources joined by [`MIX`]) rather than a file whose name holds one."""
+    return MIX in spec and not os.path.isfile(os.path.expanduser(spec))
 
 
 def _mix_parts(spec: str) -> list[str]:

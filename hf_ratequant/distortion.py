@@ -95,10 +95,7 @@ def output_distortion(
         usable = n_quantized - n_quantized % quantizer.time_block(kind)
         block = quantizer.quantize(x[:, :, :usable], bits, kind)
         out = x.clone()
-        if block.scale.dtype == x.dtype:  # reconstructed in place (the stored dtype is the states' dtype)
-            quantizer.dequantize(block, kind, out=out[:, :, :usable])
-        else:
-            out[:, :, :usable] = quantizer.dequantize(block, kind)
+        quantizer.dequantize(block, kind, out=out[:, :, :usable])  # stored in the states' dtype, written in place
         return out
 
     out = torch.full((kv_heads, 2, len(bit_grid)), float("inf"), dtype=torch.float64)

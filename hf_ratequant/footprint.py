@@ -178,8 +178,9 @@ def window_growth(layout, fingerprint: ModelFingerprint, layer: int, block: int,
     window = fingerprint.window(fingerprint.layer_types[layer])
     extra = quantized = 0
     for t in range(tokens, tokens + block):
-        quantized += _held_tokens(t, window, layout, layout.group_size)[0]
-        extra += _held_tokens(t, window, layout, block)[2] - _held_tokens(t, window, layout, layout.group_size)[2]
+        n_quantized, _, recent = _held_tokens(t, window, layout, layout.group_size)
+        quantized += n_quantized
+        extra += _held_tokens(t, window, layout, block)[2] - recent
     if quantized == 0:
         return 0.0 if extra == 0 else math.inf
     return extra * window_bits * 2 * fingerprint.num_kv_heads / quantized

@@ -31,7 +31,8 @@ from fractions import Fraction
 
 import torch
 
-__all__ = ["allocate_blocks", "allocate_rate", "block_frontier", "hull_path", "integer_rates", "lower_hull", "pareto_options", "total_rate"]
+__all__ = ["allocate_blocks", "allocate_rate", "block_frontier", "hull_path", "integer_rates", "lower_hull",
+           "pareto_options", "total_rate"]
 
 _MAX_CAPACITY = 1 << 26  # the dynamic program's running totals: a budget past this is a unit mistake
 
@@ -128,31 +129,43 @@ def _apply(start: torch.Tensor, steps: torch.Tensor, n: int) -> torch.Tensor:
     return choice
 
 
-def _dynamic_program(rates: torch.Tensor, distortion: torch.Tensor, budget: int) -> torch.Tensor:
-    """Exact minimiser of `sum_u distortion[u, c_u]` with `sum_u rates[u, c_u] <= budget`, over Pareto options."""
+def _exact_totals(rates: torch.Tensor, distortion: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dynamic program over running total rates, over every unit's Pareto options: `(cost, picks)`, with
+    `cost[t]` the least distortion of any allocation of total rate exactly `t` (inf: none) for `t` up to `capacity`,
+    and `picks[u, t]` unit `u`'s option on the way there ([`_backtrack`]). O(capacity) memory per unit."""
     n_units = rates.shape[0]
-    cost = torch.full((budget + 1,), math.inf, dtype=torch.float64)  # best distortion at each exact total rate
+    cost = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
     cost[0] = 0.0
-    picks = torch.empty(n_units, budget + 1, dtype=torch.long)
+    picks = torch.empty(n_units, capacity + 1, dtype=torch.long)
     for u in range(n_units):
-        best = torch.full((budget + 1,), math.inf, dtype=torch.float64)
-        pick = torch.zeros(budget + 1, dtype=torch.long)
+        best = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
+        pick = torch.zeros(capacity + 1, dtype=torch.long)
         for o in pareto_options(rates[u], distortion[u]):  # cheapest first: on ties the cheaper option stays
             r = int(rates[u, o])
-            if r <= budget:
-                shifted = cost[: budget + 1 - r] + float(distortion[u, o])
+            if r <= capacity:
+                shifted = cost[: capacity + 1 - r] + float(distortion[u, o])
                 better = shifted < best[r:]
                 best[r:] = torch.where(better, shifted, best[r:])
                 pick[r:] = torch.where(better, o, pick[r:])
         cost, picks[u] = best, pick
-    if not math.isfinite(float(cost.min())):
-        raise AssertionError("unreachable: the cheapest allocation was checked to fit")
-    total = int(torch.argmin(cost))  # the least total rate among the best
-    choice = torch.empty(n_units, dtype=torch.long)
-    for u in range(n_units - 1, -1, -1):
+    return cost, picks
+
+
+def _backtrack(rates: torch.Tensor, picks: torch.Tensor, total: int) -> torch.Tensor:
+    """The option per unit of the [`_exact_totals`] allocation of total rate `total`."""
+    choice = torch.empty(rates.shape[0], dtype=torch.long)
+    for u in range(rates.shape[0] - 1, -1, -1):
         choice[u] = picks[u, total]
         total -= int(rates[u, choice[u]])
     return choice
+
+
+def _dynamic_program(rates: torch.Tensor, distortion: torch.Tensor, budget: int) -> torch.Tensor:
+    """Exact minimiser of `sum_u distortion[u, c_u]` with `sum_u rates[u, c_u] <= budget`, over Pareto options."""
+    cost, picks = _exact_totals(rates, distortion, budget)
+    if not math.isfinite(float(cost.min())):
+        raise AssertionError("unreachable: the cheapest allocation was checked to fit")
+    return _backtrack(rates, picks, int(torch.argmin(cost)))  # the least total rate among the best
 
 
 def allocate_rate(rates: torch.Tensor, distortion: torch.Tensor, budget: int) -> torch.LongTensor:
@@ -216,24 +229,9 @@ def block_frontier(rates: torch.Tensor, distortion: torch.Tensor, modes: list[tu
         d = torch.where(torch.as_tensor(allowed, dtype=torch.bool), distortion, math.inf)
         if not bool(torch.isfinite(d).any(1).all()):
             continue  # some unit has no option this mode allows
-        top = int(rates.where(torch.isfinite(d), 0).max(1).values.sum())
-        cost = torch.full((top + 1,), math.inf, dtype=torch.float64)  # best distortion at each exact total
-        cost[0] = 0.0
-        picks = torch.empty(rates.shape[0], top + 1, dtype=torch.long)
-        for u in range(rates.shape[0]):
-            options = pareto_options(rates[u], d[u])
-            shifted = torch.full((len(options), top + 1), math.inf, dtype=torch.float64)
-            for j, o in enumerate(options):
-                r = int(rates[u, o])
-                shifted[j, r:] = cost[: top + 1 - r] + float(d[u, o])
-            cost, best = shifted.min(0)
-            picks[u] = torch.tensor(options, dtype=torch.long)[best]
+        cost, picks = _exact_totals(rates, d, int(rates.where(torch.isfinite(d), 0).max(1).values.sum()))
         for total in torch.isfinite(cost).nonzero().flatten().tolist():
-            choice, left = torch.empty(rates.shape[0], dtype=torch.long), total
-            for u in range(rates.shape[0] - 1, -1, -1):
-                choice[u] = picks[u, left]
-                left -= int(rates[u, choice[u]])
-            points.append((total + int(extra), float(cost[total]), m, choice))
+            points.append((total + int(extra), float(cost[total]), m, _backtrack(rates, picks, total)))
     if not points:
         raise ValueError("no mode of the block allows an option for every unit.")
     totals, dists, choices = [], [], []

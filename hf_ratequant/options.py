@@ -245,6 +245,7 @@ def fixed_option_candidates(grid: OptionGrid, true_budget: float, num_layers: in
     race."""
     rates = grid.rates()
     blocks = grid.flush_blocks()
+    allowed = {b: grid.allowed(b) for b in blocks}
     charged = charges is not None and bool((charges > 0).any())
     out = []
     for ko in range(grid.n_options):
@@ -255,7 +256,7 @@ def fixed_option_candidates(grid: OptionGrid, true_budget: float, num_layers: in
             (kb, kg), (vb, vg) = grid.option(ko), grid.option(vo)
             mean = (rk + rv) / 2
             if charged:
-                block = min(b for b in blocks if bool(grid.allowed(b)[0, ko]) and bool(grid.allowed(b)[1, vo]))
+                block = min(b for b in blocks if bool(allowed[b][0, ko]) and bool(allowed[b][1, vo]))
                 mean += float(charges[:, blocks.index(block)].sum()) / (2 * num_layers * num_kv_heads)
                 if not true_budget - FIXED_SLACK - 1e-9 <= mean <= true_budget + 1e-9:
                     continue
