@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if old["budget"] != args.budget:
             raise SystemExit(f"--merge: the saved rows are at budget {old['budget']}, this run at {args.budget}.")
         new = {r["model"] for r in rows}
-        rows = [{**r, "machine": r.get("machine", old["machine"])} for r in old["rows"] if r["model"] not in new] + rows
+        kept = [{**r, "machine": r.get("machine", old["machine"])} for r in old["rows"] if r["model"] not in new]
+        rows = kept + rows
     payload = dict(budget=args.budget, rows=rows, machine=info)
     markdown = render(payload)
     write_results("calibration_memory", payload, markdown, args.output_dir)

@@ -8,8 +8,9 @@ repeated), and `--steps` greedy decode steps `model(input_ids=next_token, past_k
 and to `QuantizedCache` at the same bits.
 
 Caches: `DynamicCache`, `RateQuantCache` (kivi, uniform 4 bits; uniform 2 bits; a per-head 2/3-bit mix averaging
-2.5 bits; every saved config of `--configs`, e.g. a calibrated one from `hub_artifacts/`), `QuantizedCache(backend="quanto"|"hqq", nbits=4|2)`. A backend that cannot be imported is reported as
-unavailable and skipped.
+2.5 bits; every saved config of `--configs`, e.g. a calibrated one from `hub_artifacts/`),
+`QuantizedCache(backend="quanto"|"hqq", nbits=4|2)`. A backend that cannot be imported is reported as unavailable
+and skipped.
 
     python benchmarks/decode_speed.py                                  # CPU, float32, 1k and 4k
     python benchmarks/decode_speed.py --device cuda --dtype bfloat16   # the same on a GPU

@@ -156,8 +156,8 @@ def decode_models(_: None) -> list[str]:
                              f"{1 / r['vs_dynamic']:.2f}x", machine_line(d["machine"]).split(",")[0]])
     return ["`python benchmarks/decode_speed.py --model M --contexts 4096 --ratequant-bits 2 --backends --configs "
             "hub_artifacts/<M's configs> --tag M` -> `results/decode_speed_<M>.json`. Greedy decoding after a "
-            "4096-token context, fp32 on the CPU, median of 3 interleaved runs of 32 steps; the calibrated configs are "
-            "the ones published in `hub_artifacts/` (bar: at most 1.2x `DynamicCache`'s time per token).", "",
+            "4096-token context, fp32 on the CPU, median of 3 interleaved runs of 32 steps; the calibrated configs "
+            "are the ones published in `hub_artifacts/` (bar: at most 1.2x `DynamicCache`'s time per token).", "",
             *_table(["model", "cache", "tokens/s", "ms/token", "KV MiB", "time per token vs DynamicCache",
                      "machine"], rows, "llrrrrl")]
 
