@@ -43,11 +43,8 @@ class PerKind:
     def time_block(self, kind: str) -> int:
         return self._q[kind].time_block(kind)
 
-    def quantize(self, x, bits, kind):
-        return self._q[kind].quantize(x, bits, kind)
-
-    def dequantize(self, q, kind, out=None):
-        return self._q[kind].dequantize(q, kind, out=out)
+    def roundtrip(self, x, bits, kind):
+        return self._q[kind].roundtrip(x, bits, kind)
 
 
 def _quantizer(design: str, group: int, kind: str, head_dim: int):

@@ -46,7 +46,7 @@ def fisher_distortion(
     w = grads[:, :, :usable].float().square()  # (B, H, T, D)
     out = []
     for bits in bit_grid:
-        err = quantizer.dequantize(quantizer.quantize(x, bits, kind), kind) - x
+        err = quantizer.roundtrip(x, bits, kind) - x
         out.append((w * err.square()).sum(dim=(0, 2, 3)).double())  # (H,)
     return torch.stack(out, dim=-1)  # (H, n_bits)
 
@@ -93,10 +93,9 @@ def output_distortion(
 
     def quantized(x: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
         usable = n_quantized - n_quantized % quantizer.time_block(kind)
-        block = quantizer.quantize(x[:, :, :usable], bits, kind)
-        out = x.clone()
-        quantizer.dequantize(block, kind, out=out[:, :, :usable])  # stored in the states' dtype, written in place
-        return out
+        if usable == x.shape[2]:
+            return quantizer.roundtrip(x, bits, kind)
+        return torch.cat([quantizer.roundtrip(x[:, :, :usable], bits, kind), x[:, :, usable:]], dim=2)
 
     out = torch.full((kv_heads, 2, len(bit_grid)), float("inf"), dtype=torch.float64)
     if "key" in kinds:

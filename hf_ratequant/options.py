@@ -122,11 +122,8 @@ class _MeasuredOption:
     def time_block(self, kind: str) -> int:
         return self.block
 
-    def quantize(self, x: torch.Tensor, bits: int, kind: str):
-        return self._q[kind].quantize(x, bits, kind)
-
-    def dequantize(self, q, kind: str, out=None):
-        return self._q[kind].dequantize(q, kind, out=out)
+    def roundtrip(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+        return self._q[kind].roundtrip(x, bits, kind)
 
 
 def measuring_quantizers(grid: OptionGrid) -> dict[str, _MeasuredOption]:

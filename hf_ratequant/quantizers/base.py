@@ -221,6 +221,40 @@ class Quantizer:
             `ValueError`: bad bits, or tokens not a multiple of `time_block(kind)`; [`NonFiniteError`] (a
             `ValueError`) when `x` contains inf or NaN.
         """
+        codes, scale, zero = self._encode(x, bits, kind)
+        codes = self._from_groups(codes.to(torch.uint8), kind, x.shape)  # (B, H, T, D)
+        return QuantizedBlock(
+            codes=pack(codes, bits),
+            scale=scale.squeeze(-1),
+            zero=zero.squeeze(-1),
+            bits=bits,
+            head_dim=x.shape[-1],
+            time_block=self.time_block(kind),
+        )
+
+    def roundtrip(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+        """`dequantize(quantize(x, bits, kind), kind)` without packing the codes: the tensor the cache would
+        reconstruct from `x`, in `x`'s dtype (calibration measures thousands of them). The same codes, scales and
+        arithmetic as the packed path, so the same values (the CPU kernel's inverse Hadamard transform of a
+        rotating design rounds differently from `_unrotate`: within a few float32 ulps there)."""
+        codes, scale, zero = self._encode(x, bits, kind)
+        dtype = x.dtype
+        work = _work_dtype(x.device, dtype)
+        if work == torch.float32:  # codes are exact integers in float32; product and sum rounded apart, as mul_/add_
+            groups = codes.mul_(scale.float()).add_(zero.float())
+        else:  # 16-bit work (GPU): one rounding, as dequantize's addcmul
+            groups = torch.addcmul(zero.to(work), codes.to(work), scale.to(work))
+        out = self._from_groups(groups, kind, x.shape)
+        if self.rotates:
+            out = self._unrotate(out)
+        if dtype == torch.float16:
+            fmax = torch.finfo(dtype).max
+            out = out.clamp(-fmax, fmax)
+        return out.to(dtype)
+
+    def _encode(self, x: torch.Tensor, bits: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checks `x`, then its codes in the group layout (float32 integers in `0..2^bits - 1`, `(B, H, T // tb,
+        n_groups, group_len)`) with the stored scale and zero-point of each group (`x`'s dtype, last size 1)."""
         check_bits(bits)
         if bits == KEEP_BITS:
             raise ValueError("16 bits means 'keep as is': such units are stored unquantized, not quantized.")
@@ -251,16 +285,8 @@ class Quantizer:
         scale = _round_outward((hi - zero_f) / qmax, dtype, up=True)
         scale_f = scale.float()
         inv = torch.where(scale_f > 0, 1.0 / scale_f, torch.zeros_like(scale_f))  # constant groups: all codes 0
-        codes = ((groups - zero_f) * inv).round_().clamp_(0, qmax).to(torch.uint8)
-        codes = self._from_groups(codes, kind, x.shape)  # (B, H, T, D)
-        return QuantizedBlock(
-            codes=pack(codes, bits),
-            scale=scale.squeeze(-1),
-            zero=zero.squeeze(-1),
-            bits=bits,
-            head_dim=x.shape[-1],
-            time_block=tb,
-        )
+        codes = (groups - zero_f).mul_(inv).round_().clamp_(0, qmax)
+        return codes, scale, zero
 
     def dequantize(self, q: QuantizedBlock, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct the `(batch, heads, tokens, head_dim)` tensor in the stored dtype.
