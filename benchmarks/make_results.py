@@ -63,7 +63,8 @@ def quality(d: dict) -> list[str]:
         gap = f"{r['ppl_gap_recovered']:.0%}" if r.get("ppl_gap_recovered") is not None else "n/a"
         rows.append([r["quantizer"], f"{r['budget']:g}", fixed, f"{winner}: **{r['chosen_ppl']:.3f} / "
                      f"{r['chosen_kl']:.4f}**", dppl, kl_vs, gap,
-                     f"{r['calibration_wall_s']:.0f} s ({r['ratio_wall']:.2f}x)"])
+                     f"{r['calibration_wall_s']:.0f} s ({r['ratio_wall']:.2f}x{_cpu_ratio(r)}"
+                     f"{', busy' if _busy(d) else ''})"])
     return [
         f"Calibration on {d['calib_source']}; evaluation through the real cache on {d['eval_source']} "
         f"({d['eval_windows']} windows of {s['window']} tokens, chunks of {s['chunk']}). Every cache, fixed and "
@@ -81,6 +82,13 @@ def quality(d: dict) -> list[str]:
         *_table(["quantizer", "budget", "best fixed: ppl / KL", "RateQuant (winner): ppl / KL", "Δlog-ppl ± SE",
                  "KL vs best fixed", "ppl gap recovered", "calibration"], rows, "llllrrrr"),
     ]
+
+
+def _cpu_ratio(r: dict) -> str:
+    """The CPU-seconds ratio where it tells another story than the wall ratio (other work slowed one of the two
+    timings: CPU seconds are less sensitive to it)."""
+    cpu = r.get("ratio_cpu")
+    return f"; CPU {cpu:.2f}x" if cpu and abs(cpu / r["ratio_wall"] - 1) > 0.25 else ""
 
 
 def field(d: dict) -> list[str]:
@@ -500,6 +508,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Qwen2.5-Coder 0.5B", "ratequant_quality_qwen2.5-coder-0.5b.json",
      "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers kivi --budgets 2.5 --calib-data "
      "pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b", quality),
+    ("Qwen2.5-Coder 0.5B: the per-token designs", "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
+     "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers token rotated --budgets 2.5 "
+     "--calib-data pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b_token-rotated", quality),
     ("Group-size options (issue [4 bytes], calibration's objective only)", "group_options.json",
      "python benchmarks/group_options.py", group_options),
     ("Budgets in bytes: bits and group size per unit (issue [4 bytes])", None,
