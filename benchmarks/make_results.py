@@ -513,6 +513,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.5 --calib-data pydoc "
      "--eval-data pydoc --tag gemma3-270m", quality),
+    ("Gemma 3 270M: the rotated design", "ratequant_quality_gemma3-270m_rotated.json",
+     "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers rotated --budgets 2.5 --calib-data "
+     "pydoc --eval-data pydoc --save-configs '' --tag gemma3-270m_rotated", quality),
     ("Qwen2.5-Coder 0.5B", "ratequant_quality_qwen2.5-coder-0.5b.json",
      "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers kivi --budgets 2.5 --calib-data "
      "pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b", quality),
