@@ -230,7 +230,6 @@ DOMAIN_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_pydoc-
                "ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m.json",
                "ratequant_quality_gemma3-270m_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m_mixed-to-bbc.json",
                "ratequant_quality_gemma3-270m_pydoc-to-bbc_seq1024.json")
-DEFAULT_WINDOWS = (16, 8, 512)  # calibrate's n_samples, n_validation, seq_len
 
 
 def _domain(source: str) -> str:
@@ -255,6 +254,10 @@ def _busy(d: dict) -> bool:
 
 def domains(_: None) -> list[str]:
     """kivi 2.5 (and whatever else the runs hold) calibrated on one text, evaluated on the held-out half of each."""
+    from hf_ratequant.settings import CalibrationSettings
+
+    default = CalibrationSettings()
+    default_windows = (default.n_samples, default.n_validation, default.seq_len)
     rows = []
     for name in DOMAIN_RUNS:
         d = _load(name)
@@ -266,7 +269,7 @@ def domains(_: None) -> list[str]:
                     "cross-domain")
             s = d["settings"]
             windows = (s["samples"], s["validation"], s["seq_len"])
-            if windows != DEFAULT_WINDOWS:
+            if windows != default_windows:
                 calib += f" ({windows[0]} + {windows[1]} windows of {windows[2]} tokens)"
             rows.append([_model_label(d), calib, evaluated, kind,
                          f"{d['full']['perplexity']:.3f}",

@@ -240,11 +240,7 @@ class Quantizer:
         codes, scale, zero = self._encode(x, bits, kind)
         dtype = x.dtype
         work = _work_dtype(x.device, dtype)
-        if work == torch.float32:  # codes are exact integers in float32; product and sum rounded apart, as mul_/add_
-            groups = codes.mul_(scale.float()).add_(zero.float())
-        else:  # 16-bit work (GPU): one rounding, as dequantize's addcmul
-            groups = torch.addcmul(zero.to(work), codes.to(work), scale.to(work))
-        out = self._from_groups(groups, kind, x.shape)
+        out = self._from_groups(_affine_(codes.to(work), scale, zero), kind, x.shape)
         if self.rotates:
             out = self._unrotate(out)
         if dtype == torch.float16:
@@ -315,11 +311,7 @@ class Quantizer:
                 chunks = (b, h, t // tb, tb, n_groups, d // n_groups)
                 view = x.view(chunks)
                 view.copy_(unpack(q.codes, q.bits, q.head_dim).reshape(chunks))
-                scale, zero = q.scale[:, :, :, None, :, None], q.zero[:, :, :, None, :, None]
-                if work == torch.float32:  # two passes, cheaper than an in-place addcmul on CPU
-                    view.mul_(scale).add_(zero)
-                else:  # 16-bit work (GPU): one rounding, and code * scale may not fit float16 before zero is added
-                    torch.addcmul(zero, view, scale, out=view)
+                _affine_(view, q.scale[:, :, :, None, :, None], q.zero[:, :, :, None, :, None])
         else:
             codes = unpack(q.codes, q.bits, q.head_dim)  # uint8 (B, H, T, D)
             g = self._to_groups(codes, kind).to(work)  # (B, H, T // tb, n_groups, group_len)
@@ -336,6 +328,15 @@ class Quantizer:
         if out is not None:
             out.copy_(x)
         return x
+
+
+def _affine_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """`codes * scale + zero` in place, in the dtype of `codes` (the work dtype; exact integers there). float32: the
+    product and the sum rounded apart (two passes, cheaper than an in-place addcmul on CPU, and what the CPU kernel
+    does); 16-bit (GPU): one rounding, and code * scale may not fit float16 before zero is added."""
+    if codes.dtype == torch.float32:
+        return codes.mul_(scale).add_(zero)
+    return torch.addcmul(zero, codes, scale, out=codes)
 
 
 def _work_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
