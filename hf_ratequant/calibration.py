@@ -60,6 +60,7 @@ from .options import (
 from .quantizers import Quantizer, get_quantizer
 from .record import CalibrationRecord, measure_description
 from .settings import BUDGET_UNITS, DEFAULT_SINK_TOKENS, MEASURES, CacheLayout, CalibrationSettings, split_settings
+from .split_attention import SplitAttention
 
 logger = logging.getLogger(__name__)
 
@@ -290,14 +291,45 @@ def capture_states(
             start = first if isinstance(mask, torch.Tensor) else 0  # a causal flag instead of a mask: every row
             q, m = query[:, :, start:], (mask[..., start:, :] if start else mask)
 
-            def attend(keys, values, module=module, inner=inner, q=q, m=m, kw=kw):
-                with torch.no_grad():
-                    return inner(module, q, keys, values, m, **kw)[0]
+            attend = _layer_attention(module, inner, q, key, value, m, kw, output[:, start:], seq_len)
 
             g_out = _or_zeros(grads[len(leaves) + i], output)[:, start:]
             row += ((attend, key, value, g_out, seq_len),)
         result.append(row)
     return result
+
+
+SPLIT_ATTENTION = True
+"""Whether the attention-output measure recomputes only the far columns ([`SplitAttention`]) where it can; `False`
+calls the model's own attention over every column for every option (the reference the tests compare with)."""
+ATTEND_BLOCK = 64
+"""Queries per block when the measure recomputes a layer's attention over the split ([`SplitAttention`])."""
+_NOT_SOFTMAX = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def _layer_attention(module: Any, inner: Callable, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: Any, kwargs: dict, output: torch.Tensor, n_far: int) -> Callable | SplitAttention:
+    """What the attention-output measure recomputes one layer's attention with: a [`SplitAttention`] (only the far
+    columns each query reads are recomputed per option) where the layer's attention is plain softmax attention under
+    a mask, checked against the output the model's own implementation produced; otherwise `attend(keys, values)`,
+    the model's own implementation called again."""
+    def attend(keys, values):
+        with torch.no_grad():
+            return inner(module, query, keys, values, mask, **kwargs)[0]
+
+    if not SPLIT_ATTENTION or not isinstance(mask, torch.Tensor) or mask.dim() != 4 or kwargs.get("dropout") or any(
+            kwargs.get(name) is not None for name in _NOT_SOFTMAX):
+        return attend
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    with torch.no_grad():
+        split = SplitAttention(query, keys, values, mask, scaling, n_far, ATTEND_BLOCK)
+        expected = output.detach().float()
+        tol = (1e-4 if query.dtype == torch.float32 else 2e-2) * expected.abs().amax().clamp_min(1e-6)
+        if split.base.shape != expected.shape or not (split.base - expected).abs().amax() <= tol:  # NaN: not equal
+            logger.debug("%s: plain softmax attention does not reproduce the layer's output; the measure calls the "
+                         "model's attention for every option", type(module).__name__)
+            return attend
+    return split
 
 
 LOGITS_MAX_BYTES = 1 << 30
@@ -435,7 +467,8 @@ def _output_tables(states: list[tuple], designs: dict[str, Any], bit_grid: list[
     """[`output_distortion`] of every design, layer by layer; the designs share each layer's exact output."""
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in designs}
     for *_, (attend, keys, values, grad_out, n_quantized) in states:
-        base = attend(keys, values).float() if len(designs) > 1 else None
+        shared = len(designs) > 1 and not isinstance(attend, SplitAttention)  # a SplitAttention keeps its own
+        base = attend(keys, values).float() if shared else None
         for name, q in designs.items():
             rows[name].append(output_distortion(attend, keys, values, grad_out, n_quantized, q, bit_grid, _kinds(q),
                                                 base))

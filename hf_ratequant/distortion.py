@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .quantizers import Quantizer
+from .split_attention import SplitAttention
 
 __all__ = ["CurveFit", "fisher_distortion", "fit_curves", "fixed_beta_fit", "output_distortion"]
 
@@ -52,7 +53,7 @@ def fisher_distortion(
 
 
 def output_distortion(
-    attend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    attend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | SplitAttention,
     keys: torch.Tensor,
     values: torch.Tensor,
     grad_out: torch.Tensor,
@@ -72,8 +73,9 @@ def output_distortion(
     in them: [`_value_errors`]).
 
     Args:
-        attend (`Callable`): `attend(keys, values)` -> the layer's attention output `(batch, tokens, q_heads,
-            head_dim)` for the queries being measured.
+        attend (`Callable` or `SplitAttention`): `attend(keys, values)` -> the layer's attention output `(batch,
+            tokens, q_heads, head_dim)` for the queries being measured; or a [`SplitAttention`] over the same
+            states, which recomputes only what the first `n_quantized` tokens change (same table, less work).
         keys, values (`torch.Tensor`): `(batch, kv_heads, kv_tokens, head_dim)`, as attention receives them.
         grad_out (`torch.Tensor`): the loss gradient with respect to that output, same shape as the output.
         n_quantized (`int`): the first `n_quantized` key/value tokens are the ones the cache would quantize (the
@@ -89,13 +91,12 @@ def output_distortion(
     """
     kv_heads = keys.shape[1]
     w = grad_out.float().square()
+    if isinstance(attend, SplitAttention):
+        return _split_output_distortion(attend, keys, values, w, n_quantized, quantizer, bit_grid, kinds)
     base = attend(keys, values).float() if base is None else base
 
     def quantized(x: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
-        usable = n_quantized - n_quantized % quantizer.time_block(kind)
-        if usable == x.shape[2]:
-            return quantizer.roundtrip(x, bits, kind)
-        return torch.cat([quantizer.roundtrip(x[:, :, :usable], bits, kind), x[:, :, usable:]], dim=2)
+        return _quantize_leading(x, n_quantized, quantizer, kind, bits)
 
     out = torch.full((kv_heads, 2, len(bit_grid)), float("inf"), dtype=torch.float64)
     if "key" in kinds:
@@ -109,6 +110,39 @@ def output_distortion(
             err = torch.stack([(attend(keys, v).float() - base).square_().mul_(w).sum(dim=(0, 1, 3))
                                for v in copies], dim=-1)
         out[:, 1] = err.view(kv_heads, -1, len(bit_grid)).sum(1).double().cpu()
+    return out
+
+
+def _quantize_leading(x: torch.Tensor, n_quantized: int, quantizer: Quantizer, kind: str, bits: int) -> torch.Tensor:
+    """`x` with its first `n_quantized` tokens, in whole time blocks of the quantizer, replaced by their
+    reconstruction at `bits`."""
+    usable = n_quantized - n_quantized % quantizer.time_block(kind)
+    if usable == x.shape[2]:
+        return quantizer.roundtrip(x, bits, kind)
+    return torch.cat([quantizer.roundtrip(x[:, :, :usable], bits, kind), x[:, :, usable:]], dim=2)
+
+
+def _split_output_distortion(attend: SplitAttention, keys: torch.Tensor, values: torch.Tensor, w: torch.Tensor,
+                             n_quantized: int, quantizer: Quantizer, bit_grid: list[int],
+                             kinds: tuple[str, ...]) -> torch.Tensor:
+    """[`output_distortion`] where only the far copy (the first `n_quantized` tokens) is recomputed: key options
+    through [`SplitAttention.with_far_keys`], every value bit-width's error in one
+    [`SplitAttention.far_output`] call (attention is linear in the values)."""
+    kv_heads = keys.shape[1]
+
+    def quantized(x: torch.Tensor, kind: str, bits: int) -> torch.Tensor:  # the far copy only
+        return _quantize_leading(x[:, :, :n_quantized], n_quantized, quantizer, kind, bits)
+
+    out = torch.full((kv_heads, 2, len(bit_grid)), float("inf"), dtype=torch.float64)
+    if "key" in kinds:
+        for i, bits in enumerate(bit_grid):
+            err = (attend.with_far_keys(quantized(keys, "key", bits)) - attend.base).square_().mul_(w)
+            out[:, 0, i] = err.sum(dim=(0, 1, 3)).view(kv_heads, -1).sum(-1).double().cpu()
+    if "value" in kinds:
+        far = values[:, :, :n_quantized].float()
+        errors = torch.cat([quantized(values, "value", bits).float() - far for bits in bit_grid], dim=-1)
+        err = attend.far_output(errors).unflatten(-1, (len(bit_grid), -1)).square_().mul_(w.unsqueeze(-2))
+        out[:, 1] = err.sum(dim=(0, 1, 4)).view(kv_heads, -1, len(bit_grid)).sum(1).double().cpu()
     return out
 
 

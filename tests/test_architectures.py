@@ -253,3 +253,30 @@ def test_unsupported_message_names_the_layer_types():
     quant_config = RateQuantConfig.uniform(config, bits=4, group_size=8, residual_length=8)
     with pytest.raises(ValueError, match=r"FakeHybridForCausalLM.*linear_attention.*full_attention"):
         RateQuantCache(config=config, quant_config=quant_config)
+
+
+@pytest.mark.parametrize("arch", _archs())
+def test_the_measure_recomputing_only_far_columns_equals_the_models_own_attention(arch, monkeypatch):
+    """The attention-output measure recomputes a layer's attention for every option; where the layer's attention is
+    plain softmax attention (checked against its own output) only the far columns are recomputed
+    (`SplitAttention`). The table is the one the model's own attention gives over every column; Gemma 2's logit
+    soft-capping is not plain softmax, so it keeps the model's attention."""
+    import hf_ratequant.calibration as calibration
+    from hf_ratequant.calibration import capture_states, measure_distortions
+    from hf_ratequant.split_attention import SplitAttention
+
+    model = tiny_model(arch)
+    ids = prompt(64).expand(2, -1).clone()
+    ids[1] = prompt(64, seed=1)
+    split = dict(residual_length=8, group_size=8, sink_length=8)
+    states = capture_states(model, ids, attention=True, **split)
+    uses_split = [isinstance(row[4][0], SplitAttention) for row in states]
+    assert uses_split == [arch != "gemma2"] * len(states)
+
+    kwargs = dict(bit_grid=[1, 2, 3, 4], batch_size=2, progress=False, **split)
+    monkeypatch.setattr(calibration, "ATTEND_BLOCK", 16)  # several blocks of queries
+    fast = measure_distortions(model, ids, ["kivi", "token"], **kwargs)
+    monkeypatch.setattr(calibration, "SPLIT_ATTENTION", False)
+    reference = measure_distortions(model, ids, ["kivi", "token"], **kwargs)
+    for name, table in reference.items():
+        torch.testing.assert_close(fast[name], table, rtol=1e-4, atol=1e-12)
