@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -432,7 +433,7 @@ class RateQuantConfig:
                     "for this model."
                 )
             theirs, mine = fp.name_or_path, self.fingerprint.name_or_path
-            if mine and theirs and os.path.basename(mine.rstrip("/")) != os.path.basename(theirs.rstrip("/")):
+            if mine and theirs and not os.path.isdir(theirs) and _model_name(mine) != _model_name(theirs):
                 logger.warning("This RateQuantConfig was calibrated on %s; the model is %s (same cache geometry, so "
                                "it is used, but its allocation may not be optimal for this model).", mine, theirs)
         return fp
@@ -598,6 +599,14 @@ def _checked_table(kind: str, table: Any, check=None) -> list[list[int]]:
 
 _FINGERPRINT_INTS = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 1}
 _FINGERPRINT_OPTIONAL_INTS = ("sliding_window", "attention_chunk_size")
+def _model_name(name_or_path: str) -> str:
+    """What identifies a model in a Hub id or a recorded label: `"google/gemma-3-270m (GGUF Q4_K_M, package)"` ->
+    `"gemma-3-270m"`. (A local folder's name says nothing reliable about the model in it, so the caller does not
+    compare those.)"""
+    name = re.sub(r"\s*\([^()]*\)\s*$", "", name_or_path.strip())
+    return os.path.basename(name.rstrip("/")).lower()
+
+
 _FINGERPRINT_OPTIONAL_STRS = ("name_or_path", "revision", "model_type")
 
 

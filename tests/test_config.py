@@ -86,6 +86,23 @@ def test_fingerprint_mismatch_with_same_geometry_refused(llama_config, caplog):
     assert "calibrated on org/base; the model is org/fine-tune" in caplog.text
 
 
+def test_the_same_model_under_its_label_or_in_a_local_folder_is_not_called_another(llama_config, caplog, tmp_path):
+    """A config records where its model came from, e.g. "google/gemma-3-270m (GGUF Q4_K_M, package)": the Hub id
+    itself, or the model saved in a local folder of any name, is not "another model"."""
+    cfg = RateQuantConfig.uniform(llama_config, bits=4)
+    object.__setattr__(cfg, "fingerprint", dataclasses.replace(
+        cfg.fingerprint, name_or_path="Org/Model-1B (GGUF Q4_K_M, some-package)"))
+    for source in ("org/model-1b", str(tmp_path)):
+        llama_config._name_or_path = source
+        with caplog.at_level("WARNING", logger="hf_ratequant.config"):
+            RateQuantCache.from_pretrained(cfg, model_config=llama_config)
+    assert "calibrated on" not in caplog.text
+    llama_config._name_or_path = "org/model-8b"
+    with caplog.at_level("WARNING", logger="hf_ratequant.config"):
+        RateQuantCache.from_pretrained(cfg, model_config=llama_config)
+    assert "calibrated on Org/Model-1B (GGUF Q4_K_M, some-package); the model is org/model-8b" in caplog.text
+
+
 def test_unsupported_layer_type_named(llama_config):
     llama_config.layer_types = ["full_attention", "linear_attention", "full_attention"]
     cfg = RateQuantConfig(key_bits=[[4, 4]] * 3, value_bits=[[4, 4]] * 3)
