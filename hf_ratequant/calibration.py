@@ -5,8 +5,9 @@
    make them leaves that require grad, and keep them with their gradients. Model weights are frozen for the pass and
    restored afterwards (`calibration_mode`).
 2. **Measure.** For every unit and bit-width in play, the gradient-weighted error that the real quantizer causes in
-   the layer's attention output, attention recomputed with the quantized states ([`output_distortion`]; or in the
-   states themselves, [`fisher_distortion`]); fit D_u(b) = alpha_u * beta_u^(-b) per unit ([`fit_curves`]).
+   the layer's attention output, attention recomputed with the quantized states ([`output_distortion`]: only the
+   columns the quantized states change, [`SplitAttention`], where the layer's attention is plain softmax attention;
+   or in the states themselves, [`fisher_distortion`]); fit D_u(b) = alpha_u * beta_u^(-b) per unit ([`fit_curves`]).
 3. **Allocate** by reverse waterfilling ([`allocate_bits`]) and, exactly, from the measured table.
 4. **Validate.** Every candidate (RateQuant allocations and every fixed keys/values split of the same budget) is
    evaluated by KL to the full-precision cache, through the real cache, on calibration windows held back from the
