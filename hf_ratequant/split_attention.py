@@ -59,7 +59,7 @@ class SplitAttention:
         self.blocks = []
         for start in range(0, n_queries, block):
             rows = slice(start, start + block)
-            q = self._grouped(query[:, :, rows].float())
+            q = self._grouped(query[:, :, rows])  # a view: upcast per use, not held in float32
             far_cols = any_row[rows, :n_far].any(dim=0).nonzero().squeeze(1)
             near_cols = n_far + any_row[rows, n_far:].any(dim=0).nonzero().squeeze(1)
             far_mask = self._grouped_mask(additive[:, :, rows].index_select(-1, far_cols))
@@ -99,7 +99,7 @@ class SplitAttention:
         return m.unsqueeze(1) if m.shape[1] == 1 else self._grouped(m)
 
     def _scores(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return (q @ keys.float().unsqueeze(2).transpose(-1, -2)).mul_(self.scaling)
+        return (q.float() @ keys.float().unsqueeze(2).transpose(-1, -2)).mul_(self.scaling)
 
     def _far_weights(self, q, far_keys, far_mask, near):
         """Unnormalised far weights, and the near part rescaled to the merged maximum: `(weights, near_weight,
