@@ -599,15 +599,15 @@ def _checked_table(kind: str, table: Any, check=None) -> list[list[int]]:
 
 _FINGERPRINT_INTS = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 1}
 _FINGERPRINT_OPTIONAL_INTS = ("sliding_window", "attention_chunk_size")
+_FINGERPRINT_OPTIONAL_STRS = ("name_or_path", "revision", "model_type")
+
+
 def _model_name(name_or_path: str) -> str:
     """What identifies a model in a Hub id or a recorded label: `"google/gemma-3-270m (GGUF Q4_K_M, package)"` ->
     `"gemma-3-270m"`. (A local folder's name says nothing reliable about the model in it, so the caller does not
     compare those.)"""
     name = re.sub(r"\s*\([^()]*\)\s*$", "", name_or_path.strip())
     return os.path.basename(name.rstrip("/")).lower()
-
-
-_FINGERPRINT_OPTIONAL_STRS = ("name_or_path", "revision", "model_type")
 
 
 def _fingerprint_from_dict(data: Any) -> ModelFingerprint:
