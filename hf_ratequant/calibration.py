@@ -49,7 +49,7 @@ from .distributed import Processes
 from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
 from .footprint import REPORT_TOKENS, code_budget
 from .memory_guard import OutOfCalibrationMemory, available_bytes, saved_memory_limit
-from .models import last_hidden_states, output_head
+from .models import cache_kwargs, last_hidden_states, output_head
 from .options import (
     OptionGrid,
     fixed_option_candidates,
@@ -249,11 +249,12 @@ def capture_states(
     with calibration_mode(model), torch.enable_grad(), recording as calls:
         if head is None:
             with saved_memory_limit(memory_limit, model):
-                out = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=True, **kwargs)
+                out = model(input_ids=ids, labels=ids, use_cache=True, **cache_kwargs(model, cache), **kwargs)
             loss, roots, root_grads = out.loss, [out.loss * ids.shape[0]], None
         else:
             with saved_memory_limit(memory_limit, model):
-                hidden = last_hidden_states(model, ids, past_key_values=cache, use_cache=True, **kwargs)
+                hidden = last_hidden_states(model, ids, use_cache=True, **cache_kwargs(model.get_decoder(), cache),
+                                            **kwargs)
             loss, d_hidden = _chunked_loss(head, hidden, ids)
             roots, root_grads = [hidden], [d_hidden]
         if attention and len(calls) != fp.num_layers:
@@ -376,10 +377,10 @@ def residual_split_works(model: Any, input_ids: torch.LongTensor, residual_lengt
     ids = input_ids[:1].to(device)
     mask = residual_split_mask(ids.shape[1], residual_length, group_size, fp, model.dtype, device)
     with torch.no_grad():
-        plain = model(input_ids=ids, past_key_values=_CaptureCache(fp.num_layers), use_cache=True).logits
+        plain = model(input_ids=ids, use_cache=True, **cache_kwargs(model, _CaptureCache(fp.num_layers))).logits
         try:
-            split = model(input_ids=ids, past_key_values=_CaptureCache(fp.num_layers, split=True), use_cache=True,
-                          attention_mask=mask).logits
+            split = model(input_ids=ids, use_cache=True, attention_mask=mask,
+                          **cache_kwargs(model, _CaptureCache(fp.num_layers, split=True))).logits
         except Exception as err:  # any failure means the model cannot take the custom mask
             logger.debug("split-mask forward failed: %r", err)
             return False

@@ -16,7 +16,7 @@ from . import __version__
 from .analysis import ANALYSIS_SETTINGS
 from .cache_spec import CacheSpec, parse_cache_spec
 from .data import fallback_hint
-from .models import DEFAULT_MODEL, DTYPES, check_model_source, default_config_path
+from .models import DEFAULT_MODEL, DTYPES, cache_kwargs, check_model_source, default_config_path
 from .quantizers import ALLOWED_BITS, available_quantizers
 from .settings import (
     BUDGET_UNITS,
@@ -214,7 +214,7 @@ def _generate(model: Any, inputs: dict, cache: Any, max_new_tokens: int, name: s
             self.bar.close()
 
     start = time.perf_counter()
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens,
+    out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens,
                          min_new_tokens=max_new_tokens, do_sample=False, streamer=_Progress())
     return out, time.perf_counter() - start
 

@@ -21,7 +21,7 @@ from transformers import Cache, DynamicCache
 from .cache import RateQuantCache
 from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, tokenize_windows
-from .models import last_hidden_states, output_head
+from .models import cache_kwargs, last_hidden_states, output_head
 from .settings import EvaluationSettings
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def shared_prefix(
         prev, batch_scores = None, []
         for start in range(0, length, chunk):
             piece = ids[:, start : min(start + chunk, length)]
-            logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=piece, use_cache=True, **cache_kwargs(model, cache)).logits.float()
             ref = _reference_slice(reference[batch_idx], start, piece) if reference is not None else None
             batch_scores.append(_score_chunk(logits, prev, piece, ref))
             prev = logits[:, -1:]
@@ -265,11 +265,11 @@ def evaluate_quality(
             prev_logits = prefix.last_logits[batch_idx]
         for start in range(begin, ids.shape[1], chunk):
             piece = ids[:, start : start + chunk]
-            logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=piece, use_cache=True, **cache_kwargs(model, cache)).logits.float()
             if reference is not None and want_kl:
                 ref_logp = _reference_slice(reference[batch_idx], start, piece)
             elif want_kl:
-                ref_logits = model(input_ids=piece, past_key_values=ref_cache, use_cache=True).logits.float()
+                ref_logits = model(input_ids=piece, use_cache=True, **cache_kwargs(model, ref_cache)).logits.float()
                 ref_pred = ref_logits[:, :-1] if prev_ref is None else torch.cat([prev_ref, ref_logits[:, :-1]], 1)
                 ref_logp = F.log_softmax(ref_pred, dim=-1)
                 prev_ref = ref_logits[:, -1:]

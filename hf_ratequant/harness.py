@@ -81,6 +81,7 @@ from transformers import DynamicCache  # noqa: E402
 
 from .cache import RateQuantCache  # noqa: E402
 from .config import RateQuantConfig  # noqa: E402
+from .models import cache_kwargs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +317,8 @@ class RateQuantLM(HFLM):
             if start == shared and shared:
                 cache.batch_repeat_interleave(batch)
             reads_quantized = _quantized_tokens(cache) > 0
-            logits = self.model(input_ids=rows[:, start:stop], past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=rows[:, start:stop], use_cache=True,
+                                **cache_kwargs(self.model, cache)).logits
             if out is None:
                 out = logits.new_empty(batch, length, logits.shape[-1])
             out[:, start:stop] = logits
@@ -329,8 +331,9 @@ class RateQuantLM(HFLM):
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
         """`generate(past_key_values=<fresh cache>)` for every row of the left-padded batch `context`, one by one;
         the result is laid out as `HFLM` returns it: the padded context, then each row's new tokens (right-padded)."""
-        if "past_key_values" in generation_kwargs:
-            raise ValueError("RateQuantLM passes its own fresh cache to generate(); remove past_key_values from the "
+        given = [name for name in ("past_key_values", "cache") if name in generation_kwargs]
+        if given:
+            raise ValueError(f"RateQuantLM passes its own fresh cache to generate(); remove {given[0]} from the "
                              "task's generation_kwargs.")
         mask = generation_kwargs.pop("attention_mask", None)
         max_new = max_length - context.shape[1]
@@ -342,8 +345,8 @@ class RateQuantLM(HFLM):
                 ids = ids[:, mask[i].bool()]
             cache = self.new_cache()
             out = super()._model_generate(
-                ids, ids.shape[1] + max_new, stop, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                **dict(generation_kwargs),
+                ids, ids.shape[1] + max_new, stop, attention_mask=torch.ones_like(ids),
+                **cache_kwargs(self.model, cache), **dict(generation_kwargs),
             )
             new_tokens.append(out[0, ids.shape[1] :])
             self._record(cache, 1)

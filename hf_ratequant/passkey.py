@@ -27,6 +27,7 @@ from huggingface_hub.utils import tqdm
 from transformers import DynamicCache
 
 from .evaluation import CacheLike, make_cache
+from .models import cache_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def run_passkey(
         states = None
         if share:
             ref = DynamicCache(config=model.config)
-            model(input_ids=context, past_key_values=ref, use_cache=True, logits_to_keep=1)
+            model(input_ids=context, use_cache=True, logits_to_keep=1, **cache_kwargs(model, ref))
             states = [(layer.keys, layer.values) for layer in ref.layers]
             del ref
         full = torch.cat([context, trial.question_ids.to(device)], dim=1)
@@ -178,9 +179,9 @@ def run_passkey(
                 for idx, (k, v) in enumerate(states):
                     cache.update(k, v, idx)
             else:
-                model(input_ids=context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=context, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
             out = model.generate(
-                input_ids=full, attention_mask=torch.ones_like(full), past_key_values=cache,
+                input_ids=full, attention_mask=torch.ones_like(full), **cache_kwargs(model, cache),
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
             )
             answer = tokenizer.decode(out[0, full.shape[1]:], skip_special_tokens=True)

@@ -238,3 +238,24 @@ def test_kl_equals_the_kl_computed_by_hand_from_raw_logits(windows):
     assert res.kl > 1e-4  # far from zero (16 bits: below 1e-9), so the comparison means something
     # evaluate_quality works in float32 log-probabilities (~4.6 nats each), the hand computation in float64
     assert res.kl == pytest.approx(total / tokens, rel=2e-3)
+
+
+def test_the_library_passes_its_cache_under_the_name_the_installed_transformers_takes(model, windows):
+    """transformers 5.24 renamed the models' cache argument `past_key_values` -> `cache` (the old name warns and is
+    to be removed): the library's own calls use whichever name the model's forward takes, so they neither warn on
+    new versions nor pass an argument old ones would not read."""
+    import inspect
+    import warnings
+
+    from hf_ratequant.models import cache_kwargs
+
+    params = inspect.signature(type(model).forward).parameters
+    (name,) = cache_kwargs(model, None)
+    assert name in params
+    assert name == ("cache" if "cache" in params and "past_key_values" not in params else "past_key_values")
+    assert cache_kwargs(object(), None) == {"past_key_values": None}  # nothing readable: the long-standing name
+    cfg = RateQuantConfig.uniform(model.config, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        res = evaluate_quality(model, windows[:1], cfg, chunk=16, progress=False)
+    assert math.isfinite(res.kl)
