@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from hf_ratequant import RateQuantConfig, harness  # noqa: E402
 from hf_ratequant.harness import RateQuantLM, evaluate, load_tasks  # noqa: E402
+from hf_ratequant.models import cache_kwargs  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(100)] + [str(i) for i in range(10)] + [".", "?", ":"]
 G, R, CHUNK = 8, 16, 16  # the tiny caches' group size, residual window and chunk: contexts of 40-200 tokens
@@ -124,8 +125,10 @@ def test_generate_until_passes_a_fresh_cache_per_row(tiny_llama, tokenizer, monk
     seen = []
     original = tiny_llama.generate
 
+    (name,) = cache_kwargs(tiny_llama, None)  # the keyword the installed transformers takes the cache by
+
     def spy(*args, **kwargs):
-        cache = kwargs.get("past_key_values")  # kept alive in `seen`, so that the ids stay distinct
+        cache = kwargs[name]  # kept alive in `seen`, so that the ids stay distinct
         seen.append((type(cache).__name__, cache, cache.get_seq_length(), kwargs["input_ids"].shape[0]))
         return original(*args, **kwargs)
 
