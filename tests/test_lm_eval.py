@@ -116,6 +116,13 @@ def test_loglikelihood_rolling_through_the_cache(tiny_llama, tokenizer):
 
 
 # ---- generation ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+def test_a_task_that_brings_its_own_cache_is_refused_naming_it(tiny_llama, tokenizer, name):
+    lm = _lm(tiny_llama, tokenizer, _uniform(tiny_llama, 4))
+    with pytest.raises(ValueError, match=f"remove {name} from the task's generation_kwargs"):
+        lm._model_generate(torch.ones(1, 4, dtype=torch.long), 8, ["."], **{name: object()})
+
+
 def test_generate_until_passes_a_fresh_cache_per_row(tiny_llama, tokenizer, monkeypatch):
     rng = random.Random(2)
     gen = {"until": ["."], "max_gen_toks": 6, "do_sample": False}
