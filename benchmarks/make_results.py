@@ -547,11 +547,15 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("The distortion-model mismatch on Qwen2.5-Coder 0.5B", "analysis_qwen2.5-coder-0.5b/analysis.json",
      "hf-ratequant analyze --model \"$(python benchmarks/real_models.py qwen2.5-coder-0.5b)\" --windows 4 -o "
      "benchmarks/results/analysis_qwen2.5-coder-0.5b", analysis("analysis_qwen2.5-coder-0.5b")),
+    ("The distortion-model mismatch on Gemma 3 270M", "analysis_gemma3-270m/analysis.json",
+     "hf-ratequant analyze --model \"$(python benchmarks/real_models.py gemma3-270m)\" --windows 4 -o "
+     "benchmarks/results/analysis_gemma3-270m", analysis("analysis_gemma3-270m")),
 ]
 
 
 # Kept beside the cited results: the calibrated configs the hub artefacts and the field comparison were made from.
-KEPT_FOLDERS = ("ratequant_quality_configs_defaults", "analysis", "analysis_qwen2.5-coder-0.5b")
+KEPT_FOLDERS = ("ratequant_quality_configs_defaults", "analysis", "analysis_qwen2.5-coder-0.5b",
+                "analysis_gemma3-270m")
 
 
 def cited_files() -> set[str]:
