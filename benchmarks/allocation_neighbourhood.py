@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicLayer
 from hf_ratequant import RateQuantConfig
 from hf_ratequant.calibration import calibration_windows, residual_split_mask
 from hf_ratequant.config import ModelFingerprint
-from hf_ratequant.models import load_default_model
+from hf_ratequant.models import cache_kwargs, load_default_model
 from hf_ratequant.quantizers import get_quantizer
 
 logger = logging.getLogger("benchmarks.allocation_neighbourhood")
@@ -78,7 +78,7 @@ class SplitKL:
     def _logprobs(self, fakes) -> torch.Tensor:
         cache = DynamicCache()
         cache.layers = [_FakeQuantLayer(fk, fv) for fk, fv in fakes]
-        logits = self.model(input_ids=self.windows, past_key_values=cache, use_cache=True,
+        logits = self.model(input_ids=self.windows, **cache_kwargs(self.model, cache), use_cache=True,
                             attention_mask=self.mask).logits
         return logits[:, self.first :].float().log_softmax(-1)
 

@@ -57,6 +57,8 @@ from _common import (
 from field_comparison import cache_bytes, quantized_cache
 from ratequant_quality import evaluate, paired
 
+from hf_ratequant.models import cache_kwargs
+
 logger = logging.getLogger("benchmarks.byte_frontier")
 
 DESIGNS = ("kivi", "token", "rotated")
@@ -196,7 +198,7 @@ def long_states(model, tok, eval_data) -> list[tuple[torch.Tensor, torch.Tensor]
     ids = tokenize_windows(tok, text, seq_len=MEMORY_TOKENS[1], n_windows=1)
     ref = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=ids, past_key_values=ref, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **cache_kwargs(model, ref), use_cache=True, logits_to_keep=1)
     return [(layer.keys.to(torch.bfloat16), layer.values.to(torch.bfloat16)) for layer in ref.layers]
 
 

@@ -47,6 +47,7 @@ from _common import (
     write_results,
 )
 
+from hf_ratequant.models import cache_kwargs
 from hf_ratequant.quantizers import available_quantizers
 
 logger = logging.getLogger("benchmarks.decode_speed")
@@ -216,7 +217,7 @@ def prefill(model, ids: torch.Tensor):
 
     cache = DynamicCache()
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     states = [(layer.keys, layer.values) for layer in cache.layers]
     return states, out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -228,7 +229,7 @@ def fill(cache, states) -> None:
 
 def _step(model, token: torch.Tensor, cache) -> torch.Tensor:
     """One greedy decode step: the next token."""
-    return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    return model(input_ids=token, **cache_kwargs(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
 
 
 def decode(model, cache, first: torch.Tensor, steps: int, device: torch.device) -> list[float]:
@@ -415,7 +416,7 @@ def profile_step(model, spec: CacheSpec, states, first, context: int, args, devi
     pr = cProfile.Profile()
     with torch.inference_mode():
         pr.enable()
-        model(input_ids=token, past_key_values=cache, use_cache=True)
+        model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
         pr.disable()
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(r"hf_ratequant|cache_utils", 30)

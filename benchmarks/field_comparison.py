@@ -61,6 +61,8 @@ from _common import (
     write_results,
 )
 
+from hf_ratequant.models import cache_kwargs
+
 logger = logging.getLogger("benchmarks.field_comparison")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -125,8 +127,8 @@ def kvq_method(model, bits: int, residual: int) -> Method:
                                  compute_dtype=model.dtype, device=model.device))
 
         ids = torch.tensor([[1, 2, 3, 4]], device=model.device)
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=make(), max_new_tokens=2,
-                       do_sample=False)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, make()),
+                       max_new_tokens=2, do_sample=False)
         return Method(f"kvq package {bits}-bit", "kvq", None, float(bits), make)
     except Exception as err:  # noqa: BLE001 - an unusable third-party package is reported, not fatal
         return Method(f"kvq package {bits}-bit", "kvq", None, float(bits), None,
@@ -525,7 +527,8 @@ def main(argv=None) -> int:
 
     ref = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=long_ids[:, : args.memory_tokens], past_key_values=ref, use_cache=True, logits_to_keep=1)
+        model(input_ids=long_ids[:, : args.memory_tokens], **cache_kwargs(model, ref), use_cache=True,
+              logits_to_keep=1)
     states = [(layer.keys.to(torch.bfloat16), layer.values.to(torch.bfloat16)) for layer in ref.layers]
     del ref
     memory(methods, rows, states)

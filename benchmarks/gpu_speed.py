@@ -52,6 +52,8 @@ from _common import (
     write_results,
 )
 
+from hf_ratequant.models import cache_kwargs
+
 logger = logging.getLogger("benchmarks.gpu_speed")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -338,7 +340,7 @@ class Bench:
                 raise SimulatedOOM(f"simulated: the cache passed {capacity / 2**20:.0f} MiB at layer {i}")
 
     def step(self, token, cache):
-        out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=token, **cache_kwargs(self.model, cache), use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     def kernel_impl(self, op: str) -> tuple[str, str]:
@@ -466,7 +468,7 @@ class Bench:
             return
         try:
             cache = self.dyn.make()
-            out = self.model(input_ids=self.ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=self.ids, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)
             self.first = out.logits[:, -1].argmax(-1, keepdim=True)
             self.states = [(layer.keys, layer.values) for layer in cache.layers]
         except Exception as err:  # noqa: BLE001
@@ -505,7 +507,8 @@ class Bench:
         t0 = time.perf_counter()
         n = min(self.long, self.args.residual_length + 4 * self.args.group_size + 128)
         cache = self.dyn.make()
-        out = self.model(input_ids=self.ids[:, :n], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=self.ids[:, :n], **cache_kwargs(self.model, cache), use_cache=True,
+                         logits_to_keep=1)
         first = out.logits[:, -1].argmax(-1, keepdim=True)
         states = [(layer.keys, layer.values) for layer in cache.layers]
         del cache
@@ -820,7 +823,8 @@ class Bench:
                     cache = spec.make()
                     self.sync()
                     t0 = time.perf_counter()
-                    out = self.model(input_ids=self.ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    out = self.model(input_ids=self.ids, **cache_kwargs(self.model, cache), use_cache=True,
+                                     logits_to_keep=1)
                     first = out.logits[:, -1].argmax(-1, keepdim=True)
                     self.sync()
                     dt = time.perf_counter() - t0
@@ -874,7 +878,8 @@ class Bench:
                 t0 = time.perf_counter()
                 with PathProbe(profile=False) as probe:  # no profiler: it would slow the whole generate()
                     out = self.model.generate(
-                        input_ids=self.ids, attention_mask=torch.ones_like(self.ids), past_key_values=cache,
+                        input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
+                        **cache_kwargs(self.model, cache),
                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
                     )
                 self.sync()

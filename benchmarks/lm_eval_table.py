@@ -49,6 +49,7 @@ from _common import EVALUATION, RESULTS_DIR, machine, write_results  # noqa: E40
 from hf_ratequant import RateQuantCache, RateQuantConfig, default_config_path, load_default_model  # noqa: E402
 from hf_ratequant.cache_spec import parse_cache_spec  # noqa: E402
 from hf_ratequant.data import local_text  # noqa: E402
+from hf_ratequant.models import cache_kwargs  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 THREE_BIT = os.path.join(HERE, "..", "hub_artifacts", "SmolLM2-135M-Instruct-ratequant-kivi-3")
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
         for _, _, cfg in caches[1:]:
             cache = RateQuantCache(config=model.config, quant_config=cfg)
             for start in range(0, 512, args.chunk):
-                model(input_ids=torch.arange(start, start + args.chunk)[None] + 1000, past_key_values=cache)
+                model(input_ids=torch.arange(start, start + args.chunk)[None] + 1000, **cache_kwargs(model, cache))
     folder = args.task_dir or tempfile.mkdtemp(prefix="lm_eval_tasks_")
     passkey = passkey_docs(tokenizer, args.passkey_lengths, args.depths, args.seed)
     recall = recall_docs(tokenizer, args.recall, args.recall_base, args.recall_step, args.seed)

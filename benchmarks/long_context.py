@@ -62,6 +62,7 @@ from decode_speed import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from hf_ratequant.models import cache_kwargs
 from hf_ratequant.quantizers import available_quantizers
 
 logger = logging.getLogger("benchmarks.long_context")
@@ -156,7 +157,7 @@ def run_generate(model, ids: torch.Tensor, spec: CacheSpec, new_tokens: int) -> 
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,

@@ -35,6 +35,7 @@ from _common import (
     write_results,
 )
 
+from hf_ratequant.models import cache_kwargs
 from hf_ratequant.settings import CacheLayout, layout_with
 
 logger = logging.getLogger("benchmarks.memory")
@@ -164,7 +165,7 @@ def capture_states(model, tokenizer, n_tokens: int, text_source: str) -> tuple[l
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
     with torch.inference_mode():
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     logger.info("Captured %d layers x %d tokens in %.1f s.", len(cache.layers), n_tokens, time.perf_counter() - start)
     return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers], source
 
