@@ -459,6 +459,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from .analysis import beta_table, fit_quantizer_curves, mismatch_study
     from .config import ModelFingerprint, RateQuantConfig
+    from .environment import load_average, machine
     from .evaluation import evaluation_windows
     from .plots import plot_allocation, plot_distortion_curves
 
@@ -470,6 +471,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _check_data(args.data, "--data")
     _check_data(args.eval_data, "--eval-data")
     model, tokenizer = _load(args)
+    start, ran_on = time.perf_counter(), machine(model.device)
     quantizers = args.quantizers or available_quantizers()
     curves = fit_quantizer_curves(model, tokenizer, args.data, quantizers, layout=layout, settings=settings)
     betas = beta_table(curves)
@@ -493,7 +495,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     path = os.path.join(args.output_dir, "analysis.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"model": fp.describe(), "budget": settings.budget, "settings": _analysis_settings(
-            layout, settings, evaluation), "betas": betas, "mismatch": rows}, f, indent=1)
+            layout, settings, evaluation), "betas": betas, "mismatch": rows,
+            "machine": ran_on | {"load_average_end": load_average()},
+            "seconds": round(time.perf_counter() - start, 1)}, f, indent=1)
     print("\nwrote " + ", ".join(written + [path]))
     return 0
 

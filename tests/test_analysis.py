@@ -1,6 +1,7 @@
 """The mismatch analysis and the plots, on a tiny random model (the CLI on the default model)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -68,3 +69,6 @@ def test_analyze_command(smollm_cli, tmp_path, capsys):
     report = json.loads((out_dir / "analysis.json").read_text())
     # per quantizer: the fixed splits K1V4 .. K4V1 (b_min = 1, as calibrate), own curves, the other's, kvq
     assert len(report["betas"]) == 4 and len(report["mismatch"]) == 2 * 7
+    # where it ran, so that its figures are compared only with those of the same machine
+    assert report["machine"]["device"] == "cpu" and report["machine"]["cores"] == os.cpu_count()
+    assert report["machine"]["torch"] == torch.__version__ and report["seconds"] > 0
