@@ -292,6 +292,53 @@ def domains(_: None) -> list[str]:
                     rows, "lllllllrrrl")]
 
 
+# Every in-domain quality run (calibrated and evaluated on the two halves of the Python docs text, budgets in
+# average code bits), one model after another: the per-model grid of issue [3 models].
+GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-270m.json",
+             "ratequant_quality_gemma3-270m_rotated.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
+             "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json")
+MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
+
+
+def model_grid(_: None) -> list[str]:
+    """Per model, design and budget: the best fixed split against RateQuant on held-out docs text, from every
+    in-domain quality run."""
+    cells = []
+    for name in GRID_RUNS:
+        d = _load(name)
+        label = _model_label(d)
+        for r in d["summaries"]:
+            cells.append((MODEL_ORDER.index(label), ("kivi", "token", "rotated").index(r["quantizer"]), r["budget"],
+                          label, r, d, name))
+    rows = []
+    for *_, label, r, d, name in sorted(cells, key=lambda c: c[:3]):
+        fixed = r.get("best_fixed")
+        rows.append([
+            label, r["quantizer"], f"{r['budget']:g}", f"{d['full']['perplexity']:.3f}",
+            f"{fixed} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}" if fixed else "none exists",
+            f"{r['best_fixed_by_kl']} {r['best_fixed_kl_min']:.4f}" if fixed else "-",
+            f"{r['winner'].removeprefix('ratequant-')}: **{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}**",
+            f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}" if fixed else "-",
+            ("yes" if r["beats_every_fixed_kl"] else "**no**") if fixed else "-",
+            _f(r.get("ppl_gap_recovered"), ".0%", "n/a"),
+            f"{r['paired_dlogppl_vs_best_fixed']:+.4f} ± {r['paired_dlogppl_se']:.4f}" if fixed else "",
+            f"{r['ratio_wall']:.2f}x" + (" (busy)" if _busy(d) else ""), f"`{name}`"])
+    return ["Every model, design and budget measured with the protocol of the first table (calibrated with the "
+            "library's defaults on the calibration half of the Python docs text, evaluated through the real cache "
+            "on its held-out half, 8 windows of 1024 tokens, every cache with G = 32, R = 128, S = 32; budgets in "
+            "average code bits). \"best fixed\": the keys/values split (or uniform) of the same budget with the "
+            "lowest perplexity, and the one with the lowest KL; \"beats every fixed\": RateQuant's KL below that of "
+            "every fixed split; the gap is perplexity's, from the best fixed split to full precision, and "
+            "Δlog-ppl its paired difference over windows. Commands: `python benchmarks/ratequant_quality.py "
+            "--model M --quantizers Q --budgets B --calib-data pydoc --eval-data pydoc --tag T` (the file names T); "
+            "machines in each file's section. \"busy\": other jobs shared the 2 cores, so the time ratio is "
+            "inflated.", "",
+            *_table(["model", "design", "bits", "full ppl", "best fixed: ppl / KL", "lowest-KL fixed",
+                     "RateQuant (winner): ppl / KL", "KL vs lowest-KL fixed", "beats every fixed (KL)",
+                     "ppl gap recovered", "Δlog-ppl ± SE", "calibration / fwd+bwd", "file"], rows,
+                    "lllrllrrlrrrl")]
+
+
 def calibration_memory(d: dict) -> list[str]:
     gib = 2**30
     rows = []
@@ -512,6 +559,7 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Decode speed on an H100 (dequantize path)", "decode_speed_h100_qwen3-8b-arch_flash.json",
      "python benchmarks/decode_speed.py --model random:qwen3-8b --device cuda --dtype bfloat16 --contexts 4096 "
      "32768 --backends --sdpa flash", gpu_dequantize),
+    ("Every model, design and budget (in-domain)", None, "", model_grid),
     ("Across text domains", None, "", domains),
     ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.5 --calib-data pydoc "
@@ -563,7 +611,7 @@ def cited_files() -> set[str]:
     its benchmark wrote beside it; plus whatever lies in KEPT_FOLDERS."""
     names = {f for _, f, _, _ in SECTIONS if f}
     names |= set(CALIBRATION_SPEED_RUNS)
-    names |= set(DOMAIN_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS) | set(DECODE_MODEL_RUNS)
+    names |= set(DOMAIN_RUNS) | set(GRID_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS) | set(DECODE_MODEL_RUNS)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= set(PASSKEY_MODEL_RUNS)  # `hf-ratequant eval --json` rows: no markdown beside them
     names |= {"field_frontier.png", "memory.png", "byte_frontier.png"}
@@ -640,14 +688,17 @@ def models_table() -> list[str]:
                          f"**{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}**",
                          f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}",
                          f"{mib_fixed:.2f} / {mib:.2f} ({mib16:.2f})"])
-    rows += [_card_row(folder, label) for folder, label in CARD_ROWS]
+    measured = {(row[0], row[1]) for row in rows}
+    rows += [_card_row(folder, label) for folder, label, bits in CARD_ROWS if (label, bits) not in measured]
+    rows.sort(key=lambda row: (MODEL_ORDER.index(row[0].removesuffix(" (card: 4 windows)")), float(row[1])))
     return _table(["model (kivi)", "bits", "full precision ppl", "best fixed split: ppl / KL", "RateQuant: ppl / KL",
                    "KL", "ppl gap recovered", "MiB @ 4k tokens: fixed / RateQuant (16-bit)"], rows)
 
 
 # The real models' 3-bit configs, measured only by hub_artifacts/build.py (4 held-out windows of the card).
-CARD_ROWS = (("gemma-3-270m-ratequant-kivi-3", "Gemma 3 270M"),
-             ("Qwen2.5-Coder-0.5B-Instruct-ratequant-kivi-3", "Qwen2.5-Coder 0.5B"))
+# Shown only where no quality run measured the model at those bits.
+CARD_ROWS = (("gemma-3-270m-ratequant-kivi-3", "Gemma 3 270M", "3"),
+             ("Qwen2.5-Coder-0.5B-Instruct-ratequant-kivi-3", "Qwen2.5-Coder 0.5B", "3"))
 
 
 def _card_row(folder: str, label: str) -> list[str]:
