@@ -178,7 +178,8 @@ def passkey_models(_: None) -> list[str]:
     rows = []
     for name in PASSKEY_MODEL_RUNS:
         model = name.removeprefix("passkey_").removesuffix(".json")
-        for r in _load(name):
+        d = _load(name)
+        for r in d["rows"] if isinstance(d, dict) else d:  # a bare list: files written before eval recorded more
             by_length = " / ".join(f"{v:.0%}" for _, v in sorted(r["passkey_by_length"].items(), key=lambda kv:
                                                                   int(kv[0])))
             rows.append([model, r["cache"].removeprefix("hub_artifacts/"), str(r["code_bits"]),

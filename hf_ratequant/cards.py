@@ -58,7 +58,7 @@ def model_card(
 
     Args:
         evaluation (`list[dict]`, *optional*): held-out quality rows, each with `cache`, `avg_bits`, `perplexity`
-            and `kl` (e.g. from `hf-ratequant eval --json`), shown as a table.
+            and `kl` (e.g. the `rows` of `hf-ratequant eval --json`), shown as a table.
     """
     from huggingface_hub import ModelCardData
 

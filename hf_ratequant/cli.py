@@ -337,6 +337,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from .config import ModelFingerprint
+    from .environment import load_average, machine
     from .evaluation import evaluate_quality, evaluation_windows
     from .passkey import passkey_trials, run_passkey
 
@@ -349,6 +350,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trials = (passkey_trials(tokenizer, args.passkey, args.passkey_depths,
                              max_positions=getattr(model.config, "max_position_embeddings", None))
               if args.passkey else [])
+    start, ran_on = time.perf_counter(), machine(model.device)
     windows = evaluation_windows(tokenizer, args.data, window=settings.window, max_windows=settings.n_windows)
     fingerprint = ModelFingerprint.from_model_config(model.config)
     rows = []
@@ -364,8 +366,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             row.update(passkey=res.accuracy, passkey_by_length=res.by_length, passkey_trials=res.records)
     _print_eval_table(rows, bool(trials))
     if args.json:
+        report = {"model": fingerprint.describe(), "data": args.data, "tokens": int(windows.numel()),
+                  "settings": {"window": settings.window, "windows": settings.n_windows, "chunk": settings.chunk,
+                               "passkey": args.passkey, "passkey_depths": args.passkey_depths if trials else None},
+                  "machine": ran_on | {"load_average_end": load_average()},
+                  "seconds": round(time.perf_counter() - start, 1), "rows": rows}
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(report, f, indent=2)
     return 0
 
 
@@ -631,7 +638,8 @@ def _add_eval(sub) -> None:
                    help="also score passkey retrieval at these context lengths, e.g. 1024 2048 4096 6144")
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
                    help="where the key sits in the filler, as fractions in [0, 1]")
-    p.add_argument("--json", help="also write the rows as JSON to this path")
+    p.add_argument("--json", help="also write the table as JSON to this path: the rows, the model, the text, the "
+                   "settings and the machine it ran on")
     p.set_defaults(func=cmd_eval)
 
 

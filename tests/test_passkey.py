@@ -110,7 +110,10 @@ def test_cli_eval_with_passkey_writes_the_table_and_json(smollm_cli, text_file, 
                  "--windows", "1", "--passkey", "300", "--passkey-depths", "0.5", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "passkey" in table and "kv:3,2" in table
-    rows = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    assert report["machine"]["device"] == "cpu" and report["settings"]["passkey"] == [300]
+    assert report["tokens"] == 384 and report["seconds"] > 0
+    rows = report["rows"]
     assert [r["cache"] for r in rows] == ["none", "uniform:8", "kv:3,2"]
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] < rows[2]["kl"]
     assert rows[0]["passkey"] == 1.0 and rows[1]["passkey"] == 1.0
