@@ -297,7 +297,8 @@ def domains(_: None) -> list[str]:
 # average code bits), one model after another: the per-model grid of issue [3 models].
 GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-270m.json",
              "ratequant_quality_gemma3-270m_rotated.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
-             "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json")
+             "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
+             "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json")
 MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
 
 
@@ -321,7 +322,8 @@ def model_grid(_: None) -> list[str]:
             f"{r['winner'].removeprefix('ratequant-')}: **{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}**",
             f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}" if fixed else "-",
             ("yes" if r["beats_every_fixed_kl"] else "**no**") if fixed else "-",
-            _f(r.get("ppl_gap_recovered"), ".0%", "n/a"),
+            _f(r.get("ppl_gap_recovered"), ".0%", "n/a") + (" (below full precision)" if r["chosen_ppl"] <
+                                                            d["full"]["perplexity"] else ""),
             f"{r['paired_dlogppl_vs_best_fixed']:+.4f} ± {r['paired_dlogppl_se']:.4f}" if fixed else "",
             f"{r['ratio_wall']:.2f}x" + (" (busy)" if _busy(d) else ""), f"`{name}`"])
     return ["Every model, design and budget measured with the protocol of the first table (calibrated with the "
@@ -574,6 +576,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Qwen2.5-Coder 0.5B: the per-token designs", "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
      "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers token rotated --budgets 2.5 "
      "--calib-data pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b_token-rotated", quality),
+    ("Qwen2.5-Coder 0.5B: kivi at 2.25, 3 and 3.5 bits", "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json",
+     "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers kivi --budgets 2.25 3 3.5 "
+     "--calib-data pydoc --eval-data pydoc --save-configs DIR --tag qwen2.5-coder-0.5b_kivi-budgets", quality),
     ("Group-size options (issue [4 bytes], calibration's objective only)", "group_options.json",
      "python benchmarks/group_options.py", group_options),
     ("Budgets in bytes: bits and group size per unit (issue [4 bytes])", None,
@@ -651,8 +656,9 @@ def headline(d: dict) -> list[str]:
 
 
 MODELS_BLOCK = ("<!-- results:models -->", "<!-- /results:models -->")
+# each row named by `_model_label` of its run
 MODEL_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-270m.json",
-              "ratequant_quality_qwen2.5-coder-0.5b.json")  # each row named by `_model_label` of its run
+              "ratequant_quality_qwen2.5-coder-0.5b.json", "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json")
 
 
 def _mib_at_4k(config: dict) -> tuple[float, float]:
