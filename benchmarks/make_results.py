@@ -296,8 +296,8 @@ def domains(_: None) -> list[str]:
 # Every in-domain quality run (calibrated and evaluated on the two halves of the Python docs text, budgets in
 # average code bits), one model after another: the per-model grid of issue [3 models].
 GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-270m.json",
-             "ratequant_quality_gemma3-270m_rotated.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
-             "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
+             "ratequant_quality_gemma3-270m_kivi-budgets.json", "ratequant_quality_gemma3-270m_rotated.json",
+             "ratequant_quality_qwen2.5-coder-0.5b.json", "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
              "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json")
 MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
 
@@ -567,6 +567,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.5 --calib-data pydoc "
      "--eval-data pydoc --tag gemma3-270m", quality),
+    ("Gemma 3 270M: kivi at 2.25, 3 and 3.5 bits", "ratequant_quality_gemma3-270m_kivi-budgets.json",
+     "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.25 3 3.5 --calib-data "
+     "pydoc --eval-data pydoc --save-configs DIR --tag gemma3-270m_kivi-budgets", quality),
     ("Gemma 3 270M: the rotated design", "ratequant_quality_gemma3-270m_rotated.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers rotated --budgets 2.5 --calib-data "
      "pydoc --eval-data pydoc --save-configs '' --tag gemma3-270m_rotated", quality),
@@ -658,6 +661,7 @@ def headline(d: dict) -> list[str]:
 MODELS_BLOCK = ("<!-- results:models -->", "<!-- /results:models -->")
 # each row named by `_model_label` of its run
 MODEL_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-270m.json",
+              "ratequant_quality_gemma3-270m_kivi-budgets.json",
               "ratequant_quality_qwen2.5-coder-0.5b.json", "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json")
 
 
@@ -686,7 +690,9 @@ def models_table() -> list[str]:
             if r["quantizer"] != "kivi" or r["budget"] not in (2.5, 3.0):
                 continue
             mib, mib16 = _mib_at_4k(block["config"])
-            k, v = (int(b) for b in r["best_fixed"].removeprefix("K").split("V"))
+            name = r["best_fixed"]
+            k, v = ((int(name.removeprefix("uniform-")),) * 2 if name.startswith("uniform-")
+                    else (int(b) for b in name.removeprefix("K").split("V")))
             fixed = dict(block["config"], key_bits=[[k] * len(row) for row in block["config"]["key_bits"]],
                          value_bits=[[v] * len(row) for row in block["config"]["value_bits"]], method="uniform")
             mib_fixed = _mib_at_4k(fixed)[0]
