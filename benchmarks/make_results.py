@@ -253,6 +253,11 @@ def _busy(d: dict) -> bool:
     return load > cores + 0.5
 
 
+def _ratio(summary: dict, d: dict) -> str:
+    """A quality run's calibration time over one forward+backward, flagged where other jobs shared the machine."""
+    return f"{summary['ratio_wall']:.2f}x" + (" (busy)" if _busy(d) else "")
+
+
 def domains(_: None) -> list[str]:
     """kivi 2.5 (and whatever else the runs hold) calibrated on one text, evaluated on the held-out half of each."""
     from hf_ratequant.settings import CalibrationSettings
@@ -277,7 +282,7 @@ def domains(_: None) -> list[str]:
                          f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
                          f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}",
                          f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}",
-                         f"{r['ratio_wall']:.2f}x" + (" (busy)" if _busy(d) else ""), f"`{name}`"])
+                         _ratio(r, d), f"`{name}`"])
     return ["kivi at 2.5 bits, calibrated with the library's defaults on the calibration half of one text and "
             "evaluated through the real cache on the held-out half of each (8 windows of 1024 tokens; the fixed "
             "splits with the same G, R and S = 32). Python docs: `pydoc_data.topics`; BBC News: 2004-05 articles "
@@ -325,7 +330,7 @@ def model_grid(_: None) -> list[str]:
             _f(r.get("ppl_gap_recovered"), ".0%", "n/a") + (" (below full precision)" if r["chosen_ppl"] <
                                                             d["full"]["perplexity"] else ""),
             f"{r['paired_dlogppl_vs_best_fixed']:+.4f} ± {r['paired_dlogppl_se']:.4f}" if fixed else "",
-            f"{r['ratio_wall']:.2f}x" + (" (busy)" if _busy(d) else ""), f"`{name}`"])
+            _ratio(r, d), f"`{name}`"])
     return ["Every model, design and budget measured with the protocol of the first table (calibrated with the "
             "library's defaults on the calibration half of the Python docs text, evaluated through the real cache "
             "on its held-out half, 8 windows of 1024 tokens, every cache with G = 32, R = 128, S = 32; budgets in "
