@@ -301,8 +301,9 @@ def domains(_: None) -> list[str]:
 # Every in-domain quality run (calibrated and evaluated on the two halves of the Python docs text, budgets in
 # average code bits), one model after another: the per-model grid of issue [3 models].
 GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-270m.json",
-             "ratequant_quality_gemma3-270m_kivi-budgets.json", "ratequant_quality_gemma3-270m_rotated.json",
-             "ratequant_quality_qwen2.5-coder-0.5b.json", "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
+             "ratequant_quality_gemma3-270m_kivi-budgets.json", "ratequant_quality_gemma3-270m_token.json",
+             "ratequant_quality_gemma3-270m_rotated.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
+             "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
              "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json")
 MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
 
@@ -575,6 +576,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Gemma 3 270M: kivi at 2.25, 3 and 3.5 bits", "ratequant_quality_gemma3-270m_kivi-budgets.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.25 3 3.5 --calib-data "
      "pydoc --eval-data pydoc --save-configs DIR --tag gemma3-270m_kivi-budgets", quality),
+    ("Gemma 3 270M: the token design", "ratequant_quality_gemma3-270m_token.json",
+     "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers token --budgets 2.5 --calib-data pydoc "
+     "--eval-data pydoc --save-configs DIR --tag gemma3-270m_token", quality),
     ("Gemma 3 270M: the rotated design", "ratequant_quality_gemma3-270m_rotated.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers rotated --budgets 2.5 --calib-data "
      "pydoc --eval-data pydoc --save-configs '' --tag gemma3-270m_rotated", quality),
