@@ -186,10 +186,10 @@ def passkey_models(_: None) -> list[str]:
                          f"{r['passkey']:.0%}", by_length, str(len(r["passkey_trials"]))])
     return ["`hf-ratequant eval --model \"$(python benchmarks/real_models.py M)\" --data pydoc --windows 1 --cache "
             "none kv:3,2 hub_artifacts/<M's configs> --passkey 1024 2048 4096 --json results/passkey_M.json` "
-            "(machine not recorded by `eval`; the 2-core CPU of the decode rows). A five-digit key at depths 0.1, "
-            "0.5 and 0.9 of filler, the context stored in the cache first, then the question and the answer through "
-            "it; fp32. Nine trials per cache: a coarse check that quantization does not break retrieval, not a "
-            "ranking (the base Gemma 3 270M retrieves 4 of 9 keys even in full precision).", "",
+            "(written before `eval --json` recorded the machine: the 2-core CPU of the decode rows). A five-digit "
+            "key at depths 0.1, 0.5 and 0.9 of filler, the context stored in the cache first, then the question "
+            "and the answer through it; fp32. Nine trials per cache: a coarse check that quantization does not "
+            "break retrieval, not a ranking (the base Gemma 3 270M retrieves 4 of 9 keys even in full precision).", "",
             *_table(["model", "cache", "code bits", "passkey", "1024 / 2048 / 4096 tokens", "trials"], rows,
                     "llrrrr")]
 
