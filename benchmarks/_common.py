@@ -13,7 +13,7 @@ from typing import Any
 import real_models
 import torch
 
-from hf_ratequant.environment import cpu_name, load_average, machine  # noqa: F401 (the benchmarks' imports)
+from hf_ratequant.environment import load_average, machine  # noqa: F401 (load_average: the benchmarks' import)
 from hf_ratequant.settings import (
     DEFAULT_SINK_TOKENS,
     CacheLayout,

@@ -674,17 +674,19 @@ MODEL_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-
               "ratequant_quality_qwen2.5-coder-0.5b.json", "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json")
 
 
-def _mib_at_4k(config: dict) -> tuple[float, float]:
-    """(MiB, MiB at 16 bits) a bf16 `RateQuantCache` of `config` (a results file's config dict) holds after 4096
-    tokens: `cache_bytes`, which counts sliding-window layers and equals the cache's own `nbytes`."""
+def _mib_at_4k(config: dict, fixed: str) -> tuple[float, float, float]:
+    """(MiB, MiB at 16 bits, MiB of the fixed allocation `fixed`, e.g. `K3V2`, with the same layout) a bf16
+    `RateQuantCache` of `config` (a results file's config dict) holds after 4096 tokens: `cache_bytes`, which counts
+    sliding-window layers and equals the cache's own `nbytes`."""
     import torch
 
     from hf_ratequant import RateQuantConfig
     from hf_ratequant.footprint import cache_bytes
 
     cfg = RateQuantConfig.from_dict(config)
-    held = cache_bytes(cfg, cfg.fingerprint, 4096, dtype=torch.bfloat16)
-    return held.total / 2**20, held.bytes_16bit / 2**20
+    held, other = (cache_bytes(c, cfg.fingerprint, 4096, dtype=torch.bfloat16)
+                   for c in (cfg, _fixed_config(fixed, cfg)))
+    return held.total / 2**20, held.bytes_16bit / 2**20, other.total / 2**20
 
 
 def models_table() -> list[str]:
@@ -698,13 +700,7 @@ def models_table() -> list[str]:
         for r, block in zip(d["summaries"], d["blocks"]):
             if r["quantizer"] != "kivi" or r["budget"] not in (2.5, 3.0):
                 continue
-            mib, mib16 = _mib_at_4k(block["config"])
-            name = r["best_fixed"]
-            k, v = ((int(name.removeprefix("uniform-")),) * 2 if name.startswith("uniform-")
-                    else (int(b) for b in name.removeprefix("K").split("V")))
-            fixed = dict(block["config"], key_bits=[[k] * len(row) for row in block["config"]["key_bits"]],
-                         value_bits=[[v] * len(row) for row in block["config"]["value_bits"]], method="uniform")
-            mib_fixed = _mib_at_4k(fixed)[0]
+            mib, mib16, mib_fixed = _mib_at_4k(block["config"], r["best_fixed"])
             rows.append([label, f"{r['budget']:g}", f"{d['full']['perplexity']:.3f}",
                          f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
                          f"**{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}**",
@@ -739,9 +735,7 @@ def _card_row(folder: str, label: str) -> list[str]:
     m = re.fullmatch(r"uniform (\d+)-bit|keys (\d+) / values (\d+) bits", best["cache"])
     k, v = (int(m.group(1)),) * 2 if m.group(1) else (int(m.group(2)), int(m.group(3)))
     name = f"uniform-{k}" if m.group(1) else f"K{k}V{v}"
-    mib, mib16 = _mib_at_4k(config)
-    mib_fixed = _mib_at_4k(dict(config, key_bits=[[k] * len(row) for row in config["key_bits"]],
-                                value_bits=[[v] * len(row) for row in config["value_bits"]], method="uniform"))[0]
+    mib, mib16, mib_fixed = _mib_at_4k(config, name)
     gap = (best["perplexity"] - ours["perplexity"]) / (best["perplexity"] - full["perplexity"])
     return [f"{label} (card: 4 windows)", f"{ours['avg_bits']:g}", f"{full['perplexity']:.3f}",
             f"{name} {best['perplexity']:.3f} / {best['kl']:.4f}", f"**{ours['perplexity']:.3f} / {ours['kl']:.4f}**",
