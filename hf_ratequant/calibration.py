@@ -47,7 +47,7 @@ from .data import load_text, text_fingerprint, tokenize_windows
 from .distortion import CurveFit, fisher_distortion, fit_curves, output_distortion
 from .distributed import Processes
 from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
-from .footprint import REPORT_TOKENS, code_budget
+from .footprint import REPORT_TOKENS, code_budget, layer_weights, true_bits_per_element
 from .memory_guard import OutOfCalibrationMemory, available_bytes, saved_memory_limit
 from .models import cache_kwargs, last_hidden_states, output_head
 from .options import (
@@ -71,6 +71,7 @@ __all__ = [
     "MEASURES",
     "Measurement",
     "allocation_candidates",
+    "budget_weights",
     "calibrate",
     "calibration_candidates",
     "calibration_mode",
@@ -79,6 +80,7 @@ __all__ = [
     "candidate_config",
     "capture_states",
     "check_feasible",
+    "fits_true_budget",
     "in_code_bits",
     "load_calibration_data",
     "measure_distortion",
@@ -684,6 +686,29 @@ def measure_units(
     return Measurement(own, aware, time.perf_counter() - start, options, grid)
 
 
+def budget_weights(layout: CacheLayout, fingerprint: ModelFingerprint, true_budget: float | None) -> list[int] | None:
+    """What an element of each layer weighs in a budget of `true_budget` true bits per element: the tokens each
+    layer quantizes at [`REPORT_TOKENS`] tokens ([`footprint.layer_weights`]), so that the budget counts the bytes
+    the cache holds. None for a budget in code bits (an average over units, as in the paper) and where every layer
+    weighs the same (no sliding-window layers)."""
+    if true_budget is None:
+        return None
+    weights = layer_weights(layout, fingerprint, REPORT_TOKENS)
+    return weights if len(set(weights)) > 1 else None
+
+
+def fits_true_budget(candidate: Candidate, layout: CacheLayout, fingerprint: ModelFingerprint,
+                     true_budget: float) -> bool:
+    """Whether a candidate at the layout's group sizes stores at most `true_budget` bits per element, each layer's
+    elements weighed by the tokens it holds ([`budget_weights`]). The allocations over group sizes are made within
+    the budget (their longer windows included), so they always fit; so do the fixed splits."""
+    if candidate.groups is not None:
+        return True
+    config = RateQuantConfig.from_bits(candidate.bits, layout, fingerprint=fingerprint)
+    held = true_bits_per_element(config, fingerprint.head_dim, fingerprint=fingerprint)
+    return held <= true_budget + 1e-9
+
+
 def calibration_candidates(
     distortion: torch.Tensor, settings: CalibrationSettings, fingerprint: ModelFingerprint,
     measured: Measurement | None = None, true_budget: float | None = None, layout: CacheLayout | None = None,
@@ -692,18 +717,30 @@ def calibration_candidates(
     measurement over (bits, group) options and the `true_budget` (true bits per element) it stands for, also the
     exact allocations over the options and every fixed (bits, group) pair of the same bytes; with the `layout`,
     the bytes include the longer window of layers whose keys take larger token groups, at [`REPORT_TOKENS`]
-    tokens ([`options.window_costs`])."""
+    tokens ([`options.window_costs`]).
+
+    With a `true_budget` and the `layout` of a model whose layers hold different numbers of tokens (sliding-window
+    layers), the budget counts each layer's elements by the tokens it holds ([`budget_weights`]): the exact
+    allocations over the options weigh them so (over the layout's own group sizes when no others were measured),
+    and a bits-only candidate that would hold more bytes than the budget is left out ([`fits_true_budget`])."""
     s = settings
     out = (allocation_candidates(distortion, s.bit_grid, s.budget)
            + fixed_candidates(fingerprint.num_layers, fingerprint.num_kv_heads, s.budget, s.b_min, s.b_max))
-    if measured is not None and measured.grid is not None:
-        if true_budget is None:
-            raise ValueError("A measurement over group sizes is allocated under a budget in true bits per element: "
-                             "pass true_budget.")
-        charges = None if layout is None else window_costs(measured.grid, layout, fingerprint, REPORT_TOKENS)
-        out += option_candidates(measured.options, measured.grid, true_budget, KEY_WEIGHTS, charges)
-        out += fixed_option_candidates(measured.grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads,
-                                       charges)
+    grid, options = (measured.grid, measured.options) if measured is not None else (None, None)
+    if grid is not None and true_budget is None:
+        raise ValueError("A measurement over group sizes is allocated under a budget in true bits per element: "
+                         "pass true_budget.")
+    weights = None if layout is None else budget_weights(layout, fingerprint, true_budget)
+    if grid is None and weights is not None:  # the layout's own groups, allocated by the bytes they hold
+        grid = OptionGrid.build(layout, (), s.bit_grid, fingerprint.head_dim)
+        options = option_table({f"g{g}": distortion for g in grid.groups}, grid)
+    if grid is not None:
+        charges = None if layout is None else window_costs(grid, layout, fingerprint, REPORT_TOKENS)
+        out += option_candidates(options, grid, true_budget, KEY_WEIGHTS, charges, weights)
+        out += fixed_option_candidates(grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads, charges,
+                                       weights)
+    if weights is not None:
+        out = [c for c in out if fits_true_budget(c, layout, fingerprint, true_budget)]
     return out
 
 
@@ -753,11 +790,12 @@ def _kl_scorer(
 def validate_candidates(
     model: Any, windows: torch.LongTensor, candidates: list[Candidate], distortion: torch.Tensor,
     layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint, *,
-    processes: Processes, progress: bool = True,
+    processes: Processes, progress: bool = True, fits: Callable[[Candidate], bool] | None = None,
 ) -> RaceResult:
     """Race `candidates` by KL through the real cache on this process's validation `windows` ([`successive_halving`]
     on [`validation_rungs`]; one rung when several processes share the windows). After the first rung the
-    [`descent_candidates`] from the best fixed split join the race."""
+    [`descent_candidates`] from the best fixed split join the race (those `fits` accepts, when given: the budget
+    in bytes of [`fits_true_budget`])."""
     rungs = validation_rungs(len(windows)) if processes.count == 1 else [len(windows)]
     bounds = [sum(rungs[:i]) for i in range(len(rungs) + 1)]
     parts = [windows[a:b] for a, b in zip(bounds, bounds[1:])]
@@ -766,7 +804,8 @@ def validate_candidates(
         fixed = [c for c in candidates if c.family == "fixed" and c.groups is None]
         if not fixed:
             return []
-        return descent_candidates(distortion, settings.bit_grid, min(fixed, key=lambda c: scores[c.name]))
+        steps = descent_candidates(distortion, settings.bit_grid, min(fixed, key=lambda c: scores[c.name]))
+        return [c for c in steps if fits is None or fits(c)]
 
     with tqdm(desc=f"validating {len(candidates)} candidates", unit="cache",
               disable=not (progress and processes.is_main)) as bar:
@@ -780,11 +819,13 @@ def validate_candidates(
 def calibration_record(
     data: CalibrationData, measured: Measurement, fit: CurveFit, settings: CalibrationSettings,
     candidates: list[Candidate], race: RaceResult | None, *, validate_s: float, total_s: float, processes: int,
-    true_budget: float | None = None,
+    true_budget: float | None = None, weights: list[int] | None = None,
 ) -> CalibrationRecord:
     """What the calibration did ([`CalibrationRecord`]); `race` is None when nothing was validated (the closed-form
-    `ratequant` allocation wins) and `candidates` every candidate considered."""
-    winner = race.winner if race else "ratequant"
+    `ratequant` allocation wins, or where a budget in bytes left it out, `ratequant-options`, the exact allocation by
+    bytes) and `candidates` every candidate considered."""
+    names = {c.name for c in candidates}
+    winner = race.winner if race else ("ratequant" if "ratequant" in names else "ratequant-options")
     scores = race.scores if race else {}
     families = {c.name: c.family for c in candidates}
     best_fixed = min((kl for name, kl in scores.items() if families[name] == "fixed"), default=None)
@@ -804,6 +845,7 @@ def calibration_record(
         candidate_groups={c.name: c.groups.tolist() for c in candidates
                           if c.family != "fixed" and c.groups is not None},
         window_tokens=REPORT_TOKENS if measured.grid is not None and len(measured.grid.flush_blocks()) > 1 else None,
+        layer_weights=list(weights or []),
     )
 
 
@@ -832,7 +874,8 @@ def calibrate(
         settings ([`CalibrationSettings`], *optional*): what is measured, on how many windows, and how.
         budget_unit (`str`, *optional*, defaults to `"code"`): one of [`BUDGET_UNITS`]: `"code"`, average code bits
             per unit; `"true"`, bits per stored element with the scales and zero-points (16-bit) included, turned
-            into code bits by [`in_code_bits`] (the config records the code bits).
+            into code bits by [`in_code_bits`] (the config records the code bits); on a model with sliding-window
+            layers each layer's elements count by the tokens it holds ([`budget_weights`]).
         progress (`bool`, *optional*, defaults to `True`): progress bars for the measure and the validation.
         overrides: any field of [`CacheLayout`] or [`CalibrationSettings`] (`n_samples`, `seq_len`, `n_validation`,
             `group_size`, `residual_length`, `sink_length`, `b_min`, `b_max`, `batch_size`, `chunk`, `measure`,
@@ -867,15 +910,18 @@ def calibrate(
     fit = fit_curves(measured.distortion, settings.bit_grid)
     candidates = calibration_candidates(measured.distortion, settings, fp, measured, true_bits, layout)
     t0, race = time.perf_counter(), None
+    weights = budget_weights(layout, fp, true_bits)
     if len(data.validation):
+        fits = None if weights is None else (lambda c: fits_true_budget(c, layout, fp, true_bits))
         race = validate_candidates(model, data.validation, candidates, measured.distortion, layout, settings, fp,
-                                   processes=procs, progress=progress)
+                                   processes=procs, progress=progress, fits=fits)
         candidates += [c for c in race.entrants if c.family == "descent"]
     else:
         candidates = [c for c in candidates if c.family == "ratequant"]
     validate_s = time.perf_counter() - t0
     record = calibration_record(data, measured, fit, settings, candidates, race, validate_s=validate_s,
-                                total_s=time.perf_counter() - start, processes=procs.count, true_budget=true_bits)
+                                total_s=time.perf_counter() - start, processes=procs.count, true_budget=true_bits,
+                                weights=weights)
     winner = next(c for c in candidates if c.name == record.winner)
     config = candidate_config(winner.bits, layout, settings, fp, winner.name, winner.groups)
     config.calibration = record.to_dict()

@@ -47,6 +47,7 @@ __all__ = [
     "cache_bytes",
     "code_budget",
     "flush_block",
+    "layer_weights",
     "option_bits_per_element",
     "option_groups",
     "option_rates",
@@ -137,10 +138,41 @@ def _unit_costs(config: RateQuantConfig, head_dim: int, dtype: torch.dtype) -> t
                          for layer_bits, layer_groups in zip(bits, groups)], dtype=torch.float64)
 
 
-def true_bits_per_element(config: RateQuantConfig, head_dim: int, dtype: torch.dtype = torch.float16) -> float:
-    """Mean bits per quantized element over all units of `config` (every unit holds as many elements), scales and
-    zero-points included; compare with `config.average_bits`, the code bits alone."""
-    return float(_unit_costs(config, head_dim, dtype).mean())
+def true_bits_per_element(config: RateQuantConfig, head_dim: int, dtype: torch.dtype = torch.float16,
+                          fingerprint: ModelFingerprint | None = None, tokens: int = REPORT_TOKENS) -> float:
+    """Mean bits per quantized element of `config`, scales and zero-points included; compare with
+    `config.average_bits`, the code bits alone. Without `fingerprint` every unit counts as much (it holds as many
+    elements); with it, each layer's units count by the tokens the layer quantizes after `tokens` tokens
+    ([`layer_weights`]): the same mean unless some layers slide over fewer tokens than others."""
+    costs = _unit_costs(config, head_dim, dtype)
+    if fingerprint is None:
+        return float(costs.mean())
+    weights = torch.tensor(layer_weights(config, fingerprint, tokens), dtype=torch.float64)
+    if not bool((weights > 0).any()):
+        return float(costs.mean())
+    return float((costs.mean(dim=(1, 2)) * weights).sum() / weights.sum())
+
+
+def layer_weights(layout, fingerprint: ModelFingerprint, tokens: int = REPORT_TOKENS) -> list[int]:
+    """What one element of each layer's units weighs in the cache's bytes after `tokens` tokens: the tokens the
+    layer quantizes then (its window released in groups of G), divided by their greatest common divisor.
+
+    Equal (all 1) for a model whose layers all hold every token; a sliding-window layer holds at most its window, so
+    on Gemma 3 270M (15 layers sliding over 512 tokens, 3 global) at 4096 tokens with R = 128, G = S = 32 its
+    384 quantized tokens weigh 4 against a global layer's 3936, 41. A budget in true bits per element then counts
+    bytes: a sliding layer's extra bit costs a tenth of a global one's. A layer that quantizes nothing weighs 0.
+
+    Args:
+        layout: anything with `group_size`, `residual_length` and `sink_length` (a [`CacheLayout`] or a config).
+        fingerprint ([`ModelFingerprint`]): the model (layer types and windows).
+        tokens (`int`, *optional*, defaults to [`REPORT_TOKENS`]): the context the bytes are counted at.
+    """
+    if not fingerprint.layer_types:  # a fingerprint from before layer types were recorded: every layer full
+        return [1] * fingerprint.num_layers
+    held = [_held_tokens(tokens, fingerprint.window(kind), layout, layout.group_size)[0]
+            for kind in fingerprint.layer_types]
+    common = math.gcd(*held)
+    return [h // common for h in held] if common else [0] * len(held)
 
 
 def flush_block(config: RateQuantConfig, layer: int) -> int:

@@ -27,6 +27,7 @@ Pure functions, deterministic, float64 on CPU; no model, no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
 
 import torch
@@ -244,9 +245,10 @@ def block_frontier(rates: torch.Tensor, distortion: torch.Tensor, modes: list[tu
 
 
 def allocate_blocks(rates: torch.Tensor, distortion: torch.Tensor, blocks: list[list[int]],
-                    modes: list[list[tuple[torch.Tensor, int]]], budget: int) -> tuple[torch.LongTensor, list[int]]:
+                    modes: list[list[tuple[torch.Tensor, int]]], budget: int, weights: Sequence[int] | None = None,
+                    ) -> tuple[torch.LongTensor, list[int]]:
     """The option per unit and the mode per block minimising the total distortion with the total rate (the
-    units' options plus every block's mode rate) at most `budget`, exactly.
+    units' options plus every block's mode rate, times the block's weight) at most `budget`, exactly.
 
     Args:
         rates, distortion (`torch.Tensor`): `(n_units, n_options)`, as for [`allocate_rate`].
@@ -254,6 +256,9 @@ def allocate_blocks(rates: torch.Tensor, distortion: torch.Tensor, blocks: list[
         modes (`list[list[tuple[torch.Tensor, int]]]`): per block, its modes as [`block_frontier`] takes them (masks
             over the block's units, in the order `blocks` lists them).
         budget (`int`): the most total rate.
+        weights (`Sequence[int]`, *optional*): a non-negative integer per block that its whole rate is multiplied
+            by (e.g. the tokens a layer holds, when the budget is bytes and layers hold different numbers of tokens);
+            None: all 1.
 
     Returns:
         `(choice, block_modes)`: the `(n_units,)` option of every unit and the mode of every block.
@@ -271,13 +276,18 @@ def allocate_blocks(rates: torch.Tensor, distortion: torch.Tensor, blocks: list[
     if units != list(range(rates.shape[0])) or len(modes) != len(blocks):
         raise ValueError(f"blocks must list every one of the {rates.shape[0]} units exactly once and modes give one "
                          f"list per block (got {len(blocks)} blocks, {len(modes)} mode lists).")
+    if weights is None:
+        weights = [1] * len(blocks)
+    if len(weights) != len(blocks) or any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in weights):
+        raise ValueError(f"weights must give a non-negative integer per block ({len(blocks)} blocks), got "
+                         f"{list(weights)}.")
     fronts = [block_frontier(rates[block], distortion[block], block_modes) for block, block_modes in
               zip(blocks, modes)]
     width = max(len(f[0]) for f in fronts)
     outer_rates = torch.zeros(len(blocks), width, dtype=torch.long)
     outer_dist = torch.full((len(blocks), width), math.inf, dtype=torch.float64)
     for b, (totals, dists, _) in enumerate(fronts):
-        outer_rates[b, : len(totals)] = torch.tensor(totals, dtype=torch.long)
+        outer_rates[b, : len(totals)] = torch.tensor(totals, dtype=torch.long) * weights[b]
         outer_dist[b, : len(dists)] = torch.tensor(dists, dtype=torch.float64)
     picked = allocate_rate(outer_rates, outer_dist, budget)
     choice = torch.empty(rates.shape[0], dtype=torch.long)

@@ -168,6 +168,11 @@ def _capacity(true_budget: float, n_units: int, scale: int) -> int:
     return int(math.floor(cap + 1e-9))
 
 
+def _weighted(weights: list[int] | None) -> list[int] | None:
+    """`weights` when layers weigh differently ([`footprint.layer_weights`]), else None (every unit counts once)."""
+    return None if weights is None or len(set(weights)) <= 1 else list(weights)
+
+
 def _chosen(choice: torch.Tensor, grid: OptionGrid, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [grid.option(i) for i in choice.tolist()]
     bits = torch.tensor([b for b, _ in pairs]).reshape(shape)
@@ -183,16 +188,22 @@ def window_costs(grid: OptionGrid, layout: CacheLayout, fingerprint, tokens: int
 
 
 def _allocate(int_rates: torch.Tensor, table: torch.Tensor, grid: OptionGrid, cap: int, heads: int,
-              charges: torch.Tensor | None) -> torch.Tensor:
-    """One exact allocation: over units when no layer pays for its window, else over layers and their blocks."""
-    if charges is None:
+              charges: torch.Tensor | None, weights: list[int] | None = None) -> torch.Tensor:
+    """One exact allocation: over units when no layer pays for its window and every layer weighs the same, else
+    over layers (their blocks and their weights)."""
+    if charges is None and weights is None:
         return allocate_rate(int_rates, table, cap)
     per_layer = 2 * heads  # units run (layer, kv-head, K/V)
-    masks = [grid.allowed(block).repeat(heads, 1) for block in grid.flush_blocks()]
-    blocks = [list(range(layer * per_layer, (layer + 1) * per_layer)) for layer in range(charges.shape[0])]
-    # a block whose window would hold tokens the layer never quantizes at that context costs +inf: not offered
-    modes = [[(mask, int(c)) for mask, c in zip(masks, row.tolist()) if math.isfinite(c)] for row in charges]
-    return allocate_blocks(int_rates, table, blocks, modes, cap)[0]
+    n_layers = int_rates.shape[0] // per_layer
+    blocks = [list(range(layer * per_layer, (layer + 1) * per_layer)) for layer in range(n_layers)]
+    if charges is None:
+        everything = torch.ones(per_layer, int_rates.shape[1], dtype=torch.bool)
+        modes = [[(everything, 0)] for _ in range(n_layers)]
+    else:
+        masks = [grid.allowed(block).repeat(heads, 1) for block in grid.flush_blocks()]
+        # a block whose window would hold tokens the layer never quantizes at that context costs +inf: not offered
+        modes = [[(mask, int(c)) for mask, c in zip(masks, row.tolist()) if math.isfinite(c)] for row in charges]
+    return allocate_blocks(int_rates, table, blocks, modes, cap, weights)[0]
 
 
 def _charged(charges: torch.Tensor | None, scale: int) -> tuple[torch.Tensor | None, int]:
@@ -205,17 +216,22 @@ def _charged(charges: torch.Tensor | None, scale: int) -> tuple[torch.Tensor | N
 
 
 def option_candidates(options: torch.Tensor, grid: OptionGrid, true_budget: float,
-                      key_weights: tuple[float, ...], charges: torch.Tensor | None = None) -> list[Candidate]:
+                      key_weights: tuple[float, ...], charges: torch.Tensor | None = None,
+                      weights: list[int] | None = None) -> list[Candidate]:
     """The exact allocations over every unit's options of at most `true_budget` true bits per element on average:
     `ratequant-options` on the measured table, and `ratequant-options-keys-xW` with the keys' distortion times W
     (as `calibration.allocation_candidates` does for bits). `charges` ([`window_costs`]): what a layer pays for
-    each flush block; the budget then covers them too (rounded up to 1/[`WINDOW_GRID`] bit)."""
+    each flush block; the budget then covers them too (rounded up to 1/[`WINDOW_GRID`] bit). `weights`
+    ([`footprint.layer_weights`]): what an element of each layer weighs in bytes; the average is then over the
+    elements the cache holds, so a layer that slides over fewer tokens pays less for its bits."""
     shape = options.shape[:3]
+    weights = _weighted(weights)
     dist, rate_rows = _unit_rows(options, grid.rates())
     int_rates, scale = integer_rates(torch.nan_to_num(rate_rows, nan=0.0))
     steps, factor = _charged(charges, scale)
     int_rates, scale = int_rates * factor, scale * factor
-    cap = _capacity(true_budget, dist.shape[0], scale)
+    units = dist.shape[0] if weights is None else sum(weights) * 2 * shape[1]
+    cap = _capacity(true_budget, units, scale)
     tables = {"ratequant-options": dist}
     for w in key_weights:
         weighted = dist.clone()
@@ -223,7 +239,7 @@ def option_candidates(options: torch.Tensor, grid: OptionGrid, true_budget: floa
         tables[f"ratequant-options-keys-x{w:g}"] = weighted
     out = []
     for name, table in tables.items():
-        bits, groups = _chosen(_allocate(int_rates, table, grid, cap, shape[1], steps), grid, shape)
+        bits, groups = _chosen(_allocate(int_rates, table, grid, cap, shape[1], steps, weights), grid, shape)
         out.append(Candidate(name, "ratequant", bits, groups))
     return out
 
@@ -234,12 +250,14 @@ element below it race too."""
 
 
 def fixed_option_candidates(grid: OptionGrid, true_budget: float, num_layers: int,
-                            num_kv_heads: int, charges: torch.Tensor | None = None) -> list[Candidate]:
+                            num_kv_heads: int, charges: torch.Tensor | None = None,
+                            weights: list[int] | None = None) -> list[Candidate]:
     """Every fixed configuration of exactly `true_budget` true bits per element that uses a group size other than
     the layout's: one (bits, group) option for all keys and one for all values, named like `"K2g64V2g64"` (the
     layout's own fixed splits are `allocation.fixed_candidates`). With `charges` ([`window_costs`]) its layers'
-    window growth counts too, and the configurations of at most the budget and at most [`FIXED_SLACK`] below it
-    race."""
+    window growth counts too (each layer's by its `weights`, [`footprint.layer_weights`]), and the configurations
+    of at most the budget and at most [`FIXED_SLACK`] below it race."""
+    weights = [1] * num_layers if weights is None or not any(weights) else list(weights)
     rates = grid.rates()
     blocks = grid.flush_blocks()
     allowed = {b: grid.allowed(b) for b in blocks}
@@ -254,7 +272,8 @@ def fixed_option_candidates(grid: OptionGrid, true_budget: float, num_layers: in
             mean = (rk + rv) / 2
             if charged:
                 block = min(b for b in blocks if bool(allowed[b][0, ko]) and bool(allowed[b][1, vo]))
-                mean += float(charges[:, blocks.index(block)].sum()) / (2 * num_layers * num_kv_heads)
+                mean += sum(float(c) * w for c, w in zip(charges[:, blocks.index(block)].tolist(), weights)
+                            if w) / (2 * sum(weights) * num_kv_heads)  # a layer that quantizes nothing weighs 0
                 if not true_budget - FIXED_SLACK - 1e-9 <= mean <= true_budget + 1e-9:
                     continue
             elif not math.isclose(mean, true_budget, abs_tol=1e-9):

@@ -23,10 +23,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RECORD_VERSION", "CalibrationRecord", "measure_description"]
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 """1: `record_version` and `families` added, the `kvq-beta4` comparison no longer among the `candidates`. 2:
 `true_budget`, `group_grid` and `candidate_groups` (calibration over group sizes). 3: `window_tokens` (the true
-budget counts the longer full-precision window of layers with larger key token groups)."""
+budget counts the longer full-precision window of layers with larger key token groups). 4: `layer_weights` (the
+true budget counts each layer's elements by the tokens it holds, where sliding-window layers hold fewer)."""
 
 
 def measure_description(measure: str, residual_aware: bool) -> str:
@@ -37,7 +38,8 @@ def measure_description(measure: str, residual_aware: bool) -> str:
             + (", gradients through the quantized part of the cache only" if residual_aware else ""))
 
 
-_GROUP_FIELDS = ("true_budget", "group_grid", "candidate_groups", "window_tokens")  # record versions 2 and 3
+_GROUP_FIELDS = ("true_budget", "group_grid", "candidate_groups", "window_tokens",  # record versions 2 and 3
+                 "layer_weights")  # and 4
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class CalibrationRecord:
         window_tokens (`int`, *optional*): the context at which the true budget also counted the longer
             full-precision window of layers whose keys chose larger token groups (see `footprint.window_growth`);
             None where no unit could (or before version 3).
+        layer_weights (`list[int]`): what an element of each layer weighed in the true budget, the tokens the layer
+            quantizes at `footprint.REPORT_TOKENS` tokens (`footprint.layer_weights`); empty where every layer
+            weighed the same (or before version 4).
         record_version (`int`): the schema of the record; 0 for records written before versioning.
     """
 
@@ -95,6 +100,7 @@ class CalibrationRecord:
     group_grid: list[int] = field(default_factory=list)
     candidate_groups: dict[str, list] = field(default_factory=dict)
     window_tokens: int | None = None
+    layer_weights: list[int] = field(default_factory=list)
     record_version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -45,7 +45,8 @@ DEFAULT_SINK_TOKENS = 32
 
 BUDGET_UNITS = ("code", "true")
 """How a budget is counted: `"code"`, average code bits per unit (what `RateQuantConfig.average_bits` reports);
-`"true"`, bits per stored element with every group's 16-bit scale and zero-point included."""
+`"true"`, bits per stored element with every group's 16-bit scale and zero-point included, each layer's elements
+counted by the tokens it holds at 4096 tokens (a sliding-window layer holds fewer: see `footprint.layer_weights`)."""
 
 MEASURES = ("output", "state")
 """`"output"`: gradient-weighted error of the attention output recomputed with the quantized states; `"state"`:

@@ -244,3 +244,47 @@ def test_a_real_size_block_problem_is_fast():
     assert time.perf_counter() - start < 10.0
     spent = total_rate(rates, choice) + sum(modes[b][m][1] for b, m in enumerate(picked))
     assert budget - 16 < spent <= budget
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_weighted_blocks_exact_against_brute_force(seed):
+    """Each block's whole rate (options and mode) times its weight, as when layers hold different numbers of
+    tokens: the exact optimum at every budget, against trying every mode and every allocation."""
+    rates, distortion, blocks, modes = _block_problem(seed)
+    weights = [1 + seed % 3, 4]
+    for budget in range(0, 4 * (int(rates.max()) * rates.shape[0] + 6), 3):
+        best = (math.inf, math.inf)
+        for mode_choice in itertools.product(*[range(len(m)) for m in modes]):
+            per_block = []
+            for block, block_modes, m in zip(blocks, modes, mode_choice):
+                allowed = block_modes[m][0]
+                options = [[o for o in range(rates.shape[1]) if bool(allowed[i, o])
+                            and math.isfinite(float(distortion[u, o]))] for i, u in enumerate(block)]
+                per_block.append([(sum(int(rates[u, o]) for u, o in zip(block, combo)) + block_modes[m][1],
+                                   sum(float(distortion[u, o]) for u, o in zip(block, combo)))
+                                  for combo in itertools.product(*options)])
+            for picks in itertools.product(*per_block):
+                rate = sum(w * r for w, (r, _) in zip(weights, picks))
+                d = sum(d for _, d in picks)
+                if rate <= budget and (d, rate) < best:
+                    best = (d, rate)
+        if not math.isfinite(best[0]):
+            with pytest.raises(ValueError, match="below the cheapest"):
+                allocate_blocks(rates, distortion, blocks, modes, budget, weights)
+            continue
+        choice, picked = allocate_blocks(rates, distortion, blocks, modes, budget, weights)
+        spent = sum(w * (int(rates[block].gather(1, choice[block][:, None]).sum()) + modes[b][m][1])
+                    for b, (block, w, m) in enumerate(zip(blocks, weights, picked)))
+        d = float(distortion.gather(1, choice[:, None]).sum())
+        assert spent <= budget
+        assert math.isclose(d, best[0], rel_tol=1e-12, abs_tol=1e-12), (budget, d, best)
+
+
+def test_a_block_of_weight_zero_is_free_and_weights_are_checked():
+    rates, distortion = torch.tensor([[1, 2], [1, 2]]), torch.tensor([[1.0, 0.5], [1.0, 0.4]])
+    every = torch.ones(1, 2, dtype=torch.bool)
+    choice, _ = allocate_blocks(rates, distortion, [[0], [1]], [[(every, 0)], [(every, 0)]], 1, [1, 0])
+    assert choice.tolist() == [0, 1]  # unit 1 holds nothing: its best option costs nothing
+    for bad in ([1], [1, -1], [1, 0.5], [True, 1]):
+        with pytest.raises(ValueError, match="non-negative integer per block"):
+            allocate_blocks(rates, distortion, [[0], [1]], [[(every, 0)], [(every, 0)]], 4, bad)

@@ -268,3 +268,89 @@ def test_a_block_a_layer_cannot_pay_for_is_not_offered():
     charges = torch.tensor([[0.0, 0.0, math.inf], [0.0, 0.0, 0.0]], dtype=torch.float64)
     cand = option_candidates(options, grid, 3.0, (), charges)[0]
     assert int(cand.groups[0, 0, 0]) != 128 and int(cand.groups[1, 0, 0]) == 128
+
+
+# ---- budgets in bytes when layers hold different numbers of tokens (sliding-window attention) --------------------
+def _gemma3_tiny(sliding_window=512):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=16,
+                              sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"] * 2)
+    return build_model(Gemma3ForCausalLM, config)
+
+
+def test_layer_weights_are_the_tokens_each_layer_quantizes():
+    from hf_ratequant import RateQuantConfig
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.footprint import cache_bytes, layer_weights
+
+    fp = ModelFingerprint.from_model_config(_gemma3_tiny().config)
+    # at 4096 tokens: a sliding layer keeps 511, of which 384 quantized (R = 128 in full precision, the sinks
+    # dropped); a global one quantizes 4096 - 128 - 32 = 3936; 384 : 3936 = 4 : 41
+    assert layer_weights(KIVI, fp) == [4, 41, 4, 41]
+    assert layer_weights(KIVI, ModelFingerprint.from_model_config(_tiny().config)) == [1, 1]
+    assert layer_weights(KIVI, fp, tokens=400) == [1, 1, 1, 1]  # a short context: nothing slides yet
+    # the weighted true bits are the bytes of the quantized part, per element held
+    config = RateQuantConfig.from_bits(torch.tensor([[[6, 5]], [[2, 1]], [[5, 6]], [[1, 2]]]), KIVI, fingerprint=fp)
+    held = cache_bytes(config, fp, 4096).quantized * 8 / ((384 * 2 + 3936 * 2) * 2 * 64)
+    assert true_bits_per_element(config, 64, fingerprint=fp) == pytest.approx(held, rel=1e-12)
+    assert true_bits_per_element(config, 64) == pytest.approx(4.5)  # every unit counted once
+    assert held < 3.0
+
+
+def test_weighted_option_allocation_is_the_brute_force_optimum():
+    """Layer 0 weighs 1, layer 1 weighs 3: the exact allocation over the options, against every combination under
+    the budget averaged over the weighted elements."""
+    grid = OptionGrid.build(KIVI, (64,), [1, 2, 3], head_dim=64)
+    rates = grid.rates()
+    weights = [1, 3]
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(3):
+        base = torch.rand(2, 1, 2, 1, generator=gen) * 10 + 0.1
+        d = torch.stack([base * 4.0 ** -b * (1 + 0.3 * math.log2(g / 32) + 0.2 * torch.rand(2, 1, 2, 1, generator=gen))
+                         for g in grid.groups for b in grid.bit_grid], dim=-1).squeeze(-2)
+        flat = d.reshape(4, -1)
+        options = [[o for o in range(grid.n_options) if not math.isnan(rates[u % 2, o])] for u in range(4)]
+        for budget in (2.0, 2.5, 3.0, 3.5):
+            best = math.inf
+            for combo in itertools.product(*options):
+                spent = sum(weights[u // 2] * float(rates[u % 2, o]) for u, o in enumerate(combo)) / 8
+                total = sum(float(flat[u, o]) for u, o in enumerate(combo))
+                if spent <= budget + 1e-9 and total < best - 1e-12:
+                    best = total
+            cand = option_candidates(d, grid, budget, (), weights=weights)[0]
+            chosen = [grid.groups.index(g) * 3 + grid.bit_grid.index(b)
+                      for b, g in zip(cand.bits.reshape(-1).tolist(), cand.groups.reshape(-1).tolist())]
+            assert math.isclose(sum(float(flat[u, o]) for u, o in enumerate(chosen)), best, rel_tol=1e-9)
+            assert sum(weights[u // 2] * float(rates[u % 2, o]) for u, o in enumerate(chosen)) / 8 <= budget + 1e-9
+    # equal weights are no weights
+    assert torch.equal(option_candidates(d, grid, 2.5, (), weights=[2, 2])[0].bits,
+                       option_candidates(d, grid, 2.5, ())[0].bits)
+
+
+def test_calibrate_counts_the_bytes_sliding_layers_hold():
+    """A true budget on a model with sliding-window layers: every candidate raced holds no more bytes than the
+    budget at 4096 tokens, the byte-weighted allocation races, and the record says how layers were weighed."""
+    from hf_ratequant import RateQuantConfig
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.footprint import cache_bytes
+
+    model = _gemma3_tiny()
+    fp = ModelFingerprint.from_model_config(model.config)
+    config = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=3.0, budget_unit="true",
+                       n_samples=2, n_validation=2, seq_len=256, progress=False)
+    record = config.calibration
+    assert record["layer_weights"] == [4, 41, 4, 41] and record["record_version"] == 4
+    assert any(name.startswith("ratequant-options") for name in record["validation_kl"])
+    assert true_bits_per_element(config, 64, fingerprint=fp) <= 3.0 + 1e-9
+    for name, bits in record["candidates"].items():
+        if name in record["validation_kl"] and name not in record.get("candidate_groups", {}):
+            raced = RateQuantConfig.from_bits(torch.tensor(bits), KIVI, fingerprint=fp)
+            assert true_bits_per_element(raced, 64, fingerprint=fp) <= 3.0 + 1e-9, name
+    uniform = RateQuantConfig.uniform(model.config, bits=2, layout=KIVI)  # 3 true bits
+    assert cache_bytes(config, fp, 4096).total <= cache_bytes(uniform, fp, 4096).total
+    # a budget in code bits stays an average over units, as in the paper
+    plain = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=2.0, n_samples=2,
+                      n_validation=0, seq_len=256, progress=False)
+    assert "layer_weights" not in plain.calibration and plain.average_bits == 2.0
