@@ -99,15 +99,19 @@ def model_card(
 def _memory_lines(config: RateQuantConfig) -> list[str]:
     """What the config stores: code bits, true bits per element, and the bytes of a 16-bit model's cache at
     [`REPORT_TOKENS`] tokens against a 16-bit `DynamicCache` (when the model's geometry is recorded)."""
-    from .footprint import REPORT_TOKENS, cache_bytes, true_bits_per_element
+    from .footprint import REPORT_TOKENS, cache_bytes, layer_weights, true_bits_per_element
 
     fp = config.fingerprint
     if fp is None or not fp.head_dim:
         return []
     true_bits = true_bits_per_element(config, fp.head_dim)
+    held = ""
+    if len(set(layer_weights(config, fp))) > 1:
+        held = (f" ({true_bits_per_element(config, fp.head_dim, fingerprint=fp):.4g} per element held at "
+                f"{REPORT_TOKENS} tokens, where the sliding-window layers hold fewer tokens than the others)")
     f = cache_bytes(config, fp, REPORT_TOKENS)
     return [f"Storage: {config.average_bits:.4g} average code bits, {true_bits:.4g} bits per stored element with the "
-            f"16-bit scales and zero-points; at {REPORT_TOKENS} tokens a bf16/fp16 model's cache holds "
+            f"16-bit scales and zero-points{held}; at {REPORT_TOKENS} tokens a bf16/fp16 model's cache holds "
             f"{f.total / 2**20:.2f} MiB against {f.bytes_16bit / 2**20:.2f} MiB at 16 bits ({f.vs_16bit:.3f}x, the "
             f"full-precision window and sinks included).{_window_sentence(config)}", "", *_group_lines(config)]
 

@@ -308,6 +308,9 @@ def _print_calibration(config: Any, model: Any) -> None:
     true_bits = true_bits_per_element(config, fingerprint.head_dim)
     line = (f"average code bits {config.average_bits:.4g}; true bits per element {true_bits:.4g} (with 16-bit "
             "scales and zero-points")
+    if info.get("layer_weights"):
+        line += (f"; {true_bits_per_element(config, fingerprint.head_dim, fingerprint=fingerprint):.4g} per element "
+                 f"held at {REPORT_TOKENS} tokens, each layer counted by the tokens it holds, as the budget was")
     if torch.finfo(model.dtype).bits != 16:
         line += (f"; {true_bits_per_element(config, fingerprint.head_dim, model.dtype):.4g} with this "
                  f"{str(model.dtype).replace('torch.', '')} model's")
@@ -592,7 +595,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--budget-unit", choices=BUDGET_UNITS, default="code",
                    help="code: code bits per unit, as a config's average_bits; true: bits per stored element with "
                    "every group's 16-bit scale and zero-point (kivi G=32: code + 1; token and rotated: code + 32 / "
-                   "head_dim)")
+                   "head_dim), a sliding-window layer's elements counted by the tokens it holds at 4096 tokens")
     p.add_argument("--groups", type=int, nargs="+", default=None, metavar="G",
                    help="group sizes a unit may choose besides G (kivi keys: tokens, multiples of G; otherwise "
                    "channels, divisors of head_dim), allocated with the bits under a budget in true bits "
