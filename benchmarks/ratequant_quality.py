@@ -73,7 +73,8 @@ class Row:
     tokens: int = 0
     seconds: float = 0.0
     validation_kl: float | None = None  # the score calibration gave it on its held-back calibration windows
-    true_bits: float | None = None  # bits per stored element, scales and zero-points included
+    true_bits: float | None = None  # bits per stored element, scales and zero-points included (per element held)
+    mib_4k: float | None = None  # MiB a bf16/fp16 model's cache holds at 4096 tokens, window and sinks included
     window_nll: list[float] = field(default_factory=list)  # mean NLL per token of every window group
     window_kl: list[float] = field(default_factory=list)
     window_tokens: list[int] = field(default_factory=list)
@@ -143,16 +144,20 @@ def bits_config(bits: torch.Tensor, template, name: str):
 
 
 def make_row(quantizer: str, budget: float | None, cache: str, kind: str, cfg, result: dict, val=None) -> Row:
-    from hf_ratequant.footprint import true_bits_per_element
+    from hf_ratequant.footprint import REPORT_TOKENS, cache_bytes, true_bits_per_element
 
+    mib = None
     if cfg is None:
         avg = kb = vb = true = 16.0
     else:
         bt = cfg.bits_tensor().double()
         avg, kb, vb = cfg.average_bits, float(bt[..., 0].mean()), float(bt[..., 1].mean())
-        true = true_bits_per_element(cfg, cfg.fingerprint.head_dim) if cfg.fingerprint else None
+        fp, true = cfg.fingerprint, None
+        if fp is not None:  # each layer's elements counted by the tokens it holds (sliding layers hold fewer)
+            true = true_bits_per_element(cfg, fp.head_dim, fingerprint=fp)
+            mib = cache_bytes(cfg, fp, REPORT_TOKENS).total / 2**20
     return Row(quantizer=quantizer, budget=budget, cache=cache, kind=kind, avg_bits=avg, key_bits_mean=kb,
-               value_bits_mean=vb, validation_kl=val, true_bits=true, **result)
+               value_bits_mean=vb, validation_kl=val, true_bits=true, mib_4k=mib, **result)
 
 
 # ---- one (quantizer, budget) --------------------------------------------------------------------------------------
@@ -306,7 +311,9 @@ def markdown(payload: dict) -> str:
         *(["- **Budgets in true bits per element** (codes plus every group's 16-bit scale and zero-point); the "
            "fixed allocations are every keys/values split of the same bytes at G"
            + (f" and every fixed (bits, group) pair of keys and values of the same bytes over group sizes "
-              f"{a['groups']}, which calibration chose from per unit" if a.get("groups") else "") + "."]
+              f"{a['groups']}, which calibration chose from per unit" if a.get("groups") else "") + ". 'true bits' "
+           "counts each layer's elements by the tokens it holds at 4096 tokens, as the budget does (a sliding-window "
+           "layer holds fewer); 'MiB @ 4k' is the whole cache of a 16-bit model at 4096 tokens."]
           if a.get("budget_unit") == "true" else []),
         "",
         "## Summary",
@@ -347,12 +354,13 @@ def markdown(payload: dict) -> str:
         f"Full precision: perplexity {payload['full']['perplexity']:.3f} (KL 0) on these windows. 'val KL' is the "
         "score `calibrate` gave the allocation on its held-back *calibration* windows (how it picked the winner).",
         "",
-        "| quantizer | budget | cache | avg bits (K / V) | true bits | perplexity | KL | Δlog-ppl vs chosen ± SE "
-        "| val KL | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| quantizer | budget | cache | avg bits (K / V) | true bits | MiB @ 4k | perplexity | KL "
+        "| Δlog-ppl vs chosen ± SE | val KL | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     full = payload["full"]
-    lines.append(f"| - | - | full precision | 16 | 16 | {full['perplexity']:.3f} | 0 | | | {full['seconds']:.0f} |")
+    lines.append(f"| - | - | full precision | 16 | 16 | | {full['perplexity']:.3f} | 0 | | | "
+                 f"{full['seconds']:.0f} |")
     for block in payload["blocks"]:
         rows = [Row(**r) for r in block["rows"]]
         chosen = next(r for r in rows if r.kind == "chosen")
@@ -361,7 +369,8 @@ def markdown(payload: dict) -> str:
             name = f"**{r.cache}**" if r is chosen else r.cache
             lines.append(
                 f"| {r.quantizer} | {r.budget:g} | {name} | {r.avg_bits:.3f} ({r.key_bits_mean:.2f} / "
-                f"{r.value_bits_mean:.2f}) | {_f(r.true_bits, '.4g')} | {r.perplexity:.3f} | {r.kl:.4f} | {d} | "
+                f"{r.value_bits_mean:.2f}) | {_f(r.true_bits, '.4g')} | {_f(r.mib_4k, '.2f')} | {r.perplexity:.3f} | "
+                f"{r.kl:.4f} | {d} | "
                 f"{_f(r.validation_kl, '.4f')} | "
                 f"{r.seconds:.0f} |"
             )
