@@ -329,7 +329,7 @@ def test_weighted_option_allocation_is_the_brute_force_optimum():
                        option_candidates(d, grid, 2.5, ())[0].bits)
 
 
-def test_calibrate_counts_the_bytes_sliding_layers_hold():
+def test_calibrate_counts_the_bytes_sliding_layers_hold(capsys):
     """A true budget on a model with sliding-window layers: every candidate raced holds no more bytes than the
     budget at 4096 tokens, the byte-weighted allocation races, and the record says how layers were weighed."""
     from hf_ratequant import RateQuantConfig
@@ -350,6 +350,12 @@ def test_calibrate_counts_the_bytes_sliding_layers_hold():
             assert true_bits_per_element(raced, 64, fingerprint=fp) <= 3.0 + 1e-9, name
     uniform = RateQuantConfig.uniform(model.config, bits=2, layout=KIVI)  # 3 true bits
     assert cache_bytes(config, fp, 4096).total <= cache_bytes(uniform, fp, 4096).total
+    from hf_ratequant.cli import _print_calibration
+
+    _print_calibration(config, model)
+    held = true_bits_per_element(config, 64, fingerprint=fp)
+    assert f"{held:.4g} per element held at 4096 tokens" in capsys.readouterr().out
+    assert "per element held" in model_card(config, "me/tiny-sliding")
     # a budget in code bits stays an average over units, as in the paper
     plain = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=2.0, n_samples=2,
                       n_validation=0, seq_len=256, progress=False)
