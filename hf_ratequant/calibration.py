@@ -731,12 +731,14 @@ def calibration_candidates(
         raise ValueError("A measurement over group sizes is allocated under a budget in true bits per element: "
                          "pass true_budget.")
     weights = None if layout is None else budget_weights(layout, fingerprint, true_budget)
-    if grid is None and weights is not None:  # the layout's own groups, allocated by the bytes they hold
+    own_groups = grid is None and weights is not None
+    if own_groups:  # the layout's own groups, allocated by the bytes they hold
         grid = OptionGrid.build(layout, (), s.bit_grid, fingerprint.head_dim)
         options = option_table({f"g{g}": distortion for g in grid.groups}, grid)
     if grid is not None:
         charges = None if layout is None else window_costs(grid, layout, fingerprint, REPORT_TOKENS)
-        out += option_candidates(options, grid, true_budget, KEY_WEIGHTS, charges, weights)
+        chosen = option_candidates(options, grid, true_budget, KEY_WEIGHTS, charges, weights)
+        out += [dataclasses.replace(c, groups=None) for c in chosen] if own_groups else chosen
         out += fixed_option_candidates(grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads, charges,
                                        weights)
     if weights is not None:
