@@ -54,6 +54,7 @@ from .options import (
     OptionGrid,
     fixed_option_candidates,
     measuring_quantizers,
+    near_candidates,
     option_candidates,
     option_table,
     window_costs,
@@ -70,6 +71,7 @@ __all__ = [
     "DEFAULT_SINK_TOKENS",
     "MEASURES",
     "Measurement",
+    "OptionSpace",
     "allocation_candidates",
     "budget_weights",
     "calibrate",
@@ -86,6 +88,7 @@ __all__ = [
     "measure_distortion",
     "measure_distortions",
     "measure_units",
+    "option_space",
     "residual_split_mask",
     "residual_split_works",
     "resolve_settings",
@@ -726,24 +729,53 @@ def calibration_candidates(
     s = settings
     out = (allocation_candidates(distortion, s.bit_grid, s.budget)
            + fixed_candidates(fingerprint.num_layers, fingerprint.num_kv_heads, s.budget, s.b_min, s.b_max))
-    grid, options = (measured.grid, measured.options) if measured is not None else (None, None)
-    if grid is not None and true_budget is None:
+    if measured is not None and measured.grid is not None and true_budget is None:
         raise ValueError("A measurement over group sizes is allocated under a budget in true bits per element: "
                          "pass true_budget.")
-    weights = None if layout is None else budget_weights(layout, fingerprint, true_budget)
-    own_groups = grid is None and weights is not None
-    if own_groups:  # the layout's own groups, allocated by the bytes they hold
-        grid = OptionGrid.build(layout, (), s.bit_grid, fingerprint.head_dim)
-        options = option_table({f"g{g}": distortion for g in grid.groups}, grid)
-    if grid is not None:
-        charges = None if layout is None else window_costs(grid, layout, fingerprint, REPORT_TOKENS)
-        chosen = option_candidates(options, grid, true_budget, KEY_WEIGHTS, charges, weights)
-        out += [dataclasses.replace(c, groups=None) for c in chosen] if own_groups else chosen
-        out += fixed_option_candidates(grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads, charges,
-                                       weights)
-    if weights is not None:
+    space = option_space(distortion, settings, fingerprint, measured, true_budget, layout)
+    if space is not None:
+        chosen = option_candidates(space.options, space.grid, true_budget, KEY_WEIGHTS, space.charges, space.weights)
+        out += [dataclasses.replace(c, groups=None) for c in chosen] if space.own_groups else chosen
+        out += fixed_option_candidates(space.grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads,
+                                       space.charges, space.weights)
+    if space is not None and space.weights is not None:
         out = [c for c in out if fits_true_budget(c, layout, fingerprint, true_budget)]
     return out
+
+
+@dataclass(frozen=True)
+class OptionSpace:
+    """What a budget in true bits allocates over: the option `grid` and its measured `options` table, each layer's
+    window `charges` ([`options.window_costs`], None without a layout), the layers' `weights` ([`budget_weights`],
+    None when equal) and whether the grid holds only the layout's own groups (`own_groups`: measured without
+    `groups`, allocated over bits alone, by bytes)."""
+
+    grid: OptionGrid
+    options: torch.Tensor
+    charges: torch.Tensor | None
+    weights: list[int] | None
+    own_groups: bool
+
+
+def option_space(
+    distortion: torch.Tensor, settings: CalibrationSettings, fingerprint: ModelFingerprint,
+    measured: Measurement | None, true_budget: float | None, layout: CacheLayout | None,
+) -> OptionSpace | None:
+    """The [`OptionSpace`] of a calibration: the measured (bits, group) options with a budget in true bits, or the
+    layout's own groups where layers weigh differently in bytes; None where the budget counts code bits per unit
+    over the layout's groups (the bits-only candidates alone)."""
+    grid, options = (measured.grid, measured.options) if measured is not None else (None, None)
+    if true_budget is None:
+        return None
+    weights = None if layout is None else budget_weights(layout, fingerprint, true_budget)
+    own_groups = grid is None and weights is not None
+    if own_groups:
+        grid = OptionGrid.build(layout, (), settings.bit_grid, fingerprint.head_dim)
+        options = option_table({f"g{g}": distortion for g in grid.groups}, grid)
+    if grid is None:
+        return None
+    charges = None if layout is None else window_costs(grid, layout, fingerprint, REPORT_TOKENS)
+    return OptionSpace(grid, options, charges, weights, own_groups)
 
 
 def candidate_config(
@@ -792,12 +824,13 @@ def _kl_scorer(
 def validate_candidates(
     model: Any, windows: torch.LongTensor, candidates: list[Candidate], distortion: torch.Tensor,
     layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint, *,
-    processes: Processes, progress: bool = True, fits: Callable[[Candidate], bool] | None = None,
+    processes: Processes, progress: bool = True, descend_from: Callable[[Candidate], list[Candidate]] | None = None,
 ) -> RaceResult:
     """Race `candidates` by KL through the real cache on this process's validation `windows` ([`successive_halving`]
     on [`validation_rungs`]; one rung when several processes share the windows). After the first rung the
-    [`descent_candidates`] from the best fixed split join the race (those `fits` accepts, when given: the budget
-    in bytes of [`fits_true_budget`])."""
+    candidates near the best fixed split join the race: `descend_from(split)`, by default the
+    [`descent_candidates`] on `distortion` (a budget in bytes whose layers weigh differently passes
+    [`options.near_candidates`])."""
     rungs = validation_rungs(len(windows)) if processes.count == 1 else [len(windows)]
     bounds = [sum(rungs[:i]) for i in range(len(rungs) + 1)]
     parts = [windows[a:b] for a, b in zip(bounds, bounds[1:])]
@@ -806,8 +839,10 @@ def validate_candidates(
         fixed = [c for c in candidates if c.family == "fixed" and c.groups is None]
         if not fixed:
             return []
-        steps = descent_candidates(distortion, settings.bit_grid, min(fixed, key=lambda c: scores[c.name]))
-        return [c for c in steps if fits is None or fits(c)]
+        best = min(fixed, key=lambda c: scores[c.name])
+        if descend_from is not None:
+            return descend_from(best)
+        return descent_candidates(distortion, settings.bit_grid, best)
 
     with tqdm(desc=f"validating {len(candidates)} candidates", unit="cache",
               disable=not (progress and processes.is_main)) as bar:
@@ -912,11 +947,15 @@ def calibrate(
     fit = fit_curves(measured.distortion, settings.bit_grid)
     candidates = calibration_candidates(measured.distortion, settings, fp, measured, true_bits, layout)
     t0, race = time.perf_counter(), None
-    weights = budget_weights(layout, fp, true_bits)
+    space = option_space(measured.distortion, settings, fp, measured, true_bits, layout)
+    weights = space.weights if space is not None else None
     if len(data.validation):
-        fits = None if weights is None else (lambda c: fits_true_budget(c, layout, fp, true_bits))
+        descend_from = None
+        if weights is not None:  # steps from the best fixed split that keep the bytes
+            def descend_from(origin: Candidate) -> list[Candidate]:
+                return near_candidates(space.options, space.grid, true_bits, origin, space.charges, weights)
         race = validate_candidates(model, data.validation, candidates, measured.distortion, layout, settings, fp,
-                                   processes=procs, progress=progress, fits=fits)
+                                   processes=procs, progress=progress, descend_from=descend_from)
         candidates += [c for c in race.entrants if c.family == "descent"]
     else:
         candidates = [c for c in candidates if c.family == "ratequant"]

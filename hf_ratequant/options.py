@@ -32,8 +32,8 @@ from .quantizers import Quantizer, get_quantizer
 from .quantizers.base import KINDS
 from .settings import CacheLayout
 
-__all__ = ["OptionGrid", "fixed_option_candidates", "measuring_quantizers", "option_candidates", "option_table",
-           "window_costs"]
+__all__ = ["OptionGrid", "fixed_option_candidates", "measuring_quantizers", "near_candidates", "option_candidates",
+           "option_table", "window_costs"]
 
 WINDOW_GRID = 16
 """A layer's window growth is charged in whole 1/16 bits per element (summed over its units), rounded up: the
@@ -241,6 +241,37 @@ def option_candidates(options: torch.Tensor, grid: OptionGrid, true_budget: floa
     for name, table in tables.items():
         bits, groups = _chosen(_allocate(int_rates, table, grid, cap, shape[1], steps, weights), grid, shape)
         out.append(Candidate(name, "ratequant", bits, groups))
+    return out
+
+
+NEAR_RADII = (1, 2)
+"""How many bits from the best fixed configuration the allocations of [`near_candidates`] may move each unit."""
+
+
+def near_candidates(options: torch.Tensor, grid: OptionGrid, true_budget: float, origin: Candidate,
+                    charges: torch.Tensor | None = None, weights: list[int] | None = None,
+                    radii: tuple[int, ...] = NEAR_RADII) -> list[Candidate]:
+    """The exact allocations of [`option_candidates`] with every unit kept at its group in `origin` and within `r`
+    bits of its bits there, for each `r` in `radii`: named `ratequant-from-{origin}-r{r}`, family `"descent"`. Small
+    moves from a configuration known to be good, where the measure's predictions are the most reliable, as
+    `allocation.descent_candidates` takes them for budgets in code bits; these keep the budget in bytes however the
+    layers weigh ([`footprint.layer_weights`]). `origin` must fit the budget (a fixed configuration of it does)."""
+    layers, heads = options.shape[:2]
+    own = torch.tensor([grid.own["key"], grid.own["value"]]).expand(layers, heads, 2)
+    groups = own if origin.groups is None else origin.groups
+    option_bits = torch.tensor([grid.option(i)[0] for i in range(grid.n_options)])
+    option_groups = torch.tensor([grid.option(i)[1] for i in range(grid.n_options)])
+    same_group = option_groups == groups.unsqueeze(-1)
+    out, seen = [], set()
+    for r in radii:
+        near = same_group & ((option_bits - origin.bits.unsqueeze(-1)).abs() <= r)
+        masked = torch.where(near, options.double(), torch.full_like(options.double(), float("inf")))
+        c = option_candidates(masked, grid, true_budget, (), charges, weights)[0]
+        c = Candidate(f"ratequant-from-{origin.name}-r{r}", "descent", c.bits,
+                      None if origin.groups is None else c.groups)
+        if c.key not in seen and not torch.equal(c.bits, origin.bits):
+            seen.add(c.key)
+            out.append(c)
     return out
 
 

@@ -343,6 +343,8 @@ def test_calibrate_counts_the_bytes_sliding_layers_hold(capsys):
     record = config.calibration
     assert record["layer_weights"] == [4, 41, 4, 41] and record["record_version"] == 4
     assert any(name.startswith("ratequant-options") for name in record["validation_kl"])
+    # the steps from the best fixed split keep the bytes too
+    assert any(name.startswith("ratequant-from-") and name[-3:] in ("-r1", "-r2") for name in record["validation_kl"])
     assert true_bits_per_element(config, 64, fingerprint=fp) <= 3.0 + 1e-9
     for name, bits in record["candidates"].items():
         if name in record["validation_kl"] and name not in record.get("candidate_groups", {}):
@@ -360,3 +362,25 @@ def test_calibrate_counts_the_bytes_sliding_layers_hold(capsys):
     plain = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=2.0, n_samples=2,
                       n_validation=0, seq_len=256, progress=False)
     assert "layer_weights" not in plain.calibration and plain.average_bits == 2.0
+
+
+def test_near_candidates_stay_near_the_origin_within_the_bytes():
+    """Exact allocations by bytes with every unit within r bits of a fixed split: they move bits to the layer
+    that weighs less, keep the weighted budget and never move a unit further than r."""
+    from hf_ratequant.allocation import fixed_candidates
+    from hf_ratequant.options import near_candidates
+
+    grid = OptionGrid.build(KIVI, (), [1, 2, 3, 4, 5], head_dim=64)
+    rates = grid.rates()
+    origin = next(c for c in fixed_candidates(2, 1, 2.5, 1, 5) if c.name == "K3V2")
+    d = torch.stack([4.0 ** -torch.tensor([float(b) for b in grid.bit_grid])] * 4).reshape(2, 1, 2, -1)
+    weights = [1, 4]
+    near = near_candidates(d, grid, 3.5, origin, weights=weights)
+    assert [c.name for c in near] == ["ratequant-from-K3V2-r1", "ratequant-from-K3V2-r2"]
+    for c, r in zip(near, (1, 2)):
+        assert c.family == "descent" and c.groups is None
+        assert int((c.bits - origin.bits).abs().max()) <= r
+        spent = sum(weights[layer] * float(rates[k, int(c.bits[layer, 0, k]) - 1])
+                    for layer in range(2) for k in range(2)) / (2 * sum(weights))
+        assert spent <= 3.5 + 1e-9
+        assert int(c.bits[0].sum()) > int(origin.bits[0].sum())  # the light layer gains bits
