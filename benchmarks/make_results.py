@@ -302,9 +302,11 @@ def domains(_: None) -> list[str]:
 # average code bits), one model after another: the per-model grid of issue [3 models].
 GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-270m.json",
              "ratequant_quality_gemma3-270m_kivi-budgets.json", "ratequant_quality_gemma3-270m_token.json",
-             "ratequant_quality_gemma3-270m_rotated.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
+             "ratequant_quality_gemma3-270m_rotated.json", "ratequant_quality_gemma3-270m_rotated-3.json",
+             "ratequant_quality_qwen2.5-coder-0.5b.json",
              "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
-             "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json")
+             "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json",
+             "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json")
 MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
 
 
@@ -379,7 +381,8 @@ def group_options(d: dict) -> list[str]:
 
 BYTE_RUNS = ("ratequant_quality_bytes_kivi-2.5.json", "ratequant_quality_bytes_kivi-3.json",
              "ratequant_quality_bytes_token-3.json", "ratequant_quality_bytes_rotated-3.json",
-             "ratequant_quality_bytes_qwen2.5-coder-0.5b_kivi-2.5.json")
+             "ratequant_quality_bytes_qwen2.5-coder-0.5b_kivi-2.5.json",
+             "ratequant_quality_gemma3-270m_bytes_kivi.json")
 
 
 def _options_used(config: dict) -> str:
@@ -423,7 +426,9 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
             fixed_kl = s["best_fixed_kl_min"]
             chosen = RateQuantConfig.from_dict(block["config"])
             mib = f"{held_mib(chosen):.2f} / {held_mib(_fixed_config(s['best_fixed_by_kl'], chosen)):.2f}"
-            charged = "yes" if (chosen.calibration or {}).get("window_tokens") else "no"
+            record = chosen.calibration or {}
+            charged = ("yes" if record.get("window_tokens") else "no") + (
+                "; layers by tokens held" if record.get("layer_weights") else "")
             rows.append([
                 _model_label(d), s["quantizer"], f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
                 f"{s['best_fixed']} {s['best_fixed_ppl']:.3f}", s["winner"].removeprefix("ratequant-"),
@@ -433,8 +438,9 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
                 f"{s['ratio_wall']:.1f}x" + (" (busy)" if _busy(d) else ""), mib, charged,
             ])
             offered = ", ".join(map(str, d["settings"].get("groups") or ()))
-            used.append(f"- {_model_label(d)}, {s['quantizer']} {s['budget']:g} true bits (groups {offered} offered "
-                        f"besides the layout's own), {s['winner']}: {_options_used(block['config'])}")
+            offer = f"groups {offered} offered besides the layout's own" if offered else "the layout's groups only"
+            used.append(f"- {_model_label(d)}, {s['quantizer']} {s['budget']:g} true bits ({offer}), {s['winner']}: "
+                        f"{_options_used(block['config'])}")
     d = runs[0]
     return [
         "Budgets in **true bits per element** (codes plus each group's 16-bit scale and "
@@ -452,7 +458,10 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
         "growth to the budget (the last column: each layer picks its block in the allocation, at 4096 tokens), so "
         "their bytes stay within it; the older rows counted the quantized elements only (the fixed configurations "
         "beside them are listed by the same older rule, so a fixed pair with 64-token key groups holds a little more "
-        "than the budget).", "",
+        "than the budget). \"layers by tokens held\": on Gemma 3 the budget weighs each layer's elements by the "
+        "tokens it quantizes at 4096 tokens (record version 4: a sliding layer's 384 against a global layer's 3936, "
+        "4 : 41), so that equal true bits are equal bytes; there the fixed splits of the layout's group are the "
+        "only fixed configurations (no other groups were offered).", "",
         "Options the calibrated allocations use (units of keys K and values V per bits b and group g):", "", *used,
     ]
 
@@ -582,6 +591,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Gemma 3 270M: the rotated design", "ratequant_quality_gemma3-270m_rotated.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers rotated --budgets 2.5 --calib-data "
      "pydoc --eval-data pydoc --save-configs '' --tag gemma3-270m_rotated", quality),
+    ("Gemma 3 270M: the rotated design at 3 bits", "ratequant_quality_gemma3-270m_rotated-3.json",
+     "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers rotated --budgets 3 --calib-data pydoc "
+     "--eval-data pydoc --save-configs DIR --tag gemma3-270m_rotated-3", quality),
     ("Qwen2.5-Coder 0.5B", "ratequant_quality_qwen2.5-coder-0.5b.json",
      "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers kivi --budgets 2.5 --calib-data "
      "pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b", quality),
@@ -591,11 +603,16 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Qwen2.5-Coder 0.5B: kivi at 2.25, 3 and 3.5 bits", "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json",
      "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers kivi --budgets 2.25 3 3.5 "
      "--calib-data pydoc --eval-data pydoc --save-configs DIR --tag qwen2.5-coder-0.5b_kivi-budgets", quality),
+    ("Qwen2.5-Coder 0.5B: the rotated design at 3 bits", "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json",
+     "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers rotated --budgets 3 --calib-data "
+     "pydoc --eval-data pydoc --save-configs DIR --tag qwen2.5-coder-0.5b_rotated-3", quality),
     ("Group-size options (issue [4 bytes], calibration's objective only)", "group_options.json",
      "python benchmarks/group_options.py", group_options),
     ("Budgets in bytes: bits and group size per unit (issue [4 bytes])", None,
      "python benchmarks/ratequant_quality.py --budget-unit true --quantizers Q --budgets B --groups 64 128 (kivi) | "
-     "16 32 (token, rotated) --tag bytes_Q-B  # Qwen: --model qwen2.5-coder-0.5b --calib-data pydoc --eval-data pydoc",
+     "16 32 (token, rotated) --tag bytes_Q-B  # Qwen: --model qwen2.5-coder-0.5b --calib-data pydoc --eval-data "
+     "pydoc; Gemma: --model gemma3-270m --quantizers kivi --budget-unit true --budgets 3 3.5 --calib-data pydoc "
+     "--eval-data pydoc --tag gemma3-270m_bytes_kivi (no --groups)",
      byte_budgets),
     ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", "byte_frontier.json",
      "python benchmarks/byte_frontier.py --configs-from DIR  # DIR: the configs an earlier run of the same code "
