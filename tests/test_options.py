@@ -22,6 +22,30 @@ KIVI = CacheLayout("kivi", 32, 128, 32)
 TOKEN = CacheLayout("token", 32, 128, 32)
 
 
+def _random_table(grid, gen):
+    """A `(2 layers, 1 kv-head, 2, n_options)` distortion table for `grid`: falling with bits, a little higher for
+    larger groups, with noise; its `(4, n_options)` rows; and per unit the options its kind can take."""
+    rates = grid.rates()
+    base = torch.rand(2, 1, 2, 1, generator=gen) * 10 + 0.1
+    d = torch.stack([base * 4.0 ** -b * (1 + 0.3 * math.log2(g / 32) + 0.2 * torch.rand(2, 1, 2, 1, generator=gen))
+                     for g in grid.groups for b in grid.bit_grid], dim=-1).squeeze(-2)
+    options = [[o for o in range(grid.n_options) if not math.isnan(rates[u % 2, o])] for u in range(4)]
+    return d, d.reshape(4, -1), options
+
+
+def _best_under(options, flat, budget, spent):
+    """Brute force: the least total distortion of any choice of options whose `spent(choice)` fits `budget`."""
+    totals = [sum(float(flat[u, o]) for u, o in enumerate(combo)) for combo in itertools.product(*options)
+              if spent(combo) <= budget + 1e-9]
+    return min(totals, default=math.inf)
+
+
+def _chosen_options(cand, grid):
+    """The option index of every unit of a candidate over `grid`."""
+    return [grid.groups.index(g) * len(grid.bit_grid) + grid.bit_grid.index(b)
+            for b, g in zip(cand.bits.reshape(-1).tolist(), cand.groups.reshape(-1).tolist())]
+
+
 def test_grid_offers_each_kind_the_groups_that_fit_it():
     grid = OptionGrid.build(KIVI, (32, 64, 128), [1, 2, 3], head_dim=64)
     assert grid.usable == {"key": (32, 64, 128), "value": (32, 64)} and grid.own == {"key": 32, "value": 32}
@@ -58,20 +82,17 @@ def test_option_allocation_is_the_brute_force_optimum():
     rates = grid.rates()
     for trial in range(4):
         # 2 layers x 1 kv-head x K/V = 4 units; distortion falls with bits, larger groups cost a little more of it.
-        base = torch.rand(2, 1, 2, 1, generator=gen) * 10 + 0.1
-        d = torch.stack([base * 4.0 ** -b * (1 + 0.3 * math.log2(g / 32) + 0.2 * torch.rand(2, 1, 2, 1, generator=gen))
-                         for g in grid.groups for b in grid.bit_grid], dim=-1).squeeze(-2)
+        d, flat, options = _random_table(grid, gen)
         for budget in (1.5, 2.25, 2.5, 3.0):
             (cand, _) = option_candidates(d, grid, budget, (4.0,))
             chosen = (cand.bits.reshape(-1).tolist(), cand.groups.reshape(-1).tolist())
             best_total = math.inf
-            options = [[o for o in range(grid.n_options) if not math.isnan(rates[u % 2, o])] for u in range(4)]
             for combo in itertools.product(*options):
                 rate = sum(float(rates[u % 2, o]) for u, o in enumerate(combo)) / 4
-                total = sum(float(d.reshape(4, -1)[u, o]) for u, o in enumerate(combo))
+                total = sum(float(flat[u, o]) for u, o in enumerate(combo))
                 if rate <= budget + 1e-9 and total < best_total - 1e-12:
                     best_total = total
-            got = sum(float(d.reshape(4, -1)[u, grid.groups.index(g) * 3 + grid.bit_grid.index(b)])
+            got = sum(float(flat[u, grid.groups.index(g) * 3 + grid.bit_grid.index(b)])
                       for u, (b, g) in enumerate(zip(*chosen)))
             assert math.isclose(got, best_total, rel_tol=1e-9), (trial, budget)
             spent = sum(float(rates[u % 2, grid.groups.index(g) * 3 + grid.bit_grid.index(b)])
@@ -224,28 +245,18 @@ def test_option_allocation_with_window_charges_is_the_brute_force_optimum():
     charges = torch.tensor([[0.0, 0.25, 0.75], [0.0, 0.5, 1.0]], dtype=torch.float64)  # (layers, blocks)
     gen = torch.Generator().manual_seed(1)
     for trial in range(3):
-        base = torch.rand(2, 1, 2, 1, generator=gen) * 10 + 0.1
-        d = torch.stack([base * 4.0 ** -b * (1 + 0.3 * math.log2(g / 32) + 0.2 * torch.rand(2, 1, 2, 1, generator=gen))
-                         for g in grid.groups for b in grid.bit_grid], dim=-1).squeeze(-2)
-        flat = d.reshape(4, -1)
-        options = [[o for o in range(grid.n_options) if not math.isnan(rates[u % 2, o])] for u in range(4)]
+        d, flat, options = _random_table(grid, gen)
         for budget in (1.75, 2.25, 2.5, 3.0):
-            best_total = math.inf
-            for combo in itertools.product(*options):
-                spent = sum(float(rates[u % 2, o]) for u, o in enumerate(combo))
-                for layer in range(2):
-                    spent += float(charges[layer, blocks.index(max(32, grid.option(combo[2 * layer])[1]))])
-                total = sum(float(flat[u, o]) for u, o in enumerate(combo))
-                if spent / 4 <= budget + 1e-9 and total < best_total - 1e-12:
-                    best_total = total
-            (cand, _) = option_candidates(d, grid, budget, (4.0,), charges)
-            chosen = [grid.groups.index(g) * 3 + grid.bit_grid.index(b)
-                      for b, g in zip(cand.bits.reshape(-1).tolist(), cand.groups.reshape(-1).tolist())]
+            def spent(combo):
+                return (sum(float(rates[u % 2, o]) for u, o in enumerate(combo)) + sum(
+                    float(charges[layer, blocks.index(max(32, grid.option(combo[2 * layer])[1]))])
+                    for layer in range(2))) / 4
+
+            best_total = _best_under(options, flat, budget, spent)
+            chosen = _chosen_options(option_candidates(d, grid, budget, (4.0,), charges)[0], grid)
             got = sum(float(flat[u, o]) for u, o in enumerate(chosen))
             assert math.isclose(got, best_total, rel_tol=1e-9), (trial, budget, got, best_total)
-            spent = sum(float(rates[u % 2, o]) for u, o in enumerate(chosen)) + sum(
-                float(charges[layer, blocks.index(max(32, grid.option(chosen[2 * layer])[1]))]) for layer in range(2))
-            assert spent / 4 <= budget + 1e-9
+            assert spent(chosen) <= budget + 1e-9
 
 
 def test_fixed_pairs_with_window_charges_fit_the_budget():
@@ -307,23 +318,15 @@ def test_weighted_option_allocation_is_the_brute_force_optimum():
     weights = [1, 3]
     gen = torch.Generator().manual_seed(3)
     for trial in range(3):
-        base = torch.rand(2, 1, 2, 1, generator=gen) * 10 + 0.1
-        d = torch.stack([base * 4.0 ** -b * (1 + 0.3 * math.log2(g / 32) + 0.2 * torch.rand(2, 1, 2, 1, generator=gen))
-                         for g in grid.groups for b in grid.bit_grid], dim=-1).squeeze(-2)
-        flat = d.reshape(4, -1)
-        options = [[o for o in range(grid.n_options) if not math.isnan(rates[u % 2, o])] for u in range(4)]
+        d, flat, options = _random_table(grid, gen)
         for budget in (2.0, 2.5, 3.0, 3.5):
-            best = math.inf
-            for combo in itertools.product(*options):
-                spent = sum(weights[u // 2] * float(rates[u % 2, o]) for u, o in enumerate(combo)) / 8
-                total = sum(float(flat[u, o]) for u, o in enumerate(combo))
-                if spent <= budget + 1e-9 and total < best - 1e-12:
-                    best = total
-            cand = option_candidates(d, grid, budget, (), weights=weights)[0]
-            chosen = [grid.groups.index(g) * 3 + grid.bit_grid.index(b)
-                      for b, g in zip(cand.bits.reshape(-1).tolist(), cand.groups.reshape(-1).tolist())]
+            def spent(combo):
+                return sum(weights[u // 2] * float(rates[u % 2, o]) for u, o in enumerate(combo)) / 8
+
+            best = _best_under(options, flat, budget, spent)
+            chosen = _chosen_options(option_candidates(d, grid, budget, (), weights=weights)[0], grid)
             assert math.isclose(sum(float(flat[u, o]) for u, o in enumerate(chosen)), best, rel_tol=1e-9)
-            assert sum(weights[u // 2] * float(rates[u % 2, o]) for u, o in enumerate(chosen)) / 8 <= budget + 1e-9
+            assert spent(chosen) <= budget + 1e-9
     # equal weights are no weights
     assert torch.equal(option_candidates(d, grid, 2.5, (), weights=[2, 2])[0].bits,
                        option_candidates(d, grid, 2.5, ())[0].bits)
