@@ -382,7 +382,7 @@ def group_options(d: dict) -> list[str]:
 BYTE_RUNS = ("ratequant_quality_bytes_kivi-2.5.json", "ratequant_quality_bytes_kivi-3.json",
              "ratequant_quality_bytes_token-3.json", "ratequant_quality_bytes_rotated-3.json",
              "ratequant_quality_bytes_qwen2.5-coder-0.5b_kivi-2.5.json",
-             "ratequant_quality_gemma3-270m_bytes_kivi.json")
+             "ratequant_quality_gemma3-270m_bytes_kivi.json", "ratequant_quality_gemma3-270m_bytes_pydoc-to-bbc.json")
 
 
 def _options_used(config: dict) -> str:
@@ -429,8 +429,10 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
             record = chosen.calibration or {}
             charged = ("yes" if record.get("window_tokens") else "no") + (
                 "; layers by tokens held" if record.get("layer_weights") else "")
+            calib, evaluated = _domain(d["calib_source"]), _domain(d["eval_source"])
+            label = _model_label(d) + ("" if calib == evaluated else f" ({calib} -> {evaluated})")
             rows.append([
-                _model_label(d), s["quantizer"], f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
+                label, s["quantizer"], f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
                 f"{s['best_fixed']} {s['best_fixed_ppl']:.3f}", s["winner"].removeprefix("ratequant-"),
                 f"{s['chosen_ppl']:.3f} / {s['chosen_kl']:.4f}", f"{s['chosen_kl'] / fixed_kl - 1:+.0%}",
                 "yes" if s["beats_every_fixed_kl"] else "**no**", _f(s.get("ppl_gap_recovered"), ".0%"),
@@ -612,7 +614,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "python benchmarks/ratequant_quality.py --budget-unit true --quantizers Q --budgets B --groups 64 128 (kivi) | "
      "16 32 (token, rotated) --tag bytes_Q-B  # Qwen: --model qwen2.5-coder-0.5b --calib-data pydoc --eval-data "
      "pydoc; Gemma: --model gemma3-270m --quantizers kivi --budget-unit true --budgets 3 3.5 --calib-data pydoc "
-     "--eval-data pydoc --tag gemma3-270m_bytes_kivi (no --groups)",
+     "--eval-data pydoc --tag gemma3-270m_bytes_kivi (no --groups; --budgets 3.5 --eval-data bbc --tag "
+     "gemma3-270m_bytes_pydoc-to-bbc: evaluated on BBC News)",
      byte_budgets),
     ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", "byte_frontier.json",
      "python benchmarks/byte_frontier.py --configs-from DIR  # DIR: the configs an earlier run of the same code "
