@@ -859,10 +859,9 @@ def calibration_record(
     true_budget: float | None = None, weights: list[int] | None = None,
 ) -> CalibrationRecord:
     """What the calibration did ([`CalibrationRecord`]); `race` is None when nothing was validated (the closed-form
-    `ratequant` allocation wins, or where a budget in bytes left it out, `ratequant-options`, the exact allocation by
-    bytes) and `candidates` every candidate considered."""
-    names = {c.name for c in candidates}
-    winner = race.winner if race else ("ratequant" if "ratequant" in names else "ratequant-options")
+    `ratequant` allocation wins, or under a budget in bytes whose layers weigh differently, `ratequant-options`, the
+    exact allocation by bytes) and `candidates` every candidate considered."""
+    winner = race.winner if race else ("ratequant-options" if weights else "ratequant")
     scores = race.scores if race else {}
     families = {c.name: c.family for c in candidates}
     best_fixed = min((kl for name, kl in scores.items() if families[name] == "fixed"), default=None)

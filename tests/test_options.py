@@ -361,6 +361,11 @@ def test_calibrate_counts_the_bytes_sliding_layers_hold(capsys):
     held = true_bits_per_element(config, 64, fingerprint=fp)
     assert f"{held:.4g} per element held at 4096 tokens" in capsys.readouterr().out
     assert "per element held" in model_card(config, "me/tiny-sliding")
+    # without validation the exact allocation by bytes is returned (the closed form would not fit)
+    unvalidated = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=3.0, budget_unit="true",
+                            n_samples=2, n_validation=0, seq_len=256, progress=False)
+    assert unvalidated.method == "ratequant-options"
+    assert true_bits_per_element(unvalidated, 64, fingerprint=fp) <= 3.0 + 1e-9
     # a budget in code bits stays an average over units, as in the paper
     plain = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=2.0, n_samples=2,
                       n_validation=0, seq_len=256, progress=False)
