@@ -714,25 +714,19 @@ def fits_true_budget(candidate: Candidate, layout: CacheLayout, fingerprint: Mod
 
 def calibration_candidates(
     distortion: torch.Tensor, settings: CalibrationSettings, fingerprint: ModelFingerprint,
-    measured: Measurement | None = None, true_budget: float | None = None, layout: CacheLayout | None = None,
+    space: OptionSpace | None = None, true_budget: float | None = None, layout: CacheLayout | None = None,
 ) -> list[Candidate]:
-    """What validation races first: the [`allocation_candidates`], then every fixed split of the budget. With a
-    measurement over (bits, group) options and the `true_budget` (true bits per element) it stands for, also the
-    exact allocations over the options and every fixed (bits, group) pair of the same bytes; with the `layout`,
-    the bytes include the longer window of layers whose keys take larger token groups, at [`REPORT_TOKENS`]
-    tokens ([`options.window_costs`]).
+    """What validation races first: the [`allocation_candidates`], then every fixed split of the budget. With the
+    [`option_space`] of a budget of `true_budget` true bits per element, also the exact allocations over its
+    options and every fixed (bits, group) pair of the same bytes; with the `layout`, the bytes include the longer
+    window of layers whose keys take larger token groups, at [`REPORT_TOKENS`] tokens ([`options.window_costs`]).
 
-    With a `true_budget` and the `layout` of a model whose layers hold different numbers of tokens (sliding-window
-    layers), the budget counts each layer's elements by the tokens it holds ([`budget_weights`]): the exact
-    allocations over the options weigh them so (over the layout's own group sizes when no others were measured),
-    and a bits-only candidate that would hold more bytes than the budget is left out ([`fits_true_budget`])."""
+    Where the space weighs layers by the tokens they hold (sliding-window layers, [`budget_weights`]), the exact
+    allocations weigh them so (over the layout's own group sizes when no others were measured), and a bits-only
+    candidate that would hold more bytes than the budget is left out ([`fits_true_budget`])."""
     s = settings
     out = (allocation_candidates(distortion, s.bit_grid, s.budget)
            + fixed_candidates(fingerprint.num_layers, fingerprint.num_kv_heads, s.budget, s.b_min, s.b_max))
-    if measured is not None and measured.grid is not None and true_budget is None:
-        raise ValueError("A measurement over group sizes is allocated under a budget in true bits per element: "
-                         "pass true_budget.")
-    space = option_space(distortion, settings, fingerprint, measured, true_budget, layout)
     if space is not None:
         chosen = option_candidates(space.options, space.grid, true_budget, KEY_WEIGHTS, space.charges, space.weights)
         out += [dataclasses.replace(c, groups=None) for c in chosen] if space.own_groups else chosen
@@ -766,6 +760,9 @@ def option_space(
     over the layout's groups (the bits-only candidates alone)."""
     grid, options = (measured.grid, measured.options) if measured is not None else (None, None)
     if true_budget is None:
+        if grid is not None:
+            raise ValueError("A measurement over group sizes is allocated under a budget in true bits per element: "
+                             "pass true_budget.")
         return None
     weights = None if layout is None else budget_weights(layout, fingerprint, true_budget)
     own_groups = grid is None and weights is not None
@@ -944,9 +941,9 @@ def calibrate(
     data = load_calibration_data(tokenizer, data, layout, settings, fp, procs)
     measured = measure_units(model, data.fit, layout, settings, processes=procs, progress=progress)
     fit = fit_curves(measured.distortion, settings.bit_grid)
-    candidates = calibration_candidates(measured.distortion, settings, fp, measured, true_bits, layout)
-    t0, race = time.perf_counter(), None
     space = option_space(measured.distortion, settings, fp, measured, true_bits, layout)
+    candidates = calibration_candidates(measured.distortion, settings, fp, space, true_bits, layout)
+    t0, race = time.perf_counter(), None
     weights = space.weights if space is not None else None
     if len(data.validation):
         descend_from = None
