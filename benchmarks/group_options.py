@@ -2,6 +2,7 @@
 
     python benchmarks/group_options.py                       # SmolLM2-135M, kivi / token / rotated, groups 32/64/128
     python benchmarks/group_options.py --model gemma3-270m --quantizers kivi
+    python benchmarks/group_options.py --scale-bits 16 8 --tag scale-bits  # scales and zero-points in 8 bits too
 
 For each design and group size, calibration's attention-output measure (the same captured states, one forward and
 backward pass per batch for every option) on the calibration half of the text; every option's true rate in bits per
@@ -14,6 +15,10 @@ What this measures is calibration's objective, the sum of the units' measured di
 cache. It says which options lie on the units' lower convex hulls and how much of the objective the group axis
 could save; quality through the cache, with the groups calibration chooses per unit and stores, is
 `ratequant_quality.py --budget-unit true --groups ...`.
+
+`--scale-bits 16 8` adds, for every group size, the same option with its scale and zero-point coded in 8 bits each
+([`CodedScales`], the super-block idea of llama.cpp's k-quants): measured here to see whether it would move the
+per-byte frontier before the cache stores it (issue [4 bytes]: "measure before you keep them").
 """
 
 from __future__ import annotations
@@ -32,6 +37,65 @@ from hf_ratequant.quantizers import get_quantizer
 
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 5.0)  # true bits per element, metadata included (the bar of issue [4 bytes])
 KINDS = ("key", "value")
+SUPER_TOKENS = 32  # tokens per super-block of coded scales: the window releases tokens in blocks of G = 32
+SUPER_BITS = 48  # per head and super-block: the largest scale, the smallest zero and the zeros' step, 16 bits each
+SCALE_STEPS_PER_OCTAVE = 32  # a coded scale is the block's largest times 2^(-e / 32), e in 0..255
+
+
+class CodedScales:
+    """A design whose scales and zero-points are stored in 8 bits each instead of 16, relative to three 16-bit
+    numbers per super-block: the scale as the super-block's largest times a power of two in 1/16 steps (rounded up:
+    at most 4.4% coarser), the zero-point on a 255-step grid from the super-block's smallest to its largest (rounded
+    down), so that every group's range stays covered. A super-block is one head's groups at one place in the row
+    over `SUPER_TOKENS` tokens (the per-token designs and kivi's values: an outlier channel's groups keep their own
+    range), or every channel's group of one block of tokens (kivi's keys, grouped over tokens). Only the round trip
+    (what the measure needs); the cache does not store such scales."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def time_block(self, kind: str) -> int:
+        return self.base.time_block(kind)
+
+    def roundtrip(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+        q, qmax = self.base, (1 << bits) - 1
+        g = q._to_groups(q._rotate(x.float()), kind)  # (B, H, T // tb, n_groups, group_len), as the design groups
+        lo, hi = g.amin(-1), g.amax(-1)
+        across = q.time_block(kind) > 1  # groups over tokens: a super-block is one block of tokens, every channel
+        per = max(1, SUPER_TOKENS // q.time_block(kind))  # time blocks per super-block
+
+        def block_reduce(t: torch.Tensor, fn) -> torch.Tensor:  # over each super-block, broadcast back to `t`
+            b, h, n, m = t.shape
+            pad = (-n) % per
+            padded = torch.cat([t, t[:, :, -1:].expand(b, h, pad, m)], 2) if pad else t
+            chunks = padded.reshape(b, h, -1, per, m)
+            r = fn(chunks, (3, 4) if across else 3, keepdim=True)
+            return r.expand_as(chunks).reshape(b, h, -1, m)[:, :, :n]
+
+        zmin, zmax = block_reduce(lo, torch.amin), block_reduce(lo, torch.amax)
+        dz = (zmax - zmin) / 255
+        zero = torch.where(dz > 0, zmin + torch.floor((lo - zmin) / dz.clamp_min(1e-30)).clamp(0, 255) * dz, zmin)
+        zero = torch.minimum(zero, lo)  # down, so the group's minimum stays covered
+        need = (hi - zero) / qmax
+        smax = block_reduce(need, torch.amax)
+        e = torch.floor(-SCALE_STEPS_PER_OCTAVE * torch.log2(need / smax.clamp_min(1e-30))).clamp(0, 255)
+        scale = torch.where(smax > 0, smax * torch.exp2(-e / SCALE_STEPS_PER_OCTAVE), smax)
+        scale = torch.maximum(scale, need)  # up: float rounding must not uncover the group's maximum
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))[..., None]
+        codes = ((g - zero[..., None]) * inv).round_().clamp_(0, qmax)
+        out = q._from_groups(codes * scale[..., None] + zero[..., None], kind, x.shape)
+        if q.rotates:
+            out = q._unrotate(out)
+        return out.to(x.dtype)
+
+
+def coded_rate(design: str, group: int, bits: int, kind: str, head_dim: int) -> float:
+    """Bits per element of an option with [`CodedScales`]: the codes, 8-bit scale and zero per group of `group`
+    elements, and the super-block's share."""
+    q = get_quantizer(design, group if design == "kivi" else LAYOUT.group_size)
+    if q.time_block(kind) > 1:  # a super-block: every channel of one block of tokens
+        return bits + 16 / group + SUPER_BITS / (max(SUPER_TOKENS, q.time_block(kind)) * head_dim)
+    return bits + 16 / group + SUPER_BITS / (SUPER_TOKENS * group)  # one place in the row over SUPER_TOKENS tokens
 
 
 class PerKind:
@@ -58,103 +122,164 @@ def _quantizer(design: str, group: int, kind: str, head_dim: int):
     return type(get_quantizer(design))(row_group=group)
 
 
-def options(design: str, groups: list[int], bits: list[int], head_dim: int):
-    """`[(group, bits)]`, with the quantizer pair per group and the true rate of every option per kind."""
+def label(group: int, scale_bits: int) -> str:
+    """How an option's group (and scale precision, where not 16 bits) is written: `64`, `64s8`."""
+    return f"{group}" if scale_bits == 16 else f"{group}s{scale_bits}"
+
+
+def options(design: str, groups: list[int], bits: list[int], head_dim: int, scale_bits: tuple[int, ...] = (16,)):
+    """`[(label, bits)]`, with the quantizer pair per label and the true rate of every option per kind (labels:
+    [`label`], one per group size and scale precision)."""
     pairs, rates = {}, {k: [] for k in KINDS}
-    opts = [(g, b) for g in groups for b in bits]
-    for g in groups:
+    variants = [(g, s) for s in sorted(scale_bits, reverse=True) for g in groups]
+    opts = [(label(g, s), b) for g, s in variants for b in bits]
+    for g, s in variants:
         q = {k: _quantizer(design, g, k, head_dim) for k in KINDS}
         if any(v is not None for v in q.values()):  # a kind the group does not fit is measured at head_dim, unused
             pair = [q[k] or _quantizer(design, head_dim, k, head_dim) for k in KINDS]
-            pairs[g] = (PerKind(*pair), {k: q[k] is not None for k in KINDS})
+            if s != 16:
+                pair = [CodedScales(p) for p in pair]
+            pairs[label(g, s)] = (PerKind(*pair), {k: q[k] is not None for k in KINDS})
     for kind in KINDS:
-        for g, b in opts:
-            ok = g in pairs and pairs[g][1][kind]
-            row_group = None if design == "kivi" else g
-            rates[kind].append(unit_bits_per_element(design, g if design == "kivi" else LAYOUT.group_size, b, kind,
-                                                     head_dim, row_group=row_group) if ok else float("nan"))
+        for g, s in variants:
+            for b in bits:
+                ok = label(g, s) in pairs and pairs[label(g, s)][1][kind]
+                if not ok:
+                    rates[kind].append(float("nan"))
+                elif s != 16:
+                    rates[kind].append(coded_rate(design, g, b, kind, head_dim))
+                else:
+                    row_group = None if design == "kivi" else g
+                    rates[kind].append(unit_bits_per_element(design, g if design == "kivi" else LAYOUT.group_size, b,
+                                                             kind, head_dim, row_group=row_group))
     return opts, pairs, rates
+
+
+def _name(kind: str, opt: tuple[str, int]) -> str:
+    return f"{kind} {opt[1]}b g{opt[0]}"
+
+
+def _exact(dist: torch.Tensor, int_rates: torch.Tensor, cap: int, mask: torch.Tensor) -> torch.Tensor | None:
+    """The exact allocation over the options in `mask`, or None where they cannot meet the budget."""
+    d = torch.where(mask[None], dist, torch.full_like(dist, float("inf")))
+    if not bool(torch.isfinite(d).any(1).all()):
+        return None
+    try:
+        return allocate_rate(int_rates, d, cap)
+    except ValueError:
+        return None
+
+
+def _best_fixed(dist, opts, rates, budget, half, mask):
+    """(objective, name, rate) of the best option pair (one for all keys, one for all values) in `mask` within
+    `budget`."""
+    best = None
+    for ok in range(len(opts)):
+        for ov in range(len(opts)):
+            rk, rv = rates["key"][ok], rates["value"][ov]
+            if not (mask[ok] and mask[ov]) or rk != rk or rv != rv or (rk + rv) / 2 > budget + 1e-9:
+                continue
+            total = float(dist[:half, ok].sum() + dist[half:, ov].sum())
+            if best is None or total < best[0]:
+                best = (total, f"{_name('K', opts[ok])} / {_name('V', opts[ov])}", (rk + rv) / 2)
+    return best
 
 
 def analyse(design, opts, table, rates, n_units_per_kind):
     """Per true budget: the exact allocation over all options vs bits alone at one group vs the best fixed option
-    pair; the hull histogram."""
+    pair; the hull histogram. Where some options code their scales in 8 bits (labels `...s8`), the exact allocation
+    and the best fixed pair over the 16-bit options alone too (`*_16`): what the coded scales add."""
     n_opts = len(opts)
     dist = torch.cat([table[..., 0, :].reshape(-1, n_opts), table[..., 1, :].reshape(-1, n_opts)])  # (units, opts)
     rate_rows = torch.tensor([rates["key"]] * n_units_per_kind + [rates["value"]] * n_units_per_kind,
                              dtype=torch.float64)
     dist = torch.where(torch.isnan(rate_rows), torch.full_like(dist, float("inf")), dist)
     int_rates, scale = integer_rates(torch.nan_to_num(rate_rows, nan=0.0))
-    n_units = dist.shape[0]
+    n_units, half = dist.shape[0], n_units_per_kind
+    every = torch.ones(n_opts, dtype=torch.bool)
+    sixteen = torch.tensor(["s" not in g for g, _ in opts])
+    coded = not bool(sixteen.all())
     hull_counts: dict[str, int] = {}
     for u in range(n_units):
         for o in lower_hull(int_rates[u], dist[u]):
-            key = f"{'KV'[u >= n_units_per_kind]} {opts[o][1]}b g{opts[o][0]}"
+            key = _name("KV"[u >= half], opts[o])
             hull_counts[key] = hull_counts.get(key, 0) + 1
     rows = []
     for budget in BUDGETS:
         cap = int(round(budget * n_units * scale))
         row = dict(budget=budget)
-        try:
-            choice = allocate_rate(int_rates, dist, cap)
-        except ValueError:
+        choice = _exact(dist, int_rates, cap, every)
+        if choice is None:
             continue
         row["all_options"] = float(dist.gather(1, choice[:, None]).sum())
         row["all_options_rate"] = float(rate_rows.gather(1, choice[:, None]).mean())
         used: dict[str, int] = {}
         for u, o in enumerate(choice.tolist()):
-            key = f"{'KV'[u >= n_units_per_kind]} {opts[o][1]}b g{opts[o][0]}"
+            key = _name("KV"[u >= half], opts[o])
             used[key] = used.get(key, 0) + 1
         row["used"] = dict(sorted(used.items()))
         best_single = None
-        for g in sorted({g for g, _ in opts}):
-            mask = torch.tensor([og == g for og, _ in opts])
-            d = torch.where(mask[None], dist, torch.full_like(dist, float("inf")))
-            if not bool(torch.isfinite(d).any(1).all()):
+        for g in dict.fromkeys(g for g, _ in opts):
+            c = _exact(dist, int_rates, cap, torch.tensor([og == g for og, _ in opts]))
+            if c is None:
                 continue
-            try:
-                c = allocate_rate(int_rates, d, cap)
-            except ValueError:
-                continue
-            total = float(d.gather(1, c[:, None]).sum())
+            total = float(dist.gather(1, c[:, None]).sum())
             if best_single is None or total < best_single[1]:
                 best_single = (g, total)
         row["bits_only_group"], row["bits_only"] = best_single if best_single else (None, None)
-        best_fixed = None
-        half = n_units_per_kind
-        for ok in range(n_opts):
-            for ov in range(n_opts):
-                rk, rv = rates["key"][ok], rates["value"][ov]
-                if rk != rk or rv != rv or (rk + rv) / 2 > budget + 1e-9:
-                    continue
-                total = float(dist[:half, ok].sum() + dist[half:, ov].sum())
-                if best_fixed is None or total < best_fixed[0]:
-                    best_fixed = (total, f"K {opts[ok][1]}b g{opts[ok][0]} / V {opts[ov][1]}b g{opts[ov][0]}",
-                                  (rk + rv) / 2)
-        row["best_fixed"], row["best_fixed_name"], row["best_fixed_rate"] = best_fixed
+        row["best_fixed"], row["best_fixed_name"], row["best_fixed_rate"] = _best_fixed(
+            dist, opts, rates, budget, half, every)
+        if coded:
+            c = _exact(dist, int_rates, cap, sixteen)
+            row["all_options_16"] = float(dist.gather(1, c[:, None]).sum()) if c is not None else None
+            fixed16 = _best_fixed(dist, opts, rates, budget, half, sixteen)
+            row["best_fixed_16"], row["best_fixed_16_name"] = fixed16[:2] if fixed16 else (None, None)
         rows.append(row)
     return dict(design=design, hull=dict(sorted(hull_counts.items(), key=lambda kv: -kv[1])), rows=rows)
 
 
+def _ratio(x: float | None, ref: float) -> str:
+    return "-" if x is None else f"{x / ref:.3f}"
+
+
 def markdown(payload) -> str:
+    coded = any("all_options_16" in r for d in payload["designs"] for r in d["rows"])
+    what = "design-group pairs" if not coded else "design-group-scale variants"
     out = [f"# Group-size options: {payload['model']}", "",
            f"Measured on {payload['source']} ({payload['tokens']} tokens, {payload['seconds']:.0f} s for "
-           f"{payload['n_designs']} design-group pairs in one pass); calibration's objective (sum of measured "
+           f"{payload['n_designs']} {what} in one pass); calibration's objective (sum of measured "
            "distortions), not quality through the cache.", ""]
     for d in payload["designs"]:
-        out += [f"## {d['design']}", "",
-                "| true bits/elem | all options (bits x group) | rate used | bits only, best single group | "
-                "best fixed option pair | options used (units) |", "|---|---|---|---|---|---|"]
-        for r in d["rows"]:
-            fixed = r["best_fixed"]
-            bits_only = (f"{r['bits_only'] / fixed:.3f} (g{r['bits_only_group']})"
-                         if r["bits_only"] is not None else "-")
-            used = ", ".join(f"{k}: {v}" for k, v in r["used"].items())
-            out.append(f"| {r['budget']:g} | **{r['all_options'] / fixed:.3f}** | {r['all_options_rate']:.3f} | "
-                       f"{bits_only} | 1 ({r['best_fixed_name']}, {r['best_fixed_rate']:g}) | {used} |")
+        if coded:
+            out += [f"## {d['design']}", "",
+                    "| true bits/elem | all options, 16-bit scales | all options, 16- or 8-bit scales | best fixed "
+                    "pair, 16-bit scales | best fixed pair, 16- or 8-bit | options used (units), 16- or 8-bit |",
+                    "|---|---|---|---|---|---|"]
+            for r in d["rows"]:
+                ref = r["best_fixed_16"] if r["best_fixed_16"] is not None else r["best_fixed"]
+                used = ", ".join(f"{k}: {v}" for k, v in r["used"].items())
+                fixed16 = f"1 ({r['best_fixed_16_name']})" if r["best_fixed_16"] is not None else "none fits"
+                out.append(f"| {r['budget']:g} | {_ratio(r['all_options_16'], ref)} | **{r['all_options'] / ref:.3f}**"
+                           f" | {fixed16} | {r['best_fixed'] / ref:.3f} ({r['best_fixed_name']}) | {used} |")
+        else:
+            out += [f"## {d['design']}", "",
+                    "| true bits/elem | all options (bits x group) | rate used | bits only, best single group | "
+                    "best fixed option pair | options used (units) |", "|---|---|---|---|---|---|"]
+            for r in d["rows"]:
+                fixed = r["best_fixed"]
+                bits_only = (f"{r['bits_only'] / fixed:.3f} (g{r['bits_only_group']})"
+                             if r["bits_only"] is not None else "-")
+                used = ", ".join(f"{k}: {v}" for k, v in r["used"].items())
+                out.append(f"| {r['budget']:g} | **{r['all_options'] / fixed:.3f}** | {r['all_options_rate']:.3f} | "
+                           f"{bits_only} | 1 ({r['best_fixed_name']}, {r['best_fixed_rate']:g}) | {used} |")
         hull = ", ".join(f"{k}: {v}" for k, v in list(d["hull"].items())[:12])
         out += ["", f"Options on the units' lower convex hulls (units): {hull}", ""]
-    out += ["Distortions relative to the best fixed option pair of no more bytes (1 = as good; lower is better)."]
+    if coded:
+        out += ["Distortions relative to the best fixed option pair with 16-bit scales of no more bytes (1 = as "
+                "good; lower is better). `g64s8`: groups of 64 with 8-bit scales and zero-points (3 16-bit numbers "
+                f"per head and block of {SUPER_TOKENS} tokens besides); measured, not stored by the cache."]
+    else:
+        out += ["Distortions relative to the best fixed option pair of no more bytes (1 = as good; lower is better)."]
     return "\n".join(out)
 
 
@@ -167,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="pydoc", help="calibration text (default: the calibration half of pydoc)")
     p.add_argument("--samples", type=int, default=CALIBRATION.n_samples)
     p.add_argument("--seq-len", type=int, default=CALIBRATION.seq_len)
+    p.add_argument("--scale-bits", nargs="+", type=int, choices=[16, 8], default=[16],
+                   help="precisions of the scales and zero-points to measure (default 16; 16 8 adds coded scales)")
     p.add_argument("--tag", default="", help="suffix of the output names: group_options_<tag>")
     p.add_argument("--output-dir", default=None)
     return p
@@ -180,7 +307,7 @@ def main(argv=None) -> int:
     head_dim = ModelFingerprint.from_model_config(model.config).head_dim
     designs, plan = {}, {}
     for design in args.quantizers:
-        opts, pairs, rates = options(design, args.groups, args.bits, head_dim)
+        opts, pairs, rates = options(design, args.groups, args.bits, head_dim, tuple(args.scale_bits))
         plan[design] = (opts, pairs, rates)
         designs.update({f"{design}-g{g}": q for g, (q, _) in pairs.items()})
     start = time.perf_counter()
@@ -190,14 +317,15 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     results = []
     for design, (opts, pairs, rates) in plan.items():
-        groups = sorted({g for g, _ in opts})
+        groups = list(dict.fromkeys(g for g, _ in opts))  # option order
         parts = [tables[f"{design}-g{g}"] if g in pairs else None for g in groups]
         shape = next(t for t in parts if t is not None).shape
         parts = [t if t is not None else torch.full(shape, float("inf"), dtype=torch.float64) for t in parts]
         table = torch.cat(parts, dim=-1)  # (layers, heads, 2, groups * bits), option order = opts
         results.append(analyse(design, opts, table, rates, shape[0] * shape[1]))
     payload = dict(model=name, source=source, tokens=int(windows.numel()), seconds=seconds, head_dim=head_dim,
-                   n_designs=len(designs), groups=args.groups, bits=args.bits, designs=results, machine=machine())
+                   n_designs=len(designs), groups=args.groups, bits=args.bits, scale_bits=args.scale_bits,
+                   designs=results, machine=machine())
     stem = "group_options" + (f"_{args.tag}" if args.tag else "")
     kwargs = {"output_dir": args.output_dir} if args.output_dir else {}
     json_path, _ = write_results(stem, payload, markdown(payload), **kwargs)
