@@ -643,7 +643,7 @@ def load_calibration_data(
     sha = text_fingerprint(text)
     processes.agree((fp.geometry(), fp.layer_types, fp.model_type, sha, tuple(windows.shape), layout.quantizer,
                      s.budget, layout.group_size, layout.residual_length, layout.sink_length, s.b_min, s.b_max,
-                     s.measure, s.groups), "model, data or settings")
+                     s.measure, s.groups, s.budget_context), "model, data or settings")
     fit, validation = windows[: s.n_samples], windows[s.n_samples :]
     return CalibrationData(processes.shard(fit, "calibration"), processes.shard(validation, "validation"), source,
                            sha, int(fit.numel()), int(validation.numel()))
@@ -689,26 +689,28 @@ def measure_units(
     return Measurement(own, aware, time.perf_counter() - start, options, grid)
 
 
-def budget_weights(layout: CacheLayout, fingerprint: ModelFingerprint, true_budget: float | None) -> list[int] | None:
+def budget_weights(layout: CacheLayout, fingerprint: ModelFingerprint, true_budget: float | None,
+                   tokens: int = REPORT_TOKENS) -> list[int] | None:
     """What an element of each layer weighs in a budget of `true_budget` true bits per element: the tokens each
-    layer quantizes at [`REPORT_TOKENS`] tokens ([`footprint.layer_weights`]), so that the budget counts the bytes
-    the cache holds. None for a budget in code bits (an average over units, as in the paper) and where every layer
-    weighs the same (no sliding-window layers)."""
+    layer quantizes at `tokens` tokens (`CalibrationSettings.budget_context`, [`footprint.layer_weights`]), so that
+    the budget counts the bytes the cache holds there. None for a budget in code bits (an average over units, as
+    in the paper) and where every layer weighs the same (no sliding-window layers)."""
     if true_budget is None:
         return None
-    weights = layer_weights(layout, fingerprint, REPORT_TOKENS)
+    weights = layer_weights(layout, fingerprint, tokens)
     return weights if len(set(weights)) > 1 else None
 
 
 def fits_true_budget(candidate: Candidate, layout: CacheLayout, fingerprint: ModelFingerprint,
-                     true_budget: float) -> bool:
-    """Whether a candidate at the layout's group sizes stores at most `true_budget` bits per element, each layer's
-    elements weighed by the tokens it holds ([`budget_weights`]). The allocations over group sizes are made within
-    the budget (their longer windows included), so they always fit; so do the fixed splits."""
+                     true_budget: float, tokens: int = REPORT_TOKENS) -> bool:
+    """Whether a candidate at the layout's group sizes stores at most `true_budget` bits per element at `tokens`
+    tokens, each layer's elements weighed by the tokens it holds ([`budget_weights`]). The allocations over group
+    sizes are made within the budget (their longer windows included), so they always fit; so do the fixed
+    splits."""
     if candidate.groups is not None:
         return True
     config = RateQuantConfig.from_bits(candidate.bits, layout, fingerprint=fingerprint)
-    held = true_bits_per_element(config, fingerprint.head_dim, fingerprint=fingerprint)
+    held = true_bits_per_element(config, fingerprint.head_dim, fingerprint=fingerprint, tokens=tokens)
     return held <= true_budget + 1e-9
 
 
@@ -719,7 +721,8 @@ def calibration_candidates(
     """What validation races first: the [`allocation_candidates`], then every fixed split of the budget. With the
     [`option_space`] of a budget of `true_budget` true bits per element, also the exact allocations over its
     options and every fixed (bits, group) pair of the same bytes; with the `layout`, the bytes include the longer
-    window of layers whose keys take larger token groups, at [`REPORT_TOKENS`] tokens ([`options.window_costs`]).
+    window of layers whose keys take larger token groups, at `settings.budget_context` tokens
+    ([`options.window_costs`]).
 
     Where the space weighs layers by the tokens they hold (sliding-window layers, [`budget_weights`]), the exact
     allocations weigh them so (over the layout's own group sizes when no others were measured), and a bits-only
@@ -733,7 +736,7 @@ def calibration_candidates(
         out += fixed_option_candidates(space.grid, true_budget, fingerprint.num_layers, fingerprint.num_kv_heads,
                                        space.charges, space.weights)
     if space is not None and space.weights is not None:
-        out = [c for c in out if fits_true_budget(c, layout, fingerprint, true_budget)]
+        out = [c for c in out if fits_true_budget(c, layout, fingerprint, true_budget, s.budget_context)]
     return out
 
 
@@ -764,14 +767,14 @@ def option_space(
             raise ValueError("A measurement over group sizes is allocated under a budget in true bits per element: "
                              "pass true_budget.")
         return None
-    weights = None if layout is None else budget_weights(layout, fingerprint, true_budget)
+    weights = None if layout is None else budget_weights(layout, fingerprint, true_budget, settings.budget_context)
     own_groups = grid is None and weights is not None
     if own_groups:
         grid = OptionGrid.build(layout, (), settings.bit_grid, fingerprint.head_dim)
         options = option_table({f"g{g}": distortion for g in grid.groups}, grid)
     if grid is None:
         return None
-    charges = None if layout is None else window_costs(grid, layout, fingerprint, REPORT_TOKENS)
+    charges = None if layout is None else window_costs(grid, layout, fingerprint, settings.budget_context)
     return OptionSpace(grid, options, charges, weights, own_groups)
 
 
@@ -877,8 +880,9 @@ def calibration_record(
         true_budget=true_budget, group_grid=list(measured.grid.groups) if measured.grid else [],
         candidate_groups={c.name: c.groups.tolist() for c in candidates
                           if c.family != "fixed" and c.groups is not None},
-        window_tokens=REPORT_TOKENS if measured.grid is not None and len(measured.grid.flush_blocks()) > 1 else None,
-        layer_weights=list(weights or []),
+        window_tokens=(settings.budget_context if measured.grid is not None and len(measured.grid.flush_blocks()) > 1
+                       else None),
+        layer_weights=list(weights or []), budget_context=settings.budget_context if true_budget is not None else None,
     )
 
 
@@ -908,11 +912,13 @@ def calibrate(
         budget_unit (`str`, *optional*, defaults to `"code"`): one of [`BUDGET_UNITS`]: `"code"`, average code bits
             per unit; `"true"`, bits per stored element with the scales and zero-points (16-bit) included, turned
             into code bits by [`in_code_bits`] (the config records the code bits); on a model with sliding-window
-            layers each layer's elements count by the tokens it holds ([`budget_weights`]).
+            layers each layer's elements count by the tokens it holds at `budget_context` tokens (4096 by default,
+            [`budget_weights`]).
         progress (`bool`, *optional*, defaults to `True`): progress bars for the measure and the validation.
         overrides: any field of [`CacheLayout`] or [`CalibrationSettings`] (`n_samples`, `seq_len`, `n_validation`,
             `group_size`, `residual_length`, `sink_length`, `b_min`, `b_max`, `batch_size`, `chunk`, `measure`,
-            `residual_aware`, `data_column`; None keeps the default), or `validate=False` for `n_validation=0`.
+            `residual_aware`, `data_column`, `groups`, `budget_context`; None keeps the default), or `validate=False`
+            for `n_validation=0`.
 
     Returns:
         [`RateQuantConfig`]: the winning allocation, with the fitted curves and the [`CalibrationRecord`] (as a

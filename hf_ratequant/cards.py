@@ -106,9 +106,10 @@ def _memory_lines(config: RateQuantConfig) -> list[str]:
         return []
     true_bits = true_bits_per_element(config, fp.head_dim)
     held = ""
-    if len(set(layer_weights(config, fp))) > 1:
-        held = (f" ({true_bits_per_element(config, fp.head_dim, fingerprint=fp):.4g} per element held at "
-                f"{REPORT_TOKENS} tokens, where the sliding-window layers hold fewer tokens than the others)")
+    context = (config.calibration or {}).get("budget_context") or REPORT_TOKENS  # the context a budget counted at
+    if len(set(layer_weights(config, fp, context))) > 1:
+        held = (f" ({true_bits_per_element(config, fp.head_dim, fingerprint=fp, tokens=context):.4g} per element "
+                f"held at {context} tokens, where the sliding-window layers hold fewer tokens than the others)")
     f = cache_bytes(config, fp, REPORT_TOKENS)
     return [f"Storage: {config.average_bits:.4g} average code bits, {true_bits:.4g} bits per stored element with the "
             f"16-bit scales and zero-points{held}; at {REPORT_TOKENS} tokens a bf16/fp16 model's cache holds "

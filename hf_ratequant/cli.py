@@ -226,7 +226,7 @@ def _calibration_overrides(args: argparse.Namespace) -> dict[str, Any]:
         quantizer=args.quantizer, group_size=args.group_size, residual_length=args.residual_length,
         sink_length=args.sink_length, budget=args.budget, n_samples=args.samples, n_validation=args.validation,
         seq_len=args.seq_len, b_min=args.b_min, b_max=args.b_max, measure=args.measure, data_column=args.data_column,
-        groups=tuple(args.groups) if args.groups else None,
+        groups=tuple(args.groups) if args.groups else None, budget_context=args.budget_context,
     )
     if args.groups and args.budget_unit != "true":
         raise ValueError(f"--groups {' '.join(map(str, args.groups))} lets every unit choose its group size, which "
@@ -308,9 +308,11 @@ def _print_calibration(config: Any, model: Any) -> None:
     true_bits = true_bits_per_element(config, fingerprint.head_dim)
     line = (f"average code bits {config.average_bits:.4g}; true bits per element {true_bits:.4g} (with 16-bit "
             "scales and zero-points")
+    context = info.get("budget_context") or REPORT_TOKENS  # records before version 5: 4096
     if info.get("layer_weights"):
-        line += (f"; {true_bits_per_element(config, fingerprint.head_dim, fingerprint=fingerprint):.4g} per element "
-                 f"held at {REPORT_TOKENS} tokens, each layer counted by the tokens it holds, as the budget was")
+        held = true_bits_per_element(config, fingerprint.head_dim, fingerprint=fingerprint, tokens=context)
+        line += (f"; {held:.4g} per element held at {context} tokens, each layer counted by the tokens it holds, as "
+                 "the budget was")
     if torch.finfo(model.dtype).bits != 16:
         line += (f"; {true_bits_per_element(config, fingerprint.head_dim, model.dtype):.4g} with this "
                  f"{str(model.dtype).replace('torch.', '')} model's")
@@ -318,7 +320,7 @@ def _print_calibration(config: Any, model: Any) -> None:
     if info.get("window_tokens"):
         print(f"the budget of {info['true_budget']:g} true bits also paid for the longer full-precision window of "
               f"layers whose keys take larger token groups, at {info['window_tokens']} tokens")
-    _print_footprint(config, fingerprint, model.dtype, REPORT_TOKENS)
+    _print_footprint(config, fingerprint, model.dtype, context)
 
 
 # ---- push ----------------------------------------------------------------------------------------------------------
@@ -595,11 +597,15 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--budget-unit", choices=BUDGET_UNITS, default="code",
                    help="code: code bits per unit, as a config's average_bits; true: bits per stored element with "
                    "every group's 16-bit scale and zero-point (kivi G=32: code + 1; token and rotated: code + 32 / "
-                   "head_dim), a sliding-window layer's elements counted by the tokens it holds at 4096 tokens")
+                   "head_dim), a sliding-window layer's elements counted by the tokens it holds at --budget-context "
+                   "tokens")
     p.add_argument("--groups", type=int, nargs="+", default=None, metavar="G",
                    help="group sizes a unit may choose besides G (kivi keys: tokens, multiples of G; otherwise "
                    "channels, divisors of head_dim), allocated with the bits under a budget in true bits "
                    "(needs --budget-unit true; default: G for every unit)")
+    p.add_argument("--budget-context", type=int, default=CALIBRATION.budget_context, metavar="TOKENS",
+                   help="the context length a budget in true bits counts bytes at (the longest you serve: a "
+                   "sliding-window layer holds fewer tokens than a global one, ever fewer as contexts grow)")
     p.add_argument("--samples", type=int, default=CALIBRATION.n_samples, help="calibration windows measured, >= 1")
     p.add_argument("--validation", type=int, default=CALIBRATION.n_validation,
                    help="held-back windows the candidates are compared on, >= 0 (0: no validation)")

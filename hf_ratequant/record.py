@@ -23,11 +23,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RECORD_VERSION", "CalibrationRecord", "measure_description"]
 
-RECORD_VERSION = 4
+RECORD_VERSION = 5
 """1: `record_version` and `families` added, the `kvq-beta4` comparison no longer among the `candidates`. 2:
 `true_budget`, `group_grid` and `candidate_groups` (calibration over group sizes). 3: `window_tokens` (the true
 budget counts the longer full-precision window of layers with larger key token groups). 4: `layer_weights` (the
-true budget counts each layer's elements by the tokens it holds, where sliding-window layers hold fewer)."""
+true budget counts each layer's elements by the tokens it holds, where sliding-window layers hold fewer). 5:
+`budget_context` (the context a true budget counted bytes at; 4096 before)."""
 
 
 def measure_description(measure: str, residual_aware: bool) -> str:
@@ -39,7 +40,7 @@ def measure_description(measure: str, residual_aware: bool) -> str:
 
 
 _GROUP_FIELDS = ("true_budget", "group_grid", "candidate_groups", "window_tokens",  # record versions 2 and 3
-                 "layer_weights")  # and 4
+                 "layer_weights", "budget_context")  # 4 and 5
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,11 @@ class CalibrationRecord:
             full-precision window of layers whose keys chose larger token groups (see `footprint.window_growth`);
             None where no unit could (or before version 3).
         layer_weights (`list[int]`): what an element of each layer weighed in the true budget, the tokens the layer
-            quantizes at `footprint.REPORT_TOKENS` tokens (`footprint.layer_weights`); empty where every layer
-            weighed the same (or before version 4).
+            quantizes at `budget_context` tokens (`footprint.layer_weights`); empty where every layer weighed the
+            same (or before version 4).
+        budget_context (`int`, *optional*): the context, in tokens, at which a true budget counted the bytes
+            (`CalibrationSettings.budget_context`); None for a budget in code bits, and before version 5, when it
+            was always `footprint.REPORT_TOKENS` (4096).
         record_version (`int`): the schema of the record; 0 for records written before versioning.
     """
 
@@ -101,6 +105,7 @@ class CalibrationRecord:
     candidate_groups: dict[str, list] = field(default_factory=dict)
     window_tokens: int | None = None
     layer_weights: list[int] = field(default_factory=list)
+    budget_context: int | None = None
     record_version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from .footprint import REPORT_TOKENS
 from .quantizers import available_quantizers, check_bits
 
 __all__ = [
@@ -46,7 +47,8 @@ DEFAULT_SINK_TOKENS = 32
 BUDGET_UNITS = ("code", "true")
 """How a budget is counted: `"code"`, average code bits per unit (what `RateQuantConfig.average_bits` reports);
 `"true"`, bits per stored element with every group's 16-bit scale and zero-point included, each layer's elements
-counted by the tokens it holds at 4096 tokens (a sliding-window layer holds fewer: see `footprint.layer_weights`)."""
+counted by the tokens it holds at `CalibrationSettings.budget_context` tokens (4096 by default; a sliding-window
+layer holds fewer: see `footprint.layer_weights`)."""
 
 MEASURES = ("output", "state")
 """`"output"`: gradient-weighted error of the attention output recomputed with the quantized states; `"state"`:
@@ -134,6 +136,11 @@ class CalibrationSettings:
             the largest; kivi values and the per-token designs: channels, divisors of head_dim; a size is offered to
             the kinds it fits). Every (bits, group) option is measured and the allocation is made over them under a
             budget in true bits per element (`budget_unit="true"`). None: the layout's group for every unit.
+        budget_context (`int`, defaults to 4096): the context, in tokens, at which a budget in true bits per element
+            counts the bytes the cache holds: a sliding-window layer's elements weigh by the tokens it holds there
+            against a global layer's (at 32768 tokens Gemma 3's global layers weigh about 85 times its sliding
+            ones, at 4096 about 10), and the longer window of layers with larger key token groups is paid there.
+            Serve long contexts? Pass the length you serve. A budget in code bits ignores it.
     """
 
     budget: float = 2.5
@@ -148,6 +155,7 @@ class CalibrationSettings:
     residual_aware: bool = True
     data_column: str | None = None
     groups: tuple[int, ...] | None = None
+    budget_context: int = REPORT_TOKENS
 
     def __post_init__(self):
         for name in ("b_min", "b_max"):
@@ -167,6 +175,7 @@ class CalibrationSettings:
         _check_int("seq_len", self.seq_len, 2)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("chunk", self.chunk, 1)
+        _check_int("budget_context", self.budget_context, 1)
         if self.measure not in MEASURES:
             raise ValueError(f"Unknown measure {self.measure!r}: choose one of {', '.join(MEASURES)}.")
         if not isinstance(self.residual_aware, bool):

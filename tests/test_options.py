@@ -344,7 +344,8 @@ def test_calibrate_counts_the_bytes_sliding_layers_hold(capsys):
     config = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=3.0, budget_unit="true",
                        n_samples=2, n_validation=2, seq_len=256, progress=False)
     record = config.calibration
-    assert record["layer_weights"] == [4, 41, 4, 41] and record["record_version"] == 4
+    assert record["layer_weights"] == [4, 41, 4, 41] and record["record_version"] == 5
+    assert record["budget_context"] == 4096
     assert any(name.startswith("ratequant-options") for name in record["validation_kl"])
     # the steps from the best fixed split keep the bytes too
     assert any(name.startswith("ratequant-from-") and name[-3:] in ("-r1", "-r2") for name in record["validation_kl"])
@@ -370,6 +371,32 @@ def test_calibrate_counts_the_bytes_sliding_layers_hold(capsys):
     plain = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=2.0, n_samples=2,
                       n_validation=0, seq_len=256, progress=False)
     assert "layer_weights" not in plain.calibration and plain.average_bits == 2.0
+    assert "budget_context" not in plain.calibration
+
+
+def test_calibrate_counts_bytes_at_the_context_served(capsys):
+    """`budget_context` moves the weights: at 1024 tokens a global layer of the tiny Gemma 3 quantizes 864 tokens
+    against a sliding layer's 384 (4 : 9, not 4 : 41); the config keeps the budget there, and the record, the card
+    and the command line say where the bytes were counted."""
+    from hf_ratequant.cli import _print_calibration
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.footprint import layer_weights
+
+    model = _gemma3_tiny()
+    fp = ModelFingerprint.from_model_config(model.config)
+    assert layer_weights(KIVI, fp, 1024) == [4, 9, 4, 9]
+    config = calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=3.0, budget_unit="true",
+                       budget_context=1024, n_samples=2, n_validation=0, seq_len=256, progress=False)
+    record = config.calibration
+    assert record["layer_weights"] == [4, 9, 4, 9] and record["budget_context"] == 1024
+    held = true_bits_per_element(config, 64, fingerprint=fp, tokens=1024)
+    assert held <= 3.0 + 1e-9
+    _print_calibration(config, model)
+    assert f"{held:.4g} per element held at 1024 tokens" in capsys.readouterr().out
+    assert "held at 1024 tokens" in model_card(config, "me/tiny-sliding")
+    with pytest.raises(ValueError, match="budget_context=0 must be an integer"):
+        calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=3.0, budget_unit="true",
+                  budget_context=0, progress=False)
 
 
 def test_near_candidates_stay_near_the_origin_within_the_bytes():
