@@ -379,6 +379,13 @@ def group_options(d: dict) -> list[str]:
     return ["#" + line if line.startswith("## ") else line for line in study.markdown(d).split("\n")[2:]]
 
 
+def budget_context(d: dict) -> list[str]:
+    """Where a byte budget puts the bits by context, as benchmarks/budget_context.py reports it (without its title)."""
+    import budget_context as study
+
+    return study.markdown(d).split("\n")[2:]
+
+
 BYTE_RUNS = ("ratequant_quality_bytes_kivi-2.5.json", "ratequant_quality_bytes_kivi-3.json",
              "ratequant_quality_bytes_token-3.json", "ratequant_quality_bytes_rotated-3.json",
              "ratequant_quality_bytes_qwen2.5-coder-0.5b_kivi-2.5.json",
@@ -617,6 +624,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "--eval-data pydoc --tag gemma3-270m_bytes_kivi (no --groups; --budgets 3.5 --eval-data bbc --tag "
      "gemma3-270m_bytes_pydoc-to-bbc: evaluated on BBC News)",
      byte_budgets),
+    ("Budgets in bytes by the context served (issue [4 bytes], arithmetic on Gemma 3's stored table)",
+     "budget_context.json", "python benchmarks/budget_context.py", budget_context),
     ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", "byte_frontier.json",
      "python benchmarks/byte_frontier.py --configs-from DIR  # DIR: the configs an earlier run of the same code "
      "calibrated and saved (--save-configs DIR); their calibration times are that run's", byte_frontier),

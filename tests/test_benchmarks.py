@@ -396,3 +396,16 @@ def test_decode_speed_fills_sliding_layers_with_the_whole_context(bench_modules)
         assert cache.get_seq_length() == 302
     with torch.inference_mode():  # the first decoded token is the model's own next token after the whole context
         assert int(model(ids).logits[0, -1].argmax()) == int(first)
+
+
+def test_budget_context_moves_bits_to_the_sliding_layers(bench_modules, tmp_path):
+    """On Gemma 3's published table, the allocation by bytes at 32768 tokens keeps the budget there and gives the
+    sliding layers (an 85th of a global layer's bytes per element) more bits than at 4096; no model is loaded."""
+    module = bench_modules("budget_context")
+    assert module.main(["--budgets", "3", "--contexts", "4096", "32768", "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "budget_context.json").read_text())["rows"]
+    assert [r["weights"] for r in rows] == [[4, 41], [12, 1019]]
+    for r in rows:
+        assert r["allocation"]["held"] <= 3.0 + 1e-9 and r["allocation_4096"]["held"] <= 3.0 + 1e-9
+    near, far = rows[0]["allocation"]["sliding_mean"], rows[1]["allocation"]["sliding_mean"]
+    assert far["key"] > near["key"] + 1 and far["value"] > near["value"] + 1
