@@ -940,6 +940,10 @@ def calibrate(
         raise ValueError(f"groups={list(settings.groups)} lets every unit choose its group size, which changes its "
                          "bytes: give the budget in true bits per element (budget_unit='true', or --budget-unit "
                          "true on the command line).")
+    if true_bits is None and settings.budget_context != REPORT_TOKENS:
+        raise ValueError(f"budget_context={settings.budget_context} says at which context a budget in bytes counts "
+                         "them; a budget in code bits is an average over units and has none: give the budget in "
+                         "true bits per element (budget_unit='true', or --budget-unit true on the command line).")
     if true_bits is not None:
         settings = in_code_bits(true_bits, layout, settings, fp)
     check_feasible(layout, settings, fp)

@@ -228,6 +228,9 @@ def _calibration_overrides(args: argparse.Namespace) -> dict[str, Any]:
         seq_len=args.seq_len, b_min=args.b_min, b_max=args.b_max, measure=args.measure, data_column=args.data_column,
         groups=tuple(args.groups) if args.groups else None, budget_context=args.budget_context,
     )
+    if args.budget_context is not None and args.budget_unit != "true":
+        raise ValueError(f"--budget-context {args.budget_context} says at which context a budget in bytes counts "
+                         "them: give the budget in true bits per element with --budget-unit true.")
     if args.groups and args.budget_unit != "true":
         raise ValueError(f"--groups {' '.join(map(str, args.groups))} lets every unit choose its group size, which "
                          "changes its bytes: give the budget in true bits per element with --budget-unit true.")
@@ -603,9 +606,10 @@ def _add_calibrate(sub) -> None:
                    help="group sizes a unit may choose besides G (kivi keys: tokens, multiples of G; otherwise "
                    "channels, divisors of head_dim), allocated with the bits under a budget in true bits "
                    "(needs --budget-unit true; default: G for every unit)")
-    p.add_argument("--budget-context", type=int, default=CALIBRATION.budget_context, metavar="TOKENS",
+    p.add_argument("--budget-context", type=int, default=None, metavar="TOKENS",
                    help="the context length a budget in true bits counts bytes at (the longest you serve: a "
-                   "sliding-window layer holds fewer tokens than a global one, ever fewer as contexts grow)")
+                   "sliding-window layer holds fewer tokens than a global one, ever fewer as contexts grow; "
+                   f"needs --budget-unit true; default {CALIBRATION.budget_context})")
     p.add_argument("--samples", type=int, default=CALIBRATION.n_samples, help="calibration windows measured, >= 1")
     p.add_argument("--validation", type=int, default=CALIBRATION.n_validation,
                    help="held-back windows the candidates are compared on, >= 0 (0: no validation)")

@@ -140,7 +140,8 @@ class CalibrationSettings:
             counts the bytes the cache holds: a sliding-window layer's elements weigh by the tokens it holds there
             against a global layer's (at 32768 tokens Gemma 3's global layers weigh about 85 times its sliding
             ones, at 4096 about 10), and the longer window of layers with larger key token groups is paid there.
-            Serve long contexts? Pass the length you serve. A budget in code bits ignores it.
+            Serve long contexts? Pass the length you serve. A budget in code bits has no context (`calibrate`
+            refuses another value there).
     """
 
     budget: float = 2.5

@@ -124,12 +124,15 @@ def test_cli_budget_unit():
         _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--groups", "64"]))
     with pytest.raises(ValueError, match="groups entry=0 must be an integer"):
         _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--budget-unit", "true", "--groups", "0"]))
-    assert parser.parse_args(["calibrate", "-o", "x"]).budget_context == 4096
+    assert "budget_context" not in _calibration_overrides(parser.parse_args(["calibrate", "-o", "x"]))  # 4096
+    with pytest.raises(ValueError, match="--budget-context 32768 says at which context.*--budget-unit true"):
+        _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--budget-context", "32768"]))
     served = _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--budget-unit", "true",
                                                        "--budget-context", "32768"]))
     assert served["budget_context"] == 32768
     with pytest.raises(ValueError, match="budget_context=-1 must be an integer"):
-        _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--budget-context", "-1"]))
+        _calibration_overrides(parser.parse_args(["calibrate", "-o", "x", "--budget-unit", "true",
+                                                  "--budget-context", "-1"]))
 
 
 @pytest.mark.parametrize("quantizer", ["kivi", "token", "rotated"])

@@ -397,6 +397,9 @@ def test_calibrate_counts_bytes_at_the_context_served(capsys):
     with pytest.raises(ValueError, match="budget_context=0 must be an integer"):
         calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=3.0, budget_unit="true",
                   budget_context=0, progress=False)
+    with pytest.raises(ValueError, match="budget_context=1024 says at which context.*budget_unit='true'"):
+        calibrate(model, _CharTokenizer(), data=TEXT, quantizer="kivi", budget=2.5, budget_context=1024,
+                  progress=False)
 
 
 def test_near_candidates_stay_near_the_origin_within_the_bytes():
