@@ -236,6 +236,8 @@ DOMAIN_CELLS = (  # (file, design, bits): the runs of one cell, in-domain and ac
     ("ratequant_quality_gemma3-270m_pydoc-to-bbc_seq1024.json", "kivi", 2.5),
     ("ratequant_quality_gemma3-270m_rotated-3.json", "rotated", 3.0),
     ("ratequant_quality_gemma3-270m_rotated-3_pydoc-to-bbc.json", "rotated", 3.0),
+    ("ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json", "rotated", 3.0),
+    ("ratequant_quality_qwen2.5-coder-0.5b_rotated-3_pydoc-to-bbc.json", "rotated", 3.0),
 )
 DOMAIN_RUNS = tuple(dict.fromkeys(name for name, _, _ in DOMAIN_CELLS))
 
