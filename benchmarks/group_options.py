@@ -276,8 +276,9 @@ def markdown(payload) -> str:
         out += ["", f"Options on the units' lower convex hulls (units): {hull}", ""]
     if coded:
         out += ["Distortions relative to the best fixed option pair with 16-bit scales of no more bytes (1 = as "
-                "good; lower is better). `g64s8`: groups of 64 with 8-bit scales and zero-points (3 16-bit numbers "
-                f"per head and block of {SUPER_TOKENS} tokens besides); measured, not stored by the cache."]
+                "good; lower is better). `g64s8`: groups of 64 with 8-bit scales and zero-points, and three 16-bit "
+                f"numbers per super-block (one group position of one head over {SUPER_TOKENS} tokens; kivi keys: one "
+                "block of tokens, every channel), counted in the rate; measured, not stored by the cache."]
     else:
         out += ["Distortions relative to the best fixed option pair of no more bytes (1 = as good; lower is better)."]
     return "\n".join(out)

@@ -627,6 +627,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "pydoc --eval-data pydoc --save-configs DIR --tag qwen2.5-coder-0.5b_rotated-3", quality),
     ("Group-size options (issue [4 bytes], calibration's objective only)", "group_options.json",
      "python benchmarks/group_options.py", group_options),
+    ("Scales and zero-points in 8 bits (issue [4 bytes], calibration's objective only; not stored by the cache)",
+     "group_options_scale-bits.json", "python benchmarks/group_options.py --scale-bits 16 8 --tag scale-bits",
+     group_options),
     ("Budgets in bytes: bits and group size per unit (issue [4 bytes])", None,
      "python benchmarks/ratequant_quality.py --budget-unit true --quantizers Q --budgets B --groups 64 128 (kivi) | "
      "16 32 (token, rotated) --tag bytes_Q-B  # Qwen: --model qwen2.5-coder-0.5b --calib-data pydoc --eval-data "
