@@ -530,7 +530,8 @@ def byte_frontier(d: dict) -> list[str]:
 
 CALIBRATION_SPEED_RUNS = ("calibration_speed_kivi-3.5.json", "calibration_speed_token-3.5-shared-prefix.json",
                           "calibration_speed_rotated-3.5-shared-prefix.json",
-                          "calibration_speed_kivi-3-true-groups.json")
+                          "calibration_speed_kivi-3-true-groups.json", "calibration_speed_token-3-true-groups.json",
+                          "calibration_speed_rotated-3-true-groups.json")
 
 
 def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
@@ -646,7 +647,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m; python benchmarks/calibration_memory.py "
      "--model qwen2.5-coder-0.5b --merge", calibration_memory),
     ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated] "
-     "--tag Q-3.5 | --budget 3 --budget-unit true --groups 64 128 --tag kivi-3-true-groups",
+     "--tag Q-3.5 | --budget 3 --budget-unit true --groups 64 128 --tag kivi-3-true-groups | --quantizer "
+     "token|rotated --budget 3 --budget-unit true --groups 32 --tag Q-3-true-groups",
      calibration_speed(CALIBRATION_SPEED_RUNS)),
     ("lm-evaluation-harness through the cache", "lm_eval_table.json", "python benchmarks/lm_eval_table.py",
      lm_eval),
