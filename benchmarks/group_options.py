@@ -44,12 +44,13 @@ SCALE_STEPS_PER_OCTAVE = 32  # a coded scale is the block's largest times 2^(-e 
 
 class CodedScales:
     """A design whose scales and zero-points are stored in 8 bits each instead of 16, relative to three 16-bit
-    numbers per super-block: the scale as the super-block's largest times a power of two in 1/16 steps (rounded up:
-    at most 4.4% coarser), the zero-point on a 255-step grid from the super-block's smallest to its largest (rounded
-    down), so that every group's range stays covered. A super-block is one head's groups at one place in the row
-    over `SUPER_TOKENS` tokens (the per-token designs and kivi's values: an outlier channel's groups keep their own
-    range), or every channel's group of one block of tokens (kivi's keys, grouped over tokens). Only the round trip
-    (what the measure needs); the cache does not store such scales."""
+    numbers per super-block: the scale as the super-block's largest times a power of two in 1/32 steps (rounded up:
+    at most 2.2% coarser; a scale under 1/250 of the largest is coded as 1/250 of it), the zero-point on a 255-step
+    grid from the super-block's smallest to its largest (rounded down), so that every group's range stays covered
+    (the three numbers are kept in float32 here: their 16-bit rounding, 0.05%, is left out). A super-block is one
+    head's groups at one place in the row over `SUPER_TOKENS` tokens (the per-token designs and kivi's values: an
+    outlier channel's groups keep their own range), or every channel's group of one block of tokens (kivi's keys,
+    grouped over tokens). Only the round trip (what the measure needs); the cache does not store such scales."""
 
     def __init__(self, base):
         self.base = base
