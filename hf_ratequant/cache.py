@@ -97,8 +97,9 @@ class _HeadGroups:
 
     @property
     def time_block(self) -> int:
-        """Tokens the quantized past grows and is cut by: the least common multiple of its classes' time blocks."""
-        return math.lcm(*(q.time_block(self.kind) for q in self.quantizers)) if self.quantizers else 1
+        """Tokens the quantized past grows and is cut by: the least common multiple of its classes' token blocks
+        (their time blocks, or with 8-bit scales their super-blocks)."""
+        return math.lcm(*(q.token_block(self.kind) for q in self.quantizers)) if self.quantizers else 1
 
     def non_finite(self, x: torch.Tensor) -> torch.Tensor | None:
         """`None` if the heads to be quantized hold only finite values in the tokens of `x` `(batch, heads, tokens,
@@ -144,7 +145,7 @@ class _HeadGroups:
     def op_args(self, window: torch.Tensor) -> tuple:
         """The arguments of the `hf_ratequant` ops for this past: `(sink, data, scale, zero, head_bits,
         head_groups)` (see [`ops.PastPart`]); `window` `(batch, heads, tokens, head_dim)` gives the shapes of empty
-        parts."""
+        parts. 8-bit scales are decoded here, for this call (the kernels read scales in the model's dtype)."""
         b, _, _, d = window.shape
         sink = self.sink if self.sink is not None else window.new_empty(b, self.num_heads, 0, d)
         data, scale, zero = [], [], []
@@ -160,6 +161,7 @@ class _HeadGroups:
                 scale.append(window.new_empty(b, len(heads), 0, n_groups))
                 zero.append(window.new_empty(b, len(heads), 0, n_groups))
             else:
+                block = block.expanded()
                 data.append(block.codes)
                 scale.append(block.scale)
                 zero.append(block.zero)
@@ -687,7 +689,7 @@ class RateQuantCache(DynamicCache):
         else:
             fp = None
         layer_types = list(fp.layer_types) if fp is not None and fp.layer_types else None
-        quantizer = get_quantizer(quant_config.quantizer, quant_config.group_size)
+        quantizer = get_quantizer(quant_config.quantizer, quant_config.group_size, quant_config.scale_bits)
         layers: list[RateQuantLayer] = []
         for i, (kb, vb) in enumerate(zip(quant_config.key_bits, quant_config.value_bits)):
             args = (kb, vb, quantizer, quant_config.residual_length, quant_config.group_size)

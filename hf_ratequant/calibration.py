@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -606,12 +607,17 @@ def resolve_settings(
 def in_code_bits(
     true_bits: float, layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint
 ) -> CalibrationSettings:
-    """`settings` with the budget of `true_bits` bits per stored element (16-bit scales and zero-points included)
+    """`settings` with the budget of `true_bits` bits per stored element (scales and zero-points included)
     as the average code bits [`code_budget`] gives for `layout` on this model. A `ValueError` before any work when
-    the model's units cannot store exactly that many."""
+    the model's units cannot store exactly that many. With 8-bit scales a unit's metadata is no whole fraction of a
+    bit, so the code budget is the most code bits the units can average whose bytes fit (the allocation over
+    bytes, [`option_space`], then spends the rest)."""
     layout.check_head_dim(fingerprint.head_dim)
     code = code_budget(true_bits, layout.quantizer, layout.group_size, fingerprint.head_dim, settings.b_min,
-                       settings.b_max)
+                       settings.b_max, layout.scale_bits)
+    if layout.scale_bits != 16:
+        n_units = 2 * fingerprint.num_layers * fingerprint.num_kv_heads
+        code = max(math.floor(code * n_units + 1e-9) / n_units, settings.b_min)
     try:
         check_budget(code, 2 * fingerprint.num_layers * fingerprint.num_kv_heads, settings.b_min, settings.b_max)
     except ValueError as e:
@@ -642,7 +648,8 @@ def load_calibration_data(
                                     column=s.data_column), "loading the calibration data")
     sha = text_fingerprint(text)
     processes.agree((fp.geometry(), fp.layer_types, fp.model_type, sha, tuple(windows.shape), layout.quantizer,
-                     s.budget, layout.group_size, layout.residual_length, layout.sink_length, s.b_min, s.b_max,
+                     s.budget, layout.group_size, layout.residual_length, layout.sink_length, layout.scale_bits,
+                     s.b_min, s.b_max,
                      s.measure, s.groups, s.budget_context), "model, data or settings")
     fit, validation = windows[: s.n_samples], windows[s.n_samples :]
     return CalibrationData(processes.shard(fit, "calibration"), processes.shard(validation, "validation"), source,
@@ -668,7 +675,8 @@ def measure_units(
     processes.agree(aware, "residual-aware measure")
     grid = None
     if settings.groups is None:
-        designs: dict[str, Any] = {layout.quantizer: get_quantizer(layout.quantizer, layout.group_size)}
+        designs: dict[str, Any] = {layout.quantizer: get_quantizer(layout.quantizer, layout.group_size,
+                                                                   layout.scale_bits)}
     else:
         head_dim = ModelFingerprint.from_model_config(model.config).head_dim
         grid = OptionGrid.build(layout, settings.groups, settings.bit_grid, head_dim)
@@ -759,8 +767,8 @@ def option_space(
     measured: Measurement | None, true_budget: float | None, layout: CacheLayout | None,
 ) -> OptionSpace | None:
     """The [`OptionSpace`] of a calibration: the measured (bits, group) options with a budget in true bits, or the
-    layout's own groups where layers weigh differently in bytes; None where the budget counts code bits per unit
-    over the layout's groups (the bits-only candidates alone)."""
+    layout's own groups where layers weigh differently in bytes or scales are coded in 8 bits; None where the
+    budget counts code bits per unit over the layout's groups (the bits-only candidates alone)."""
     grid, options = (measured.grid, measured.options) if measured is not None else (None, None)
     if true_budget is None:
         if grid is not None:
@@ -768,7 +776,8 @@ def option_space(
                              "pass true_budget.")
         return None
     weights = None if layout is None else budget_weights(layout, fingerprint, true_budget, settings.budget_context)
-    own_groups = grid is None and weights is not None
+    coded = layout is not None and layout.scale_bits != 16  # bytes no code budget states exactly
+    own_groups = grid is None and (weights is not None or coded)
     if own_groups:
         grid = OptionGrid.build(layout, (), settings.bit_grid, fingerprint.head_dim)
         options = option_table({f"g{g}": distortion for g in grid.groups}, grid)
@@ -910,13 +919,14 @@ def calibrate(
             measure and the validation both see the cache with them).
         settings ([`CalibrationSettings`], *optional*): what is measured, on how many windows, and how.
         budget_unit (`str`, *optional*, defaults to `"code"`): one of [`BUDGET_UNITS`]: `"code"`, average code bits
-            per unit; `"true"`, bits per stored element with the scales and zero-points (16-bit) included, turned
+            per unit; `"true"`, bits per stored element with the scales and zero-points included, turned
             into code bits by [`in_code_bits`] (the config records the code bits); on a model with sliding-window
             layers each layer's elements count by the tokens it holds at `budget_context` tokens (4096 by default,
             [`budget_weights`]).
         progress (`bool`, *optional*, defaults to `True`): progress bars for the measure and the validation.
         overrides: any field of [`CacheLayout`] or [`CalibrationSettings`] (`n_samples`, `seq_len`, `n_validation`,
-            `group_size`, `residual_length`, `sink_length`, `b_min`, `b_max`, `batch_size`, `chunk`, `measure`,
+            `group_size`, `residual_length`, `sink_length`, `scale_bits`, `b_min`, `b_max`, `batch_size`, `chunk`,
+            `measure`,
             `residual_aware`, `data_column`, `groups`, `budget_context`; None keeps the default), or `validate=False`
             for `n_validation=0`.
 

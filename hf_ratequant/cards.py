@@ -111,8 +111,11 @@ def _memory_lines(config: RateQuantConfig) -> list[str]:
         held = (f" ({true_bits_per_element(config, fp.head_dim, fingerprint=fp, tokens=context):.4g} per element "
                 f"held at {context} tokens, where the sliding-window layers hold fewer tokens than the others)")
     f = cache_bytes(config, fp, REPORT_TOKENS)
+    scales = ("16-bit scales and zero-points" if config.scale_bits == 16 else
+              "8-bit scales and zero-points (one byte each, relative to three 16-bit numbers per super-block of 32 "
+              "tokens)")
     return [f"Storage: {config.average_bits:.4g} average code bits, {true_bits:.4g} bits per stored element with the "
-            f"16-bit scales and zero-points{held}; at {REPORT_TOKENS} tokens a bf16/fp16 model's cache holds "
+            f"{scales}{held}; at {REPORT_TOKENS} tokens a bf16/fp16 model's cache holds "
             f"{f.total / 2**20:.2f} MiB against {f.bytes_16bit / 2**20:.2f} MiB at 16 bits ({f.vs_16bit:.3f}x, the "
             f"full-precision window and sinks included).{_window_sentence(config)}", "", *_group_lines(config)]
 

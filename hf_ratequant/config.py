@@ -28,14 +28,16 @@ from .storage import short_repr as _short
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The newest schema this library reads. Version 2 added `sink_length`; a config without sinks is still written
 as version 1 (without the key), so older releases keep reading it, and one with sinks as version 2, which they
 refuse with an "upgrade" message instead of silently serving it without its sinks. Version 3 is the file layout
 in which the JSON names its content-hashed curves file (`hf_ratequant.storage`): a saved config with curves is
 version 3 on disk, whatever its settings need; `RateQuantConfig.version` is the oldest schema of its settings.
 Version 4 added a group size per unit (`key_groups`, `value_groups`); a config whose units all use the layout's
-group size is written without them, as before."""
+group size is written without them, as before. Version 5 added `scale_bits` (8-bit scales and zero-points); a config
+with 16-bit ones is written without it, so older releases read it, and they refuse one with 8-bit scales instead of
+serving it with scales it does not store."""
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -163,6 +165,8 @@ class RateQuantConfig:
         residual_length (`int`, *optional*, defaults to 128): most recent tokens kept in full precision (R).
         sink_length (`int`, *optional*, defaults to 0): the first tokens of a sequence kept in full precision (the
             attention sinks, S), a multiple of `group_size`; 0 in configs saved before this field existed.
+        scale_bits (`int`, *optional*, defaults to 16): how scales and zero-points are stored, 16 or 8 bits (see
+            `CacheLayout.scale_bits`); 16 in configs saved before this field existed.
         budget (`float`, *optional*): the average-bit budget the allocation was made for.
         b_min (`int`, *optional*, defaults to 1), b_max (`int`, *optional*, defaults to 8): allocation bounds.
         method (`str`, *optional*, defaults to `"uniform"`): how the bits were chosen.
@@ -186,6 +190,7 @@ class RateQuantConfig:
     group_size: int = 32
     residual_length: int = 128
     sink_length: int = 0
+    scale_bits: int = 16
     budget: float | None = None
     b_min: int = 1
     b_max: int = 8
@@ -211,6 +216,7 @@ class RateQuantConfig:
         group_size: int | None = None,
         residual_length: int | None = None,
         sink_length: int | None = None,
+        scale_bits: int | None = None,
         layout: CacheLayout | None = None,
         group: int | None = None,
         key_group: int | None = None,
@@ -218,8 +224,9 @@ class RateQuantConfig:
     ) -> RateQuantConfig:
         """A fixed allocation: every key at `key_bits` (default `bits`), every value at `value_bits` (default `bits`).
 
-        The layout (quantizer, G, R, S) is [`CacheLayout`]'s, the same a calibrated config gets by default (32 sink
-        tokens included); `layout=` or the single fields change it (`sink_length=0` for none, as KIVI does).
+        The layout (quantizer, G, R, S, scale bits) is [`CacheLayout`]'s, the same a calibrated config gets by
+        default (32 sink tokens included); `layout=` or the single fields change it (`sink_length=0` for none, as
+        KIVI does; `scale_bits=8` for 8-bit scales and zero-points).
 
         Args:
             model_config (`PretrainedConfig` or `ModelFingerprint`): the model's config.
@@ -237,7 +244,7 @@ class RateQuantConfig:
             model_config
         )
         fields = dict(quantizer=quantizer, group_size=group_size, residual_length=residual_length,
-                      sink_length=sink_length)
+                      sink_length=sink_length, scale_bits=scale_bits)
         layout = layout_with(layout, **fields)
         bits_table = torch.tensor([key_bits, value_bits]).expand(fp.num_layers, fp.num_kv_heads, 2)
         key_group = group if key_group is None else key_group
@@ -268,13 +275,14 @@ class RateQuantConfig:
             key_bits=bits[..., 0].tolist(), value_bits=bits[..., 1].tolist(), key_groups=key_groups,
             value_groups=value_groups, quantizer=layout.quantizer,
             group_size=layout.group_size, residual_length=layout.residual_length, sink_length=layout.sink_length,
-            budget=budget, b_min=b_min, b_max=b_max, method=method, fingerprint=fingerprint,
+            scale_bits=layout.scale_bits, budget=budget, b_min=b_min, b_max=b_max, method=method,
+            fingerprint=fingerprint,
         )
 
     @property
     def layout(self) -> CacheLayout:
-        """The cache layout (quantizer, G, R, S) of this config."""
-        return CacheLayout(self.quantizer, self.group_size, self.residual_length, self.sink_length)
+        """The cache layout (quantizer, G, R, S, scale bits) of this config."""
+        return CacheLayout(self.quantizer, self.group_size, self.residual_length, self.sink_length, self.scale_bits)
 
     # ---- validation ------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -319,6 +327,11 @@ class RateQuantConfig:
                 f"{self.fingerprint.describe()}."
             )
         self._check_groups()
+        if type(self.scale_bits) is not int or self.scale_bits not in (16, 8):  # bool, float: refused, not rounded
+            raise ValueError(f"scale_bits={_short(self.scale_bits)} must be 16 (scales and zero-points in the model's "
+                             "dtype) or 8 (coded per super-block of 32 tokens).")
+        if self.scale_bits != 16:
+            self.version = 5
         _check_curves(self.curves, self.num_layers, self.num_kv_heads)
 
     def _check_groups(self) -> None:
@@ -446,6 +459,8 @@ class RateQuantConfig:
             del d["sink_length"]
         if self.key_groups is None:  # readable by releases before schema 4
             del d["key_groups"], d["value_groups"]
+        if self.scale_bits == 16:  # readable by releases before schema 5
+            del d["scale_bits"]
         d["fingerprint"] = dataclasses.asdict(self.fingerprint) if self.fingerprint else None
         if d["fingerprint"]:
             d["fingerprint"]["layer_types"] = list(d["fingerprint"]["layer_types"])
@@ -465,6 +480,10 @@ class RateQuantConfig:
             raise ValueError(f"The settings say schema version {version} but hold {newer}, which schema 4 "
                              "introduced: the file was edited or written by a broken tool. Set \"version\": 4, "
                              "or remove the group tables to use the layout's group size everywhere.")
+        if data.get("scale_bits", 16) != 16 and version < 5:
+            raise ValueError(f"The settings say schema version {version} but hold scale_bits="
+                             f"{_short(data['scale_bits'])}, which schema 5 introduced: the file was edited or "
+                             "written by a broken tool. Set \"version\": 5, or remove scale_bits for 16-bit scales.")
         known = _known_fields(cls, data, ignore=(CURVES_FILE_KEY, CURVES_HASH_KEY))
         missing = [name for name in ("key_bits", "value_bits") if name not in known]
         if missing:

@@ -41,7 +41,7 @@ def fisher_distortion(
     Returns:
         `torch.Tensor`: float64 `(kv_heads, len(bit_grid))`.
     """
-    tb = quantizer.time_block(kind)
+    tb = quantizer.token_block(kind)
     usable = states.shape[2] - states.shape[2] % tb
     x = states[:, :, :usable].float()
     w = grads[:, :, :usable].float().square()  # (B, H, T, D)
@@ -116,7 +116,7 @@ def output_distortion(
 def _quantize_leading(x: torch.Tensor, n_quantized: int, quantizer: Quantizer, kind: str, bits: int) -> torch.Tensor:
     """`x` with its first `n_quantized` tokens, in whole time blocks of the quantizer, replaced by their
     reconstruction at `bits`."""
-    usable = n_quantized - n_quantized % quantizer.time_block(kind)
+    usable = n_quantized - n_quantized % quantizer.token_block(kind)
     if usable == x.shape[2]:
         return quantizer.roundtrip(x, bits, kind)
     return torch.cat([quantizer.roundtrip(x[:, :, :usable], bits, kind), x[:, :, usable:]], dim=2)

@@ -37,6 +37,7 @@ import torch
 
 from .quantizers import KEEP_BITS, get_quantizer
 from .quantizers.base import KINDS
+from .quantizers.scales import SCALE_BLOCK_TOKENS
 
 if TYPE_CHECKING:
     from .config import ModelFingerprint, RateQuantConfig
@@ -64,35 +65,41 @@ quantized."""
 
 @functools.lru_cache(maxsize=None)
 def unit_bits_per_element(quantizer: str, group_size: int, bits: int, kind: str, head_dim: int,
-                          dtype: torch.dtype = torch.float16, row_group: int | None = None) -> float:
-    """Bits one stored element of a unit costs: its code bits plus its share of the group's scale and zero-point.
+                          dtype: torch.dtype = torch.float16, row_group: int | None = None,
+                          scale_bits: int = 16) -> float:
+    """Bits one stored element of a unit costs: its code bits plus its share of the group's scale and zero-point
+    (and, with 8-bit scales, of its super-block's three numbers).
 
-    Measured: `group_size` tokens of `head_dim` channels (a whole number of groups for every design) are quantized
-    and the bytes of the packed codes, scales and zero-points counted. A unit kept at 16 bits costs its dtype's bits.
-    `row_group`: channels per group of the per-token designs (token, rotated; default one group per row).
+    Measured: one token block (`group_size` tokens, or a super-block of 8-bit scales) of `head_dim` channels (a
+    whole number of groups for every design) is quantized and the bytes of the packed codes, scales and
+    zero-points counted. A unit kept at 16 bits costs its dtype's bits. `row_group`: channels per group of the
+    per-token designs (token, rotated; default one group per row).
     """
     if bits == KEEP_BITS:
         return float(torch.finfo(dtype).bits)
-    q = get_quantizer(quantizer, group_size)
+    q = get_quantizer(quantizer, group_size, scale_bits)
     if row_group is not None:
         if not hasattr(q, "row_group"):
             raise ValueError(f"row_group applies to the per-token designs (token, rotated), not {quantizer!r}.")
-        q = type(q)(group_size, row_group=row_group)
-    x = torch.randn(1, 1, group_size, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+        q = q.regrouped(row_group)
+    tokens = math.lcm(group_size, q.token_block(kind))
+    x = torch.randn(1, 1, tokens, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     block = q.quantize(x, bits, kind)
     return block.nbytes * 8 / x.numel()
 
 
 def option_bits_per_element(quantizer: str, bits: int, group: int, kind: str, head_dim: int,
-                            dtype: torch.dtype = torch.float16) -> float:
+                            dtype: torch.dtype = torch.float16, scale_bits: int = 16) -> float:
     """Bits one stored element costs for a unit of `kind` at `bits` with groups of `group` elements along the
-    design's group axis (kivi keys: tokens; kivi values and the per-token designs: channels)."""
+    design's group axis (kivi keys: tokens; kivi values and the per-token designs: channels), scales and
+    zero-points in `scale_bits` (16 or 8)."""
     q = get_quantizer(quantizer)
     if q.group_axis(kind) == "tokens":
-        return unit_bits_per_element(quantizer, group, bits, kind, head_dim, dtype)
+        return unit_bits_per_element(quantizer, group, bits, kind, head_dim, dtype, scale_bits=scale_bits)
     if hasattr(q, "row_group"):
-        return unit_bits_per_element(quantizer, q.group_size, bits, kind, head_dim, dtype, row_group=group)
-    return unit_bits_per_element(quantizer, group, bits, kind, head_dim, dtype)
+        return unit_bits_per_element(quantizer, q.group_size, bits, kind, head_dim, dtype, row_group=group,
+                                     scale_bits=scale_bits)
+    return unit_bits_per_element(quantizer, group, bits, kind, head_dim, dtype, scale_bits=scale_bits)
 
 
 def option_groups(quantizer: str, group_size: int, groups: tuple[int, ...], head_dim: int) -> dict[str, list[int]]:
@@ -117,7 +124,7 @@ def option_groups(quantizer: str, group_size: int, groups: tuple[int, ...], head
 
 
 def option_rates(quantizer: str, groups: list[int], bit_grid: list[int], usable: dict[str, list[int]],
-                 head_dim: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                 head_dim: int, dtype: torch.dtype = torch.float16, scale_bits: int = 16) -> torch.Tensor:
     """`(2, len(groups), len(bit_grid))` bits per stored element of every (kind, group, bits) option, NaN where
     the kind cannot take the group (`usable`, from [`option_groups`])."""
     out = torch.full((2, len(groups), len(bit_grid)), float("nan"), dtype=torch.float64)
@@ -125,14 +132,14 @@ def option_rates(quantizer: str, groups: list[int], bit_grid: list[int], usable:
         for i, g in enumerate(groups):
             if g in usable[kind]:
                 for j, b in enumerate(bit_grid):
-                    out[k, i, j] = option_bits_per_element(quantizer, b, g, kind, head_dim, dtype)
+                    out[k, i, j] = option_bits_per_element(quantizer, b, g, kind, head_dim, dtype, scale_bits)
     return out
 
 
 def _unit_costs(config: RateQuantConfig, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
     """`(num_layers, num_kv_heads, 2)` bits per stored element of every unit, its own group size counted."""
     bits, groups = config.bits_tensor().tolist(), config.groups_tensor(head_dim).tolist()
-    return torch.tensor([[[option_bits_per_element(config.quantizer, b, g, kind, head_dim, dtype)
+    return torch.tensor([[[option_bits_per_element(config.quantizer, b, g, kind, head_dim, dtype, config.scale_bits)
                            for kind, b, g in zip(KINDS, unit_bits, unit_groups)]
                           for unit_bits, unit_groups in zip(layer_bits, layer_groups)]
                          for layer_bits, layer_groups in zip(bits, groups)], dtype=torch.float64)
@@ -177,8 +184,11 @@ def layer_weights(layout, fingerprint: ModelFingerprint, tokens: int = REPORT_TO
 
 def flush_block(config: RateQuantConfig, layer: int) -> int:
     """Tokens a layer's full-precision window releases at a time (after the sinks): G, or the least common
-    multiple of G and the layer's key token groups where those are larger (see `RateQuantConfig.key_groups`)."""
+    multiple of G, the layer's key token groups where those are larger (see `RateQuantConfig.key_groups`) and,
+    with 8-bit scales, their super-block."""
     blocks = [config.group_size]
+    if config.scale_bits != 16:
+        blocks.append(SCALE_BLOCK_TOKENS)
     if config.has_unit_groups:
         q = get_quantizer(config.quantizer, config.group_size)
         for kind, groups, bits in zip(KINDS, (config.key_groups, config.value_groups),
@@ -218,8 +228,10 @@ def window_growth(layout, fingerprint: ModelFingerprint, layer: int, block: int,
     return extra * window_bits * 2 * fingerprint.num_kv_heads / quantized
 
 
-def code_budget(true_bits: float, quantizer: str, group_size: int, head_dim: int, b_min: int, b_max: int) -> float:
-    """The average code bits whose allocations store exactly `true_bits` bits per element (16-bit scales).
+def code_budget(true_bits: float, quantizer: str, group_size: int, head_dim: int, b_min: int, b_max: int,
+                scale_bits: int = 16) -> float:
+    """The average code bits whose allocations store exactly `true_bits` bits per element (scales and zero-points
+    in `scale_bits`).
 
     Every option of `b_min..b_max` bits of one design and group size pays the same metadata per element (one scale
     and zero-point per group: kivi G = 32, +1 bit; the per-token designs, one group per row of 64 channels, +0.5),
@@ -234,7 +246,8 @@ def code_budget(true_bits: float, quantizer: str, group_size: int, head_dim: int
         raise ValueError(f"true_bits={true_bits!r} must be a number of bits per stored element (e.g. 3.0).")
     overhead = []
     for kind in KINDS:
-        extra = {unit_bits_per_element(quantizer, group_size, b, kind, head_dim) - b for b in range(b_min, b_max + 1)}
+        extra = {round(unit_bits_per_element(quantizer, group_size, b, kind, head_dim, scale_bits=scale_bits) - b, 9)
+                 for b in range(b_min, b_max + 1)}
         if len(extra) != 1:
             raise ValueError(f"{quantizer} with G={group_size} and head_dim={head_dim} stores {kind}s with a "
                              f"metadata cost that depends on the bit-width ({sorted(extra)} bits per element), so a "

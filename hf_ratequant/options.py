@@ -1,7 +1,8 @@
 """Calibration over (bit-width, group size) options: what a unit may choose when its group size is free too.
 
 A unit (layer, kv-head, K or V) at `b` bits with groups of `g` elements costs `b + 32 / g` bits per stored element
-(a 16-bit scale and zero-point per group) and has its own measured distortion. With the group sizes of
+(a 16-bit scale and zero-point per group; with `CacheLayout.scale_bits = 8`, about `b + 16 / g`) and has its own
+measured distortion. With the group sizes of
 `CalibrationSettings.groups`, calibration measures every option in the same pass ([`measuring_quantizers`]: one
 quantizer per group size, all measured on the same tokens), then allocates exactly over them under a budget in
 true bits per element ([`option_candidates`], through [`operating_points.allocate_rate`]), and races the result
@@ -50,6 +51,7 @@ class OptionGrid:
         bit_grid (`tuple[int, ...]`): the bit-widths measured.
         usable (`dict[str, tuple[int, ...]]`): per kind, the group sizes it can take.
         own (`dict[str, int]`): per kind, the layout's own group size (what a config without groups uses).
+        scale_bits (`int`): how every option stores its scales and zero-points (the layout's, 16 or 8).
     """
 
     quantizer: str
@@ -59,6 +61,7 @@ class OptionGrid:
     bit_grid: tuple[int, ...]
     usable: dict[str, tuple[int, ...]]
     own: dict[str, int]
+    scale_bits: int = 16
 
     @classmethod
     def build(cls, layout: CacheLayout, groups: tuple[int, ...], bit_grid: list[int], head_dim: int) -> OptionGrid:
@@ -69,7 +72,7 @@ class OptionGrid:
         own = {kind: q.unit_group(kind, head_dim) for kind in KINDS}
         union = tuple(sorted(set(usable["key"]) | set(usable["value"])))
         return cls(layout.quantizer, layout.group_size, head_dim, union, tuple(bit_grid),
-                   {k: tuple(v) for k, v in usable.items()}, own)
+                   {k: tuple(v) for k, v in usable.items()}, own, layout.scale_bits)
 
     @property
     def n_options(self) -> int:
@@ -85,7 +88,8 @@ class OptionGrid:
     def rates(self) -> torch.Tensor:
         """`(2, n_options)` true bits per element of every option, NaN where the kind cannot take it."""
         return option_rates(self.quantizer, list(self.groups), list(self.bit_grid),
-                            {k: list(v) for k, v in self.usable.items()}, self.head_dim).reshape(2, -1)
+                            {k: list(v) for k, v in self.usable.items()}, self.head_dim,
+                            scale_bits=self.scale_bits).reshape(2, -1)
 
     def flush_blocks(self) -> tuple[int, ...]:
         """The blocks a layer's window can release tokens in: G and every token group a kind can take (nested: each
@@ -106,9 +110,11 @@ class OptionGrid:
         return out
 
     def token_block(self) -> int:
-        """Tokens every option is measured on a multiple of: the least common multiple of the token groups."""
-        q = get_quantizer(self.quantizer, self.group_size)
-        return math.lcm(*(g for kind in KINDS if q.group_axis(kind) == "tokens" for g in self.usable[kind]), 1)
+        """Tokens every option is measured on a multiple of: the least common multiple of the token groups (and of
+        the super-block of 8-bit scales)."""
+        q = get_quantizer(self.quantizer, self.group_size, self.scale_bits)
+        return math.lcm(*(g for kind in KINDS if q.group_axis(kind) == "tokens" for g in self.usable[kind]),
+                        *(q.token_block(kind) for kind in KINDS))
 
 
 class _MeasuredOption:
@@ -119,7 +125,7 @@ class _MeasuredOption:
     def __init__(self, per_kind: dict[str, Quantizer], block: int, kinds: tuple[str, ...] = KINDS):
         self._q, self.block, self.kinds = per_kind, block, kinds  # kinds: those that can take this group
 
-    def time_block(self, kind: str) -> int:
+    def token_block(self, kind: str) -> int:
         return self.block
 
     def roundtrip(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
@@ -128,7 +134,7 @@ class _MeasuredOption:
 
 def measuring_quantizers(grid: OptionGrid) -> dict[str, _MeasuredOption]:
     """`{"g<group>": quantizer}` for `calibration.measure_distortions`, one per group size of `grid`."""
-    base = get_quantizer(grid.quantizer, grid.group_size)
+    base = get_quantizer(grid.quantizer, grid.group_size, grid.scale_bits)
     block = grid.token_block()
     out = {}
     for g in grid.groups:
@@ -287,12 +293,15 @@ def fixed_option_candidates(grid: OptionGrid, true_budget: float, num_layers: in
     the layout's: one (bits, group) option for all keys and one for all values, named like `"K2g64V2g64"` (the
     layout's own fixed splits are `allocation.fixed_candidates`). With `charges` ([`window_costs`]) its layers'
     window growth counts too (each layer's by its `weights`, [`footprint.layer_weights`]), and the configurations
-    of at most the budget and at most [`FIXED_SLACK`] below it race."""
+    of at most the budget and at most [`FIXED_SLACK`] below it race. With 8-bit scales, whose rates rarely add up
+    to the budget, those of at most the budget and at most [`FIXED_SLACK`] below the richest of them race, the
+    layout's own groups included."""
     weights = [1] * num_layers if weights is None or not any(weights) else list(weights)
     rates = grid.rates()
     blocks = grid.flush_blocks()
     allowed = {b: grid.allowed(b) for b in blocks}
     charged = charges is not None and bool((charges > 0).any())
+    coded = grid.scale_bits != 16  # 8-bit scales: hardly any configuration spends the budget exactly
     out = []
     for ko in range(grid.n_options):
         for vo in range(grid.n_options):
@@ -305,14 +314,19 @@ def fixed_option_candidates(grid: OptionGrid, true_budget: float, num_layers: in
                 block = min(b for b in blocks if bool(allowed[b][0, ko]) and bool(allowed[b][1, vo]))
                 mean += sum(float(c) * w for c, w in zip(charges[:, blocks.index(block)].tolist(), weights)
                             if w) / (2 * sum(weights) * num_kv_heads)  # a layer that quantizes nothing weighs 0
-                if not true_budget - FIXED_SLACK - 1e-9 <= mean <= true_budget + 1e-9:
+            if charged or coded:
+                if not (mean <= true_budget + 1e-9 and (coded or mean >= true_budget - FIXED_SLACK - 1e-9)):
                     continue
             elif not math.isclose(mean, true_budget, abs_tol=1e-9):
                 continue
-            if kg == grid.own["key"] and vg == grid.own["value"]:
-                continue
+            if kg == grid.own["key"] and vg == grid.own["value"] and not coded:
+                continue  # `allocation.fixed_candidates` races the layout's own (exact in code bits)
             shape = (num_layers, num_kv_heads)
             bits = torch.stack([torch.full(shape, kb), torch.full(shape, vb)], dim=-1)
             groups = torch.stack([torch.full(shape, kg), torch.full(shape, vg)], dim=-1)
-            out.append(Candidate(f"K{kb}g{kg}V{vb}g{vg}", "fixed", bits, groups))
+            out.append((mean, Candidate(f"K{kb}g{kg}V{vb}g{vg}", "fixed", bits, groups)))
+    if coded:  # the richest within the budget: those at most FIXED_SLACK below the richest
+        top = max((mean for mean, _ in out), default=0.0)
+        out = [(mean, c) for mean, c in out if mean >= top - FIXED_SLACK - 1e-9]
+    return [c for _, c in out]
     return out

@@ -28,6 +28,7 @@ from typing import Any
 
 from .footprint import REPORT_TOKENS
 from .quantizers import available_quantizers, check_bits
+from .quantizers.scales import check_scale_bits
 
 __all__ = [
     "BUDGET_UNITS",
@@ -46,7 +47,7 @@ DEFAULT_SINK_TOKENS = 32
 
 BUDGET_UNITS = ("code", "true")
 """How a budget is counted: `"code"`, average code bits per unit (what `RateQuantConfig.average_bits` reports);
-`"true"`, bits per stored element with every group's 16-bit scale and zero-point included, each layer's elements
+`"true"`, bits per stored element with every group's scale and zero-point included, each layer's elements
 counted by the tokens it holds at `CalibrationSettings.budget_context` tokens (4096 by default; a sliding-window
 layer holds fewer: see `footprint.layer_weights`)."""
 
@@ -73,12 +74,17 @@ class CacheLayout:
         sink_length (`int`, *optional*): S, the first tokens kept in full precision (attention sinks; a multiple of
             G). By default the smallest multiple of G of at least [`DEFAULT_SINK_TOKENS`] (32 for G = 32); 0 keeps
             none, as KIVI does.
+        scale_bits (`int`, defaults to 16): how every group's scale and zero-point are stored: 16, in the model's
+            dtype; 8, one byte each relative to three 16-bit numbers per super-block of 32 tokens
+            (`quantizers.scales`: 0.27 instead of 0.5 bits per element for a 64-channel row group, 0.55 instead of 1
+            at groups of 32).
     """
 
     quantizer: str = "kivi"
     group_size: int = 32
     residual_length: int = 128
     sink_length: int | None = None
+    scale_bits: int = 16
 
     def __post_init__(self):
         if not isinstance(self.quantizer, str) or self.quantizer not in available_quantizers():
@@ -89,6 +95,7 @@ class CacheLayout:
         if self.sink_length is None:
             object.__setattr__(self, "sink_length", default_sink_length(self.group_size))
         _check_int("sink_length", self.sink_length, 0)
+        check_scale_bits(self.scale_bits)
         if self.residual_length % self.group_size:
             raise ValueError(f"residual_length={self.residual_length} must be a multiple of group_size="
                              f"{self.group_size}, so tokens leave the full-precision window in whole groups (KIVI "
@@ -105,8 +112,9 @@ class CacheLayout:
         get_quantizer(self.quantizer, self.group_size).check_head_dim(head_dim)
 
     def describe(self) -> str:
+        scales = "" if self.scale_bits == 16 else f", {self.scale_bits}-bit scales"
         return (f"{self.quantizer}, G={self.group_size}, R={self.residual_length} full-precision recent tokens, "
-                f"S={self.sink_length} sink tokens")
+                f"S={self.sink_length} sink tokens{scales}")
 
 
 def default_sink_length(group_size: int) -> int:

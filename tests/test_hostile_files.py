@@ -400,14 +400,15 @@ def test_extra_keys_are_tolerated(tmp_path, base_config):
 
 
 def test_schema_versions(tmp_path):
-    for version in (5, 99, 10**6, 10**30, "2", "1", "v1", 1.0, 2.5, 0, -1, None, True, False, [], [1], {},
+    for version in (6, 99, 10**6, 10**30, "2", "1", "v1", 1.0, 2.5, 0, -1, None, True, False, [], [1], {},
                     math.nan, math.inf):
         attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), version)), "error",
                 ("version",), f"version {version!r}")
-    newer = attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), 5)), "error")
+    newer = attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), 6)), "error")
     assert "newer" in str(newer) and "upgrade" in str(newer)
-    # 2 added sink_length, which BASE leaves at its default; 3 the named curves file; 4 per-unit group sizes
-    for version in (1, 2, 3, 4):
+    # 2 added sink_length, which BASE leaves at its default; 3 the named curves file; 4 per-unit group sizes; 5
+    # 8-bit scales
+    for version in (1, 2, 3, 4, 5):
         attempt("schema version", write_case(tmp_path / "c", _set(BASE, ("version",), version)), "load")
 
 

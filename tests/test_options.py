@@ -124,7 +124,7 @@ def test_every_group_is_measured_on_the_same_tokens():
     assert set(designs) == {"g32", "g64", "g128"}
     x = torch.randn(1, 2, 256, 64)
     for name, q in designs.items():
-        assert q.time_block("key") == q.time_block("value") == 128
+        assert q.token_block("key") == q.token_block("value") == 128
         # keys grouped over `group` tokens
         assert torch.equal(q.roundtrip(x, 2, "key"), get_quantizer("kivi", int(name[1:])).roundtrip(x, 2, "key"))
 

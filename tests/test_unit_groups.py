@@ -256,8 +256,8 @@ def test_a_file_with_groups_but_an_older_version_is_refused(tmp_path):
     data["version"] = 2
     with pytest.raises(ValueError, match="schema version 2 but hold.*key_groups"):
         RateQuantConfig.from_dict(data)
-    data["version"] = 5
-    with pytest.raises(ValueError, match="newer than the 4 this hf-ratequant understands"):
+    data["version"] = 6
+    with pytest.raises(ValueError, match="newer than the 5 this hf-ratequant understands"):
         RateQuantConfig.from_dict(data)
 
 

@@ -1,7 +1,8 @@
 """The quantizer interface, the packed container it produces, and the registry of designs.
 
 A quantizer turns a `(batch, heads, tokens, head_dim)` tensor into a [`QuantizedBlock`]: packed integer codes plus
-one scale and one zero-point per group, stored in the input's dtype. Groups are asymmetric min-max round-to-nearest.
+one scale and one zero-point per group, stored in the input's dtype (or, with `scale_bits=8`, as one byte each
+relative to three numbers per super-block of tokens: [`scales`]). Groups are asymmetric min-max round-to-nearest.
 Subclasses only say how values are grouped (and, optionally, how they are rotated first); the base class validates
 input, does the rounding, the packing and the bookkeeping.
 
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from . import cpu_kernel
+from . import cpu_kernel, scales
 from .packing import PACKABLE_BITS, pack, unpack
 
 KEEP_BITS = 16
@@ -66,11 +67,14 @@ class QuantizedBlock:
 
     Attributes:
         codes (`torch.Tensor`): `uint8`, `(batch, heads, tokens, ceil(head_dim * bits / 8))`.
-        scale (`torch.Tensor`): `(batch, heads, tokens // time_block, n_groups)` in the model's dtype.
-        zero (`torch.Tensor`): same shape as `scale`; the group minimum.
+        scale (`torch.Tensor`): `(batch, heads, tokens // time_block, n_groups)` in the model's dtype (`uint8`
+            codes when `ranges` is set).
+        zero (`torch.Tensor`): same shape as `scale`; the group minimum (`uint8` codes when `ranges` is set).
         bits (`int`): bit-width of every code.
         head_dim (`int`): number of codes in one row before packing.
         time_block (`int`): tokens sharing one row of `scale`/`zero` (group size for per-channel, 1 for per-token).
+        ranges (`torch.Tensor`, *optional*): 8-bit scales ([`scales`]): every super-block's three numbers in the
+            model's dtype, `(batch, heads, tokens // super_tokens, 1 or n_groups, 3)`; None: 16-bit scales.
     """
 
     codes: torch.Tensor
@@ -79,40 +83,64 @@ class QuantizedBlock:
     bits: int
     head_dim: int
     time_block: int
+    ranges: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.codes.shape[2]
 
     @property
+    def token_block(self) -> int:
+        """Tokens the block can be cut at: `time_block`, or the super-block of coded scales."""
+        return self.time_block if self.ranges is None else scales.super_tokens(self.time_block)
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        parts = (self.codes, self.scale, self.zero)
+        return parts if self.ranges is None else (*parts, self.ranges)
+
+    def expanded(self) -> QuantizedBlock:
+        """This block with 16-bit scales and zero-points (the coded ones decoded; itself when they are not coded):
+        what the kernels read."""
+        if self.ranges is None:
+            return self
+        scale, zero = scales.decode(self.scale, self.zero, self.ranges, scales.super_rows(self.time_block))
+        return replace(self, scale=scale, zero=zero, ranges=None)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedBlock:
         """Apply `fn` to every stored tensor (for batch selection and device moves)."""
-        return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
+        ranges = None if self.ranges is None else fn(self.ranges)
+        return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero), ranges=ranges)
 
     def tokens(self, start: int, stop: int) -> QuantizedBlock:
-        """The tokens `[start, stop)`; both must be multiples of `time_block`."""
-        if start % self.time_block or stop % self.time_block:
-            raise ValueError(f"Token range [{start}, {stop}) is not aligned to blocks of {self.time_block} tokens.")
+        """The tokens `[start, stop)`; both must be multiples of `token_block`."""
+        block = self.token_block
+        if start % block or stop % block:
+            raise ValueError(f"Token range [{start}, {stop}) is not aligned to blocks of {block} tokens.")
         tb = self.time_block
+        ranges = None if self.ranges is None else self.ranges[:, :, start // block : stop // block]
         return replace(
             self,
             codes=self.codes[:, :, start:stop],
             scale=self.scale[:, :, start // tb : stop // tb],
             zero=self.zero[:, :, start // tb : stop // tb],
+            ranges=ranges,
         )
 
     @staticmethod
     def cat(blocks: list[QuantizedBlock]) -> QuantizedBlock:
         if len(blocks) == 1:
             return blocks[0]
+        ranges = None if blocks[0].ranges is None else torch.cat([b.ranges for b in blocks], dim=2)
         return replace(
             blocks[0],
             codes=torch.cat([b.codes for b in blocks], dim=2),
             scale=torch.cat([b.scale for b in blocks], dim=2),
             zero=torch.cat([b.zero for b in blocks], dim=2),
+            ranges=ranges,
         )
 
 
@@ -124,22 +152,35 @@ class Quantizer:
 
     Args:
         group_size (`int`, *optional*, defaults to 32): the group size G of the design.
+        scale_bits (`int`, *optional*, defaults to 16): 16 stores every group's scale and zero-point in the model's
+            dtype; 8 codes them in one byte each per super-block of [`scales.SCALE_BLOCK_TOKENS`] tokens
+            ([`scales`]), so tokens are quantized in whole super-blocks ([`token_block`]).
     """
 
     name: str = ""
 
-    def __init__(self, group_size: int = 32):
+    def __init__(self, group_size: int = 32, scale_bits: int = 16):
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size={group_size!r} must be a positive integer (KIVI uses 32).")
         self.group_size = group_size
+        self.scale_bits = scales.check_scale_bits(scale_bits)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(group_size={self.group_size})"
+        return f"{type(self).__name__}(group_size={self.group_size}{self._scale_repr()})"
+
+    def _scale_repr(self) -> str:
+        return "" if self.scale_bits == 16 else f", scale_bits={self.scale_bits}"
 
     # ---- what subclasses define -------------------------------------------------------------------------------
     def time_block(self, kind: str) -> int:
-        """Tokens that must be quantized together for `kind` ("key" or "value")."""
+        """Tokens sharing one row of scales and zero-points for `kind` ("key" or "value")."""
         return 1
+
+    def token_block(self, kind: str) -> int:
+        """Tokens that must be quantized together for `kind`: [`time_block`], or with 8-bit scales the super-block
+        of tokens their codes are relative to."""
+        tb = self.time_block(kind)
+        return tb if self.scale_bits == 16 else scales.super_tokens(tb)
 
     def check_head_dim(self, head_dim: int, kind: str | None = None) -> None:
         """Raise a `ValueError` if this design cannot quantize rows of `head_dim` channels (of `kind`, "key" or
@@ -221,15 +262,19 @@ class Quantizer:
             `ValueError`: bad bits, or tokens not a multiple of `time_block(kind)`; [`NonFiniteError`] (a
             `ValueError`) when `x` contains inf or NaN.
         """
-        codes, scale, zero = self._encode(x, bits, kind)
+        codes, scale, zero, coded = self._encode(x, bits, kind)
         codes = self._from_groups(codes.to(torch.uint8), kind, x.shape)  # (B, H, T, D)
+        ranges = None
+        if coded is not None:
+            scale, zero, ranges = coded
         return QuantizedBlock(
             codes=pack(codes, bits),
-            scale=scale.squeeze(-1),
-            zero=zero.squeeze(-1),
+            scale=scale.squeeze(-1) if coded is None else scale,
+            zero=zero.squeeze(-1) if coded is None else zero,
             bits=bits,
             head_dim=x.shape[-1],
             time_block=self.time_block(kind),
+            ranges=ranges,
         )
 
     def roundtrip(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
@@ -237,7 +282,7 @@ class Quantizer:
         reconstruct from `x`, in `x`'s dtype (calibration measures thousands of them). The same codes, scales and
         arithmetic as the packed path, so the same values (the CPU kernel's inverse Hadamard transform of a
         rotating design rounds differently from `_unrotate`: within a few float32 ulps there)."""
-        codes, scale, zero = self._encode(x, bits, kind)
+        codes, scale, zero, _ = self._encode(x, bits, kind)
         dtype = x.dtype
         work = _work_dtype(x.device, dtype)
         out = self._from_groups(_affine_(codes.to(work), scale, zero), kind, x.shape)
@@ -248,9 +293,12 @@ class Quantizer:
             out = out.clamp(-fmax, fmax)
         return out.to(dtype)
 
-    def _encode(self, x: torch.Tensor, bits: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, bits: int, kind: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
         """Checks `x`, then its codes in the group layout (float32 integers in `0..2^bits - 1`, `(B, H, T // tb,
-        n_groups, group_len)`) with the stored scale and zero-point of each group (`x`'s dtype, last size 1)."""
+        n_groups, group_len)`) with the scale and zero-point of each group as dequantization sees them (`x`'s dtype,
+        last size 1), and, with 8-bit scales, what is stored of them: `(scale_codes, zero_codes, ranges)`
+        ([`scales.encode`]); else None."""
         check_bits(bits)
         if bits == KEEP_BITS:
             raise ValueError("16 bits means 'keep as is': such units are stored unquantized, not quantized.")
@@ -259,9 +307,9 @@ class Quantizer:
         if x.dim() != 4:
             raise ValueError(f"Expected a (batch, heads, tokens, head_dim) tensor, got shape {tuple(x.shape)}.")
         self.check_head_dim(x.shape[-1], kind)
-        tb = self.time_block(kind)
-        if x.shape[2] % tb:
-            raise ValueError(f"{self.name} quantizes {kind}s in blocks of {tb} tokens; got {x.shape[2]} tokens.")
+        tb, block = self.time_block(kind), self.token_block(kind)
+        if x.shape[2] % block:
+            raise ValueError(f"{self.name} quantizes {kind}s in blocks of {block} tokens; got {x.shape[2]} tokens.")
         dtype = x.dtype
         groups = self._to_groups(self._rotate(x.float()), kind)  # (B, H, T // tb, n_groups, group_len)
         lo = groups.amin(-1, keepdim=True)
@@ -274,6 +322,14 @@ class Quantizer:
                 "non-finite attention states; run it in a wider dtype (float32/bfloat16) or check its weights."
             )
         qmax = (1 << bits) - 1
+        if self.scale_bits != 16:
+            rows, across = scales.super_rows(tb), tb > 1  # groups along tokens share one super-block per block
+            e, z, ranges, scale_f, zero_f = scales.encode(lo.squeeze(-1), hi.squeeze(-1), qmax, dtype, rows, across,
+                                                          _round_outward)
+            scale_f, zero_f = scale_f.unsqueeze(-1), zero_f.unsqueeze(-1)
+            inv = torch.where(scale_f > 0, 1.0 / scale_f, torch.zeros_like(scale_f))
+            codes = (groups - zero_f).mul_(inv).round_().clamp_(0, qmax)
+            return codes, scale_f.to(dtype), zero_f.to(dtype), (e, z, ranges)
         # Round zero-point and scale to the storage dtype *before* coding, so codes match what is stored; outward
         # (zero down, scale up from what the rounded zero needs), so that zero + qmax * scale >= hi.
         zero = _round_outward(lo, dtype, up=False)
@@ -282,7 +338,7 @@ class Quantizer:
         scale_f = scale.float()
         inv = torch.where(scale_f > 0, 1.0 / scale_f, torch.zeros_like(scale_f))  # constant groups: all codes 0
         codes = (groups - zero_f).mul_(inv).round_().clamp_(0, qmax)
-        return codes, scale, zero
+        return codes, scale, zero, None
 
     def dequantize(self, q: QuantizedBlock, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct the `(batch, heads, tokens, head_dim)` tensor in the stored dtype.
@@ -291,6 +347,7 @@ class Quantizer:
             out (`torch.Tensor`, *optional*): a tensor (or view) of that shape and dtype to write into, which saves a
                 copy when the caller assembles a larger tensor.
         """
+        q = q.expanded()  # coded 8-bit scales: decoded for this call
         dtype = q.scale.dtype
         device = q.codes.device
         shape = torch.Size((*q.codes.shape[:3], q.head_dim))
@@ -366,12 +423,12 @@ def available_quantizers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_quantizer(name: str, group_size: int = 32) -> Quantizer:
-    """Instantiate the registered quantizer `name`.
+def get_quantizer(name: str, group_size: int = 32, scale_bits: int = 16) -> Quantizer:
+    """Instantiate the registered quantizer `name` (`scale_bits`: see [`Quantizer`]).
 
     Raises:
         `ValueError`: `name` is not registered; the message lists the registered names.
     """
     if name not in _REGISTRY:
         raise ValueError(f"Unknown quantizer {name!r}: registered quantizers are {available_quantizers()}.")
-    return _REGISTRY[name](group_size=group_size)
+    return _REGISTRY[name](group_size=group_size, scale_bits=scale_bits)

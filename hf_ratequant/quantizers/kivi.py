@@ -26,7 +26,7 @@ class KIVIQuantizer(Quantizer):
         return self.group_size
 
     def regrouped(self, group: int) -> KIVIQuantizer:
-        return self if group == self.group_size else type(self)(group)
+        return self if group == self.group_size else type(self)(group, scale_bits=self.scale_bits)
 
     def check_head_dim(self, head_dim: int, kind: str | None = None) -> None:
         if kind != "key" and head_dim % self.group_size:  # key groups are tokens: any head_dim

@@ -44,8 +44,8 @@ class RotatedQuantizer(TokenQuantizer):
 
     rotates = True
 
-    def __init__(self, group_size: int = 32, row_group: int | None = None):
-        super().__init__(group_size, row_group)
+    def __init__(self, group_size: int = 32, row_group: int | None = None, scale_bits: int = 16):
+        super().__init__(group_size, row_group, scale_bits)
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _matrix(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:

@@ -18,25 +18,27 @@ class TokenQuantizer(Quantizer):
         row_group (`int`, *optional*): channels per group, a divisor of head_dim; `None` (the default) for one group
             per row. Smaller groups cost more scales and zero-points (`32 / row_group` bits per element at 16 bits)
             and fit their values more closely.
+        scale_bits (`int`, *optional*, defaults to 16): see [`Quantizer`].
     """
 
     chunked_groups = True
 
-    def __init__(self, group_size: int = 32, row_group: int | None = None):
-        super().__init__(group_size)
+    def __init__(self, group_size: int = 32, row_group: int | None = None, scale_bits: int = 16):
+        super().__init__(group_size, scale_bits)
         if row_group is not None and (isinstance(row_group, bool) or not isinstance(row_group, int) or row_group < 1):
             raise ValueError(f"row_group={row_group!r} must be a positive integer dividing head_dim, or None for "
                              "one group per row.")
         self.row_group = row_group
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(group_size={self.group_size}, row_group={self.row_group})"
+        return f"{type(self).__name__}(group_size={self.group_size}, row_group={self.row_group}{self._scale_repr()})"
 
     def unit_group(self, kind: str, head_dim: int) -> int:
         return head_dim if self.row_group is None else self.row_group
 
     def regrouped(self, group: int) -> TokenQuantizer:
-        return self if group == self.row_group else type(self)(self.group_size, row_group=group)
+        return self if group == self.row_group else type(self)(self.group_size, row_group=group,
+                                                               scale_bits=self.scale_bits)
 
     def check_head_dim(self, head_dim: int, kind: str | None = None) -> None:
         if self.row_group is not None and head_dim % self.row_group:
