@@ -41,8 +41,10 @@ def add_sink_length(parser: argparse.ArgumentParser, what: str = "of every RateQ
 
 def layout_from_args(args: argparse.Namespace, **fields: Any) -> CacheLayout:
     """The `CacheLayout` that the layout options of `args` (those it has: `quantizer`, `group_size`,
-    `residual_length`, `sink_length`) and `fields` ask for, the library's defaults for the others, checked."""
-    given = {name: getattr(args, name, None) for name in ("quantizer", "group_size", "residual_length", "sink_length")}
+    `residual_length`, `sink_length`, `scale_bits`) and `fields` ask for, the library's defaults for the others,
+    checked."""
+    given = {name: getattr(args, name, None)
+             for name in ("quantizer", "group_size", "residual_length", "sink_length", "scale_bits")}
     return layout_with(None, **{**given, **fields})
 
 

@@ -17,8 +17,9 @@ could save; quality through the cache, with the groups calibration chooses per u
 `ratequant_quality.py --budget-unit true --groups ...`.
 
 `--scale-bits 16 8` adds, for every group size, the same option with its scale and zero-point coded in 8 bits each
-([`CodedScales`], the super-block idea of llama.cpp's k-quants): measured here to see whether it would move the
-per-byte frontier before the cache stores it (issue [4 bytes]: "measure before you keep them").
+relative to three 16-bit numbers per super-block of 32 tokens (`hf_ratequant.quantizers.scales`, the super-block idea
+of llama.cpp's k-quants; `CacheLayout(scale_bits=8)` in the cache), the rates counted from what the quantizer
+stores.
 """
 
 from __future__ import annotations
@@ -31,72 +32,12 @@ from _common import CALIBRATION, LAYOUT, MODEL_HELP, load_benchmark_model, machi
 
 from hf_ratequant.calibration import calibration_windows, measure_distortions
 from hf_ratequant.config import ModelFingerprint
-from hf_ratequant.footprint import unit_bits_per_element
+from hf_ratequant.footprint import option_bits_per_element
 from hf_ratequant.operating_points import allocate_rate, integer_rates, lower_hull
 from hf_ratequant.quantizers import get_quantizer
 
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 5.0)  # true bits per element, metadata included (the bar of issue [4 bytes])
 KINDS = ("key", "value")
-SUPER_TOKENS = 32  # tokens per super-block of coded scales: the window releases tokens in blocks of G = 32
-SUPER_BITS = 48  # per head and super-block: the largest scale, the smallest zero and the zeros' step, 16 bits each
-SCALE_STEPS_PER_OCTAVE = 32  # a coded scale is the block's largest times 2^(-e / 32), e in 0..255
-
-
-class CodedScales:
-    """A design whose scales and zero-points are stored in 8 bits each instead of 16, relative to three 16-bit
-    numbers per super-block: the scale as the super-block's largest times a power of two in 1/32 steps (rounded up:
-    at most 2.2% coarser; a scale under 1/250 of the largest is coded as 1/250 of it), the zero-point on a 255-step
-    grid from the super-block's smallest to its largest (rounded down), so that every group's range stays covered
-    (the three numbers are kept in float32 here: their 16-bit rounding, 0.05%, is left out). A super-block is one
-    head's groups at one place in the row over `SUPER_TOKENS` tokens (the per-token designs and kivi's values: an
-    outlier channel's groups keep their own range), or every channel's group of one block of tokens (kivi's keys,
-    grouped over tokens). Only the round trip (what the measure needs); the cache does not store such scales."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def time_block(self, kind: str) -> int:
-        return self.base.time_block(kind)
-
-    def roundtrip(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
-        q, qmax = self.base, (1 << bits) - 1
-        g = q._to_groups(q._rotate(x.float()), kind)  # (B, H, T // tb, n_groups, group_len), as the design groups
-        lo, hi = g.amin(-1), g.amax(-1)
-        across = q.time_block(kind) > 1  # groups over tokens: a super-block is one block of tokens, every channel
-        per = max(1, SUPER_TOKENS // q.time_block(kind))  # time blocks per super-block
-
-        def block_reduce(t: torch.Tensor, fn) -> torch.Tensor:  # over each super-block, broadcast back to `t`
-            b, h, n, m = t.shape
-            pad = (-n) % per
-            padded = torch.cat([t, t[:, :, -1:].expand(b, h, pad, m)], 2) if pad else t
-            chunks = padded.reshape(b, h, -1, per, m)
-            r = fn(chunks, (3, 4) if across else 3, keepdim=True)
-            return r.expand_as(chunks).reshape(b, h, -1, m)[:, :, :n]
-
-        zmin, zmax = block_reduce(lo, torch.amin), block_reduce(lo, torch.amax)
-        dz = (zmax - zmin) / 255
-        zero = torch.where(dz > 0, zmin + torch.floor((lo - zmin) / dz.clamp_min(1e-30)).clamp(0, 255) * dz, zmin)
-        zero = torch.minimum(zero, lo)  # down, so the group's minimum stays covered
-        need = (hi - zero) / qmax
-        smax = block_reduce(need, torch.amax)
-        e = torch.floor(-SCALE_STEPS_PER_OCTAVE * torch.log2(need / smax.clamp_min(1e-30))).clamp(0, 255)
-        scale = torch.where(smax > 0, smax * torch.exp2(-e / SCALE_STEPS_PER_OCTAVE), smax)
-        scale = torch.maximum(scale, need)  # up: float rounding must not uncover the group's maximum
-        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))[..., None]
-        codes = ((g - zero[..., None]) * inv).round_().clamp_(0, qmax)
-        out = q._from_groups(codes * scale[..., None] + zero[..., None], kind, x.shape)
-        if q.rotates:
-            out = q._unrotate(out)
-        return out.to(x.dtype)
-
-
-def coded_rate(design: str, group: int, bits: int, kind: str, head_dim: int) -> float:
-    """Bits per element of an option with [`CodedScales`]: the codes, 8-bit scale and zero per group of `group`
-    elements, and the super-block's share."""
-    q = get_quantizer(design, group if design == "kivi" else LAYOUT.group_size)
-    if q.time_block(kind) > 1:  # a super-block: every channel of one block of tokens
-        return bits + 16 / group + SUPER_BITS / (max(SUPER_TOKENS, q.time_block(kind)) * head_dim)
-    return bits + 16 / group + SUPER_BITS / (SUPER_TOKENS * group)  # one place in the row over SUPER_TOKENS tokens
 
 
 class PerKind:
@@ -105,22 +46,22 @@ class PerKind:
     def __init__(self, key, value):
         self._q = {"key": key, "value": value}
 
-    def time_block(self, kind: str) -> int:
-        return self._q[kind].time_block(kind)
+    def token_block(self, kind: str) -> int:
+        return self._q[kind].token_block(kind)
 
     def roundtrip(self, x, bits, kind):
         return self._q[kind].roundtrip(x, bits, kind)
 
 
-def _quantizer(design: str, group: int, kind: str, head_dim: int):
-    """The design at `group` for `kind`, or None where the group does not fit head_dim."""
+def _quantizer(design: str, group: int, kind: str, head_dim: int, scale_bits: int = 16):
+    """The design at `group` for `kind` with `scale_bits` scales, or None where the group does not fit head_dim."""
     if design == "kivi":
         if kind == "value" and head_dim % group:
             return None
-        return get_quantizer("kivi", group)
+        return get_quantizer("kivi", group, scale_bits)
     if head_dim % group:
         return None
-    return type(get_quantizer(design))(row_group=group)
+    return get_quantizer(design, LAYOUT.group_size, scale_bits).regrouped(group)
 
 
 def label(group: int, scale_bits: int) -> str:
@@ -135,24 +76,16 @@ def options(design: str, groups: list[int], bits: list[int], head_dim: int, scal
     variants = [(g, s) for s in sorted(scale_bits, reverse=True) for g in groups]
     opts = [(label(g, s), b) for g, s in variants for b in bits]
     for g, s in variants:
-        q = {k: _quantizer(design, g, k, head_dim) for k in KINDS}
+        q = {k: _quantizer(design, g, k, head_dim, s) for k in KINDS}
         if any(v is not None for v in q.values()):  # a kind the group does not fit is measured at head_dim, unused
-            pair = [q[k] or _quantizer(design, head_dim, k, head_dim) for k in KINDS]
-            if s != 16:
-                pair = [CodedScales(p) for p in pair]
+            pair = [q[k] or _quantizer(design, head_dim, k, head_dim, s) for k in KINDS]
             pairs[label(g, s)] = (PerKind(*pair), {k: q[k] is not None for k in KINDS})
     for kind in KINDS:
         for g, s in variants:
             for b in bits:
                 ok = label(g, s) in pairs and pairs[label(g, s)][1][kind]
-                if not ok:
-                    rates[kind].append(float("nan"))
-                elif s != 16:
-                    rates[kind].append(coded_rate(design, g, b, kind, head_dim))
-                else:
-                    row_group = None if design == "kivi" else g
-                    rates[kind].append(unit_bits_per_element(design, g if design == "kivi" else LAYOUT.group_size, b,
-                                                             kind, head_dim, row_group=row_group))
+                rates[kind].append(option_bits_per_element(design, b, g, kind, head_dim, scale_bits=s)
+                                   if ok else float("nan"))
     return opts, pairs, rates
 
 
@@ -278,8 +211,8 @@ def markdown(payload) -> str:
     if coded:
         out += ["Distortions relative to the best fixed option pair with 16-bit scales of no more bytes (1 = as "
                 "good; lower is better). `g64s8`: groups of 64 with 8-bit scales and zero-points, and three 16-bit "
-                f"numbers per super-block (one group position of one head over {SUPER_TOKENS} tokens; kivi keys: one "
-                "block of tokens, every channel), counted in the rate; measured, not stored by the cache."]
+                "numbers per super-block (one group position of one head over 32 tokens; kivi keys: one block of "
+                "tokens, every channel), counted in the rate (`CacheLayout(scale_bits=8)` stores them)."]
     else:
         out += ["Distortions relative to the best fixed option pair of no more bytes (1 = as good; lower is better)."]
     return "\n".join(out)

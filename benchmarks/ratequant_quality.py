@@ -23,6 +23,7 @@ between two caches come with a paired standard error over windows (a rough noise
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -176,14 +177,13 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
 
     layout = layout_from_args(args, quantizer=quantizer)  # of the calibrated and of every fixed cache
     true_budget = args.budget_unit == "true"
-    code = (code_budget(budget, quantizer, layout.group_size, fp.head_dim, args.b_min, args.b_max) if true_budget
-            else budget)  # the fixed splits at the layout's group: this many code bits store `budget` true bits
     logger.info("[%s %.4g] calibrating", quantizer, budget)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     config = calibrate(
         model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
         seq_len=args.seq_len, n_validation=args.validation, group_size=layout.group_size,
-        residual_length=layout.residual_length, sink_length=layout.sink_length, b_min=args.b_min, b_max=args.b_max,
+        residual_length=layout.residual_length, sink_length=layout.sink_length, scale_bits=layout.scale_bits,
+        b_min=args.b_min, b_max=args.b_max,
         batch_size=args.batch_size, chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
         measure=args.measure, budget_unit=args.budget_unit, groups=tuple(args.groups) if args.groups else None,
     )
@@ -206,16 +206,31 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
                     row.avg_bits, row.perplexity, row.kl, row.seconds)
         return row
 
-    fixed = fixed_allocations(n_heads, n_heads, code, args.b_min, args.b_max)
-    for k_bits, v_bits in fixed:
-        name = f"uniform-{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
-        cfg = RateQuantConfig.uniform(model.config, key_bits=k_bits, value_bits=v_bits, layout=layout)
+    def fixed_configs(lay) -> list:
+        """`[(name, config)]`: every fixed configuration of `lay` of the budget (true budgets: of its bytes; with
+        8-bit scales, of at most them, as calibration races them)."""
+        out = []
+        if lay.scale_bits == 16:
+            code = (code_budget(budget, quantizer, lay.group_size, fp.head_dim, args.b_min, args.b_max) if true_budget
+                    else budget)  # the splits at the layout's group: this many code bits store `budget` true bits
+            for k_bits, v_bits in fixed_allocations(n_heads, n_heads, code, args.b_min, args.b_max):
+                name = f"uniform-{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
+                out.append((name, RateQuantConfig.uniform(model.config, key_bits=k_bits, value_bits=v_bits,
+                                                          layout=lay)))
+        if true_budget and (args.groups or lay.scale_bits != 16):  # (bits, group) pairs of keys and values
+            grid = OptionGrid.build(lay, tuple(args.groups or ()), list(range(args.b_min, args.b_max + 1)),
+                                    fp.head_dim)
+            for c in fixed_option_candidates(grid, budget, fp.num_layers, fp.num_kv_heads):
+                out.append((c.name, RateQuantConfig.from_bits(c.bits, lay, fingerprint=fp, method=c.name,
+                                                              groups=c.groups)))
+        return out
+
+    fixed = fixed_configs(layout)
+    for name, cfg in fixed:
         add(name, "fixed", cfg, val.get(name))
-    if args.groups:  # every fixed (bits, group) pair of keys and values of the same bytes, other groups too
-        grid = OptionGrid.build(layout, tuple(args.groups), list(range(args.b_min, args.b_max + 1)), fp.head_dim)
-        for c in fixed_option_candidates(grid, budget, fp.num_layers, fp.num_kv_heads):
-            cfg = RateQuantConfig.from_bits(c.bits, layout, fingerprint=fp, method=c.name, groups=c.groups)
-            add(c.name, "fixed", cfg, val.get(c.name))
+    if true_budget and layout.scale_bits != 16:  # the same bytes with 16-bit scales: the frontier to beat
+        for name, cfg in fixed_configs(dataclasses.replace(layout, scale_bits=16)):
+            add(f"{name} s16", "fixed", cfg)
     chosen = add(f"chosen ({winner})", "chosen", config, val.get(winner))
     chosen_bits = config.bits_tensor()
     same_as_chosen = None
@@ -427,6 +442,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(bits, group) pairs of keys and values of the same bytes are evaluated too")
     p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
                    help=f"R (default {LAYOUT.residual_length})")
+    p.add_argument("--scale-bits", type=int, choices=[16, 8], default=LAYOUT.scale_bits,
+                   help="scales and zero-points of the calibrated and fixed caches in 16 or 8 bits (8 needs "
+                   "--budget-unit true; the 16-bit fixed configurations of the same bytes are evaluated too)")
     add_sink_length(p, "by every quantized cache, fixed and calibrated")
     p.add_argument("--batch-size", type=int, default=CALIBRATION.batch_size,
                    help=f"calibration (and fwd+bwd) batch size (default {CALIBRATION.batch_size})")
@@ -447,7 +465,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder to save every calibrated config in, as <quantizer>-<budget>/ ('' to skip)")
     p.add_argument("--output-dir", default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="suffix of the output names: ratequant_quality_<tag>.md/.json")
-    return resolve_layout(p, p.parse_args(argv))
+    args = resolve_layout(p, p.parse_args(argv))
+    if args.scale_bits != 16 and args.budget_unit != "true":
+        p.error("--scale-bits 8 stores fewer bytes per group: give the budgets in true bits per element "
+                "(--budget-unit true), so the fixed configurations compared are those of the same bytes")
+    return args
 
 
 def main(argv=None) -> int:
