@@ -318,7 +318,8 @@ GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-2
              "ratequant_quality_qwen2.5-coder-0.5b.json",
              "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
              "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json",
-             "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json")
+             "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json",
+             "ratequant_quality_qwen2.5-coder-0.5b_token-3-3.5.json")
 MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
 
 
@@ -628,6 +629,10 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Qwen2.5-Coder 0.5B: the rotated design at 3 bits", "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json",
      "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers rotated --budgets 3 --calib-data "
      "pydoc --eval-data pydoc --save-configs DIR --tag qwen2.5-coder-0.5b_rotated-3", quality),
+    ("Qwen2.5-Coder 0.5B: the token design at 3 and 3.5 bits",
+     "ratequant_quality_qwen2.5-coder-0.5b_token-3-3.5.json",
+     "python benchmarks/ratequant_quality.py --model qwen2.5-coder-0.5b --quantizers token --budgets 3 3.5 "
+     "--calib-data pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b_token-3-3.5", quality),
     ("Group-size options (issue [4 bytes], calibration's objective only)", "group_options.json",
      "python benchmarks/group_options.py", group_options),
     ("Scales and zero-points in 8 bits (issue [4 bytes], calibration's objective only; not stored by the cache)",
