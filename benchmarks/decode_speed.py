@@ -524,7 +524,7 @@ def describe(args, info: dict, source: str, model_name: str) -> str:
         f"Model: {model_name}, in {args.dtype}; context from {source}; SDPA backend: {args.sdpa}.",
         f"Every cache is filled with the same prefill states, then {args.steps} greedy decode steps are timed;",
         f"median of {args.repeats} interleaved runs.",
-        f"RateQuant G={args.group_size}, R={r}, S={args.sink_length} sink tokens;",
+        f"RateQuant G={args.group_size}, R={r}, S={args.sink_length} sink tokens, {args.scale_bits}-bit scales;",
         f"QuantizedCache q_group_size={args.qc_group_size}, residual_length={r}, no sinks (quanto axis 0/0, hqq",
         "axis 1/1).",
         "'spread' is (slowest - fastest run) / median run.",
@@ -566,6 +566,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
                    help=f"R of every quantized cache (default {LAYOUT.residual_length})")
     add_sink_length(p, "of every RateQuantCache\n(QuantizedCache has none)")
+    p.add_argument("--scale-bits", type=int, choices=[16, 8], default=LAYOUT.scale_bits,
+                   help="bits of the scales and zero-points of the uniform and mixed RateQuant caches (default "
+                   f"{LAYOUT.scale_bits})")
     p.add_argument("--qc-group-size", type=int, default=32, help="QuantizedCache q_group_size (default 32)")
     p.add_argument("--text", default="pydoc", help="text for hf_ratequant.data.load_text (default pydoc)")
     p.add_argument("--profile", action="store_true", help="also profile one RateQuantCache step at the max context")

@@ -6,7 +6,10 @@ whole groups of `group_size` (G) tokens and are quantized exactly once: every kv
 (bit-width, group size) quantized together in one vectorised call. The window therefore holds between R and
 R + G - 1 tokens once the sequence is longer than R; a layer whose keys are grouped over more tokens than G (kivi
 keys at 64 or 128) releases them in whole groups of its largest (`flush_block`), after the sinks have been filled,
-and its window holds R to R + flush_block - 1.
+and its window holds R to R + flush_block - 1. With 8-bit scales (`RateQuantConfig.scale_bits = 8`) every group's
+scale and zero-point are stored in one byte each, relative to three numbers per super-block of 32 tokens
+([`quantizers.scales`]; tokens then leave the window in whole super-blocks), and are decoded for each call that
+reads the past.
 
 Non-finite states: keys or values containing inf or NaN are refused when they would be quantized, with a
 [`NonFiniteError`] (a `ValueError`) naming the layer, keys or values, the kv-heads and the token positions (an inf or
