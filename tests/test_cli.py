@@ -135,16 +135,17 @@ def test_cli_budget_unit():
                                                   "--budget-context", "-1"]))
 
 
+@pytest.mark.parametrize("scale_bits", [16, 8])
 @pytest.mark.parametrize("quantizer", ["kivi", "token", "rotated"])
 @pytest.mark.parametrize("tokens, chunk", [(40, 40), (200, 7), (333, 64), (600, 600)])
-def test_cache_bytes_equal_a_real_cache(llama_config, quantizer, tokens, chunk):
+def test_cache_bytes_equal_a_real_cache(llama_config, quantizer, tokens, chunk, scale_bits):
     from hf_ratequant import RateQuantCache
     from hf_ratequant.config import ModelFingerprint
     from hf_ratequant.footprint import cache_bytes
 
     config = RateQuantConfig.from_bits(
         torch.tensor([[[3, 16], [1, 5]], [[2, 2], [8, 4]], [[4, 1], [16, 16]]]),
-        CacheLayout(quantizer=quantizer, residual_length=64),
+        CacheLayout(quantizer=quantizer, residual_length=64, scale_bits=scale_bits),
     )
     cache = RateQuantCache(config=llama_config, quant_config=config)
     states = torch.randn(2, 2, tokens, 32, generator=torch.Generator().manual_seed(0))

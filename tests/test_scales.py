@@ -120,28 +120,25 @@ def llama_config():
 
 
 @pytest.mark.parametrize("quantizer", DESIGNS)
-@pytest.mark.parametrize("tokens, chunk", [(40, 40), (333, 7), (600, 600)])
-def test_cache_holds_what_cache_bytes_says(llama_config, quantizer, tokens, chunk):
+def test_cache_stores_bytes_and_crops_inside_a_super_block(llama_config, quantizer):
+    """The stored scales are bytes and the cache holds fewer bytes than with 16-bit ones (its bytes against
+    `cache_bytes`: `test_cli.test_cache_bytes_equal_a_real_cache`); a crop inside a super-block returns its tokens
+    to the window and leaves the rest as it was."""
     bits = torch.tensor([[[3, 16], [1, 5]], [[2, 2], [8, 4]], [[4, 1], [16, 16]]])
+    fp = ModelFingerprint.from_model_config(llama_config)
     config = RateQuantConfig.from_bits(bits, CacheLayout(quantizer=quantizer, residual_length=64, scale_bits=8))
     cache = RateQuantCache(config=llama_config, quant_config=config)
-    states = torch.randn(2, 2, tokens, 32, generator=torch.Generator().manual_seed(0))
-    for start in range(0, tokens, chunk):
-        for layer in range(3):
-            cache.update(states[:, :, start:start + chunk], states[:, :, start:start + chunk], layer)
-    footprint = cache_bytes(config, ModelFingerprint.from_model_config(llama_config), tokens, batch=2,
-                            dtype=torch.float32)
-    assert footprint.total == cache.nbytes
-    if tokens > 200:
-        stored = [b for b in cache.layers[1].past_keys.data if b is not None]
-        assert stored and all(b.scale.dtype == torch.uint8 for b in stored)
-        sixteen = RateQuantConfig.from_bits(bits, CacheLayout(quantizer=quantizer, residual_length=64))
-        assert footprint.quantized < cache_bytes(sixteen, ModelFingerprint.from_model_config(llama_config), tokens,
-                                                 batch=2, dtype=torch.float32).quantized
-        before = cache.layers[0].past_keys.dequantize(0, 100, states)
-        cache.crop(250)  # a cut inside a super-block returns its tokens to the window, dequantized
-        assert cache.get_seq_length() == 250 and cache.layers[0].past_keys.num_tokens % 32 == 0
-        assert torch.equal(cache.layers[0].past_keys.dequantize(0, 100, states), before)
+    states = torch.randn(2, 2, 333, 32, generator=torch.Generator().manual_seed(0))
+    for layer in range(3):
+        cache.update(states, states, layer)
+    stored = [b for b in cache.layers[1].past_keys.data if b is not None]
+    assert stored and all(b.scale.dtype == torch.uint8 for b in stored)
+    sixteen = RateQuantConfig.from_bits(bits, CacheLayout(quantizer=quantizer, residual_length=64))
+    assert cache.nbytes < cache_bytes(sixteen, fp, 333, batch=2, dtype=torch.float32).total
+    before = cache.layers[0].past_keys.dequantize(0, 100, states)
+    cache.crop(250)
+    assert cache.get_seq_length() == 250 and cache.layers[0].past_keys.num_tokens % 32 == 0
+    assert torch.equal(cache.layers[0].past_keys.dequantize(0, 100, states), before)
 
 
 @pytest.mark.parametrize("tokens", [10, 99, 130, 200, 333])
