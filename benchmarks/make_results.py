@@ -149,6 +149,27 @@ def decode(d: dict) -> list[str]:
                     rows, "rlrrrrr")]
 
 
+DECODE_SCALE_RUNS = (("decode_speed_token-s16.json", 16), ("decode_speed_token-s8.json", 8))
+
+
+def decode_scales(_: None) -> list[str]:
+    """Decoding with 8-bit scales (decoded per call) against 16-bit ones, each run against its own DynamicCache."""
+    rows = []
+    for name, bits in DECODE_SCALE_RUNS:
+        d = _load(name)
+        for r in d["results"]:
+            if r["available"]:
+                rows.append([f"{bits}-bit" if r["cache"].startswith("RateQuant") else "-", r["cache"],
+                             f"{r['tokens_per_s']:.1f}", f"{r['ms_per_token']:.1f}", _f(r["kv_mib"], ".1f"),
+                             f"{r['vs_dynamic']:.2f}x"])
+    a = _load(DECODE_SCALE_RUNS[0][0])["args"]
+    return [f"SmolLM2, the token design, greedy decoding after a {a['contexts'][0]}-token context, {a['steps']} steps "
+            f"timed, median of {a['repeats']} interleaved runs, {a['dtype']} on the CPU; one run per scale precision, "
+            "each with its own `DynamicCache` row. With 8-bit scales the cache decodes every class's scales and "
+            "zero-points for each step before the kernel reads them.", "",
+            *_table(["scales", "cache", "tokens/s", "ms/token", "KV MiB", "vs DynamicCache"], rows, "llrrrr")]
+
+
 DECODE_MODEL_RUNS = ("decode_speed_gemma3-270m.json", "decode_speed_qwen2.5-coder-0.5b.json")
 
 
@@ -402,7 +423,8 @@ def budget_context(d: dict) -> list[str]:
 BYTE_RUNS = ("ratequant_quality_bytes_kivi-2.5.json", "ratequant_quality_bytes_kivi-3.json",
              "ratequant_quality_bytes_token-3.json", "ratequant_quality_bytes_rotated-3.json",
              "ratequant_quality_bytes_qwen2.5-coder-0.5b_kivi-2.5.json",
-             "ratequant_quality_gemma3-270m_bytes_kivi.json", "ratequant_quality_gemma3-270m_bytes_pydoc-to-bbc.json")
+             "ratequant_quality_gemma3-270m_bytes_kivi.json", "ratequant_quality_gemma3-270m_bytes_pydoc-to-bbc.json",
+             "ratequant_quality_bytes_token-3-s8.json", "ratequant_quality_bytes_rotated-3-s8.json")
 
 
 def _options_used(config: dict) -> str:
@@ -420,17 +442,22 @@ def _options_used(config: dict) -> str:
 
 
 def _fixed_config(name: str, template):
-    """The fixed allocation `name` (`K3V2`, `uniform-2`, `K2g64V2g64`) with the layout and model of `template`."""
+    """The fixed allocation `name` (`K3V2`, `uniform-2`, `K2g64V2g64`; ` s16`: with 16-bit scales) with the layout
+    and model of `template`."""
+    import dataclasses
     import re
 
     from hf_ratequant import RateQuantConfig
 
+    layout = template.layout
+    if name.endswith(" s16"):
+        name, layout = name.removesuffix(" s16"), dataclasses.replace(layout, scale_bits=16)
     m = re.fullmatch(r"uniform-(\d+)|K(\d+)(?:g(\d+))?V(\d+)(?:g(\d+))?", name)
     if m.group(1):
-        return RateQuantConfig.uniform(template.fingerprint, bits=int(m.group(1)), layout=template.layout)
+        return RateQuantConfig.uniform(template.fingerprint, bits=int(m.group(1)), layout=layout)
     kg, vg = (int(g) if g else None for g in (m.group(3), m.group(5)))
     return RateQuantConfig.uniform(template.fingerprint, key_bits=int(m.group(2)), value_bits=int(m.group(4)),
-                                   layout=template.layout, key_group=kg, value_group=vg)
+                                   layout=layout, key_group=kg, value_group=vg)
 
 
 def byte_budgets_table(runs: list[dict]) -> list[str]:
@@ -451,8 +478,9 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
                 "; layers by tokens held" if record.get("layer_weights") else "")
             calib, evaluated = _domain(d["calib_source"]), _domain(d["eval_source"])
             label = _model_label(d) + ("" if calib == evaluated else f" ({calib} -> {evaluated})")
+            design = s["quantizer"] + (" (8-bit scales)" if chosen.scale_bits != 16 else "")
             rows.append([
-                label, s["quantizer"], f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
+                label, design, f"{s['budget']:g}", f"{s['best_fixed_by_kl']} {fixed_kl:.4f}",
                 f"{s['best_fixed']} {s['best_fixed_ppl']:.3f}", s["winner"].removeprefix("ratequant-"),
                 f"{s['chosen_ppl']:.3f} / {s['chosen_kl']:.4f}", f"{s['chosen_kl'] / fixed_kl - 1:+.0%}",
                 "yes" if s["beats_every_fixed_kl"] else "**no**", _f(s.get("ppl_gap_recovered"), ".0%"),
@@ -461,14 +489,19 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
             ])
             offered = ", ".join(map(str, d["settings"].get("groups") or ()))
             offer = f"groups {offered} offered besides the layout's own" if offered else "the layout's groups only"
-            used.append(f"- {_model_label(d)}, {s['quantizer']} {s['budget']:g} true bits ({offer}), {s['winner']}: "
+            used.append(f"- {_model_label(d)}, {design} {s['budget']:g} true bits ({offer}), {s['winner']}: "
                         f"{_options_used(block['config'])}")
     d = runs[0]
     return [
         "Budgets in **true bits per element** (codes plus each group's 16-bit scale and "
         "zero-point). Calibration chose each unit's bits and group size (kivi keys group tokens, everything else "
         "channels); the fixed allocations are every keys/values split of the same bytes at the layout's group and "
-        "every fixed (bits, group) pair of keys and values of the same bytes. Held-out text through the real cache "
+        "every fixed (bits, group) pair of keys and values of the same bytes. \"8-bit scales\" (`--scale-bits 8`, "
+        "`CacheLayout(scale_bits=8)`): the calibrated cache and the fixed ones of its kind store each group's scale "
+        "and zero-point in one byte each (plus three 16-bit numbers per super-block of 32 tokens), and the fixed "
+        "configurations there are those of at most the budget and at most 0.25 bits below the richest of them (8-bit "
+        "rates rarely add up to the budget), raced against the 16-bit-scale fixed configurations of the same bytes "
+        "(` s16`) as well. Held-out text through the real cache "
         f"({d['eval_windows']} x {d['settings']['window']} tokens, the same sinks and window for every cache).", "",
         *_table(["model", "design", "true bits", "best fixed by KL", "best fixed by ppl", "RateQuant", "ppl / KL",
                  "KL vs best fixed", "beats every fixed (KL)?", "ppl gap recovered", "Δlog-ppl ± SE",
@@ -594,6 +627,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      field),
     ("Memory", "memory.json", "python benchmarks/memory.py", memory),
     ("Decode speed on the CPU", "decode_speed.json", "python benchmarks/decode_speed.py", decode),
+    ("Decode speed with 8-bit scales (CPU)", None, "python benchmarks/decode_speed.py --contexts 4096 --backends "
+     "--quantizer token --scale-bits 16|8 --tag token-s16|token-s8", decode_scales),
     ("Long contexts on the CPU", "long_context.json", "python benchmarks/long_context.py", long_context),
     ("Decode speed of the real models' calibrated caches (CPU, 4k tokens)", None, "", decode_models),
     ("Passkey retrieval on the real models", None, "", passkey_models),
@@ -635,7 +670,7 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "--calib-data pydoc --eval-data pydoc --tag qwen2.5-coder-0.5b_token-3-3.5", quality),
     ("Group-size options (issue [4 bytes], calibration's objective only)", "group_options.json",
      "python benchmarks/group_options.py", group_options),
-    ("Scales and zero-points in 8 bits (issue [4 bytes], calibration's objective only; not stored by the cache)",
+    ("Scales and zero-points in 8 bits (issue [4 bytes], calibration's objective only)",
      "group_options_scale-bits.json", "python benchmarks/group_options.py --scale-bits 16 8 --tag scale-bits",
      group_options),
     ("Budgets in bytes: bits and group size per unit (issue [4 bytes])", None,
