@@ -165,8 +165,9 @@ def decode_scales(_: None) -> list[str]:
     a = _load(DECODE_SCALE_RUNS[0][0])["args"]
     return [f"SmolLM2, the token design, greedy decoding after a {a['contexts'][0]}-token context, {a['steps']} steps "
             f"timed, median of {a['repeats']} interleaved runs, {a['dtype']} on the CPU; one run per scale precision, "
-            "each with its own `DynamicCache` row. With 8-bit scales the cache decodes every class's scales and "
-            "zero-points for each step before the kernel reads them.", "",
+            "each with its own `DynamicCache` row (" + ", ".join(f"`results/{name}`" for name, _ in DECODE_SCALE_RUNS)
+            + "). With 8-bit scales the cache decodes every class's scales and zero-points for each step before the "
+            "kernel reads them.", "",
             *_table(["scales", "cache", "tokens/s", "ms/token", "KV MiB", "vs DynamicCache"], rows, "llrrrr")]
 
 
@@ -716,6 +717,7 @@ def cited_files() -> set[str]:
     names = {f for _, f, _, _ in SECTIONS if f}
     names |= set(CALIBRATION_SPEED_RUNS)
     names |= set(DOMAIN_RUNS) | set(GRID_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS) | set(DECODE_MODEL_RUNS)
+    names |= {name for name, _ in DECODE_SCALE_RUNS}
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= set(PASSKEY_MODEL_RUNS)  # `hf-ratequant eval --json` rows: no markdown beside them
     names |= {"field_frontier.png", "memory.png", "byte_frontier.png"}
