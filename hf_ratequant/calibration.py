@@ -649,8 +649,7 @@ def load_calibration_data(
     sha = text_fingerprint(text)
     processes.agree((fp.geometry(), fp.layer_types, fp.model_type, sha, tuple(windows.shape), layout.quantizer,
                      s.budget, layout.group_size, layout.residual_length, layout.sink_length, layout.scale_bits,
-                     s.b_min, s.b_max,
-                     s.measure, s.groups, s.budget_context), "model, data or settings")
+                     s.b_min, s.b_max, s.measure, s.groups, s.budget_context), "model, data or settings")
     fit, validation = windows[: s.n_samples], windows[s.n_samples :]
     return CalibrationData(processes.shard(fit, "calibration"), processes.shard(validation, "validation"), source,
                            sha, int(fit.numel()), int(validation.numel()))
@@ -926,9 +925,8 @@ def calibrate(
         progress (`bool`, *optional*, defaults to `True`): progress bars for the measure and the validation.
         overrides: any field of [`CacheLayout`] or [`CalibrationSettings`] (`n_samples`, `seq_len`, `n_validation`,
             `group_size`, `residual_length`, `sink_length`, `scale_bits`, `b_min`, `b_max`, `batch_size`, `chunk`,
-            `measure`,
-            `residual_aware`, `data_column`, `groups`, `budget_context`; None keeps the default), or `validate=False`
-            for `n_validation=0`.
+            `measure`, `residual_aware`, `data_column`, `groups`, `budget_context`; None keeps the default), or
+            `validate=False` for `n_validation=0`.
 
     Returns:
         [`RateQuantConfig`]: the winning allocation, with the fitted curves and the [`CalibrationRecord`] (as a

@@ -2,12 +2,11 @@
 
 A unit (layer, kv-head, K or V) at `b` bits with groups of `g` elements costs `b + 32 / g` bits per stored element
 (a 16-bit scale and zero-point per group; with `CacheLayout.scale_bits = 8`, about `b + 16 / g`) and has its own
-measured distortion. With the group sizes of
-`CalibrationSettings.groups`, calibration measures every option in the same pass ([`measuring_quantizers`]: one
-quantizer per group size, all measured on the same tokens), then allocates exactly over them under a budget in
-true bits per element ([`option_candidates`], through [`operating_points.allocate_rate`]), and races the result
-through the real cache against every fixed (bits, group) pair of keys and values of the same bytes
-([`fixed_option_candidates`]).
+measured distortion. With the group sizes of `CalibrationSettings.groups`, calibration measures every option in
+the same pass ([`measuring_quantizers`]: one quantizer per group size, all measured on the same tokens), then
+allocates exactly over them under a budget in true bits per element ([`option_candidates`], through
+[`operating_points.allocate_rate`]), and races the result through the real cache against every fixed (bits, group)
+pair of keys and values of the same bytes ([`fixed_option_candidates`]).
 
 - [`OptionGrid`]: the options of each kind: the group sizes that fit it (the layout's own always among them) times
   the bit grid, with their true rates.
