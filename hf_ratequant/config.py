@@ -22,6 +22,7 @@ import torch
 from .hub_io import download_config, looks_local, push_config
 from .quantizers import KEEP_BITS, available_quantizers, check_bits, get_quantizer
 from .quantizers.base import KINDS
+from .quantizers.scales import check_scale_bits
 from .settings import CacheLayout, layout_with
 from .storage import BACKUP_NAME, CONFIG_NAME, CURVES_FILE_KEY, CURVES_HASH_KEY, CURVES_NAME, read_folder, save_folder
 from .storage import short_repr as _short
@@ -327,9 +328,7 @@ class RateQuantConfig:
                 f"{self.fingerprint.describe()}."
             )
         self._check_groups()
-        if type(self.scale_bits) is not int or self.scale_bits not in (16, 8):  # bool, float: refused, not rounded
-            raise ValueError(f"scale_bits={_short(self.scale_bits)} must be 16 (scales and zero-points in the model's "
-                             "dtype) or 8 (coded per super-block of 32 tokens).")
+        check_scale_bits(self.scale_bits)
         if self.scale_bits != 16:
             self.version = 5
         _check_curves(self.curves, self.num_layers, self.num_kv_heads)

@@ -37,7 +37,6 @@ import torch
 
 from .quantizers import KEEP_BITS, get_quantizer
 from .quantizers.base import KINDS
-from .quantizers.scales import SCALE_BLOCK_TOKENS
 
 if TYPE_CHECKING:
     from .config import ModelFingerprint, RateQuantConfig
@@ -186,11 +185,9 @@ def flush_block(config: RateQuantConfig, layer: int) -> int:
     """Tokens a layer's full-precision window releases at a time (after the sinks): G, or the least common
     multiple of G, the layer's key token groups where those are larger (see `RateQuantConfig.key_groups`) and,
     with 8-bit scales, their super-block."""
-    blocks = [config.group_size]
-    if config.scale_bits != 16:
-        blocks.append(SCALE_BLOCK_TOKENS)
+    q = get_quantizer(config.quantizer, config.group_size, config.scale_bits)
+    blocks = [config.group_size, *(q.token_block(kind) for kind in KINDS)]  # 8-bit scales: their super-block
     if config.has_unit_groups:
-        q = get_quantizer(config.quantizer, config.group_size)
         for kind, groups, bits in zip(KINDS, (config.key_groups, config.value_groups),
                                       (config.key_bits, config.value_bits)):
             if q.group_axis(kind) == "tokens":  # a 16-bit unit has no groups

@@ -313,8 +313,9 @@ def fixed_option_candidates(grid: OptionGrid, true_budget: float, num_layers: in
                 block = min(b for b in blocks if bool(allowed[b][0, ko]) and bool(allowed[b][1, vo]))
                 mean += sum(float(c) * w for c, w in zip(charges[:, blocks.index(block)].tolist(), weights)
                             if w) / (2 * sum(weights) * num_kv_heads)  # a layer that quantizes nothing weighs 0
-            if charged or coded:
-                if not (mean <= true_budget + 1e-9 and (coded or mean >= true_budget - FIXED_SLACK - 1e-9)):
+            if charged or coded:  # at most the budget; coded: cut below the richest after the loop
+                least = -math.inf if coded else true_budget - FIXED_SLACK
+                if not least - 1e-9 <= mean <= true_budget + 1e-9:
                     continue
             elif not math.isclose(mean, true_budget, abs_tol=1e-9):
                 continue

@@ -322,23 +322,23 @@ class Quantizer:
                 "non-finite attention states; run it in a wider dtype (float32/bfloat16) or check its weights."
             )
         qmax = (1 << bits) - 1
+        coded = None
         if self.scale_bits != 16:
             rows, across = scales.super_rows(tb), tb > 1  # groups along tokens share one super-block per block
             e, z, ranges, scale_f, zero_f = scales.encode(lo.squeeze(-1), hi.squeeze(-1), qmax, dtype, rows, across,
                                                           _round_outward)
-            scale_f, zero_f = scale_f.unsqueeze(-1), zero_f.unsqueeze(-1)
-            inv = torch.where(scale_f > 0, 1.0 / scale_f, torch.zeros_like(scale_f))
-            codes = (groups - zero_f).mul_(inv).round_().clamp_(0, qmax)
-            return codes, scale_f.to(dtype), zero_f.to(dtype), (e, z, ranges)
-        # Round zero-point and scale to the storage dtype *before* coding, so codes match what is stored; outward
-        # (zero down, scale up from what the rounded zero needs), so that zero + qmax * scale >= hi.
-        zero = _round_outward(lo, dtype, up=False)
-        zero_f = zero.float()
-        scale = _round_outward((hi - zero_f) / qmax, dtype, up=True)
-        scale_f = scale.float()
+            scale_f, zero_f, coded = scale_f.unsqueeze(-1), zero_f.unsqueeze(-1), (e, z, ranges)
+            scale, zero = scale_f.to(dtype), zero_f.to(dtype)
+        else:
+            # Round zero-point and scale to the storage dtype *before* coding, so codes match what is stored;
+            # outward (zero down, scale up from what the rounded zero needs), so that zero + qmax * scale >= hi.
+            zero = _round_outward(lo, dtype, up=False)
+            zero_f = zero.float()
+            scale = _round_outward((hi - zero_f) / qmax, dtype, up=True)
+            scale_f = scale.float()
         inv = torch.where(scale_f > 0, 1.0 / scale_f, torch.zeros_like(scale_f))  # constant groups: all codes 0
         codes = (groups - zero_f).mul_(inv).round_().clamp_(0, qmax)
-        return codes, scale, zero, None
+        return codes, scale, zero, coded
 
     def dequantize(self, q: QuantizedBlock, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct the `(batch, heads, tokens, head_dim)` tensor in the stored dtype.

@@ -43,11 +43,11 @@ _FIXES = 4  # outward corrections tried before falling back to the super-block's
 
 
 def check_scale_bits(scale_bits, what: str = "scale_bits") -> int:
-    """Validate a scale precision: 16 or 8."""
-    if isinstance(scale_bits, bool) or not isinstance(scale_bits, int) or scale_bits not in SCALE_BITS:
-        raise ValueError(f"{what}={scale_bits!r} is not a scale precision: scales and zero-points are stored in 16 "
-                         "bits (the model's dtype) or 8 bits (coded per super-block of 32 tokens).")
-    return int(scale_bits)
+    """Validate a scale precision: the integer 16 or 8 (a bool or a float is refused, not rounded)."""
+    if type(scale_bits) is not int or scale_bits not in SCALE_BITS:
+        raise ValueError(f"{what}={scale_bits!r} is not a scale precision: it must be 16 (scales and zero-points in "
+                         "the model's dtype) or 8 (coded per super-block of 32 tokens).")
+    return scale_bits
 
 
 def super_rows(time_block: int) -> int:
