@@ -8,8 +8,8 @@ R + G - 1 tokens once the sequence is longer than R; a layer whose keys are grou
 keys at 64 or 128) releases them in whole groups of its largest (`flush_block`), after the sinks have been filled,
 and its window holds R to R + flush_block - 1. With 8-bit scales (`RateQuantConfig.scale_bits = 8`) every group's
 scale and zero-point are stored in one byte each, relative to three numbers per super-block of 32 tokens
-([`quantizers.scales`]; tokens then leave the window in whole super-blocks), and are decoded for each call that
-reads the past.
+([`quantizers.scales`]; tokens then leave the window in whole super-blocks); the CPU kernel reads those bytes and
+decodes each row's scales itself, the Triton kernels get them decoded for each call that reads the past.
 
 Non-finite states: keys or values containing inf or NaN are refused when they would be quantized, with a
 [`NonFiniteError`] (a `ValueError`) naming the layer, keys or values, the kv-heads and the token positions (an inf or
@@ -147,28 +147,30 @@ class _HeadGroups:
 
     def op_args(self, window: torch.Tensor) -> tuple:
         """The arguments of the `hf_ratequant` ops for this past: `(sink, data, scale, zero, head_bits,
-        head_groups)` (see [`ops.PastPart`]); `window` `(batch, heads, tokens, head_dim)` gives the shapes of empty
-        parts. 8-bit scales are decoded here, for this call (the kernels read scales in the model's dtype)."""
+        head_groups, ranges)` (see [`ops.PastPart`]); `window` `(batch, heads, tokens, head_dim)` gives the shapes
+        of empty parts. 8-bit scales go as stored (codes and their super-blocks' numbers)."""
         b, _, _, d = window.shape
         sink = self.sink if self.sink is not None else window.new_empty(b, self.num_heads, 0, d)
-        data, scale, zero = [], [], []
+        data, scale, zero, ranges = [], [], [], []
         for (bits, group, heads), block, q in zip(self.classes, self.data, self.quantizers):
             if bits == KEEP_BITS:
                 data.append(block if block is not None else window.new_empty(b, len(heads), 0, d))
                 scale.append(window.new_empty(0))
                 zero.append(window.new_empty(0))
-            elif block is None:  # nothing quantized yet
+                ranges.append(window.new_empty(0))
+            elif block is None:  # nothing quantized yet (the kernels then read no scales)
                 data.append(torch.empty(b, len(heads), 0, packed_size(d, bits), dtype=torch.uint8,
                                         device=window.device))
                 n_groups = d // group if q.group_axis(self.kind) == "channels" else d
                 scale.append(window.new_empty(b, len(heads), 0, n_groups))
                 zero.append(window.new_empty(b, len(heads), 0, n_groups))
+                ranges.append(window.new_empty(0))
             else:
-                block = block.expanded()
                 data.append(block.codes)
                 scale.append(block.scale)
                 zero.append(block.zero)
-        return sink, data, scale, zero, self.bits, self.groups
+                ranges.append(block.ranges if block.ranges is not None else window.new_empty(0))
+        return sink, data, scale, zero, self.bits, self.groups, ranges
 
     def dequantize(self, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
         """Dequantized tokens `[start, stop)`; `start` must be a multiple of `time_block` (the sink's length is)."""

@@ -39,7 +39,8 @@ class PastPart(NamedTuple):
             bits / 8))`, or for 16 bits the plain states `(batch, Hc, Tq, head_dim)` in the model's dtype. Every class
             holds the same Tq >= 0 tokens; the last dimension is contiguous, the others may be strided.
         scale (`list[torch.Tensor]`): per class `(batch, Hc, Tq // time_block, n_groups)` in the model's dtype (an
-            empty tensor for 16 bits); element `(t, d)` of a head uses `scale[..., t // time_block, d // (head_dim //
+            empty tensor for 16 bits), or `uint8` codes where the class's `ranges` are not empty (8-bit scales,
+            [`quantizers.scales`]); element `(t, d)` of a head uses `scale[..., t // time_block, d // (head_dim //
             n_groups)]`. Last dimension contiguous.
         zero (`list[torch.Tensor]`): the zero-points (group minima), laid out like `scale`.
         bits (`list[int]`): each class's bit-width, 1..8 or 16.
@@ -49,6 +50,9 @@ class PastPart(NamedTuple):
         head_local (`list[int]`): for every kv-head, its index inside its class's tensors (dimension 1).
         time_blocks (`list[int]`): per class, the tokens sharing one row of its scales (kivi keys: the group size;
             otherwise 1). Tq is a multiple of every one.
+        ranges (`list[torch.Tensor]`): per class, an empty tensor (16-bit scales), or with 8-bit scales its
+            super-blocks' numbers `(batch, Hc, Tq // super_tokens, 1 or n_groups, 3)` in the model's dtype
+            ([`QuantizedBlock.ranges`]).
     """
 
     sink: torch.Tensor
@@ -60,12 +64,14 @@ class PastPart(NamedTuple):
     head_class: list[int]
     head_local: list[int]
     time_blocks: list[int]
+    ranges: list[torch.Tensor]
 
     @classmethod
-    def from_args(cls, sink, data, scale, zero, head_bits: list[int], head_groups: list[int],
+    def from_args(cls, sink, data, scale, zero, head_bits: list[int], head_groups: list[int], ranges,
                   time_block) -> PastPart:
         """The part described by the flat op arguments (classes in ascending (bits, group), heads in order inside
-        each). `time_block`: per class, or one number for all, or a function of a class's group."""
+        each). `ranges`: per class (empty tensors for 16-bit scales), or None for 16-bit scales everywhere.
+        `time_block`: per class, or one number for all, or a function of a class's group."""
         classes, head_class, head_local = _layout(tuple(head_bits), tuple(head_groups))
         bits, groups = [c[0] for c in classes], [c[1] for c in classes]
         if callable(time_block):
@@ -74,8 +80,10 @@ class PastPart(NamedTuple):
             blocks = [time_block] * len(classes)
         else:
             blocks = list(time_block)
+        if ranges is None:
+            ranges = [sink.new_empty(0)] * len(classes)
         return cls(sink, list(data), list(scale), list(zero), bits, groups, list(head_class), list(head_local),
-                   blocks)
+                   blocks, list(ranges))
 
     @property
     def num_heads(self) -> int:
@@ -84,6 +92,29 @@ class PastPart(NamedTuple):
     @property
     def num_quantized(self) -> int:
         return self.data[0].shape[2] if self.data else 0
+
+    def block(self, c: int, head_dim: int):
+        """Class `c`'s packed past as a [`QuantizedBlock`] (None for a 16-bit class)."""
+        from .quantizers import KEEP_BITS, QuantizedBlock
+
+        if self.bits[c] == KEEP_BITS:
+            return None
+        ranges = self.ranges[c] if self.ranges[c].numel() else None
+        return QuantizedBlock(self.data[c], self.scale[c], self.zero[c], self.bits[c], head_dim,
+                              self.time_blocks[c], ranges)
+
+    def expanded(self) -> PastPart:
+        """This part with every class's scales in the model's dtype (8-bit ones decoded): what the Triton kernels
+        read."""
+        if not any(r.numel() for r in self.ranges):
+            return self
+        d = self.sink.shape[-1]
+        scale, zero, ranges = list(self.scale), list(self.zero), list(self.ranges)
+        for c, r in enumerate(self.ranges):
+            if r.numel():
+                block = self.block(c, d).expanded()
+                scale[c], zero[c], ranges[c] = block.scale, block.zero, r.new_empty(0)
+        return self._replace(scale=scale, zero=zero, ranges=ranges)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -128,8 +159,6 @@ def _quantizer(name: str, group: int):
 
 def _dequantize_part(part: PastPart, quantizer: str, kind: str, window: torch.Tensor) -> torch.Tensor:
     """`[sink | dequantized past | window]` of one kind, `(batch, heads, tokens, head_dim)` in the window's dtype."""
-    from .quantizers import KEEP_BITS, QuantizedBlock
-
     b, h, w, d = window.shape
     s, t = part.sink.shape[2], part.num_quantized
     out = window.new_empty(b, h, s + t + w, d)
@@ -144,9 +173,7 @@ def _dequantize_part(part: PastPart, quantizer: str, kind: str, window: torch.Te
     for c, (bits, group) in enumerate(zip(part.bits, part.groups)):
         heads, runs = _class_runs(head_class, c)
         data = part.data[c]
-        block = None
-        if bits != KEEP_BITS:
-            block = QuantizedBlock(data, part.scale[c], part.zero[c], bits, d, part.time_blocks[c])
+        block = part.block(c, d)
         q = _quantizer(quantizer, group)
         if len(runs) > 1 and scatter:
             # Off the CPU every call costs kernel launches: one dequantization per class and one scatter
@@ -254,7 +281,7 @@ def _run_triton(op: str, fn, fallback):
 
 # ---- the ops ---------------------------------------------------------------------------------------------------
 _PAST = ("Tensor {p}_sink, Tensor[] {p}_data, Tensor[] {p}_scale, Tensor[] {p}_zero, int[] {p}_head_bits, "
-         "int[] {p}_head_groups")
+         "int[] {p}_head_groups, Tensor[] {p}_ranges")
 _LIB = torch.library.Library("hf_ratequant", "DEF")
 _LIB.define(
     f"dequantize_layer({_PAST.format(p='k')}, {_PAST.format(p='v')}, Tensor k_window, Tensor v_window, "
@@ -264,7 +291,7 @@ _LIB.define(
     f"decode_attention(Tensor query, Tensor? attention_mask, {_PAST.format(p='k')}, {_PAST.format(p='v')}, "
     "Tensor k_window, Tensor v_window, str quantizer, float scaling) -> Tensor"
 )
-_N_PAST = 6  # flat arguments per kind
+_N_PAST = 7  # flat arguments per kind
 
 
 def _parts(quantizer: str, k_args, v_args) -> tuple[bool, PastPart, PastPart]:
@@ -294,7 +321,8 @@ def _dequantize_layer_triton(*args):
 
     k_window, v_window, quantizer = args[2 * _N_PAST :]
     rotates, k, v = _parts(quantizer, args[:_N_PAST], args[_N_PAST : 2 * _N_PAST])
-    return triton_kernels.dequantize_layer(k, v, k_window, v_window, rotated=rotates)
+    # The Triton kernels read scales in the model's dtype: 8-bit ones are decoded for this call.
+    return triton_kernels.dequantize_layer(k.expanded(), v.expanded(), k_window, v_window, rotated=rotates)
 
 
 def _dequantize_layer_cuda(*args):
@@ -316,7 +344,8 @@ def _decode_attention_triton(query, mask, *args):
     *past, scaling = args
     k_window, v_window, quantizer = past[2 * _N_PAST :]
     rotates, k, v = _parts(quantizer, past[:_N_PAST], past[_N_PAST : 2 * _N_PAST])
-    return triton_kernels.decode_attention(query, mask, k, v, k_window, v_window, scaling, rotated=rotates)
+    return triton_kernels.decode_attention(query, mask, k.expanded(), v.expanded(), k_window, v_window, scaling,
+                                           rotated=rotates)
 
 
 def _decode_attention_cuda(*args):
@@ -375,8 +404,8 @@ torch.library.register_fake("hf_ratequant::decode_attention", _decode_attention_
 
 
 def part_args(part: PastPart, head_bits: list[int], head_groups: list[int]) -> tuple:
-    """The flat op arguments of one kind: `(sink, data, scale, zero, head_bits, head_groups)`."""
-    return part.sink, part.data, part.scale, part.zero, head_bits, head_groups
+    """The flat op arguments of one kind: `(sink, data, scale, zero, head_bits, head_groups, ranges)`."""
+    return part.sink, part.data, part.scale, part.zero, head_bits, head_groups, part.ranges
 
 
 def dequantize_layer(k: PastPart, v: PastPart, k_window, v_window, k_bits, v_bits, k_groups, v_groups,

@@ -270,3 +270,95 @@ def test_an_unusable_cache_folder_falls_back_to_the_temp_dir(monkeypatch, tmp_pa
     monkeypatch.setattr(cpu_kernel, "_state", {})
     assert cpu_kernel.available()
     assert cpu_kernel._state["path"].parent.parent.parent == tmp_path / "tmp"
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+@pytest.mark.parametrize("name", available_quantizers())
+@pytest.mark.parametrize("kind", ["key", "value"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_reads_8_bit_scales_as_pytorch_decodes_them(name, kind, dtype, monkeypatch):
+    """With 8-bit scales the kernel decodes each row of scale and zero-point bytes itself (the cache no longer
+    expands them in PyTorch every step): the same values as `scales.decode` then the 16-bit path, bit for bit."""
+    quantizer = get_quantizer(name, group_size=16, scale_bits=8)
+    used = []
+    real = cpu_kernel.dequantize_into
+    monkeypatch.setattr(cpu_kernel, "dequantize_into",
+                        lambda q, o, **kw: used.append((q.ranges is not None, real(q, o, **kw))) or used[-1][1])
+    gen = torch.Generator().manual_seed(1)
+    for bits in (1, 2, 3, 4, 8):
+        x = (torch.randn(2, 3, 96, 64, generator=gen) * 4).to(dtype)
+        x[:, 1, :, 5] *= 40  # an outlier channel
+        q = quantizer.quantize(x, bits, kind)
+        used.clear()
+        got = quantizer.dequantize(q, kind)
+        assert used == [(True, True)], f"{bits} bits: the kernel did not read the coded scales"
+        assert torch.equal(got, quantizer.dequantize(q.expanded(), kind)), f"{bits} bits"
+        if not quantizer.rotates:
+            assert torch.equal(got, _reference(quantizer, q, kind, monkeypatch)), f"{bits} bits"
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_kernel_decodes_every_scale_code_and_extreme_range(dtype, per_channel):
+    """Every byte of both codes, against super-block numbers from float16 subnormals to float16's largest value
+    (the decoded products then round to subnormals, to 65504 and past it): the kernel's rounding to the cache's
+    dtype equals PyTorch's."""
+    from hf_ratequant.quantizers import QuantizedBlock
+    from hf_ratequant.quantizers.scales import decode
+
+    gen = torch.Generator().manual_seed(2)
+    b, h, rows, d = 1, 4, 256, 64
+    ng, tb = (d, 2) if per_channel else (4, 1)  # kivi keys (a scale per channel, rows of 2 tokens) or 4 groups
+    sr = 32 // tb
+    e = torch.randint(0, 256, (b, h, rows, ng), generator=gen, dtype=torch.uint8)
+    z = torch.randint(0, 256, (b, h, rows, ng), generator=gen, dtype=torch.uint8)
+    e[0, 0, :, 0], z[0, 0, :, 0] = torch.arange(256, dtype=torch.uint8), torch.arange(256, dtype=torch.uint8)
+    magnitude = torch.tensor([1e-7, 3e-6, 6.1e-5, 1.0, 3e4, 65504.0, 65519.0])
+    pick = torch.randint(0, len(magnitude), (b, h, rows // sr, 1 if per_channel else ng, 3), generator=gen)
+    signs = torch.where(torch.rand(pick.shape, generator=gen) < 0.3, -1.0, 1.0)
+    ranges = magnitude[pick] * (1 + torch.rand(pick.shape, generator=gen) * 1e-3) * signs
+    ranges[..., 0] = ranges[..., 0].abs()  # top >= 0
+    ranges = ranges.to(dtype)
+    tokens = rows * tb
+    codes = torch.randint(0, 256, (b, h, tokens, d * 2 // 8), generator=gen, dtype=torch.uint8)
+    block = QuantizedBlock(codes, e, z, 2, d, tb, ranges)
+    got = torch.empty(b, h, tokens, d)
+    assert cpu_kernel.dequantize_into(block, got)
+    scale, zero = decode(e, z, ranges, sr)
+    want = torch.empty_like(got)
+    assert cpu_kernel.dequantize_into(QuantizedBlock(codes, scale, zero, 2, d, tb), want)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # inf - inf where a range overflowed
+    if dtype == torch.float16:  # the products did reach float16's subnormals and its largest values
+        assert ((scale > 0) & (scale < 6.1e-5)).any() and (zero.abs() >= 65504).any()
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(available_quantizers()),
+    kind=st.sampled_from(["key", "value"]),
+    bits=st.integers(1, 8),
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    blocks=st.integers(0, 3),
+    head_dim=st.sampled_from([16, 64, 128]),
+    group=st.sampled_from([8, 16, 32, 64]),
+    threads=st.sampled_from([1, 2]),
+)
+def test_kernel_reads_8_bit_scales_on_random_shapes(name, kind, bits, batch, heads, blocks, head_dim, group, threads):
+    """Threads split rows anywhere inside a row of scales or a super-block: every split decodes the same."""
+    quantizer = get_quantizer(name, group_size=min(group, head_dim), scale_bits=8)
+    tokens = quantizer.token_block(kind)
+    x = torch.randn(batch, heads, max(blocks, 1) * tokens, head_dim) * 3
+    q = quantizer.quantize(x, bits, kind).tokens(0, blocks * tokens)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, want = torch.empty(batch, heads, blocks * tokens, head_dim), torch.empty(batch, heads, blocks * tokens,
+                                                                                      head_dim)
+        assert cpu_kernel.dequantize_into(q, got)
+        assert cpu_kernel.dequantize_into(q.expanded(), want)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(got, want)

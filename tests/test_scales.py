@@ -250,3 +250,32 @@ def test_calibrate_with_coded_scales_without_groups_allocates_bytes():
     assert any(name.startswith("ratequant-options") for name in record["validation_kl"])
     assert "K2g32V2g32" in record["validation_kl"]  # 2.53 true bits: the richest fixed pair within 3
     assert config.budget <= 3.0 - 0.53
+
+
+@pytest.mark.parametrize("quantizer", DESIGNS)
+def test_the_ops_take_the_stored_bytes(llama_config, quantizer):
+    """The cache hands the ops its 8-bit scales as stored (byte codes and the super-blocks' numbers, nothing decoded
+    in PyTorch per step); schemas and fake implementations agree (`opcheck`), and the op's keys and values are what
+    the cache's own dequantization gives."""
+    config = RateQuantConfig.uniform(llama_config, 3, quantizer=quantizer, group_size=32, residual_length=32,
+                                     sink_length=32, scale_bits=8)
+    cache = RateQuantCache(config=llama_config, quant_config=config, attention="dequantize")
+    gen = torch.Generator().manual_seed(4)
+    shape = (1, llama_config.num_key_value_heads, 150, llama_config.hidden_size // llama_config.num_attention_heads)
+    layer = cache.layers[0]
+    layer.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+    args = layer._op_args()
+    n = len(args) // 2
+    for kind in (args[:n], args[n:]):
+        scale, ranges = kind[2], kind[6]
+        assert all(s.dtype == torch.uint8 for s in scale) and all(r.numel() for r in ranges)
+    full = (*args, layer.keys, layer.values, quantizer)
+    torch.library.opcheck(torch.ops.hf_ratequant.dequantize_layer.default, full)
+    query = torch.randn(1, llama_config.num_attention_heads, 1, shape[-1], generator=gen)
+    torch.library.opcheck(torch.ops.hf_ratequant.decode_attention.default, (query, None, *full, 0.125))
+    keys, values = torch.ops.hf_ratequant.dequantize_layer(*full)
+    held = layer.get_seq_length()
+    want_k = layer.past_keys.dequantize(0, layer.past_keys.num_tokens, layer.keys)
+    want_v = layer.past_values.dequantize(0, layer.past_values.num_tokens, layer.values)
+    assert keys.shape[2] == values.shape[2] == held
+    assert torch.equal(keys[:, :, : want_k.shape[2]], want_k) and torch.equal(values[:, :, : want_v.shape[2]], want_v)

@@ -69,7 +69,7 @@ def build_part(quantizer, kind, x, head_bits, sink, quantized, strided=False):
         zero.append(block.zero)
         ref[:, heads, sink:] = quantizer.dequantize(block, kind)
     groups = [quantizer.unit_group(kind, d)] * h
-    return PastPart.from_args(sink_t, data, scale, zero, list(head_bits), groups, tb), ref
+    return PastPart.from_args(sink_t, data, scale, zero, list(head_bits), groups, None, tb), ref
 
 
 def make_layer(name, dtype, key_bits, value_bits, batch=1, head_dim=32, sink=3, quantized=32, window=5,

@@ -178,13 +178,16 @@ def test_generate_with_per_unit_groups_and_16_bit_units_equal_to_dynamic():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("quantizer", list(GROUPS))
-def test_triton_kernels_read_every_class_at_its_group(quantizer, monkeypatch):
-    config = grouped_config(quantizer, fingerprint())
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_triton_kernels_read_every_class_at_its_group(quantizer, scale_bits, monkeypatch):
+    config = grouped_config(quantizer, fingerprint(), scale_bits=scale_bits)
     cache = RateQuantCache(config=MODEL, quant_config=config, attention="dequantize")
     feed(cache, [140, 1, 1])
     query = torch.randn(2, 6, 1, HEAD_DIM, generator=torch.Generator().manual_seed(3))
     for layer in cache.layers:
         args = (*layer._op_args(), layer.keys, layer.values, quantizer)
+        coded = [r.numel() > 0 for r in args[6] + args[13]]  # the ops get 8-bit scales as stored
+        assert any(coded) == (scale_bits == 8)
         want_k, want_v = torch.ops.hf_ratequant.dequantize_layer(*args)
         want_o = torch.ops.hf_ratequant.decode_attention(query, None, *args, HEAD_DIM**-0.5)
         monkeypatch.setattr(ops, "_CPU_BACKEND", {"name": "triton"})

@@ -90,6 +90,11 @@ class QuantizedBlock:
         return self.codes.shape[2]
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the block was quantized from (and dequantizes to)."""
+        return self.scale.dtype if self.ranges is None else self.ranges.dtype
+
+    @property
     def token_block(self) -> int:
         """Tokens the block can be cut at: `time_block`, or the super-block of coded scales."""
         return self.time_block if self.ranges is None else scales.super_tokens(self.time_block)
@@ -347,8 +352,7 @@ class Quantizer:
             out (`torch.Tensor`, *optional*): a tensor (or view) of that shape and dtype to write into, which saves a
                 copy when the caller assembles a larger tensor.
         """
-        q = q.expanded()  # coded 8-bit scales: decoded for this call
-        dtype = q.scale.dtype
+        dtype = q.dtype
         device = q.codes.device
         shape = torch.Size((*q.codes.shape[:3], q.head_dim))
         work = _work_dtype(device, dtype)
@@ -365,11 +369,13 @@ class Quantizer:
                 unrotated = hadamard > 0
             else:
                 unrotated = False
+                q = q.expanded()  # coded 8-bit scales: decoded for this call
                 chunks = (b, h, t // tb, tb, n_groups, d // n_groups)
                 view = x.view(chunks)
                 view.copy_(unpack(q.codes, q.bits, q.head_dim).reshape(chunks))
                 _affine_(view, q.scale[:, :, :, None, :, None], q.zero[:, :, :, None, :, None])
         else:
+            q = q.expanded()
             codes = unpack(q.codes, q.bits, q.head_dim)  # uint8 (B, H, T, D)
             g = self._to_groups(codes, kind).to(work)  # (B, H, T // tb, n_groups, group_len)
             scale, zero = q.scale.to(work)[..., None], q.zero.to(work)[..., None]

@@ -9,6 +9,12 @@
  * Layout (see packing.py): a row of D codes (D a multiple of 8) is D / 8 words of `bits` bytes, each word holding 8
  * codes little-endian, code j in bits [j * bits, (j + 1) * bits). Scales and zero-points have one row per `tb` tokens
  * of `ng` groups; group g covers channels [g * D / ng, (g + 1) * D / ng).
+ *
+ * 8-bit scales (scales.py): the scale and zero-point rows are bytes, decoded here per row of scales from their
+ * super-block's three numbers (top, low, high; float32, one triple per super-block of `sr` rows, shared by every
+ * group or one per group): scale = steps[e] * top, zero = z * ((high - low) / 255) + low, in float32 with every
+ * operation rounded apart, then rounded to the cache's dtype (float32, bfloat16 or float16, to nearest even), as
+ * scales.decode computes them.
  */
 #include <stdint.h>
 #include <string.h>
@@ -101,20 +107,112 @@ static inline void fwht_row(float *o, int64_t D, int64_t block) {
             }
 }
 
+/* Where a row's scales and zero-points come from: float32 rows (16-bit scales, converted by the caller), or byte codes
+ * with their super-blocks' numbers (8-bit scales). */
+typedef struct {
+    const void *scale, *zero; /* float32, or uint8 codes when `ranges` is set */
+    const int64_t *ss;        /* strides of scale and zero (elements) over batch, head, row */
+    const float *ranges;      /* NULL, or (B, H, rows / sr, rn, 3) float32: top, low, high */
+    const int64_t *rs;        /* strides of ranges over batch, head, super-block (elements) */
+    int64_t rn, sr;           /* triples per super-block (1: shared by every group; else ng), rows per super-block */
+    const float *steps;       /* the 256 scale steps 2^(-e / 32), float32 */
+    int dtype;                /* the cache's dtype, which decoded scales are rounded to: RQ_F32, RQ_BF16, RQ_F16 */
+} Scales;
+
+enum { RQ_F32 = 0, RQ_BF16 = 1, RQ_F16 = 2 };
+
+/* x rounded to bfloat16 (to nearest, ties to even), as a float. */
+static inline float round_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return x; /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* x rounded to float16 (to nearest, ties to even; overflow to infinity, subnormals kept), as a float. */
+static inline float round_f16(float x) {
+    uint32_t u, a, r;
+    memcpy(&u, &x, 4);
+    a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return x;     /* inf, NaN */
+    if (a >= 0x477ff000u) {             /* >= 65520: beyond the largest float16 once rounded */
+        r = 0x7f800000u;
+    } else if (a < 0x38800000u) {       /* below 2^-14: float16 subnormals, steps of 2^-24 */
+        float m;
+        memcpy(&m, &a, 4);
+        m = (m * 16777216.0f + 8388608.0f) - 8388608.0f; /* to an integer number of steps (< 2^10), ties to even */
+        m *= 5.9604644775390625e-08f;
+        memcpy(&r, &m, 4);
+    } else {                            /* normal: 13 mantissa bits dropped */
+        r = (a + 0xfffu + ((a >> 13) & 1u)) & ~0x1fffu;
+    }
+    r |= u & 0x80000000u;
+    memcpy(&x, &r, 4);
+    return x;
+}
+
+static inline float round_to(float x, int dtype) {
+    return dtype == RQ_BF16 ? round_bf16(x) : dtype == RQ_F16 ? round_f16(x) : x;
+}
+
+#define RQ_MAX_GROUPS 1024 /* groups a decoded row of 8-bit scales may hold (stack buffers) */
+
+/* Row `row` of 8-bit scales of one head decoded into sbuf / zbuf: `e`, `zc` its codes, `rg` its super-block's
+ * numbers (one triple, or one per group). */
+static inline void decode_row(const Scales *sc, const uint8_t *e, const uint8_t *zc, const float *rg, int64_t ng,
+                              float *sbuf, float *zbuf) {
+    if (sc->rn == 1) {
+        const float top = rg[0], low = rg[1], step = (rg[2] - rg[1]) / 255.0f;
+        for (int64_t g = 0; g < ng; g++) {
+            sbuf[g] = round_to(sc->steps[e[g]] * top, sc->dtype);
+            zbuf[g] = round_to((float)zc[g] * step + low, sc->dtype);
+        }
+        return;
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        const float *f = rg + 3 * g;
+        const float step = (f[2] - f[1]) / 255.0f;
+        sbuf[g] = round_to(sc->steps[e[g]] * f[0], sc->dtype);
+        zbuf[g] = round_to((float)zc[g] * step + f[1], sc->dtype);
+    }
+}
+
 static inline __attribute__((always_inline)) void rows_bits(
-    const uint8_t *codes, const uint8_t *end, const int64_t *cs, const float *scale, const float *zero,
-    const int64_t *ss, float *out, const int64_t *os, int64_t H, int64_t T, int64_t D, const int bits, int64_t tb,
-    int64_t ng, int64_t hadamard, int64_t first, int64_t last) {
+    const uint8_t *codes, const uint8_t *end, const int64_t *cs, const Scales *sc, float *out, const int64_t *os,
+    int64_t H, int64_t T, int64_t D, const int bits, int64_t tb, int64_t ng, int64_t hadamard, int64_t first,
+    int64_t last) {
     const int64_t chunk = D / ng, nwords = D / 8, words_per_group = chunk / 8;
+    const int coded = sc->ranges != NULL;
+    float sbuf[RQ_MAX_GROUPS], zbuf[RQ_MAX_GROUPS];
     for (int64_t bh = first / T; bh * T < last; bh++) {
         const int64_t b = bh / H, h = bh % H;
         const int64_t t0 = first > bh * T ? first - bh * T : 0, t1 = last < (bh + 1) * T ? last - bh * T : T;
         const uint8_t *codes_bh = codes + b * cs[0] + h * cs[1];
-        const float *scale_bh = scale + b * ss[0] + h * ss[1], *zero_bh = zero + b * ss[0] + h * ss[1];
+        const int64_t scales_bh = b * sc->ss[0] + h * sc->ss[1];
+        const float *ranges_bh = coded ? sc->ranges + b * sc->rs[0] + h * sc->rs[1] : NULL;
         float *out_bh = out + b * os[0] + h * os[1];
+        /* counters instead of a division per row: row of scales (and its place in it), super-block (and place) */
+        int64_t row = t0 / tb, in_row = t0 % tb, block = coded ? row / sc->sr : 0, in_block = coded ? row % sc->sr : 0;
+        const float *s = NULL, *z = NULL;
+        int fresh = 1;
         for (int64_t t = t0; t < t1; t++) {
+            if (fresh) {
+                const int64_t off = scales_bh + row * sc->ss[2];
+                if (coded) {
+                    decode_row(sc, (const uint8_t *)sc->scale + off, (const uint8_t *)sc->zero + off,
+                               ranges_bh + block * sc->rs[2], ng, sbuf, zbuf);
+                    s = sbuf;
+                    z = zbuf;
+                } else {
+                    s = (const float *)sc->scale + off;
+                    z = (const float *)sc->zero + off;
+                }
+                fresh = 0;
+            }
             const uint8_t *p = codes_bh + t * cs[2];
-            const float *s = scale_bh + (t / tb) * ss[2], *z = zero_bh + (t / tb) * ss[2];
             float *o = out_bh + t * os[2];
             if (chunk == 1) { /* a scale per channel (per-channel keys) */
                 for (int64_t w = 0; w < nwords; w++)
@@ -125,43 +223,60 @@ static inline __attribute__((always_inline)) void rows_bits(
                         affine8_one(spread(load_word(p + w * bits, end), bits), o + 8 * w, s[g], z[g]);
             }
             if (hadamard > 1) fwht_row(o, D, hadamard);
+            if (++in_row == tb) {
+                in_row = 0;
+                row++;
+                fresh = 1;
+                if (coded && ++in_block == sc->sr) {
+                    in_block = 0;
+                    block++;
+                }
+            }
         }
     }
 }
 
-static void rows(const uint8_t *codes, const uint8_t *end, const int64_t *cs, const float *scale,
-                 const float *zero, const int64_t *ss, float *out, const int64_t *os, int64_t H, int64_t T,
-                 int64_t D, int bits, int64_t tb, int64_t ng, int64_t hadamard, int64_t first, int64_t last) {
+static void rows(const uint8_t *codes, const uint8_t *end, const int64_t *cs, const Scales *sc, float *out,
+                 const int64_t *os, int64_t H, int64_t T, int64_t D, int bits, int64_t tb, int64_t ng,
+                 int64_t hadamard, int64_t first, int64_t last) {
     switch (bits) { /* one specialised loop per bit-width: the shifts and masks become constants */
 #define RQ_CASE(k) \
-    case k: rows_bits(codes, end, cs, scale, zero, ss, out, os, H, T, D, k, tb, ng, hadamard, first, last); break;
+    case k: rows_bits(codes, end, cs, sc, out, os, H, T, D, k, tb, ng, hadamard, first, last); break;
         RQ_CASE(1) RQ_CASE(2) RQ_CASE(3) RQ_CASE(4) RQ_CASE(5) RQ_CASE(6) RQ_CASE(7) RQ_CASE(8)
 #undef RQ_CASE
     }
 }
 
 /* codes: uint8 (B, H, T, D * bits / 8) with strides cs[0..3) (last stride 1), readable up to `end`;
- * scale, zero: float32 (B, H, T / tb, ng), strides ss[0..3); out: float32 (B, H, T, D), strides os[0..3).
+ * scale, zero: (B, H, T / tb, ng), strides ss[0..3), float32, or uint8 codes when `ranges` is not NULL: then ranges
+ * is float32 (B, H, T / (tb * sr), rn, 3) with strides rs[0..3) (its last two dimensions contiguous), rn 1 or ng,
+ * steps the 256 scale steps and dtype the cache's (RQ_F32, RQ_BF16, RQ_F16); out: float32 (B, H, T, D), strides
+ * os[0..3).
  * hadamard > 1: then every row gets the unnormalised Hadamard transform of each `hadamard` consecutive channels.
  * Rows (b, h, t) are split evenly over `threads` OpenMP threads (when compiled with OpenMP and worth it). */
-int rq_dequantize(const uint8_t *codes, const uint8_t *end, const int64_t *cs, const float *scale,
-                  const float *zero, const int64_t *ss, float *out, const int64_t *os, int64_t B, int64_t H,
-                  int64_t T, int64_t D, int bits, int64_t tb, int64_t ng, int64_t hadamard, int threads) {
+int rq_dequantize(const uint8_t *codes, const uint8_t *end, const int64_t *cs, const void *scale, const void *zero,
+                  const int64_t *ss, const float *ranges, const int64_t *rs, int64_t rn, int64_t sr,
+                  const float *steps, int dtype, float *out, const int64_t *os, int64_t B, int64_t H, int64_t T, int64_t D,
+                  int bits, int64_t tb, int64_t ng, int64_t hadamard, int threads) {
     if (bits < 1 || bits > 8 || D % 8 || ng < 1 || D % ng || (D / ng != 1 && (D / ng) % 8) || tb < 1) return 1;
     if (hadamard < 0 || (hadamard > 1 && ((hadamard & (hadamard - 1)) || D % hadamard))) return 1;
+    if (ranges != NULL && (ng > RQ_MAX_GROUPS || sr < 1 || (rn != 1 && rn != ng) || steps == NULL ||
+                           dtype < RQ_F32 || dtype > RQ_F16))
+        return 1;
     const int64_t n = B * H * T;
     if (n <= 0) return 0; /* nothing to write (and T = 0 must not be divided by) */
+    const Scales sc = {scale, zero, ss, ranges, rs, rn, sr, steps, dtype};
 #if defined(_OPENMP)
     if (threads > 1 && n * D >= (1 << 15)) {
 #pragma omp parallel num_threads(threads)
         {
             const int64_t k = omp_get_thread_num(), m = omp_get_num_threads();
-            rows(codes, end, cs, scale, zero, ss, out, os, H, T, D, bits, tb, ng, hadamard, n * k / m, n * (k + 1) / m);
+            rows(codes, end, cs, &sc, out, os, H, T, D, bits, tb, ng, hadamard, n * k / m, n * (k + 1) / m);
         }
         return 0;
     }
 #endif
     (void)threads;
-    rows(codes, end, cs, scale, zero, ss, out, os, H, T, D, bits, tb, ng, hadamard, 0, n);
+    rows(codes, end, cs, &sc, out, os, H, T, D, bits, tb, ng, hadamard, 0, n);
     return 0;
 }

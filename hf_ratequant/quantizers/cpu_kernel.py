@@ -12,7 +12,8 @@ It is compiled with the system C compiler (`$CC`, else `cc`; about 0.3 s) into
 writable), one file per source, compiler, flags and CPU, and reused from there. Without a compiler, or if compiling
 fails, a warning says so once and dequantization stays on PyTorch ops. `HF_RATEQUANT_CPU_KERNEL=0` turns the kernel
 off. Only rows whose head_dim is a multiple of 8 (and whose groups span a multiple of 8 channels, or one) go through
-it; anything else uses PyTorch ops.
+it; anything else uses PyTorch ops. 8-bit scales ([`scales`]) are read as stored: the kernel decodes each row's
+scales and zero-points from their bytes and their super-block's numbers, to the values `scales.decode` gives.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from . import scales
 
 if TYPE_CHECKING:
     from .base import QuantizedBlock
@@ -164,8 +167,9 @@ def _load():
                     lib = ctypes.CDLL(str(path))
                 fn = lib.rq_dequantize
                 p = ctypes.c_void_p
-                fn.argtypes = [p, p, p, p, p, p, p, p, *[ctypes.c_int64] * 4, ctypes.c_int, *[ctypes.c_int64] * 3,
-                               ctypes.c_int]
+                i64 = ctypes.c_int64
+                fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, p, ctypes.c_int, p, p, i64, i64, i64, i64,
+                               ctypes.c_int, i64, i64, i64, ctypes.c_int]
                 fn.restype = ctypes.c_int
                 _state["path"] = path
                 logger.info("CPU dequantization kernel ready in %.1f s: %s", time.perf_counter() - start, path)
@@ -183,8 +187,14 @@ def available() -> bool:
     return enabled() and _load() is not None
 
 
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C enum: decoded scales rounded to
+MAX_CODED_GROUPS = 1024
+"""Groups per row of scales the kernel decodes 8-bit scales for (its stack buffers); more use PyTorch ops."""
+
+
 def supports(q: QuantizedBlock, out: torch.Tensor) -> bool:
-    """Whether [`dequantize_into`] can handle `q` into `out`."""
+    """Whether [`dequantize_into`] can handle `q` into `out`: float32 output, codes in rows of whole words, groups
+    of one channel or of a multiple of 8; 8-bit scales (`q.ranges`) of a float32, bfloat16 or float16 cache."""
     d, ng = q.head_dim, q.scale.shape[-1]
     chunk = d // ng if ng and d % ng == 0 else 0
     return (
@@ -201,13 +211,28 @@ def supports(q: QuantizedBlock, out: torch.Tensor) -> bool:
         and q.codes.shape[2] % q.time_block == 0
         and q.codes.stride(-1) == 1
         and out.stride(-1) == 1
+        and (q.ranges is None or _coded_supported(q, ng))
+    )
+
+
+def _coded_supported(q: QuantizedBlock, ng: int) -> bool:
+    rows = scales.super_rows(q.time_block)
+    r = q.ranges
+    return (
+        r.dtype in _DTYPE_CODES
+        and r.device.type == "cpu"
+        and q.scale.dtype == q.zero.dtype == torch.uint8
+        and ng <= MAX_CODED_GROUPS
+        and q.scale.shape[2] % rows == 0
+        and tuple(r.shape) in (q.scale.shape[:2] + (q.scale.shape[2] // rows, n, 3) for n in {1, ng})
     )
 
 
 def dequantize_into(q: QuantizedBlock, out: torch.Tensor, hadamard: int = 0) -> bool:
     """Write `codes * scale + zero` of `q` into the float32 tensor `out` `(batch, heads, tokens, head_dim)` (a view
     of a larger tensor is fine); False, with nothing written, when the kernel is off, unavailable, or not made for
-    this layout (the caller then uses PyTorch ops).
+    this layout (the caller then uses PyTorch ops). 8-bit scales are decoded inside the kernel, row by row (the
+    values `scales.decode` gives, bit for bit).
 
     Args:
         hadamard (`int`, *optional*): if > 1, a power of two dividing head_dim: every row then also gets the
@@ -221,8 +246,15 @@ def dequantize_into(q: QuantizedBlock, out: torch.Tensor, hadamard: int = 0) -> 
     if fn is None:
         return False
     codes = q.codes
-    scale = q.scale.float()
-    zero = q.zero.float()
+    if q.ranges is None:
+        scale, zero = q.scale.float(), q.zero.float()
+        ranges, range_strides, rn, rows, steps, dtype = None, _Int64x3(0, 0, 0), 1, 1, None, 0
+    else:
+        scale, zero = q.scale, q.zero
+        ranges = q.ranges.float().contiguous()
+        range_strides, rn = _Int64x3(*ranges.stride()[:3]), ranges.shape[3]
+        rows, steps = scales.super_rows(q.time_block), scales.steps(codes.device).data_ptr()
+        dtype = _DTYPE_CODES[q.ranges.dtype]
     if scale.stride() != zero.stride() or scale.stride(-1) != 1:
         scale, zero = scale.contiguous(), zero.contiguous()
     storage = codes.untyped_storage()
@@ -230,8 +262,9 @@ def dequantize_into(q: QuantizedBlock, out: torch.Tensor, hadamard: int = 0) -> 
     b, h, t, _ = codes.shape
     status = fn(
         codes.data_ptr(), end, _Int64x3(*codes.stride()[:3]), scale.data_ptr(), zero.data_ptr(),
-        _Int64x3(*scale.stride()[:3]), out.data_ptr(), _Int64x3(*out.stride()[:3]),
-        b, h, t, q.head_dim, q.bits, q.time_block, scale.shape[-1], max(hadamard, 0), torch.get_num_threads(),
+        _Int64x3(*scale.stride()[:3]), None if ranges is None else ranges.data_ptr(), range_strides, rn, rows,
+        steps, dtype, out.data_ptr(), _Int64x3(*out.stride()[:3]), b, h, t, q.head_dim, q.bits, q.time_block,
+        scale.shape[-1], max(hadamard, 0), torch.get_num_threads(),
     )
     return status == 0  # non-zero: a layout the kernel refuses, nothing written
 

@@ -81,8 +81,8 @@ def decode(scale_codes: torch.Tensor, zero_codes: torch.Tensor, ranges: torch.Te
     b, h, r, n = scale_codes.shape
     f = ranges.float()[:, :, :, None]  # (B, H, R // rows, 1, 1 or n, 3)
     top, low, high = f[..., 0], f[..., 1], f[..., 2]
-    steps = _steps(scale_codes.device)
-    scale = (steps[scale_codes.long()].view(b, h, r // rows, rows, n) * top).view(b, h, r, n)
+    table = steps(scale_codes.device)
+    scale = (table[scale_codes.long()].view(b, h, r // rows, rows, n) * top).view(b, h, r, n)
     zero = (zero_codes.float().view(b, h, r // rows, rows, n) * ((high - low) / _CODES) + low).view(b, h, r, n)
     return scale.to(ranges.dtype), zero.to(ranges.dtype)
 
@@ -90,7 +90,7 @@ def decode(scale_codes: torch.Tensor, zero_codes: torch.Tensor, ranges: torch.Te
 _STEPS: dict[torch.device, torch.Tensor] = {}
 
 
-def _steps(device: torch.device) -> torch.Tensor:
+def steps(device: torch.device) -> torch.Tensor:
     """`2 ** (-e / 32)` for every scale code `e`, float32, on `device`."""
     if device not in _STEPS:
         _STEPS[device] = torch.exp2(torch.arange(_CODES + 1, dtype=torch.float32) * (-1.0 / SCALE_STEPS_PER_OCTAVE)
@@ -130,10 +130,10 @@ def encode(lo: torch.Tensor, hi: torch.Tensor, qmax: int, dtype: torch.dtype, ro
     top = round_outward(_reduce(need, rows, across, torch.amax), dtype, up=True)
     top_f = _spread(top.float(), rows, n)
 
-    steps = _steps(lo.device)
+    table = steps(lo.device)
 
     def scale_of(e: torch.Tensor) -> torch.Tensor:
-        return (steps[e.long()] * top_f).to(dtype).float()
+        return (table[e.long()] * top_f).to(dtype).float()
 
     ratio = torch.where(top_f > 0, need / torch.where(top_f > 0, top_f, 1.0), 1.0)
     e = torch.floor(-SCALE_STEPS_PER_OCTAVE * torch.log2(ratio.clamp_min(1e-30))).clamp_(0, _CODES)
@@ -151,4 +151,4 @@ def encode(lo: torch.Tensor, hi: torch.Tensor, qmax: int, dtype: torch.dtype, ro
 
 
 __all__ = ["RANGE_FIELDS", "SCALE_BITS", "SCALE_BLOCK_TOKENS", "SCALE_STEPS_PER_OCTAVE", "check_scale_bits",
-           "decode", "encode", "super_rows", "super_tokens"]
+           "decode", "encode", "steps", "super_rows", "super_tokens"]
