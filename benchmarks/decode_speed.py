@@ -152,21 +152,24 @@ def cache_specs(model_config, args) -> list[CacheSpec]:
 
     from hf_ratequant import RateQuantCache, RateQuantConfig
 
-    layout, r = layout_from_args(args), args.residual_length
+    r = args.residual_length
 
     def ratequant(qc: RateQuantConfig) -> Callable[[], object]:
         return lambda: RateQuantCache(config=model_config, quant_config=qc)
 
-    uniform = {b: RateQuantConfig.uniform(model_config, bits=b, layout=layout) for b in args.ratequant_bits}
-    some = uniform[args.ratequant_bits[0]]
-    kb, vb = per_head_mix(some.num_layers, some.num_kv_heads)
-    mixed = RateQuantConfig.from_bits(bits_table(kb, vb), layout, fingerprint=some.fingerprint, method="per-head-mix",
-                                      budget=2.5)
-
     specs = [CacheSpec(f"DynamicCache ({args.dtype})", "dynamic", None, lambda: DynamicCache(config=model_config))]
-    for b, qc in uniform.items():
-        specs.append(CacheSpec(f"RateQuantCache {args.quantizer} {b}-bit", "ratequant", b, ratequant(qc)))
-    specs.append(CacheSpec(f"RateQuantCache {args.quantizer} per-head 2/3 (2.5)", "ratequant", 2.5, ratequant(mixed)))
+    for scale_bits in args.scale_precisions:  # several: interleaved in one run, a paired comparison
+        layout = layout_from_args(args, scale_bits=scale_bits)
+        suffix = "" if scale_bits == 16 else f", {scale_bits}-bit scales"
+        uniform = {b: RateQuantConfig.uniform(model_config, bits=b, layout=layout) for b in args.ratequant_bits}
+        some = uniform[args.ratequant_bits[0]]
+        kb, vb = per_head_mix(some.num_layers, some.num_kv_heads)
+        mixed = RateQuantConfig.from_bits(bits_table(kb, vb), layout, fingerprint=some.fingerprint,
+                                          method="per-head-mix", budget=2.5)
+        for b, qc in uniform.items():
+            specs.append(CacheSpec(f"RateQuantCache {args.quantizer} {b}-bit{suffix}", "ratequant", b, ratequant(qc)))
+        specs.append(CacheSpec(f"RateQuantCache {args.quantizer} per-head 2/3 (2.5){suffix}", "ratequant", 2.5,
+                               ratequant(mixed)))
     for path in args.configs:
         qc = RateQuantConfig.from_pretrained(path)
         qc.check_model(model_config)  # a config made for another model is refused, naming both
@@ -524,7 +527,8 @@ def describe(args, info: dict, source: str, model_name: str) -> str:
         f"Model: {model_name}, in {args.dtype}; context from {source}; SDPA backend: {args.sdpa}.",
         f"Every cache is filled with the same prefill states, then {args.steps} greedy decode steps are timed;",
         f"median of {args.repeats} interleaved runs.",
-        f"RateQuant G={args.group_size}, R={r}, S={args.sink_length} sink tokens, {args.scale_bits}-bit scales;",
+        f"RateQuant G={args.group_size}, R={r}, S={args.sink_length} sink tokens, scales in "
+        f"{' and '.join(map(str, args.scale_precisions))} bits;",
         f"QuantizedCache q_group_size={args.qc_group_size}, residual_length={r}, no sinks (quanto axis 0/0, hqq",
         "axis 1/1).",
         "'spread' is (slowest - fastest run) / median run.",
@@ -566,9 +570,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--residual-length", type=int, default=LAYOUT.residual_length,
                    help=f"R of every quantized cache (default {LAYOUT.residual_length})")
     add_sink_length(p, "of every RateQuantCache\n(QuantizedCache has none)")
-    p.add_argument("--scale-bits", type=int, choices=[16, 8], default=LAYOUT.scale_bits,
-                   help="bits of the scales and zero-points of the uniform and mixed RateQuant caches (default "
-                   f"{LAYOUT.scale_bits})")
+    p.add_argument("--scale-bits", dest="scale_precisions", type=int, nargs="+", choices=[16, 8],
+                   default=[LAYOUT.scale_bits], help="bits of the scales and zero-points of the uniform and mixed "
+                   f"RateQuant caches (default {LAYOUT.scale_bits}; '16 8': both, timed in the same interleaved runs)")
     p.add_argument("--qc-group-size", type=int, default=32, help="QuantizedCache q_group_size (default 32)")
     p.add_argument("--text", default="pydoc", help="text for hf_ratequant.data.load_text (default pydoc)")
     p.add_argument("--profile", action="store_true", help="also profile one RateQuantCache step at the max context")

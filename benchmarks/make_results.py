@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Callable
 
@@ -149,26 +150,34 @@ def decode(d: dict) -> list[str]:
                     rows, "rlrrrrr")]
 
 
-DECODE_SCALE_RUNS = (("decode_speed_token-s16.json", 16), ("decode_speed_token-s8.json", 8))
+DECODE_SCALE_RUN = "decode_speed_token-scales.json"
+
+
+def _spread(runs: list[float]) -> float:
+    """(slowest - fastest run) / median run, as decode_speed reports it."""
+    return (max(runs) - min(runs)) / statistics.median(runs)
 
 
 def decode_scales(_: None) -> list[str]:
-    """Decoding with 8-bit scales (decoded per call) against 16-bit ones, each run against its own DynamicCache."""
+    """Decoding with 8-bit scales against 16-bit ones: both precisions' caches interleaved in one run."""
+    d = _load(DECODE_SCALE_RUN)
     rows = []
-    for name, bits in DECODE_SCALE_RUNS:
-        d = _load(name)
-        for r in d["results"]:
-            if r["available"]:
-                rows.append([f"{bits}-bit" if r["cache"].startswith("RateQuant") else "-", r["cache"],
-                             f"{r['tokens_per_s']:.1f}", f"{r['ms_per_token']:.1f}", _f(r["kv_mib"], ".1f"),
-                             f"{r['vs_dynamic']:.2f}x"])
-    a = _load(DECODE_SCALE_RUNS[0][0])["args"]
-    return [f"SmolLM2, the token design, greedy decoding after a {a['contexts'][0]}-token context, {a['steps']} steps "
-            f"timed, median of {a['repeats']} interleaved runs, {a['dtype']} on the CPU; one run per scale precision, "
-            "each with its own `DynamicCache` row (" + ", ".join(f"`results/{name}`" for name, _ in DECODE_SCALE_RUNS)
-            + "). With 8-bit scales the cache decodes every class's scales and zero-points for each step before the "
-            "kernel reads them.", "",
-            *_table(["scales", "cache", "tokens/s", "ms/token", "KV MiB", "vs DynamicCache"], rows, "llrrrr")]
+    for r in d["results"]:
+        if r["available"]:
+            scales = "-" if not r["cache"].startswith("RateQuant") else "8-bit" if "8-bit scales" in r["cache"] else \
+                "16-bit"
+            rows.append([scales, r["cache"].removesuffix(", 8-bit scales"), f"{r['tokens_per_s']:.1f}",
+                         f"{r['ms_per_token']:.1f}", f"{_spread(r['run_s']):.0%}", _f(r["kv_mib"], ".1f"),
+                         f"{r['vs_dynamic']:.2f}x"])
+    a = d["args"]
+    return [f"`python benchmarks/decode_speed.py --contexts {a['contexts'][0]} --backends --quantizer token "
+            f"--scale-bits 16 8 --tag token-scales` -> `results/{DECODE_SCALE_RUN}` ({machine_line(d['machine'])}). "
+            f"SmolLM2, greedy decoding after a {a['contexts'][0]}-token context, {a['steps']} steps timed, median "
+            f"of {a['repeats']} interleaved runs of every cache (both scale precisions in the same runs), "
+            f"{a['dtype']} on the CPU ('spread': slowest minus fastest run over the median run). With 8-bit scales "
+            "the CPU kernel reads the stored bytes and decodes each row's scales and zero-points itself.", "",
+            *_table(["scales", "cache", "tokens/s", "ms/token", "spread", "KV MiB", "vs DynamicCache"], rows,
+                    "llrrrrr")]
 
 
 DECODE_MODEL_RUNS = ("decode_speed_gemma3-270m.json", "decode_speed_qwen2.5-coder-0.5b.json")
@@ -628,8 +637,7 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      field),
     ("Memory", "memory.json", "python benchmarks/memory.py", memory),
     ("Decode speed on the CPU", "decode_speed.json", "python benchmarks/decode_speed.py", decode),
-    ("Decode speed with 8-bit scales (CPU)", None, "python benchmarks/decode_speed.py --contexts 4096 --backends "
-     "--quantizer token --scale-bits 16|8 --tag token-s16|token-s8", decode_scales),
+    ("Decode speed with 8-bit scales (CPU)", None, "", decode_scales),
     ("Long contexts on the CPU", "long_context.json", "python benchmarks/long_context.py", long_context),
     ("Decode speed of the real models' calibrated caches (CPU, 4k tokens)", None, "", decode_models),
     ("Passkey retrieval on the real models", None, "", passkey_models),
@@ -717,7 +725,7 @@ def cited_files() -> set[str]:
     names = {f for _, f, _, _ in SECTIONS if f}
     names |= set(CALIBRATION_SPEED_RUNS)
     names |= set(DOMAIN_RUNS) | set(GRID_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS) | set(DECODE_MODEL_RUNS)
-    names |= {name for name, _ in DECODE_SCALE_RUNS}
+    names.add(DECODE_SCALE_RUN)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= set(PASSKEY_MODEL_RUNS)  # `hf-ratequant eval --json` rows: no markdown beside them
     names |= {"field_frontier.png", "memory.png", "byte_frontier.png"}

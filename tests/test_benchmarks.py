@@ -205,6 +205,14 @@ def test_fixed_caches_have_the_calibrated_sinks(bench_modules, name):
         assert cache.quant_config.layout == LAYOUT
 
 
+def test_decode_speed_times_both_scale_precisions_in_one_run(bench_modules):
+    module = bench_modules("decode_speed")
+    specs = module.cache_specs(_tiny_config(), module.parse_args(["--backends", "--scale-bits", "16", "8"]))
+    precisions = {s.name: s.make().quant_config.scale_bits for s in specs if s.family == "ratequant"}
+    assert sorted(precisions.values()) == [8] * 3 + [16] * 3  # uniform 4 and 2 bits and the mix, per precision
+    assert all(name.endswith("8-bit scales") == (bits == 8) for name, bits in precisions.items())
+
+
 def test_memory_breakdown_counts_the_sinks(bench_modules):
     memory = bench_modules("memory")
     gen = torch.Generator().manual_seed(0)
