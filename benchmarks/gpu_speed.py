@@ -1006,12 +1006,12 @@ class Bench:
         query = torch.randn(batch, self.q_heads, 1, self.head_dim, dtype=self.dtype, device=self.device)
         scaling = self.head_dim**-0.5
         rotated = bool(getattr(layer.quantizer, "rotates", False))
-        quantizer, group = layer.quantizer.name, layer.group_size
+        quantizer = layer.quantizer.name
         window = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         parts = layer.past_parts() if hasattr(layer, "past_parts") else None
 
         def part_bytes(p) -> int:
-            return sum(t.numel() * t.element_size() for t in (p.sink, *p.data, *p.scale, *p.zero))
+            return sum(t.numel() * t.element_size() for t in (p.sink, *p.data, *p.scale, *p.zero, *p.ranges))
 
         packed = part_bytes(parts[0]) + part_bytes(parts[1]) + window if parts is not None else layer.nbytes
         # DynamicCache's layer for the same tokens: sdpa over the 16-bit past, GQA in the kernel.
@@ -1064,15 +1064,17 @@ class Bench:
             # No Triton module (or the CPU): the op the model calls, whatever implements it here.
             def op():
                 return torch.ops.hf_ratequant.decode_attention(
-                    query, None, *ops.part_args(k_part, layer.key_bits), *ops.part_args(v_part, layer.value_bits),
-                    layer.keys, layer.values, quantizer, group, scaling)
+                    query, None, *ops.part_args(k_part, layer.key_bits, layer.past_keys.groups),
+                    *ops.part_args(v_part, layer.value_bits, layer.past_values.groups), layer.keys, layer.values,
+                    quantizer, scaling)
 
             why = kernel_error or "the Triton kernel runs on CUDA (or under TRITON_INTERPRET=1)"
             row_for("op hf_ratequant::decode_attention", impl, op, packed, f"; triton_kernels: {why}")
 
         def dequantize_then_sdpa():
             keys, values = ops.dequantize_layer(k_part, v_part, layer.keys, layer.values, layer.key_bits,
-                                                layer.value_bits, quantizer, group)
+                                                layer.value_bits, layer.past_keys.groups, layer.past_values.groups,
+                                                quantizer)
             return sdpa(query, keys, values, scale=scaling, enable_gqa=True)
 
         impl, _ = self.kernel_impl("dequantize_layer")
