@@ -224,7 +224,9 @@ def test_bad_arguments_fail_before_the_model_loads(no_model, capsys, tmp_path, l
     start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    assert time.perf_counter() - start < 1.0
+    # Seconds, not the minutes a model takes (`no_model` refuses to load one): 3 s leaves room for the lm-eval
+    # import on a loaded 2-core machine (it took 1.004 s once beside a benchmark).
+    assert time.perf_counter() - start < 3.0
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"hf-ratequant {argv[0]}: error:" in err
