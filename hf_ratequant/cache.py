@@ -8,8 +8,8 @@ R + G - 1 tokens once the sequence is longer than R; a layer whose keys are grou
 keys at 64 or 128) releases them in whole groups of its largest (`flush_block`), after the sinks have been filled,
 and its window holds R to R + flush_block - 1. With 8-bit scales (`RateQuantConfig.scale_bits = 8`) every group's
 scale and zero-point are stored in one byte each, relative to three numbers per super-block of 32 tokens
-([`quantizers.scales`]; tokens then leave the window in whole super-blocks); the CPU kernel reads those bytes and
-decodes each row's scales itself, the Triton kernels get them decoded for each call that reads the past.
+([`quantizers.scales`]; tokens then leave the window in whole super-blocks); the kernels (the CPU kernel and the
+Triton ones) read those bytes and decode each row's scales themselves.
 
 Non-finite states: keys or values containing inf or NaN are refused when they would be quantized, with a
 [`NonFiniteError`] (a `ValueError`) naming the layer, keys or values, the kv-heads and the token positions (an inf or

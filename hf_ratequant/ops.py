@@ -103,19 +103,6 @@ class PastPart(NamedTuple):
         return QuantizedBlock(self.data[c], self.scale[c], self.zero[c], self.bits[c], head_dim,
                               self.time_blocks[c], ranges)
 
-    def expanded(self) -> PastPart:
-        """This part with every class's scales in the model's dtype (8-bit ones decoded): what the Triton kernels
-        read."""
-        if not any(r.numel() for r in self.ranges):
-            return self
-        d = self.sink.shape[-1]
-        scale, zero, ranges = list(self.scale), list(self.zero), list(self.ranges)
-        for c, r in enumerate(self.ranges):
-            if r.numel():
-                block = self.block(c, d).expanded()
-                scale[c], zero[c], ranges[c] = block.scale, block.zero, r.new_empty(0)
-        return self._replace(scale=scale, zero=zero, ranges=ranges)
-
 
 @functools.lru_cache(maxsize=4096)
 def _layout(head_bits: tuple[int, ...], head_groups: tuple[int, ...]) -> tuple[tuple, tuple, tuple]:
@@ -321,8 +308,7 @@ def _dequantize_layer_triton(*args):
 
     k_window, v_window, quantizer = args[2 * _N_PAST :]
     rotates, k, v = _parts(quantizer, args[:_N_PAST], args[_N_PAST : 2 * _N_PAST])
-    # The Triton kernels read scales in the model's dtype: 8-bit ones are decoded for this call.
-    return triton_kernels.dequantize_layer(k.expanded(), v.expanded(), k_window, v_window, rotated=rotates)
+    return triton_kernels.dequantize_layer(k, v, k_window, v_window, rotated=rotates)
 
 
 def _dequantize_layer_cuda(*args):
@@ -344,8 +330,7 @@ def _decode_attention_triton(query, mask, *args):
     *past, scaling = args
     k_window, v_window, quantizer = past[2 * _N_PAST :]
     rotates, k, v = _parts(quantizer, past[:_N_PAST], past[_N_PAST : 2 * _N_PAST])
-    return triton_kernels.decode_attention(query, mask, k.expanded(), v.expanded(), k_window, v_window, scaling,
-                                           rotated=rotates)
+    return triton_kernels.decode_attention(query, mask, k, v, k_window, v_window, scaling, rotated=rotates)
 
 
 def _decode_attention_cuda(*args):

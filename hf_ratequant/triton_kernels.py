@@ -6,7 +6,8 @@ strides, bit-width, row bytes, grouping — and the kernels read each head's lay
 
 - [`dequantize_layer`]: `[sink | dequantized past | window]` of keys and values, `(batch, heads, tokens, head_dim)`
   each; bit for bit `Quantizer.dequantize` for kivi and token (float32 math, `code * scale` then `+ zero`, rounded
-  once to the model's dtype); for rotated the dequantized rows are multiplied by the +-1 Hadamard matrix.
+  once to the model's dtype; 8-bit scales decoded from their bytes in the kernel, as `scales.decode` does); for
+  rotated the dequantized rows are multiplied by the +-1 Hadamard matrix.
 - [`decode_attention`]: flash-decoding split-K over the packed codes. Every program reads one kv-head's codes once for
   all the query heads of its group and all query tokens, keeps an online softmax in float32 and writes partial
   `(max, sum, accumulator)` rows; a second kernel combines them. For rotated designs the quantized splits use the
@@ -66,7 +67,15 @@ _F_TQ = tl.constexpr(20)  # quantized tokens Tq
 _F_W = tl.constexpr(21)  # window tokens W
 _F_OUT = tl.constexpr(22)  # dequantize_layer: output (B, H, S + Tq + W, D), contiguous; 0 for attention
 _F_OUT_SB = tl.constexpr(23)
-_NF = tl.constexpr(24)
+# 8-bit scales (quantizers.scales): _F_SCALE / _F_ZERO then point to uint8 codes, decoded from their super-block's
+# numbers (top, low, high in the model's dtype) with the 256 scale steps (float32), as scales.decode computes them.
+_F_RANGES = tl.constexpr(24)  # super-blocks (model dtype), (B, Hc, Tq // super_tokens, 1 or G, 3); 0: 16-bit scales
+_F_RANGES_SB = tl.constexpr(25)
+_F_RANGES_ST = tl.constexpr(26)  # stride of one super-block
+_F_RANGES_GS = tl.constexpr(27)  # stride of one group's triple: 3, or 0 where one triple serves every group
+_F_SUPER_ROWS = tl.constexpr(28)  # rows of scales per super-block
+_F_STEPS = tl.constexpr(29)  # the 256 scale steps 2^(-e / 32), float32
+_NF = tl.constexpr(30)
 
 
 # ---- shared device helpers -----------------------------------------------------------------------------------------
@@ -119,24 +128,62 @@ def _quantized_tile(tab, row, b, t, t_ok, ONE_GROUP: tl.constexpr, ALIGN: tl.con
         hi = tl.gather(packed, tl.minimum(byte + 1, D - 1), 1)  # the next byte (0 past the row)
         code = ((lo | (hi << 8)) >> (first & 7)[None, :]) & ((1 << bits) - 1)
         block = (t // tl.load(f + _F_TIME_BLOCK).to(tl.int32)).to(tl.int64)  # (BLOCK,) row of scales
-        scale = tl.load(f + _F_SCALE).to(tl.pointer_type(DTYPE))
-        zero = tl.load(f + _F_ZERO).to(tl.pointer_type(DTYPE))
-        scale, s_rows = _aligned(scale, b * tl.load(f + _F_SCALE_SB) + block * tl.load(f + _F_SCALE_ST), ALIGN)
-        zero, z_rows = _aligned(zero, b * tl.load(f + _F_ZERO_SB) + block * tl.load(f + _F_ZERO_ST), ALIGN)
-        if ONE_GROUP:
-            sc = tl.load(scale + s_rows, mask=t_ok, other=0.0).to(tl.float32)[:, None]
-            zr = tl.load(zero + z_rows, mask=t_ok, other=0.0).to(tl.float32)[:, None]
-        else:  # (BLOCK, n_groups) scales in the first columns, then each channel's group picked out
+        ranges = tl.load(f + _F_RANGES)
+        if ranges != 0:  # 8-bit scales: byte codes and their super-blocks' numbers
+            sc, zr = _coded_scales(f, b, block, t_ok, ranges, cols, ONE_GROUP, D, DTYPE)
+        else:
+            scale = tl.load(f + _F_SCALE).to(tl.pointer_type(DTYPE))
+            zero = tl.load(f + _F_ZERO).to(tl.pointer_type(DTYPE))
+            scale, s_rows = _aligned(scale, b * tl.load(f + _F_SCALE_SB) + block * tl.load(f + _F_SCALE_ST), ALIGN)
+            zero, z_rows = _aligned(zero, b * tl.load(f + _F_ZERO_SB) + block * tl.load(f + _F_ZERO_ST), ALIGN)
+            if ONE_GROUP:
+                sc = tl.load(scale + s_rows, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+                zr = tl.load(zero + z_rows, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+            else:  # (BLOCK, n_groups) scales in the first columns
+                group_len = tl.load(f + _F_GROUP_LEN).to(tl.int32)
+                ok = t_ok[:, None] & (cols < D // group_len)[None, :]
+                sc = tl.load(scale + s_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                zr = tl.load(zero + z_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if not ONE_GROUP:  # each channel's group picked out of the first columns
             group_len = tl.load(f + _F_GROUP_LEN).to(tl.int32)
-            ok = t_ok[:, None] & (cols < D // group_len)[None, :]
-            sc = tl.load(scale + s_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            zr = tl.load(zero + z_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             if group_len > 1:
                 group = tl.broadcast_to((cols // group_len)[None, :], packed.shape)
                 sc = tl.gather(sc, group, 1)
                 zr = tl.gather(zr, group, 1)
         x = _to_dtype(code.to(tl.float32) * sc + zr, DTYPE)
     return x
+
+
+@triton.jit
+def _coded_scales(f, b, block, t_ok, ranges, cols, ONE_GROUP: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr):
+    """float32 scales and zero-points of the rows of scales `block` `(BLOCK,)` from 8-bit codes: `(BLOCK, 1)` each
+    (`ONE_GROUP`), else `(BLOCK, D)` with the n_groups values in the first columns. `scale = steps[e] * top`,
+    `zero = z * ((high - low) / 255) + low`, each operation rounded apart in float32 and the result rounded to the
+    model's dtype, as `scales.decode` computes them (the launch turns off fused multiply-adds)."""
+    codes_e = tl.load(f + _F_SCALE).to(tl.pointer_type(tl.uint8))
+    codes_z = tl.load(f + _F_ZERO).to(tl.pointer_type(tl.uint8))
+    steps = tl.load(f + _F_STEPS).to(tl.pointer_type(tl.float32))
+    numbers = ranges.to(tl.pointer_type(DTYPE))
+    s_rows = b * tl.load(f + _F_SCALE_SB) + block * tl.load(f + _F_SCALE_ST)
+    z_rows = b * tl.load(f + _F_ZERO_SB) + block * tl.load(f + _F_ZERO_ST)
+    r_rows = b * tl.load(f + _F_RANGES_SB) + (block // tl.load(f + _F_SUPER_ROWS)) * tl.load(f + _F_RANGES_ST)
+    if ONE_GROUP:
+        e = tl.load(codes_e + s_rows, mask=t_ok, other=0).to(tl.int32)[:, None]
+        z = tl.load(codes_z + z_rows, mask=t_ok, other=0).to(tl.float32)[:, None]
+        triple = (r_rows)[:, None]
+        ok = t_ok[:, None]
+    else:
+        group_len = tl.load(f + _F_GROUP_LEN).to(tl.int32)
+        ok = t_ok[:, None] & (cols < D // group_len)[None, :]
+        e = tl.load(codes_e + s_rows[:, None] + cols[None, :], mask=ok, other=0).to(tl.int32)
+        z = tl.load(codes_z + z_rows[:, None] + cols[None, :], mask=ok, other=0).to(tl.float32)
+        triple = r_rows[:, None] + (cols * tl.load(f + _F_RANGES_GS))[None, :]
+    top = tl.load(numbers + triple, mask=ok, other=0.0).to(tl.float32)
+    low = tl.load(numbers + triple + 1, mask=ok, other=0.0).to(tl.float32)
+    high = tl.load(numbers + triple + 2, mask=ok, other=0.0).to(tl.float32)
+    sc = (tl.load(steps + e, mask=ok, other=0.0) * top).to(DTYPE).to(tl.float32)
+    zr = (z * tl.math.div_rn(high - low, 255.0) + low).to(DTYPE).to(tl.float32)
+    return sc, zr
 
 
 @triton.jit
@@ -431,7 +478,7 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
     window = _last_contiguous(window)
     keep += [sink, window]
     rowed += [sink, window] + ([out] if out is not None else [])
-    tensors = [sink, *part.data, *part.scale, *part.zero]
+    tensors = [sink, *part.data, *part.scale, *part.zero, *part.ranges]
     if any(t.device != window.device for t in tensors):
         raise ValueError(f"every tensor of the past must be on the window's device {window.device}.")
     s, tq = sink.shape[2], part.num_quantized
@@ -441,9 +488,9 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
     if len(part.head_class) != h or len(part.head_local) != h:
         raise ValueError(f"head_class / head_local describe {len(part.head_class)} heads, the window has {h}.")
     n_classes = len(part.bits)
-    if not len(part.data) == len(part.scale) == len(part.zero) == n_classes:
-        raise ValueError(f"{n_classes} bit classes but {len(part.data)} / {len(part.scale)} / {len(part.zero)} "
-                         "data / scale / zero tensors.")
+    if not len(part.data) == len(part.scale) == len(part.zero) == len(part.ranges) == n_classes:
+        raise ValueError(f"{n_classes} bit classes but {len(part.data)} / {len(part.scale)} / {len(part.zero)} / "
+                         f"{len(part.ranges)} data / scale / zero / ranges tensors.")
     if any(not 0 <= c < n_classes or not 0 <= i < part.data[c].shape[1]
            for c, i in zip(part.head_class, part.head_local)):
         raise ValueError(f"head_class {part.head_class} / head_local {part.head_local} point outside the classes.")
@@ -451,7 +498,8 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
         raise ValueError(f"{tq} quantized tokens are not a multiple of every class's time_block "
                          f"{part.time_blocks} (or the classes and time blocks disagree in number).")
     classes = []
-    for data, scale, zero, bits, tb in zip(part.data, part.scale, part.zero, part.bits, part.time_blocks):
+    for data, scale, zero, ranges, bits, tb in zip(part.data, part.scale, part.zero, part.ranges, part.bits,
+                                                   part.time_blocks):
         if data.dim() != 4 or data.shape[0] != b or data.shape[2] != tq:
             raise ValueError(f"a class of {bits} bits holds {tuple(data.shape)}: expected ({b}, heads, {tq}, ...).")
         data = _last_contiguous(data)
@@ -461,7 +509,7 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
                 raise ValueError(f"16-bit states {tuple(data.shape)} {data.dtype}: expected head_dim {d}, {dtype}.")
             rowed.append(data)
             classes.append((data.data_ptr(), data.stride(), data.stride(0), data.stride(2), *(0,) * 8, bits, 0, d,
-                            tb))
+                            tb, (0,) * 7))
             continue
         n_groups = scale.shape[-1] if scale.dim() == 4 else 0
         row_bytes = -(-d * bits // 8)
@@ -472,20 +520,25 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
         if n_groups < 1 or d % n_groups or tuple(scale.shape) != shape or tuple(zero.shape) != shape:
             raise ValueError(f"scales {tuple(scale.shape)} / zero-points {tuple(zero.shape)} of a {bits}-bit class: "
                              f"expected {shape} with n_groups dividing head_dim {d}.")
-        if scale.dtype != dtype or zero.dtype != dtype:
-            raise ValueError(f"scales and zero-points must be in the model's dtype {dtype}.")
         scale, zero = _last_contiguous(scale), _last_contiguous(zero)
+        coded = _coded_fields(scale, zero, ranges, shape, tb, dtype, keep)
+        if coded is None:
+            if scale.dtype != dtype or zero.dtype != dtype:
+                raise ValueError(f"scales and zero-points must be in the model's dtype {dtype}.")
+            rowed += [scale, zero]
+            coded = (0,) * 7
         keep += [scale, zero]
-        rowed += [data, scale, zero]
+        rowed.append(data)
         classes.append((data.data_ptr(), data.stride(), data.stride(0), data.stride(2), scale.data_ptr(),
-                        scale.stride(1) * esize, scale.stride(0), scale.stride(2), zero.data_ptr(),
-                        zero.stride(1) * esize, zero.stride(0), zero.stride(2), bits, row_bytes, d // n_groups,
-                        tb))
+                        scale.stride(1) * scale.element_size(), scale.stride(0), scale.stride(2), zero.data_ptr(),
+                        zero.stride(1) * zero.element_size(), zero.stride(0), zero.stride(2), bits, row_bytes,
+                        d // n_groups, tb, coded))
     out_ptr, out_sb = (out.data_ptr(), out.stride(0)) if out is not None else (0, 0)
     rows = []
     for head, (c, local) in enumerate(zip(part.head_class, part.head_local)):
-        ptr, strides, sb, st, sc, sc_h, sc_b, sc_t, zr, zr_h, zr_b, zr_t, bits, row_bytes, glen, tb = classes[c]
+        ptr, strides, sb, st, sc, sc_h, sc_b, sc_t, zr, zr_h, zr_b, zr_t, bits, row_bytes, glen, tb, coded = classes[c]
         dsize = esize if bits == KEEP_BITS else 1
+        ranges_ptr, ranges_h, *ranges_rest = coded
         rows.append([
             ptr + local * strides[1] * dsize, sb, st, sc + local * sc_h, sc_b, sc_t, zr + local * zr_h, zr_b, zr_t,
             bits, row_bytes, tb, glen,
@@ -493,8 +546,34 @@ def _part_rows(part: PastPart, window: torch.Tensor, out: torch.Tensor | None, k
             window.data_ptr() + head * window.stride(1) * esize, window.stride(0), window.stride(2),
             s, tq, w,
             out_ptr + head * (out.stride(1) * esize if out is not None else 0), out_sb,
+            ranges_ptr + local * ranges_h if ranges_ptr else 0, *ranges_rest,
         ])
     return rows
+
+
+def _coded_fields(scale: torch.Tensor, zero: torch.Tensor, ranges: torch.Tensor, shape: tuple, time_block: int,
+                  dtype: torch.dtype, keep: list) -> tuple | None:
+    """What the table needs of a class's 8-bit scales: `(ranges pointer, its head stride in bytes, then the fields
+    _F_RANGES_SB .. _F_STEPS)`; None for 16-bit scales (an empty `ranges`). The tensors they point into go to
+    `keep`; the codes and numbers are not rows the kernels move as vectors (not in `rowed`)."""
+    if not ranges.numel():
+        return None
+    from .quantizers import scales
+
+    rows = scales.super_rows(time_block)
+    n_groups = shape[3]
+    if scale.dtype != torch.uint8 or zero.dtype != torch.uint8 or ranges.dtype != dtype:
+        raise ValueError(f"8-bit scales: uint8 codes and super-block numbers in the model's dtype {dtype}, got "
+                         f"{scale.dtype} / {zero.dtype} / {ranges.dtype}.")
+    if shape[2] % rows or tuple(ranges.shape) not in {shape[:2] + (shape[2] // rows, n, 3) for n in (1, n_groups)}:
+        raise ValueError(f"super-block numbers {tuple(ranges.shape)} do not match scales {shape} "
+                         f"({rows} rows per super-block).")
+    ranges = ranges if ranges.stride(-1) == 1 and ranges.stride(-2) == 3 else ranges.contiguous()
+    steps = scales.steps(ranges.device)
+    keep += [ranges, steps]
+    group_stride = 3 if ranges.shape[3] > 1 else 0
+    return (ranges.data_ptr(), ranges.stride(1) * ranges.element_size(), ranges.stride(0), ranges.stride(2),
+            group_stride, rows, steps.data_ptr())
 
 
 def _alignment(tensors: list[torch.Tensor]) -> int:

@@ -39,43 +39,47 @@ def build_part(quantizer, kind, x, head_bits, sink, quantized, strided=False):
     `strided`: every class is a slice along tokens (and the sink along heads) of a bigger tensor."""
     b, h, _, d = x.shape
     tb = quantizer.time_block(kind)
+    extra_tokens = quantizer.token_block(kind)  # what a strided class quantizes beyond its tokens
     past = x[:, :, sink : sink + quantized]
     ref = torch.empty(b, h, sink + quantized, d, dtype=x.dtype, device=x.device)
     ref[:, :, :sink] = x[:, :, :sink]
     sink_t = x[:, :, :sink]
     if strided:
         sink_t = torch.cat([x[:, :, :sink], x[:, :, :sink]], dim=1)[:, :h]  # a view into a bigger tensor
-    data, scale, zero = [], [], []
+    data, scale, zero, ranges = [], [], [], []
     for bits in sorted(set(head_bits)):
         heads = [i for i, hb in enumerate(head_bits) if hb == bits]
         part = past[:, heads]
-        extra = tb if strided else 0
+        extra = extra_tokens if strided else 0
         if extra:  # quantize more tokens than used, then slice: strided class tensors
             part = torch.cat([part, states((b, len(heads), extra, d), x.dtype, seed=99)], dim=2)
         if bits == KEEP_BITS:
             data.append(part[:, :, :quantized])
             scale.append(x.new_empty(0))
             zero.append(x.new_empty(0))
+            ranges.append(x.new_empty(0))
             ref[:, heads, sink:] = part[:, :, :quantized]
             continue
         if part.shape[2] == 0:  # nothing quantized yet: empty tensors, as the cache passes them
             data.append(torch.empty(b, len(heads), 0, packed_size(d, bits), dtype=torch.uint8, device=x.device))
             scale.append(x.new_empty(b, len(heads), 0, 1))
             zero.append(x.new_empty(b, len(heads), 0, 1))
+            ranges.append(x.new_empty(0))
             continue
         block = quantizer.quantize(part, bits, kind).tokens(0, quantized)
         data.append(block.codes)
         scale.append(block.scale)
         zero.append(block.zero)
+        ranges.append(block.ranges if block.ranges is not None else x.new_empty(0))
         ref[:, heads, sink:] = quantizer.dequantize(block, kind)
     groups = [quantizer.unit_group(kind, d)] * h
-    return PastPart.from_args(sink_t, data, scale, zero, list(head_bits), groups, None, tb), ref
+    return PastPart.from_args(sink_t, data, scale, zero, list(head_bits), groups, ranges, tb), ref
 
 
 def make_layer(name, dtype, key_bits, value_bits, batch=1, head_dim=32, sink=3, quantized=32, window=5,
-               group_size=16, strided=False, seed=0):
+               group_size=16, strided=False, seed=0, scale_bits=16):
     """`(quantizer, k, v, k_window, v_window, keys, values)`: the parts and the full reference keys and values."""
-    q = get_quantizer(name, group_size)
+    q = get_quantizer(name, group_size, scale_bits)
     h = len(key_bits)
     out = []
     for kind, bits, s in (("key", key_bits, seed), ("value", value_bits, seed + 1)):
@@ -119,6 +123,34 @@ def test_triton_dequantize_layer_is_bit_exact(name, dtype, key_bits, value_bits,
     assert got_k.dtype == dtype and got_k.shape == keys.shape and got_v.shape == values.shape
     assert torch.equal(got_k, keys)
     assert torch.equal(got_v, values)
+
+
+SCALE_CASES = [
+    # name, dtype, key_bits, value_bits, head_dim, group_size, quantized, strided: 8-bit scales
+    ("kivi", torch.float32, [2, 3, 16, 2], [4, 2, 2, 8], 64, 32, 64, False),  # per-channel keys, one triple
+    ("kivi", torch.float16, [1, 5, 4], [16, 3, 2], 32, 16, 32, True),
+    ("token", torch.float32, [1, 2, 3, 16], [8, 4, 16, 2], 64, 16, 64, False),  # 4 groups, a triple each
+    ("token", torch.float16, [2, 3], [4, 2], 128, 32, 32, True),
+    ("token", torch.float32, [3, 2], [2, 3], 32, 32, 0, False),  # nothing quantized yet
+]
+
+
+@pytest.mark.parametrize("name,dtype,key_bits,value_bits,head_dim,group_size,quantized,strided", SCALE_CASES)
+def test_triton_kernels_read_8_bit_scales_bit_exact(name, dtype, key_bits, value_bits, head_dim, group_size,
+                                                     quantized, strided):
+    """With 8-bit scales the kernels read the byte codes and the super-blocks' numbers and decode them as
+    `scales.decode` does: dequantization equal to `Quantizer.dequantize` bit for bit, attention to sdpa over it."""
+    q, k, v, kw, vw, keys, values = make_layer(name, dtype, key_bits, value_bits, 2, head_dim, 2, quantized, 3,
+                                               group_size=group_size, strided=strided, scale_bits=8)
+    coded = [r.numel() > 0 for r in k.ranges + v.ranges]
+    assert any(coded) == (quantized > 0)
+    got_k, got_v = triton_kernels.dequantize_layer(k, v, kw, vw, rotated=False)
+    assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    query = states((2, len(key_bits) * 2, 1, head_dim), dtype, seed=7)
+    got = triton_kernels.decode_attention(query, None, k, v, kw, vw, head_dim**-0.5, rotated=False, num_splits=2)
+    want = reference_attention(query, None, keys, values, head_dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert rel_err(got, want) < tol
 
 
 @pytest.mark.parametrize("dtype,head_dim,strided", [(torch.float32, 64, False), (torch.float32, 16, True),
