@@ -350,7 +350,7 @@ GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-2
              "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
              "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json",
              "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json",
-             "ratequant_quality_qwen2.5-coder-0.5b_token-3-3.5.json")
+             "ratequant_quality_qwen2.5-coder-0.5b_token-3-3.5.json", "ratequant_quality_gemma3-270m_token-3-3.5.json")
 MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
 
 
@@ -655,6 +655,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Gemma 3 270M: the token design", "ratequant_quality_gemma3-270m_token.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers token --budgets 2.5 --calib-data pydoc "
      "--eval-data pydoc --save-configs DIR --tag gemma3-270m_token", quality),
+    ("Gemma 3 270M: the token design at 3 and 3.5 bits", "ratequant_quality_gemma3-270m_token-3-3.5.json",
+     "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers token --budgets 3 3.5 --calib-data "
+     "pydoc --eval-data pydoc --save-configs DIR --tag gemma3-270m_token-3-3.5", quality),
     ("Gemma 3 270M: the rotated design", "ratequant_quality_gemma3-270m_rotated.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers rotated --budgets 2.5 --calib-data "
      "pydoc --eval-data pydoc --save-configs '' --tag gemma3-270m_rotated", quality),
