@@ -271,6 +271,10 @@ DOMAIN_CELLS = (  # (file, design, bits): the runs of one cell, in-domain and ac
     ("ratequant_quality_gemma3-270m_rotated-3_pydoc-to-bbc.json", "rotated", 3.0),
     ("ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json", "rotated", 3.0),
     ("ratequant_quality_qwen2.5-coder-0.5b_rotated-3_pydoc-to-bbc.json", "rotated", 3.0),
+    ("ratequant_quality_shared-prefix.json", "token", 3.0),
+    ("ratequant_quality_token-3_pydoc-to-bbc.json", "token", 3.0),
+    ("ratequant_quality_qwen2.5-coder-0.5b_token-3-3.5.json", "token", 3.0),
+    ("ratequant_quality_qwen2.5-coder-0.5b_token-3_pydoc-to-bbc.json", "token", 3.0),
 )
 DOMAIN_RUNS = tuple(dict.fromkeys(name for name, _, _ in DOMAIN_CELLS))
 
@@ -325,7 +329,7 @@ def domains(_: None) -> list[str]:
                          f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}",
                          f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}",
                          _ratio(r, d), f"`{name}`"])
-    return ["kivi at 2.5 bits (and kivi and rotated at 3), calibrated with the library's defaults on the "
+    return ["kivi at 2.5 bits (and kivi, rotated and token at 3), calibrated with the library's defaults on the "
             "calibration half of one text and "
             "evaluated through the real cache on the held-out half of each (8 windows of 1024 tokens; the fixed "
             "splits with the same G, R and S = 32). Python docs: `pydoc_data.topics`; BBC News: 2004-05 articles "
