@@ -91,14 +91,15 @@ def test_kernel_writes_head_slices_into_a_view(monkeypatch):
         assert (out[untouched] == 7.0).all()
 
 
+# What the random-shape tests draw besides their own sizes: design, kind, bit-width, batch and heads.
+LAYOUTS = dict(name=st.sampled_from(available_quantizers()), kind=st.sampled_from(["key", "value"]),
+               bits=st.integers(1, 8), batch=st.integers(1, 3), heads=st.integers(1, 4))
+
+
 @pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
 @settings(max_examples=40, deadline=None)
 @given(
-    name=st.sampled_from(available_quantizers()),
-    kind=st.sampled_from(["key", "value"]),
-    bits=st.integers(1, 8),
-    batch=st.integers(1, 3),
-    heads=st.integers(1, 4),
+    **LAYOUTS,
     blocks=st.integers(0, 5),
     head_dim=st.sampled_from([8, 16, 24, 64, 128]),
     threads=st.sampled_from([1, 2]),
@@ -336,11 +337,7 @@ def test_kernel_decodes_every_scale_code_and_extreme_range(dtype, per_channel):
 @pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
 @settings(max_examples=30, deadline=None)
 @given(
-    name=st.sampled_from(available_quantizers()),
-    kind=st.sampled_from(["key", "value"]),
-    bits=st.integers(1, 8),
-    batch=st.integers(1, 3),
-    heads=st.integers(1, 4),
+    **LAYOUTS,
     blocks=st.integers(0, 3),
     head_dim=st.sampled_from([16, 64, 128]),
     group=st.sampled_from([8, 16, 32, 64]),
