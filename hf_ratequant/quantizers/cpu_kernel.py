@@ -187,7 +187,7 @@ def available() -> bool:
     return enabled() and _load() is not None
 
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C enum: decoded scales rounded to
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # RQ_F32, RQ_BF16, RQ_F16 in cpu_kernel.c
 MAX_CODED_GROUPS = 1024
 """Groups per row of scales the kernel decodes 8-bit scales for (its stack buffers); more use PyTorch ops."""
 
