@@ -128,9 +128,10 @@ def _quantized_tile(tab, row, b, t, t_ok, ONE_GROUP: tl.constexpr, ALIGN: tl.con
         hi = tl.gather(packed, tl.minimum(byte + 1, D - 1), 1)  # the next byte (0 past the row)
         code = ((lo | (hi << 8)) >> (first & 7)[None, :]) & ((1 << bits) - 1)
         block = (t // tl.load(f + _F_TIME_BLOCK).to(tl.int32)).to(tl.int64)  # (BLOCK,) row of scales
+        group_len = tl.load(f + _F_GROUP_LEN).to(tl.int32)  # channels per scale
         ranges = tl.load(f + _F_RANGES)
         if ranges != 0:  # 8-bit scales: byte codes and their super-blocks' numbers
-            sc, zr = _coded_scales(f, b, block, t_ok, ranges, cols, ONE_GROUP, D, DTYPE)
+            sc, zr = _coded_scales(f, b, block, t_ok, ranges, cols, group_len, ONE_GROUP, D, DTYPE)
         else:
             scale = tl.load(f + _F_SCALE).to(tl.pointer_type(DTYPE))
             zero = tl.load(f + _F_ZERO).to(tl.pointer_type(DTYPE))
@@ -140,12 +141,10 @@ def _quantized_tile(tab, row, b, t, t_ok, ONE_GROUP: tl.constexpr, ALIGN: tl.con
                 sc = tl.load(scale + s_rows, mask=t_ok, other=0.0).to(tl.float32)[:, None]
                 zr = tl.load(zero + z_rows, mask=t_ok, other=0.0).to(tl.float32)[:, None]
             else:  # (BLOCK, n_groups) scales in the first columns
-                group_len = tl.load(f + _F_GROUP_LEN).to(tl.int32)
                 ok = t_ok[:, None] & (cols < D // group_len)[None, :]
                 sc = tl.load(scale + s_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
                 zr = tl.load(zero + z_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if not ONE_GROUP:  # each channel's group picked out of the first columns
-            group_len = tl.load(f + _F_GROUP_LEN).to(tl.int32)
             if group_len > 1:
                 group = tl.broadcast_to((cols // group_len)[None, :], packed.shape)
                 sc = tl.gather(sc, group, 1)
@@ -155,7 +154,8 @@ def _quantized_tile(tab, row, b, t, t_ok, ONE_GROUP: tl.constexpr, ALIGN: tl.con
 
 
 @triton.jit
-def _coded_scales(f, b, block, t_ok, ranges, cols, ONE_GROUP: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr):
+def _coded_scales(f, b, block, t_ok, ranges, cols, group_len, ONE_GROUP: tl.constexpr, D: tl.constexpr,
+                  DTYPE: tl.constexpr):
     """float32 scales and zero-points of the rows of scales `block` `(BLOCK,)` from 8-bit codes: `(BLOCK, 1)` each
     (`ONE_GROUP`), else `(BLOCK, D)` with the n_groups values in the first columns. `scale = steps[e] * top`,
     `zero = z * ((high - low) / 255) + low`, each operation rounded apart in float32 and the result rounded to the
@@ -170,10 +170,9 @@ def _coded_scales(f, b, block, t_ok, ranges, cols, ONE_GROUP: tl.constexpr, D: t
     if ONE_GROUP:
         e = tl.load(codes_e + s_rows, mask=t_ok, other=0).to(tl.int32)[:, None]
         z = tl.load(codes_z + z_rows, mask=t_ok, other=0).to(tl.float32)[:, None]
-        triple = (r_rows)[:, None]
+        triple = r_rows[:, None]
         ok = t_ok[:, None]
     else:
-        group_len = tl.load(f + _F_GROUP_LEN).to(tl.int32)
         ok = t_ok[:, None] & (cols < D // group_len)[None, :]
         e = tl.load(codes_e + s_rows[:, None] + cols[None, :], mask=ok, other=0).to(tl.int32)
         z = tl.load(codes_z + z_rows[:, None] + cols[None, :], mask=ok, other=0).to(tl.float32)
@@ -561,11 +560,10 @@ def _coded_fields(scale: torch.Tensor, zero: torch.Tensor, ranges: torch.Tensor,
     from .quantizers import scales
 
     rows = scales.super_rows(time_block)
-    n_groups = shape[3]
     if scale.dtype != torch.uint8 or zero.dtype != torch.uint8 or ranges.dtype != dtype:
         raise ValueError(f"8-bit scales: uint8 codes and super-block numbers in the model's dtype {dtype}, got "
                          f"{scale.dtype} / {zero.dtype} / {ranges.dtype}.")
-    if shape[2] % rows or tuple(ranges.shape) not in {shape[:2] + (shape[2] // rows, n, 3) for n in (1, n_groups)}:
+    if tuple(ranges.shape) not in scales.ranges_shapes(shape, time_block):
         raise ValueError(f"super-block numbers {tuple(ranges.shape)} do not match scales {shape} "
                          f"({rows} rows per super-block).")
     ranges = ranges if ranges.stride(-1) == 1 and ranges.stride(-2) == 3 else ranges.contiguous()

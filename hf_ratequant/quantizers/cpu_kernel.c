@@ -164,16 +164,9 @@ static inline float round_to(float x, int dtype) {
  * numbers (one triple, or one per group). */
 static inline void decode_row(const Scales *sc, const uint8_t *e, const uint8_t *zc, const float *rg, int64_t ng,
                               float *sbuf, float *zbuf) {
-    if (sc->rn == 1) {
-        const float top = rg[0], low = rg[1], step = (rg[2] - rg[1]) / 255.0f;
-        for (int64_t g = 0; g < ng; g++) {
-            sbuf[g] = round_to(sc->steps[e[g]] * top, sc->dtype);
-            zbuf[g] = round_to((float)zc[g] * step + low, sc->dtype);
-        }
-        return;
-    }
+    const int64_t per_group = sc->rn == 1 ? 0 : 3; /* a group's triple: the shared one, or its own */
     for (int64_t g = 0; g < ng; g++) {
-        const float *f = rg + 3 * g;
+        const float *f = rg + per_group * g;
         const float step = (f[2] - f[1]) / 255.0f;
         sbuf[g] = round_to(sc->steps[e[g]] * f[0], sc->dtype);
         zbuf[g] = round_to((float)zc[g] * step + f[1], sc->dtype);
@@ -195,7 +188,8 @@ static inline __attribute__((always_inline)) void rows_bits(
         const float *ranges_bh = coded ? sc->ranges + b * sc->rs[0] + h * sc->rs[1] : NULL;
         float *out_bh = out + b * os[0] + h * os[1];
         /* counters instead of a division per row: row of scales (and its place in it), super-block (and place) */
-        int64_t row = t0 / tb, in_row = t0 % tb, block = coded ? row / sc->sr : 0, in_block = coded ? row % sc->sr : 0;
+        int64_t row = t0 / tb, in_row = t0 % tb;
+        int64_t block = coded ? row / sc->sr : 0, in_block = coded ? row % sc->sr : 0;
         const float *s = NULL, *z = NULL;
         int fresh = 1;
         for (int64_t t = t0; t < t1; t++) {
@@ -256,8 +250,8 @@ static void rows(const uint8_t *codes, const uint8_t *end, const int64_t *cs, co
  * Rows (b, h, t) are split evenly over `threads` OpenMP threads (when compiled with OpenMP and worth it). */
 int rq_dequantize(const uint8_t *codes, const uint8_t *end, const int64_t *cs, const void *scale, const void *zero,
                   const int64_t *ss, const float *ranges, const int64_t *rs, int64_t rn, int64_t sr,
-                  const float *steps, int dtype, float *out, const int64_t *os, int64_t B, int64_t H, int64_t T, int64_t D,
-                  int bits, int64_t tb, int64_t ng, int64_t hadamard, int threads) {
+                  const float *steps, int dtype, float *out, const int64_t *os, int64_t B, int64_t H, int64_t T,
+                  int64_t D, int bits, int64_t tb, int64_t ng, int64_t hadamard, int threads) {
     if (bits < 1 || bits > 8 || D % 8 || ng < 1 || D % ng || (D / ng != 1 && (D / ng) % 8) || tb < 1) return 1;
     if (hadamard < 0 || (hadamard > 1 && ((hadamard & (hadamard - 1)) || D % hadamard))) return 1;
     if (ranges != NULL && (ng > RQ_MAX_GROUPS || sr < 1 || (rn != 1 && rn != ng) || steps == NULL ||

@@ -216,15 +216,13 @@ def supports(q: QuantizedBlock, out: torch.Tensor) -> bool:
 
 
 def _coded_supported(q: QuantizedBlock, ng: int) -> bool:
-    rows = scales.super_rows(q.time_block)
     r = q.ranges
     return (
         r.dtype in _DTYPE_CODES
         and r.device.type == "cpu"
         and q.scale.dtype == q.zero.dtype == torch.uint8
         and ng <= MAX_CODED_GROUPS
-        and q.scale.shape[2] % rows == 0
-        and tuple(r.shape) in (q.scale.shape[:2] + (q.scale.shape[2] // rows, n, 3) for n in {1, ng})
+        and tuple(r.shape) in scales.ranges_shapes(tuple(q.scale.shape), q.time_block)
     )
 
 

@@ -55,6 +55,14 @@ def super_rows(time_block: int) -> int:
     return math.lcm(time_block, SCALE_BLOCK_TOKENS) // time_block
 
 
+def ranges_shapes(scale_shape: tuple, time_block: int) -> set[tuple]:
+    """The shapes the super-blocks' numbers may have beside scale codes of `scale_shape` `(B, H, R, n)` (one row per
+    `time_block` tokens): `(B, H, R // rows, 1 or n, 3)`; empty when `R` is not a whole number of super-blocks."""
+    b, h, r, n = scale_shape
+    rows = super_rows(time_block)
+    return set() if r % rows else {(b, h, r // rows, m, len(RANGE_FIELDS)) for m in (1, n)}
+
+
 def super_tokens(time_block: int) -> int:
     """Tokens of one super-block for a design whose scales cover `time_block` tokens."""
     return math.lcm(time_block, SCALE_BLOCK_TOKENS)
@@ -151,4 +159,4 @@ def encode(lo: torch.Tensor, hi: torch.Tensor, qmax: int, dtype: torch.dtype, ro
 
 
 __all__ = ["RANGE_FIELDS", "SCALE_BITS", "SCALE_BLOCK_TOKENS", "SCALE_STEPS_PER_OCTAVE", "check_scale_bits",
-           "decode", "encode", "steps", "super_rows", "super_tokens"]
+           "decode", "encode", "ranges_shapes", "steps", "super_rows", "super_tokens"]
