@@ -539,9 +539,19 @@ def byte_budgets(_: None) -> list[str]:
     return byte_budgets_table([_load(name) for name in BYTE_RUNS])
 
 
+def _scales(scale_bits: int | None) -> str:
+    """A frontier point's scale precision, as its name says it: nothing for 16 bits."""
+    return "" if scale_bits in (None, 16) else f", {scale_bits}-bit scales"
+
+
+def _frontier_png(d: dict) -> str:
+    tag = d["settings"].get("tag")
+    return f"byte_frontier_{tag}.png" if tag else "byte_frontier.png"
+
+
 def byte_frontier(d: dict) -> list[str]:
     """Every RateQuant point of the frontier run against the lowest-KL fixed configuration (any design, bits x
-    group) and `QuantizedCache` that hold no more bytes, and the plot."""
+    group, scale precision) and `QuantizedCache` that hold no more bytes, and the plot."""
     def best(c) -> str:
         if c is None:
             return "none fits"
@@ -556,27 +566,38 @@ def byte_frontier(d: dict) -> list[str]:
         below = all(c is None or c["below"] for c in checks.values())
         p = points[v["method"]]
         ratio = p["calibration_s"] / p["fwd_bwd_s"] if p["calibration_s"] and p["fwd_bwd_s"] else None
-        rows.append([v["design"], f"{v['budget']:g}", f"{v['perplexity']:.3f} / {v['kl']:.4f}", f"{v['mib']:.2f}",
+        rows.append([v["design"] + _scales(v.get("scale_bits")), f"{v['budget']:g}",
+                     f"{v['perplexity']:.3f} / {v['kl']:.4f}", f"{v['mib']:.2f}",
                      best(checks["fixed, bytes held <="]), best(checks["QuantizedCache, bytes held <="]),
                      "yes" if below else "**no**", _f(ratio, ".1f") + "x"])
     n_fixed = sum(p["family"] == "fixed" for p in d["points"])
+    n_fixed_8 = sum(p["family"] == "fixed" and p.get("scale_bits") == 8 for p in d["points"])
+    eight = {p["design"] for p in d["points"] if p["family"] == "fixed" and p.get("scale_bits") == 8}
+    merged = d.get("merged")
     n_qc = sum(p["family"] in ("quanto", "hqq") and p["error"] is None for p in d["points"])
     failed = [p["method"] for p in d["points"] if p["error"]]
     return [
         f"Held-out: {d['eval_tokens']} tokens ({_domain(d['eval_source'])}); full precision {full['perplexity']:.3f} "
         f"({full['mib']:.2f} MiB). Compared with {n_fixed} fixed configurations (kivi, token, rotated: one (bits, "
         f"group) for all keys and one for all values, uniform or split by one bit, between "
-        f"{d['settings']['min_true']:g} and {max(d['settings']['budgets']):g} true bits) and {n_qc} `QuantizedCache` "
-        "(quanto, HQQ; q_group_size 32 / 64 / 128)"
+        f"{d['settings']['min_true']:g} and {max(d['settings']['budgets']):g} true bits"
+        + (f"; {n_fixed_8} of them {' and '.join(sorted(eight))} with 8-bit scales and zero-points" if n_fixed_8
+           else "") + f") and {n_qc} `QuantizedCache` (quanto, HQQ; q_group_size 32 / 64 / 128)"
         + (f"; failed: {', '.join(failed)} (see the run's markdown)" if failed else "") + ". MiB: mean held over "
         "4096 to 4223 tokens, bf16 states, window and sinks included. ΔKL: RateQuant minus the other, paired over "
         "windows ± standard error. The run's markdown also checks every fixed configuration of no more true bits "
-        "and lists every cache.", "",
+        "and lists every cache."
+        + (f" {merged['points']} of the caches come from the earlier run `results/{merged['file']}` (same model, "
+           "text and settings; its full precision and one fixed configuration, re-measured in this run, agree window "
+           f"by window to {max(merged['max_window_difference'].values()):.0e}), machine "
+           f"{machine_line(merged['machine'])}." if merged else ""), "",
         *_table(["design", "true bits", "RateQuant ppl / KL", "MiB", "lowest-KL fixed, bytes held <= (MiB)",
                  "lowest-KL QuantizedCache, bytes held <=", "KL below both", "calibration / fwd+bwd"], rows),
-        "", "![quality against memory](results/byte_frontier.png)",
+        "", f"![quality against memory](results/{_frontier_png(d)})",
     ]
 
+
+FRONTIER_RUN = "byte_frontier.json"  # the frontier the README and RESULTS.md show
 
 CALIBRATION_SPEED_RUNS = ("calibration_speed_kivi-3.5.json", "calibration_speed_token-3.5-shared-prefix.json",
                           "calibration_speed_rotated-3.5-shared-prefix.json",
@@ -698,7 +719,7 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      byte_budgets),
     ("Budgets in bytes by the context served (issue [4 bytes], arithmetic on Gemma 3's stored table)",
      "budget_context.json", "python benchmarks/budget_context.py", budget_context),
-    ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", "byte_frontier.json",
+    ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", FRONTIER_RUN,
      "python benchmarks/byte_frontier.py --configs-from DIR  # DIR: the configs an earlier run of the same code "
      "calibrated and saved (--save-configs DIR); their calibration times are that run's", byte_frontier),
     ("Calibration memory", "calibration_memory.json",
@@ -735,7 +756,7 @@ def cited_files() -> set[str]:
     names.add(DECODE_SCALE_RUN)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= set(PASSKEY_MODEL_RUNS)  # `hf-ratequant eval --json` rows: no markdown beside them
-    names |= {"field_frontier.png", "memory.png", "byte_frontier.png"}
+    names |= {"field_frontier.png", "memory.png", _frontier_png(_load(FRONTIER_RUN))}
     for folder in KEPT_FOLDERS:
         for root, _, files in os.walk(os.path.join(RESULTS_DIR, folder)):
             names |= {os.path.relpath(os.path.join(root, f), RESULTS_DIR) for f in files}
@@ -864,12 +885,13 @@ def frontier_headline(d: dict) -> list[str]:
                        key=lambda p: p["kl"], default=None)
         by_bits = min((p for p in ok if p["family"] == "fixed" and p["true_bits"] <= budget + 1e-9),
                       key=lambda p: p["kl"], default=None)
-        rows.append([f"{budget:g}", f"{rq['design']}: **{rq['perplexity']:.3f} / {rq['kl']:.4f}** ({rq['mib']:.2f})",
+        rows.append([f"{budget:g}", f"{rq['design']}{_scales(rq.get('scale_bits'))}: **{rq['perplexity']:.3f} / "
+                     f"{rq['kl']:.4f}** ({rq['mib']:.2f})",
                      *against(rq, by_bytes), *against(rq, by_bits)])
     return [*_table(["true bits", "RateQuant, best design: ppl / KL (MiB)",
                      "best other cache of no more MiB: ppl / KL (MiB)", "KL",
                      "best fixed of no more true bits: ppl / KL (MiB)", "KL"], rows),
-            "", "![quality against memory](benchmarks/results/byte_frontier.png)"]
+            "", f"![quality against memory](benchmarks/results/{_frontier_png(d)})"]
 
 
 def _replace_block(text: str, markers: tuple[str, str], lines: list[str]) -> str:
@@ -880,7 +902,7 @@ def _replace_block(text: str, markers: tuple[str, str], lines: list[str]) -> str
 def render_readme(readme: str) -> str:
     """`readme` with the blocks between the HEADLINE and MODELS_BLOCK markers replaced by the current tables."""
     readme = _replace_block(readme, HEADLINE, headline(_load("field_comparison.json")))
-    readme = _replace_block(readme, FRONTIER_BLOCK, frontier_headline(_load("byte_frontier.json")))
+    readme = _replace_block(readme, FRONTIER_BLOCK, frontier_headline(_load(FRONTIER_RUN)))
     return _replace_block(readme, MODELS_BLOCK, models_table())
 
 

@@ -266,6 +266,51 @@ def test_byte_frontier_lists_every_fixed_configuration_at_its_true_rate(bench_mo
     assert any(name == "kivi K2g128V2g64" for name, _, _ in frontier.fixed_configs(config, "kivi", 2.0, 5.0, 1, 6))
 
 
+def test_byte_frontier_lists_8_bit_scales_apart_and_cheaper(bench_modules):
+    from transformers import LlamaConfig
+
+    from hf_ratequant.footprint import true_bits_per_element
+
+    frontier = bench_modules("byte_frontier")
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    for design in ("kivi", "token"):
+        wide = {name: true for name, _, true in frontier.fixed_configs(config, design, 1.0, 9.0, 1, 6)}
+        listed = frontier.fixed_configs(config, design, 1.0, 9.0, 1, 6, scale_bits=8)
+        assert len(listed) == len(wide)
+        for name, cfg, true in listed:
+            assert name.endswith(", 8-bit scales") and cfg.scale_bits == 8, name
+            assert abs(true - true_bits_per_element(cfg, 64)) < 1e-9
+            assert true < wide[name.removesuffix(", 8-bit scales")], name
+
+
+def test_byte_frontier_merges_only_a_run_of_the_same_protocol(bench_modules, tmp_path):
+    frontier = bench_modules("byte_frontier")
+    args = frontier.parse_args(["--merge", str(tmp_path / "run.json")])
+    P = frontier.Point
+    full = P("full precision (DynamicCache)", "full", None, perplexity=10.0, kl=0.0, window_nll=[2.0, 2.5],
+             window_kl=[0.0, 0.0])
+    fixed = P("kivi K2g32V2g32", "fixed", "kivi", true_bits=3.0, mib=20.0, perplexity=11.0, kl=0.1,
+              window_nll=[2.1, 2.6], window_kl=[0.1, 0.1])
+    run = dict(settings={k: getattr(args, k) for k in frontier.MERGE_KEYS},
+               points=[dataclasses.asdict(full), {k: v for k, v in dataclasses.asdict(fixed).items()
+                                                  if k != "scale_bits"}])  # written before scale_bits existed
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    loaded, points = frontier.load_merge(args.merge, args)
+    assert [p.method for p in points] == [full.method, fixed.method] and points[1].scale_bits == 16
+    assert frontier.same_figures(fixed, points[1]) == 0.0
+    moved = dataclasses.replace(fixed, window_nll=[2.1, 2.7])
+    with pytest.raises(SystemExit, match="kivi K2g32V2g32 measures 1.00e-01 away"):
+        frontier.same_figures(moved, points[1])
+    run["settings"]["chunk"] = 128
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match=r"chunk 128 instead of 64"):
+        frontier.load_merge(args.merge, args)
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a byte_frontier result"):
+        frontier.load_merge(args.merge, args)
+
+
 def test_byte_frontier_checks_compare_with_what_fits_in_the_bytes(bench_modules):
     frontier = bench_modules("byte_frontier")
     P = frontier.Point
