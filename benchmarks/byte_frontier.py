@@ -19,7 +19,8 @@ in chunks, quantized past plus full-precision window):
 zero-points (8: one byte each per group, relative to three 16-bit numbers per super-block; `CacheLayout.scale_bits`).
 `--merge RUN.json` adds the caches an earlier run of this benchmark measured (same model, held-out text and
 evaluation settings; its full-precision figures must equal this run's, window by window) and measures only the
-others, so a new precision or design extends a finished frontier instead of repeating it.
+others (and those that failed there), so a new precision or design extends a finished frontier instead of
+repeating it.
 
 Memory: the mean MiB a cache of bfloat16 states holds over 4096 to 4223 tokens (the window's share changes as the
 sequence moves between two releases): `footprint.cache_bytes` for ours (equal to `RateQuantCache.nbytes`, tested),
@@ -485,6 +486,7 @@ def main(argv=None) -> int:
     from hf_ratequant.footprint import true_bits_per_element
 
     earlier_run, earlier = load_merge(args.merge, args) if args.merge else ({}, [])
+    earlier = [p for p in earlier if p.error is None]  # what failed there is measured again
     done = {p.method for p in earlier if p.family != "full"}
     start = time.perf_counter()
     info = machine(packages=("optimum-quanto", "hqq"))
@@ -587,7 +589,7 @@ def main(argv=None) -> int:
                    points=[asdict(p) for p in points], verdicts=verdicts(points), total_s=time.perf_counter() - start)
     if earlier:
         payload["merged"] = dict(file=os.path.basename(args.merge), machine=earlier_run.get("machine"),
-                                 total_s=earlier_run.get("total_s"), points=len(earlier) - 1,
+                                 total_s=earlier_run.get("total_s"), points=len(done),
                                  max_window_difference=merge_check)
     print(write_report(payload, args.output_dir))
     logger.info("wrote %s.md/.json/.png to %s (%.1f min)", stem(args.tag), args.output_dir, payload["total_s"] / 60)

@@ -106,13 +106,41 @@ class Row:
 # ---- methods ----------------------------------------------------------------------------------------------------
 
 
+def _rows_hqq_layer():
+    """transformers' HQQ layer handing HQQ the states as rows of head_dim, `[batch x heads x tokens, head_dim]`.
+
+    HQQ (0.2.8) unpacks 3-bit codes assuming a 2-D tensor (`shape[0] * shape[1] // group_size` groups), so the 4-D
+    states transformers passes fail at 3 bits. With `axis=1` HQQ groups consecutive elements of the flattened
+    tensor, so the 2-D view forms the very same groups: 2 and 4 bits give the same codes either way (tested).
+    """
+    from transformers.cache_utils import HQQQuantizedLayer
+
+    class RowsHQQLayer(HQQQuantizedLayer):
+        def _quantize(self, tensor, axis):
+            qtensor, meta = super()._quantize(tensor.reshape(-1, tensor.shape[-1]), axis)
+            meta["states_shape"] = tensor.shape
+            return qtensor, meta
+
+        def _dequantize(self, qtensor):
+            return super()._dequantize(qtensor).reshape(qtensor[1]["states_shape"])
+
+    return RowsHQQLayer
+
+
 def quantized_cache(model_config, backend: str, bits: int, group: int, residual: int) -> Callable[[], Any]:
+    """A factory of transformers' `QuantizedCache` (quanto on axis 0, HQQ on axis 1, as transformers' documentation
+    has them); HQQ at 3 bits through [`_rows_hqq_layer`], which its 3-bit unpacking needs."""
     def make():
         from transformers import QuantizedCache
 
-        axis = 0 if backend == "quanto" else 1  # the axes transformers' documentation uses for each backend
-        return QuantizedCache(backend=backend, config=model_config, nbits=bits, axis_key=axis, axis_value=axis,
-                              q_group_size=group, residual_length=residual)
+        axis = 0 if backend == "quanto" else 1
+        cache = QuantizedCache(backend=backend, config=model_config, nbits=bits, axis_key=axis, axis_value=axis,
+                               q_group_size=group, residual_length=residual)
+        if backend == "hqq" and bits == 3:
+            layer = _rows_hqq_layer()
+            cache.layers = [layer(nbits=bits, axis_key=axis, axis_value=axis, q_group_size=group,
+                                  residual_length=residual) for _ in cache.layers]
+        return cache
 
     return make
 

@@ -311,6 +311,35 @@ def test_byte_frontier_merges_only_a_run_of_the_same_protocol(bench_modules, tmp
         frontier.load_merge(args.merge, args)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_hqq_quantized_cache_runs_at_every_width_with_hqqs_own_groups(bench_modules, bits):
+    """HQQ's 3-bit unpacking needs 2-D tensors: the benchmarks hand it rows of head_dim, which at 2 and 4 bits
+    gives exactly what transformers' own 4-D path gives."""
+    pytest.importorskip("hqq")
+    from transformers import LlamaConfig
+
+    field = bench_modules("field_comparison")
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)
+
+    def decoded(cache):
+        cache.update(k, v, 0)  # past the residual window: quantized
+        return cache.update(k[:, :, :1], v[:, :, :1], 0)
+
+    keys, values = decoded(field.quantized_cache(config, "hqq", bits, 64, 128)())
+    assert keys.shape == (1, 2, 301, 64)
+    error = (keys[:, :, :300] - k).abs().mean()
+    assert 0 < error < {2: 0.5, 3: 0.25, 4: 0.12}[bits]
+    rows = field.quantized_cache(config, "hqq", bits, 64, 128)()
+    rows.layers = [field._rows_hqq_layer()(nbits=bits, axis_key=1, axis_value=1, q_group_size=64,
+                                           residual_length=128)]
+    rows_keys, rows_values = decoded(rows)
+    if bits != 3:  # transformers' 4-D path only works at 2 and 4 bits
+        assert torch.equal(rows_keys, keys) and torch.equal(rows_values, values)
+
+
 def test_byte_frontier_checks_compare_with_what_fits_in_the_bytes(bench_modules):
     frontier = bench_modules("byte_frontier")
     P = frontier.Point
