@@ -756,7 +756,10 @@ def cited_files() -> set[str]:
     names.add(DECODE_SCALE_RUN)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= set(PASSKEY_MODEL_RUNS)  # `hf-ratequant eval --json` rows: no markdown beside them
-    names |= {"field_frontier.png", "memory.png", _frontier_png(_load(FRONTIER_RUN))}
+    frontier = _load(FRONTIER_RUN)
+    names |= {"field_frontier.png", "memory.png", _frontier_png(frontier)}
+    if frontier.get("merged"):  # the earlier run its caches were merged from, with its markdown
+        names |= {frontier["merged"]["file"], frontier["merged"]["file"].removesuffix(".json") + ".md"}
     for folder in KEPT_FOLDERS:
         for root, _, files in os.walk(os.path.join(RESULTS_DIR, folder)):
             names |= {os.path.relpath(os.path.join(root, f), RESULTS_DIR) for f in files}
