@@ -331,7 +331,7 @@ def markdown(payload: dict) -> str:
     return "\n".join(out)
 
 
-FIXED_SERIES = tuple((design, sb) for sb in (16, 8) for design in DESIGNS)  # one marker / line style each
+SERIES = tuple((design, sb) for sb in (16, 8) for design in DESIGNS)  # (design, scale bits): a marker / line each
 COLOR = {"kivi": "tab:blue", "token": "tab:orange", "rotated": "tab:green", "quanto": "tab:gray", "hqq": "tab:brown"}
 
 
@@ -363,7 +363,7 @@ def plot(payload: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, metric in zip(axes, ("kl", "perplexity")):
         for fam in ("fixed", "quanto", "hqq"):
-            for design, sb in FIXED_SERIES if fam == "fixed" else ((None, 16),):
+            for design, sb in SERIES if fam == "fixed" else ((None, 16),):
                 pts = [p for p in others if p.family == fam and (design is None or p.design == design)
                        and p.scale_bits == sb and p.mib <= hi]
                 if pts:
@@ -375,7 +375,7 @@ def plot(payload: dict, path: str) -> None:
                                else f"QuantizedCache {fam}")
         xs, ys = _envelope([p for p in others if p.mib <= hi], metric)
         ax.step(xs, ys, where="post", color="k", lw=1.2, ls="--", label="best of all others at no more bytes")
-        for design, sb in FIXED_SERIES:
+        for design, sb in SERIES:
             pts = sorted((p for p in points if p.family == "ratequant" and p.design == design and p.scale_bits == sb),
                          key=lambda p: p.mib)
             if pts:
@@ -465,8 +465,10 @@ def load_merge(path: str, args) -> tuple[dict, list[Point]]:
 def same_figures(a: Point, b: Point, tol: float = 1e-6) -> float:
     """The largest difference between two measurements of one cache, window by window (NLL and KL); a
     `SystemExit` above `tol`: the earlier run's figures cannot be merged with this run's."""
-    diff = max(abs(x - y) for x, y in zip(a.window_nll + a.window_kl, b.window_nll + b.window_kl))
-    if len(a.window_nll) != len(b.window_nll) or diff > tol:
+    same_windows = len(a.window_nll) == len(b.window_nll) and len(a.window_kl) == len(b.window_kl)
+    diff = max((abs(x - y) for x, y in zip(a.window_nll + a.window_kl, b.window_nll + b.window_kl)),
+               default=0.0) if same_windows else math.inf
+    if diff > tol:
         raise SystemExit(f"--merge: {a.method} measures {diff:.2e} away from the earlier run's figures (windows "
                          f"{len(b.window_nll)} vs {len(a.window_nll)}): not the same protocol or code; run without "
                          "--merge.")

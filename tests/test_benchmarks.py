@@ -302,6 +302,8 @@ def test_byte_frontier_merges_only_a_run_of_the_same_protocol(bench_modules, tmp
     moved = dataclasses.replace(fixed, window_nll=[2.1, 2.7])
     with pytest.raises(SystemExit, match="kivi K2g32V2g32 measures 1.00e-01 away"):
         frontier.same_figures(moved, points[1])
+    with pytest.raises(SystemExit, match=r"windows 2 vs 1"):
+        frontier.same_figures(dataclasses.replace(fixed, window_nll=[2.1], window_kl=[0.1]), points[1])
     run["settings"]["chunk"] = 128
     (tmp_path / "run.json").write_text(json.dumps(run))
     with pytest.raises(SystemExit, match=r"chunk 128 instead of 64"):
