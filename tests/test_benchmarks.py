@@ -296,7 +296,7 @@ def test_byte_frontier_merges_only_a_run_of_the_same_protocol(bench_modules, tmp
                points=[dataclasses.asdict(full), {k: v for k, v in dataclasses.asdict(fixed).items()
                                                   if k != "scale_bits"}])  # written before scale_bits existed
     (tmp_path / "run.json").write_text(json.dumps(run))
-    loaded, points = frontier.load_merge(args.merge, args)
+    _, points = frontier.load_merge(args.merge, args)
     assert [p.method for p in points] == [full.method, fixed.method] and points[1].scale_bits == 16
     assert frontier.same_figures(fixed, points[1]) == 0.0
     moved = dataclasses.replace(fixed, window_nll=[2.1, 2.7])
@@ -334,12 +334,13 @@ def test_hqq_quantized_cache_runs_at_every_width_with_hqqs_own_groups(bench_modu
     assert keys.shape == (1, 2, 301, 64)
     error = (keys[:, :, :300] - k).abs().mean()
     assert 0 < error < {2: 0.5, 3: 0.25, 4: 0.12}[bits]
+    if bits == 3:  # the factory's own path is the rows one: transformers' 4-D path fails here
+        return
     rows = field.quantized_cache(config, "hqq", bits, 64, 128)()
     rows.layers = [field._rows_hqq_layer()(nbits=bits, axis_key=1, axis_value=1, q_group_size=64,
                                            residual_length=128)]
     rows_keys, rows_values = decoded(rows)
-    if bits != 3:  # transformers' 4-D path only works at 2 and 4 bits
-        assert torch.equal(rows_keys, keys) and torch.equal(rows_values, values)
+    assert torch.equal(rows_keys, keys) and torch.equal(rows_values, values)
 
 
 def test_byte_frontier_checks_compare_with_what_fits_in_the_bytes(bench_modules):
