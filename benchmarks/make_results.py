@@ -350,7 +350,7 @@ def domains(_: None) -> list[str]:
 GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-270m.json",
              "ratequant_quality_gemma3-270m_kivi-budgets.json", "ratequant_quality_gemma3-270m_token.json",
              "ratequant_quality_gemma3-270m_rotated.json", "ratequant_quality_gemma3-270m_rotated-3.json",
-             "ratequant_quality_gemma3-270m_rotated-2.25-3.5.json",
+             "ratequant_quality_gemma3-270m_rotated-2.25-3.5.json", "ratequant_quality_gemma3-270m_token-2.25.json",
              "ratequant_quality_qwen2.5-coder-0.5b.json",
              "ratequant_quality_qwen2.5-coder-0.5b_token-rotated.json",
              "ratequant_quality_qwen2.5-coder-0.5b_kivi-budgets.json",
