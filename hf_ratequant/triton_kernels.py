@@ -566,10 +566,11 @@ def _coded_fields(scale: torch.Tensor, zero: torch.Tensor, ranges: torch.Tensor,
     if tuple(ranges.shape) not in scales.ranges_shapes(shape, time_block):
         raise ValueError(f"super-block numbers {tuple(ranges.shape)} do not match scales {shape} "
                          f"({rows} rows per super-block).")
-    ranges = ranges if ranges.stride(-1) == 1 and ranges.stride(-2) == 3 else ranges.contiguous()
+    triple = len(scales.RANGE_FIELDS)  # top, low, high: what the tile reads at +0, +1, +2
+    ranges = ranges if ranges.stride(-1) == 1 and ranges.stride(-2) == triple else ranges.contiguous()
     steps = scales.steps(ranges.device)
     keep += [ranges, steps]
-    group_stride = 3 if ranges.shape[3] > 1 else 0
+    group_stride = triple if ranges.shape[3] > 1 else 0
     return (ranges.data_ptr(), ranges.stride(1) * ranges.element_size(), ranges.stride(0), ranges.stride(2),
             group_stride, rows, steps.data_ptr())
 
