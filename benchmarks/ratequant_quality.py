@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -164,7 +165,44 @@ def make_row(quantizer: str, budget: float | None, cache: str, kind: str, cfg, r
 # ---- one (quantizer, budget) --------------------------------------------------------------------------------------
 
 
-def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quantizer: str, budget: float) -> dict:
+CALIBRATION_KEYS = ("model", "samples", "validation", "seq_len", "b_min", "b_max", "group_size", "budget_unit",
+                    "groups", "residual_length", "scale_bits", "sink_length", "batch_size", "chunk", "plain_measure",
+                    "measure")
+"""The settings `calibrate()` and the fixed configurations depend on besides the calibration text: a run that
+evaluates an earlier run's configs (`--configs-from`) must have the same."""
+
+
+def load_calibrated(path: str, args) -> dict:
+    """The earlier run `path` (a `ratequant_quality` result) whose configs `--configs-from` evaluates, refused before
+    any model work unless it ran with this run's calibration settings (`CALIBRATION_KEYS`; a key an older file lacks
+    is that setting's default) and holds a config for every quantizer and budget asked."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+        blocks = {(b["summary"]["quantizer"], float(b["summary"]["budget"])): b for b in run["blocks"]}
+        if not all("key_bits" in b["config"] for b in blocks.values()):
+            raise KeyError("config")
+        theirs = run["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--configs-from {path}: not a ratequant_quality result with its configs "
+                         f"({type(err).__name__}: {err}).") from err
+    defaults = vars(parse_args([]))
+    differs = [f"{k} {theirs.get(k, defaults[k])!r} instead of {getattr(args, k)!r}" for k in CALIBRATION_KEYS
+               if theirs.get(k, defaults[k]) != getattr(args, k)]
+    if differs:
+        raise SystemExit(f"--configs-from {path}: that run calibrated with {'; '.join(differs)}; pass the same "
+                         "settings, or calibrate (run without --configs-from).")
+    missing = [f"{q} {b:g}" for q in args.quantizers for b in args.budgets if (q, b) not in blocks]
+    if missing:
+        held = ", ".join(f"{q} {b:g}" for q, b in blocks)
+        raise SystemExit(f"--configs-from {path}: it holds no config for {', '.join(missing)} (it has {held}); "
+                         "ask for those, or calibrate them (run without --configs-from).")
+    run["blocks_by_key"] = blocks
+    return run
+
+
+def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quantizer: str, budget: float,
+               source: dict | None = None) -> dict:
     from hf_ratequant import RateQuantConfig
     from hf_ratequant.allocation import fixed_allocations
     from hf_ratequant.calibration import calibrate
@@ -177,18 +215,25 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
 
     layout = layout_from_args(args, quantizer=quantizer)  # of the calibrated and of every fixed cache
     true_budget = args.budget_unit == "true"
-    logger.info("[%s %.4g] calibrating", quantizer, budget)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    config = calibrate(
-        model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
-        seq_len=args.seq_len, n_validation=args.validation, group_size=layout.group_size,
-        residual_length=layout.residual_length, sink_length=layout.sink_length, scale_bits=layout.scale_bits,
-        b_min=args.b_min, b_max=args.b_max,
-        batch_size=args.batch_size, chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
-        measure=args.measure, budget_unit=args.budget_unit, groups=tuple(args.groups) if args.groups else None,
-    )
-    calib = dict(wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
-    if args.save_configs:
+    if source is not None:  # --configs-from: the earlier run's calibration, and its times
+        block = source["blocks_by_key"][(quantizer, budget)]
+        config = RateQuantConfig.from_dict(block["config"])
+        config.check_model(model.config)
+        calib = dict(wall_s=block["summary"]["calibration_wall_s"], cpu_s=block["summary"]["calibration_cpu_s"])
+        logger.info("[%s %.4g] the config %s calibrated (not calibrating)", quantizer, budget, args.configs_from)
+    else:
+        logger.info("[%s %.4g] calibrating", quantizer, budget)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        config = calibrate(
+            model, tok, args.calib_data, quantizer=quantizer, budget=budget, n_samples=args.samples,
+            seq_len=args.seq_len, n_validation=args.validation, group_size=layout.group_size,
+            residual_length=layout.residual_length, sink_length=layout.sink_length, scale_bits=layout.scale_bits,
+            b_min=args.b_min, b_max=args.b_max,
+            batch_size=args.batch_size, chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
+            measure=args.measure, budget_unit=args.budget_unit, groups=tuple(args.groups) if args.groups else None,
+        )
+        calib = dict(wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
+    if args.save_configs and source is None:
         config.save_pretrained(os.path.join(args.save_configs, f"{quantizer}-{budget:g}"))
     cal = config.calibration
     winner = cal["winner"]
@@ -323,6 +368,10 @@ def markdown(payload: dict) -> str:
         f"{a['ref_dtype']}) and shared by every cache; windows evaluated {a['eval_batch_size']} at a time, so every "
         "difference below has a paired standard error over window groups (± 1 SE; few windows: a rough bar).",
         f"- {NOISE_NOTE}",
+        *([f"- **Calibrated by an earlier run**: every config comes from `{payload['configs_from']['file']}` (same "
+           "model, calibration text and settings; calibration is deterministic), evaluated here; its calibration and "
+           f"fwd+bwd seconds are that run's ({payload['configs_from']['machine']['cpu']}, "
+           f"{payload['configs_from']['machine']['cores']} cores)."] if payload.get("configs_from") else []),
         *(["- **Budgets in true bits per element** (codes plus every group's 16-bit scale and zero-point); the "
            "fixed allocations are every keys/values split of the same bytes at G"
            + (f" and every fixed (bits, group) pair of keys and values of the same bytes over group sizes "
@@ -463,6 +512,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "closed form and kvq's beta = 4 rule next to the chosen one)")
     p.add_argument("--save-configs", default=os.path.join(RESULTS_DIR, "ratequant_quality_configs"),
                    help="folder to save every calibrated config in, as <quantizer>-<budget>/ ('' to skip)")
+    p.add_argument("--configs-from", metavar="RUN.json", default=None,
+                   help="evaluate the configs an earlier run of this script calibrated instead of calibrating (the\n"
+                   "same model, calibration text and settings; its calibration and fwd+bwd times are reported):\n"
+                   "the same calibration evaluated on other text")
     p.add_argument("--output-dir", default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="suffix of the output names: ratequant_quality_<tag>.md/.json")
     args = resolve_layout(p, p.parse_args(argv))
@@ -481,6 +534,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     info = machine()
+    source = load_calibrated(args.configs_from, args) if args.configs_from else None
     model, tok, _ = load_benchmark_model(args.model, torch.float32, torch.device("cpu"))
     if tok is None:
         raise SystemExit("--model: this benchmark needs real text, so a model with a tokenizer (not random:).")
@@ -495,6 +549,10 @@ def main(argv=None) -> int:
     eval_text, eval_source = load_text(args.eval_data, split="test")
     if text_fingerprint(calib_text) == text_fingerprint(eval_text):
         logger.warning("Calibration and evaluation text are identical: the evaluation is NOT held out.")
+    if source is not None and source["calib_sha256"] != text_fingerprint(calib_text):
+        raise SystemExit(f"--configs-from {args.configs_from}: that run calibrated on {source['calib_source']} "
+                         f"(sha256 {source['calib_sha256']}), this run's calibration text is {calib_source} (sha256 "
+                         f"{text_fingerprint(calib_text)}): pass its --calib-data.")
     # The same windows calibrate() fits on (it tokenizes the same text the same way).
     calib_ids = tokenize_windows(tok, calib_text, seq_len=args.seq_len, n_windows=args.samples + args.validation,
                                  min_windows=args.samples + args.validation)[: args.samples]
@@ -513,11 +571,16 @@ def main(argv=None) -> int:
 
     blocks = []
     for quantizer in args.quantizers:
-        logger.info("[%s] timing one plain forward+backward over %d calibration tokens", quantizer, calib_ids.numel())
-        fwd_bwd = time_fwd_bwd(model, calib_ids, args.batch_size)
+        if source is not None:  # the earlier run's, timed beside its calibrations
+            s = source["blocks_by_key"][(quantizer, args.budgets[0])]["summary"]
+            fwd_bwd = dict(wall_s=s["fwd_bwd_wall_s"], cpu_s=s["fwd_bwd_cpu_s"])
+        else:
+            logger.info("[%s] timing one plain forward+backward over %d calibration tokens", quantizer,
+                        calib_ids.numel())
+            fwd_bwd = time_fwd_bwd(model, calib_ids, args.batch_size)
         logger.info("[%s] forward+backward: %.1f s wall, %.1f s CPU", quantizer, fwd_bwd["wall_s"], fwd_bwd["cpu_s"])
         for budget in args.budgets:
-            blocks.append(run_budget(args, model, tok, windows, refs, fwd_bwd, full, quantizer, budget))
+            blocks.append(run_budget(args, model, tok, windows, refs, fwd_bwd, full, quantizer, budget, source))
             logger.info("summary %s", {k: v for k, v in blocks[-1]["summary"].items() if not isinstance(v, dict)})
 
     info["load_average_end"] = load_average()
@@ -539,6 +602,8 @@ def main(argv=None) -> int:
                      rows=[asdict(r) for r in b["rows"]]) for b in blocks],
         total_s=time.perf_counter() - start,
     )
+    if source is not None:
+        payload["configs_from"] = dict(file=os.path.basename(args.configs_from), machine=source["machine"])
     md = markdown(payload)
     stem = "ratequant_quality" + (f"_{args.tag}" if args.tag else "")
     json_path, md_path = write_results(stem, payload, md, args.output_dir)

@@ -313,6 +313,39 @@ def test_byte_frontier_merges_only_a_run_of_the_same_protocol(bench_modules, tmp
         frontier.load_merge(args.merge, args)
 
 
+def test_ratequant_quality_evaluates_only_configs_of_the_same_calibration(bench_modules, tmp_path):
+    """`--configs-from` takes an earlier run's configs only when it calibrated with this run's settings (a setting
+    an older file lacks is the default), for every quantizer and budget asked, before any model work."""
+    from transformers import LlamaConfig
+
+    from hf_ratequant import RateQuantConfig
+
+    quality = bench_modules("ratequant_quality")
+    path = str(tmp_path / "run.json")
+    args = quality.parse_args(["--quantizers", "kivi", "--budgets", "2.5", "--configs-from", path])
+    model_config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    config = RateQuantConfig.uniform(model_config, key_bits=3, value_bits=2)
+    settings = {k: getattr(args, k) for k in quality.CALIBRATION_KEYS if k not in ("model", "scale_bits")}
+    run = dict(settings=settings, calib_sha256="abc", blocks=[dict(
+        summary=dict(quantizer="kivi", budget=2.5, calibration_wall_s=100.0, calibration_cpu_s=180.0),
+        config=config.to_dict())])
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    source = quality.load_calibrated(path, args)  # model and scale_bits absent: an older file, the defaults
+    block = source["blocks_by_key"][("kivi", 2.5)]
+    assert RateQuantConfig.from_dict(block["config"]).bits_tensor().equal(config.bits_tensor())
+    with pytest.raises(SystemExit, match=r"no config for kivi 3, token 2.5, token 3 \(it has kivi 2.5\)"):
+        quality.load_calibrated(path, quality.parse_args(["--quantizers", "kivi", "token", "--budgets", "2.5", "3"]))
+    run["settings"]["seq_len"] = 1024
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match=r"seq_len 1024 instead of 512"):
+        quality.load_calibrated(path, args)
+    del run["blocks"][0]["config"]["key_bits"]
+    run["settings"]["seq_len"] = 512
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="not a ratequant_quality result with its configs"):
+        quality.load_calibrated(path, args)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_hqq_quantized_cache_runs_at_every_width_with_hqqs_own_groups(bench_modules, bits):
     """HQQ's 3-bit unpacking needs 2-D tensors: the benchmarks hand it rows of head_dim, which at 2 and 4 bits
