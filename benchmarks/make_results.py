@@ -263,6 +263,7 @@ DOMAIN_CELLS = (  # (file, design, bits): the runs of one cell, in-domain and ac
     ("ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json", "kivi", 2.5),
     ("ratequant_quality_gemma3-270m.json", "kivi", 2.5),
     ("ratequant_quality_gemma3-270m_pydoc-to-bbc.json", "kivi", 2.5),
+    ("ratequant_quality_gemma3-270m_bbc-to-bbc.json", "kivi", 2.5),
     ("ratequant_quality_gemma3-270m_mixed-to-bbc.json", "kivi", 2.5),
     ("ratequant_quality_gemma3-270m_pydoc-to-bbc_seq1024.json", "kivi", 2.5),
     ("ratequant_quality_gemma3-270m_kivi-budgets.json", "kivi", 3.0),
@@ -326,7 +327,8 @@ def domains(_: None) -> list[str]:
             rows.append([_model_label(d), f"{design} {bits:g}", calib, evaluated, kind,
                          f"{d['full']['perplexity']:.3f}",
                          f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
-                         f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}",
+                         f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}" + (
+                             "" if r["winner"].startswith("ratequant") else f" (validation kept {r['winner']})"),
                          f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", f"{r['ppl_gap_recovered']:.0%}",
                          _ratio(r, d), f"`{name}`"])
     return ["kivi at 2.5 bits (and kivi, rotated and token at 3), calibrated with the library's defaults on the "
