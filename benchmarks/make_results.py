@@ -65,7 +65,7 @@ def quality(d: dict) -> list[str]:
         rows.append([r["quantizer"], f"{r['budget']:g}", fixed, f"{winner}: **{r['chosen_ppl']:.3f} / "
                      f"{r['chosen_kl']:.4f}**", dppl, kl_vs, gap,
                      f"{r['calibration_wall_s']:.0f} s ({r['ratio_wall']:.2f}x{_cpu_ratio(r)}"
-                     f"{', busy' if _busy(d) else ''})"])
+                     f"{', busy' if _busy(d, r) else ''})"])
     return [
         f"Calibration on {d['calib_source']}; evaluation through the real cache on {d['eval_source']} "
         f"({d['eval_windows']} windows of {s['window']} tokens, chunks of {s['chunk']}). Every cache, fixed and "
@@ -293,16 +293,18 @@ def _model_label(d: dict) -> str:
             "qwen2.5-coder-0.5b": "Qwen2.5-Coder 0.5B"}.get(name, name)
 
 
-def _busy(d: dict) -> bool:
-    """Whether other jobs shared the machine during the run (load average above its cores at the end)."""
+def _busy(d: dict, summary: dict) -> bool:
+    """Whether other jobs shared the machine while the run timed calibration: the 1-minute load average above its
+    cores right after the forward+backward or the calibration (where the run recorded them), else at its end."""
     m = d.get("machine", {})
-    load, cores = (m.get("load_average_end") or [0])[0], m.get("cores") or 1
-    return load > cores + 0.5
+    timed = [summary.get(k) for k in ("fwd_bwd_load_average", "calibration_load_average")]
+    loads = [x[0] for x in timed if x] or [(m.get("load_average_end") or [0])[0]]
+    return max(loads) > (m.get("cores") or 1) + 0.5
 
 
 def _ratio(summary: dict, d: dict) -> str:
     """A quality run's calibration time over one forward+backward, flagged where other jobs shared the machine."""
-    return f"{summary['ratio_wall']:.2f}x" + (" (busy)" if _busy(d) else "")
+    return f"{summary['ratio_wall']:.2f}x" + (" (busy)" if _busy(d, summary) else "")
 
 
 def domains(_: None) -> list[str]:
@@ -503,7 +505,7 @@ def byte_budgets_table(runs: list[dict]) -> list[str]:
                 f"{s['chosen_ppl']:.3f} / {s['chosen_kl']:.4f}", f"{s['chosen_kl'] / fixed_kl - 1:+.0%}",
                 "yes" if s["beats_every_fixed_kl"] else "**no**", _f(s.get("ppl_gap_recovered"), ".0%"),
                 f"{s['paired_dlogppl_vs_best_fixed']:+.4f} ± {s['paired_dlogppl_se']:.4f}",
-                f"{s['ratio_wall']:.1f}x" + (" (busy)" if _busy(d) else ""), mib, charged,
+                f"{s['ratio_wall']:.1f}x" + (" (busy)" if _busy(d, s) else ""), mib, charged,
             ])
             offered = ", ".join(map(str, d["settings"].get("groups") or ()))
             offer = f"groups {offered} offered besides the layout's own" if offered else "the layout's groups only"

@@ -219,7 +219,8 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
         block = source["blocks_by_key"][(quantizer, budget)]
         config = RateQuantConfig.from_dict(block["config"])
         config.check_model(model.config)
-        calib = dict(wall_s=block["summary"]["calibration_wall_s"], cpu_s=block["summary"]["calibration_cpu_s"])
+        calib = dict(wall_s=block["summary"]["calibration_wall_s"], cpu_s=block["summary"]["calibration_cpu_s"],
+                     load_average=block["summary"].get("calibration_load_average"))
         logger.info("[%s %.4g] the config %s calibrated (not calibrating)", quantizer, budget, args.configs_from)
     else:
         logger.info("[%s %.4g] calibrating", quantizer, budget)
@@ -232,7 +233,7 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
             batch_size=args.batch_size, chunk=args.chunk, residual_aware=not args.plain_measure, progress=False,
             measure=args.measure, budget_unit=args.budget_unit, groups=tuple(args.groups) if args.groups else None,
         )
-        calib = dict(wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
+        calib = dict(wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0, load_average=load_average())
     if args.save_configs and source is None:
         config.save_pretrained(os.path.join(args.save_configs, f"{quantizer}-{budget:g}"))
     cal = config.calibration
@@ -300,6 +301,8 @@ def summarize(quantizer, budget, rows, full, chosen, fixed, calib, fwd_bwd, cal,
              chosen_kl=chosen.kl, full_ppl=full.perplexity,
              calibration_wall_s=calib["wall_s"], calibration_cpu_s=calib["cpu_s"],
              calibration_internal_s=cal["seconds"], fwd_bwd_wall_s=fwd_bwd["wall_s"], fwd_bwd_cpu_s=fwd_bwd["cpu_s"],
+             # the machine's load right after each timed phase (1, 5, 15 min): was it shared while timed?
+             calibration_load_average=calib.get("load_average"), fwd_bwd_load_average=fwd_bwd.get("load_average"),
              ratio_wall=calib["wall_s"] / fwd_bwd["wall_s"], ratio_cpu=calib["cpu_s"] / fwd_bwd["cpu_s"],
              beta_median=cal.get("beta_median"), fit_r2_median=cal.get("fit_r2_median"))
     if not fixed_rows:
@@ -573,11 +576,12 @@ def main(argv=None) -> int:
     for quantizer in args.quantizers:
         if source is not None:  # the earlier run's, timed beside its calibrations
             s = source["blocks_by_key"][(quantizer, args.budgets[0])]["summary"]
-            fwd_bwd = dict(wall_s=s["fwd_bwd_wall_s"], cpu_s=s["fwd_bwd_cpu_s"])
+            fwd_bwd = dict(wall_s=s["fwd_bwd_wall_s"], cpu_s=s["fwd_bwd_cpu_s"],
+                           load_average=s.get("fwd_bwd_load_average"))
         else:
             logger.info("[%s] timing one plain forward+backward over %d calibration tokens", quantizer,
                         calib_ids.numel())
-            fwd_bwd = time_fwd_bwd(model, calib_ids, args.batch_size)
+            fwd_bwd = time_fwd_bwd(model, calib_ids, args.batch_size) | dict(load_average=load_average())
         logger.info("[%s] forward+backward: %.1f s wall, %.1f s CPU", quantizer, fwd_bwd["wall_s"], fwd_bwd["cpu_s"])
         for budget in args.budgets:
             blocks.append(run_budget(args, model, tok, windows, refs, fwd_bwd, full, quantizer, budget, source))

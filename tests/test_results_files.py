@@ -41,3 +41,14 @@ def test_the_results_folder_holds_only_cited_files(make_results):
     cited = make_results.cited_files()
     assert not cited - present, f"cited but missing: {sorted(cited - present)}"
     assert not present - cited, f"cited by neither README nor RESULTS.md: {sorted(present - cited)}"
+
+
+def test_a_time_ratio_is_flagged_busy_by_the_load_while_timed(make_results):
+    """Runs that record the load right after their timed phases are judged by it; older ones by the load at their
+    end (which an evaluation beside them, after calibration, would raise)."""
+    end_busy = {"machine": {"cores": 2, "load_average_end": [3.5, 3.0, 3.0]}}
+    assert make_results._busy(end_busy, {})
+    alone = {"fwd_bwd_load_average": [2.1, 2.0, 1.9], "calibration_load_average": [2.2, 2.1, 2.0]}
+    assert not make_results._busy(end_busy, alone)
+    end_quiet = {"machine": {"cores": 2, "load_average_end": [1.0, 1.0, 1.0]}}
+    assert make_results._busy(end_quiet, alone | {"calibration_load_average": [3.4, 3.0, 2.5]})
