@@ -404,6 +404,47 @@ def model_grid(_: None) -> list[str]:
                     "lllrllrrlrrrl")]
 
 
+CROSS_GRID_RUNS = ("ratequant_quality_grid_pydoc-to-bbc.json",)
+"""Runs that evaluate the configs of an in-domain grid run (`--configs-from`) on the other text."""
+
+
+def cross_grid(_: None) -> list[str]:
+    """Per model, design and budget: RateQuant against the fixed splits on the calibration text's held-out half and
+    on another text, the same configs (each run of `CROSS_GRID_RUNS` against the run it took them from)."""
+    def cell(r: dict, d: dict) -> list[str]:
+        if not r.get("best_fixed"):
+            return ["none exists", f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", "-", "-", "n/a"]
+        below = " (below full precision)" if r["chosen_ppl"] < d["full"]["perplexity"] else ""
+        return [f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
+                f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}",
+                "yes" if r["beats_every_fixed_kl"] else "**no**", _f(r.get("ppl_gap_recovered"), ".0%") + below]
+
+    rows, commands = [], []
+    for name in CROSS_GRID_RUNS:
+        d = _load(name)
+        source_name = d["configs_from"]["file"]
+        source = _load(source_name)
+        inside = {(r["quantizer"], r["budget"]): r for r in source["summaries"]}
+        for r in d["summaries"]:
+            i = inside[(r["quantizer"], r["budget"])]
+            rows.append([_model_label(d), r["quantizer"], f"{r['budget']:g}", r["winner"].removeprefix("ratequant-"),
+                         *cell(i, source)[2:], *cell(r, d)])
+        a = d["settings"]
+        commands.append(f"`python benchmarks/ratequant_quality.py --model {a['model']} --quantizers "
+                        f"{' '.join(a['quantizers'])} --budgets {' '.join(f'{b:g}' for b in a['budgets'])} "
+                        f"--calib-data pydoc --eval-data bbc --configs-from benchmarks/results/{source_name} --tag "
+                        f"{a['tag']}` -> `results/{name}` ({machine_line(d['machine'])})")
+    return [*commands, "",
+            "The configs of the in-domain grid (calibrated with the library's defaults on the calibration half of the "
+            "Python docs text) evaluated through the real cache on the held-out half of the docs (in-domain, the "
+            "grid's figures) and on the held-out half of BBC News (cross-domain: 8 windows of 1024 tokens, every "
+            "fixed split of the budget evaluated there too, same G, R and S). Calibration is deterministic, so "
+            "these are the configs a calibration with the same settings returns.", "",
+            *_table(["model", "design", "bits", "winner", "in-domain: KL vs lowest-KL fixed", "beats every fixed",
+                     "ppl gap recovered", "BBC News: best fixed ppl / KL", "RateQuant ppl / KL",
+                     "KL vs lowest-KL fixed", "beats every fixed (KL)", "ppl gap recovered"], rows, "llrlrlrlrrlr")]
+
+
 def calibration_memory(d: dict) -> list[str]:
     gib = 2**30
     rows = []
@@ -677,6 +718,7 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "32768 --backends --sdpa flash", gpu_dequantize),
     ("Every model, design and budget (in-domain)", None, "", model_grid),
     ("Across text domains", None, "", domains),
+    ("Every design and budget across domains", None, "", cross_grid),
     ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.5 --calib-data pydoc "
      "--eval-data pydoc --tag gemma3-270m", quality),
@@ -760,7 +802,8 @@ def cited_files() -> set[str]:
     its benchmark wrote beside it; plus whatever lies in KEPT_FOLDERS."""
     names = {f for _, f, _, _ in SECTIONS if f}
     names |= set(CALIBRATION_SPEED_RUNS)
-    names |= set(DOMAIN_RUNS) | set(GRID_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS) | set(DECODE_MODEL_RUNS)
+    names |= set(DOMAIN_RUNS) | set(GRID_RUNS) | set(CROSS_GRID_RUNS) | set(MODEL_RUNS) | set(BYTE_RUNS)
+    names |= set(DECODE_MODEL_RUNS)
     names.add(DECODE_SCALE_RUN)
     names |= {n.removesuffix(".json") + ".md" for n in names if "/" not in n}
     names |= set(PASSKEY_MODEL_RUNS)  # `hf-ratequant eval --json` rows: no markdown beside them
