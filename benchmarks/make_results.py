@@ -432,8 +432,9 @@ def cross_grid(_: None) -> list[str]:
         a = d["settings"]
         commands.append(f"`python benchmarks/ratequant_quality.py --model {a['model']} --quantizers "
                         f"{' '.join(a['quantizers'])} --budgets {' '.join(f'{b:g}' for b in a['budgets'])} "
-                        f"--calib-data pydoc --eval-data bbc --configs-from benchmarks/results/{source_name} --tag "
-                        f"{a['tag']}` -> `results/{name}` ({machine_line(d['machine'])})")
+                        f"--calib-data {a['calib_data']} --eval-data {a['eval_data']} --configs-from "
+                        f"benchmarks/results/{source_name} --tag {a['tag']}` -> `results/{name}` "
+                        f"({machine_line(d['machine'])})")
     return [*commands, "",
             "The configs of the in-domain grid (calibrated with the library's defaults on the calibration half of the "
             "Python docs text) evaluated through the real cache on the held-out half of the docs (in-domain, the "
