@@ -405,7 +405,8 @@ def model_grid(_: None) -> list[str]:
                     "lllrllrrlrrrl")]
 
 
-CROSS_GRID_RUNS = ("ratequant_quality_grid_pydoc-to-bbc.json",)
+CROSS_GRID_RUNS = ("ratequant_quality_grid_pydoc-to-bbc.json",
+                   "ratequant_quality_gemma3-270m_kivi-budgets_pydoc-to-bbc.json")
 """Runs that evaluate the configs of an in-domain grid run (`--configs-from`) on the other text."""
 
 
@@ -431,7 +432,7 @@ def cross_grid(_: None) -> list[str]:
             rows.append([_model_label(d), r["quantizer"], f"{r['budget']:g}", r["winner"].removeprefix("ratequant-"),
                          *cell(i, source)[2:], *cell(r, d)])
         a = d["settings"]
-        commands.append(f"`python benchmarks/ratequant_quality.py --model {a['model']} --quantizers "
+        commands.append(f"- `python benchmarks/ratequant_quality.py --model {a['model']} --quantizers "
                         f"{' '.join(a['quantizers'])} --budgets {' '.join(f'{b:g}' for b in a['budgets'])} "
                         f"--calib-data {a['calib_data']} --eval-data {a['eval_data']} --configs-from "
                         f"benchmarks/results/{source_name} --tag {a['tag']}` -> `results/{name}` "
