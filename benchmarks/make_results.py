@@ -365,6 +365,19 @@ GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-2
 MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
 
 
+def _against_fixed(r: dict, d: dict) -> tuple[str, str, str, str]:
+    """A quality run's summary `r` against the fixed splits of its budget: the best one ("name ppl / KL"), the KL
+    against the lowest-KL one, whether it beats every one on KL, and the perplexity gap recovered (dashes where no
+    split reaches the budget)."""
+    below = " (below full precision)" if r["chosen_ppl"] < d["full"]["perplexity"] else ""
+    gap = _f(r.get("ppl_gap_recovered"), ".0%", "n/a") + below
+    if not r.get("best_fixed"):
+        return "none exists", "-", "-", gap
+    return (f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
+            f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}", "yes" if r["beats_every_fixed_kl"] else "**no**",
+            gap)
+
+
 def model_grid(_: None) -> list[str]:
     """Per model, design and budget: the best fixed split against RateQuant on held-out docs text, from every
     in-domain quality run."""
@@ -378,15 +391,12 @@ def model_grid(_: None) -> list[str]:
     rows = []
     for *_, label, r, d, name in sorted(cells, key=lambda c: c[:3]):
         fixed = r.get("best_fixed")
+        best, kl_vs, beats, gap = _against_fixed(r, d)
         rows.append([
-            label, r["quantizer"], f"{r['budget']:g}", f"{d['full']['perplexity']:.3f}",
-            f"{fixed} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}" if fixed else "none exists",
+            label, r["quantizer"], f"{r['budget']:g}", f"{d['full']['perplexity']:.3f}", best,
             f"{r['best_fixed_by_kl']} {r['best_fixed_kl_min']:.4f}" if fixed else "-",
             f"{r['winner'].removeprefix('ratequant-')}: **{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}**",
-            f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}" if fixed else "-",
-            ("yes" if r["beats_every_fixed_kl"] else "**no**") if fixed else "-",
-            _f(r.get("ppl_gap_recovered"), ".0%", "n/a") + (" (below full precision)" if r["chosen_ppl"] <
-                                                            d["full"]["perplexity"] else ""),
+            kl_vs, beats, gap,
             f"{r['paired_dlogppl_vs_best_fixed']:+.4f} ± {r['paired_dlogppl_se']:.4f}" if fixed else "",
             _ratio(r, d), f"`{name}`"])
     return ["Every model, design and budget measured with the protocol of the first table (calibrated with the "
@@ -413,14 +423,6 @@ CROSS_GRID_RUNS = ("ratequant_quality_grid_pydoc-to-bbc.json",
 def cross_grid(_: None) -> list[str]:
     """Per model, design and budget: RateQuant against the fixed splits on the calibration text's held-out half and
     on another text, the same configs (each run of `CROSS_GRID_RUNS` against the run it took them from)."""
-    def cell(r: dict, d: dict) -> list[str]:
-        if not r.get("best_fixed"):
-            return ["none exists", f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", "-", "-", "n/a"]
-        below = " (below full precision)" if r["chosen_ppl"] < d["full"]["perplexity"] else ""
-        return [f"{r['best_fixed']} {r['best_fixed_ppl']:.3f} / {r['best_fixed_kl']:.4f}",
-                f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", f"{r['chosen_kl'] / r['best_fixed_kl_min'] - 1:+.0%}",
-                "yes" if r["beats_every_fixed_kl"] else "**no**", _f(r.get("ppl_gap_recovered"), ".0%") + below]
-
     rows, commands = [], []
     for name in CROSS_GRID_RUNS:
         d = _load(name)
@@ -428,9 +430,10 @@ def cross_grid(_: None) -> list[str]:
         source = _load(source_name)
         inside = {(r["quantizer"], r["budget"]): r for r in source["summaries"]}
         for r in d["summaries"]:
-            i = inside[(r["quantizer"], r["budget"])]
+            _, *in_domain = _against_fixed(inside[(r["quantizer"], r["budget"])], source)
+            best, *across = _against_fixed(r, d)
             rows.append([_model_label(d), r["quantizer"], f"{r['budget']:g}", r["winner"].removeprefix("ratequant-"),
-                         *cell(i, source)[2:], *cell(r, d)])
+                         *in_domain, best, f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", *across])
         a = d["settings"]
         commands.append(f"- `python benchmarks/ratequant_quality.py --model {a['model']} --quantizers "
                         f"{' '.join(a['quantizers'])} --budgets {' '.join(f'{b:g}' for b in a['budgets'])} "
