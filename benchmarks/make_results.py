@@ -423,17 +423,19 @@ CROSS_GRID_RUNS = ("ratequant_quality_grid_pydoc-to-bbc.json",
 def cross_grid(_: None) -> list[str]:
     """Per model, design and budget: RateQuant against the fixed splits on the calibration text's held-out half and
     on another text, the same configs (each run of `CROSS_GRID_RUNS` against the run it took them from)."""
-    rows, commands = [], []
+    cells, commands = [], []
     for name in CROSS_GRID_RUNS:
         d = _load(name)
         source_name = d["configs_from"]["file"]
         source = _load(source_name)
         inside = {(r["quantizer"], r["budget"]): r for r in source["summaries"]}
+        label = _model_label(d)
         for r in d["summaries"]:
             _, *in_domain = _against_fixed(inside[(r["quantizer"], r["budget"])], source)
             best, *across = _against_fixed(r, d)
-            rows.append([_model_label(d), r["quantizer"], f"{r['budget']:g}", r["winner"].removeprefix("ratequant-"),
-                         *in_domain, best, f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", *across])
+            cells.append((MODEL_ORDER.index(label), ("kivi", "token", "rotated").index(r["quantizer"]), r["budget"],
+                          [label, r["quantizer"], f"{r['budget']:g}", r["winner"].removeprefix("ratequant-"),
+                           *in_domain, best, f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", *across]))
         a = d["settings"]
         commands.append(f"- `python benchmarks/ratequant_quality.py --model {a['model']} --quantizers "
                         f"{' '.join(a['quantizers'])} --budgets {' '.join(f'{b:g}' for b in a['budgets'])} "
@@ -448,7 +450,8 @@ def cross_grid(_: None) -> list[str]:
             "these are the configs a calibration with the same settings returns.", "",
             *_table(["model", "design", "bits", "winner", "in-domain: KL vs lowest-KL fixed", "beats every fixed",
                      "ppl gap recovered", "BBC News: best fixed ppl / KL", "RateQuant ppl / KL",
-                     "KL vs lowest-KL fixed", "beats every fixed (KL)", "ppl gap recovered"], rows, "llrlrlrlrrlr")]
+                     "KL vs lowest-KL fixed", "beats every fixed (KL)", "ppl gap recovered"],
+                    [row for *_, row in sorted(cells, key=lambda c: c[:3])], "llrlrlrlrrlr")]
 
 
 def calibration_memory(d: dict) -> list[str]:
