@@ -518,3 +518,51 @@ def test_budget_context_moves_bits_to_the_sliding_layers(bench_modules, tmp_path
         assert r["allocation"]["held"] <= 3.0 + 1e-9 and r["allocation_4096"]["held"] <= 3.0 + 1e-9
     near, far = rows[0]["allocation"]["sliding_mean"], rows[1]["allocation"]["sliding_mean"]
     assert far["key"] > near["key"] + 1 and far["value"] > near["value"] + 1
+
+
+def test_table_transfer_scores_allocations_on_both_tables(bench_modules):
+    """The arithmetic of the measure-across-texts study: a fixed split's bits, a config's unit order (keys then
+    values per layer and head), rank correlation, and each allocation's predicted distortion against the split."""
+    module = bench_modules("table_transfer")
+    assert module.split_bits("K3V2", 2, 1).tolist() == [3, 2, 3, 2]
+    assert module.split_bits("uniform-3", 1, 2).tolist() == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="not a fixed split"):
+        module.split_bits("ratequant", 1, 1)
+    assert module.unit_bits([[4], [2]], [[3], [1]]).tolist() == [4, 3, 2, 1]
+    assert module.rank_correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])) == pytest.approx(1)
+    assert module.rank_correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1)
+    grid = [1, 2, 3, 4]
+    a = torch.tensor([[8.0, 4.0, 2.0, 1.0], [80.0, 40.0, 20.0, 10.0]])  # unit 1 ten times as important
+    b = torch.tensor([[80.0, 40.0, 20.0, 10.0], [8.0, 4.0, 2.0, 1.0]])  # and on the other text, unit 0
+    fixed, winner = torch.tensor([2, 2]), torch.tensor([1, 3])  # the winner of the first text
+    out = module.compare({"docs": a, "news": b}, grid, 2.0, winner, fixed)
+    assert out["rank_correlation"] == pytest.approx(-1)
+    assert out["ratio_median"] == pytest.approx(1) and out["ratio_range"] == pytest.approx([0.1, 10])
+    assert out["predicted_vs_fixed"]["docs"]["winner"] == pytest.approx((8 + 20) / 44 - 1)
+    assert out["predicted_vs_fixed"]["news"]["winner"] == pytest.approx((80 + 2) / 44 - 1)  # +86%: it inverts
+    assert out["optima"] == {"docs": [1, 3], "news": [3, 1]}
+
+
+def test_table_transfer_needs_the_same_allocation_in_both_runs(bench_modules, tmp_path):
+    """The real KL is taken from an in-domain run and the cross-domain run of its configs: refused, before any model
+    loads, when the two runs hold different allocations; a run older than `--calib-data` counts as the docs text."""
+    module = bench_modules("table_transfer")
+    summary = dict(quantizer="kivi", budget=2.5, winner="ratequant", chosen_kl=0.5, best_fixed_by_kl="K3V2",
+                   best_fixed_kl_min=1.0)
+    config = dict(key_bits=[[3], [3]], value_bits=[[2], [2]])
+    inside = dict(settings={}, calib_source="pydoc_data.topics (...)", eval_source="pydoc_data.topics (...)",
+                  blocks=[dict(summary=summary, config=config)])
+    cross = dict(settings=dict(calib_data="pydoc", eval_data="bbc"),
+                 blocks=[dict(summary={**summary, "chosen_kl": 1.2}, config=config)])
+    a, b = tmp_path / "in.json", tmp_path / "cross.json"
+    a.write_text(json.dumps(inside))
+    b.write_text(json.dumps(cross))
+    cell = module.real_cell(str(a), str(b), "kivi", 2.5)
+    assert cell["texts"] == ["pydoc", "bbc"]
+    assert cell["real_kl_vs_fixed"] == pytest.approx({"pydoc": -0.5, "bbc": 0.2})
+    with pytest.raises(SystemExit, match="no kivi 3 cell"):
+        module.real_cell(str(a), str(b), "kivi", 3.0)
+    cross["blocks"][0]["config"] = dict(key_bits=[[4], [2]], value_bits=[[2], [2]])
+    b.write_text(json.dumps(cross))
+    with pytest.raises(SystemExit, match="do not hold the same kivi 2.5 allocation"):
+        module.real_cell(str(a), str(b), "kivi", 2.5)
