@@ -361,7 +361,8 @@ GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-2
              "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.json",
              "ratequant_quality_qwen2.5-coder-0.5b_token-3-3.5.json", "ratequant_quality_gemma3-270m_token-3-3.5.json",
              "ratequant_quality_qwen2.5-coder-0.5b_token-2.25.json",
-             "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.5.json")
+             "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.5.json",
+             "ratequant_quality_qwen2.5-coder-0.5b_rotated-2.25.json")
 MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
 
 
