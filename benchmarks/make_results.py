@@ -455,6 +455,13 @@ def cross_grid(_: None) -> list[str]:
                     [row for *_, row in sorted(cells, key=lambda c: c[:3])], "llrlrlrlrrlr")]
 
 
+def table_transfer(d: dict) -> list[str]:
+    """The measure across texts, as benchmarks/table_transfer.py reports it (without its title)."""
+    import table_transfer as study
+
+    return study.markdown(d).split("\n")[2:]
+
+
 def calibration_memory(d: dict) -> list[str]:
     gib = 2**30
     rows = []
@@ -729,6 +736,12 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Every model, design and budget (in-domain)", None, "", model_grid),
     ("Across text domains", None, "", domains),
     ("Every design and budget across domains", None, "", cross_grid),
+    ("Does the measure carry across texts? (kivi, 2.5 code bits)", "table_transfer_kivi-2.5.json",
+     "python benchmarks/table_transfer.py --tag kivi-2.5 --run smollm2 R/ratequant_quality_shared-prefix.json "
+     "R/ratequant_quality_grid_pydoc-to-bbc.json --run gemma3-270m R/ratequant_quality_gemma3-270m.json "
+     "R/ratequant_quality_gemma3-270m_pydoc-to-bbc.json --run qwen2.5-coder-0.5b "
+     "R/ratequant_quality_qwen2.5-coder-0.5b.json R/ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json  "
+     "# R = benchmarks/results; run beside another job, so its times are no speed figure", table_transfer),
     ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.5 --calib-data pydoc "
      "--eval-data pydoc --tag gemma3-270m", quality),

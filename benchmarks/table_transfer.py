@@ -135,21 +135,23 @@ def markdown(payload: dict) -> str:
            f"Each model's distortion table measured on the calibration half of {a} and of {b} (the fit windows "
            "calibration measures, library defaults); the winner calibrated on the first text and its lowest-KL "
            "fixed split scored by each table (predicted) and through the real cache on each held-out half "
-           "(real KL, from the quality runs). Rank correlation: Spearman over units of the distortion at the fixed "
-           "split's bits; ratio: per unit, the second table's distortion over the first's (median, geometric "
-           "spread, range).", "",
+           "(real KL, from the quality runs; pydoc: Python's docs text, bbc: BBC News). Rank correlation: Spearman "
+           "over units of the distortion at the fixed split's bits; ratio: per unit, the second table's distortion "
+           "over the first's (median, geometric spread, range).", "",
            f"| model | winner vs fixed | rank corr. | ratio {b}/{a}: median, spread (range) | predicted on {a} | "
            f"real on {a} | predicted on {b} | real on {b} | {a} optimum predicted on {b} | {b} optimum on {b} |",
            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in payload["rows"]:
         c, real = r["compare"], r["real"]["real_kl_vs_fixed"]
         p = c["predicted_vs_fixed"]
+        winner = r["real"]["winner"].removeprefix("ratequant-")
         out.append(
-            f"| {r['model']} | {r['real']['winner'].removeprefix('ratequant-')} vs {r['real']['fixed']} | "
+            f"| {r['model'].split(' (')[0]} | {winner} vs {r['real']['fixed']} | "
             f"{c['rank_correlation']:.2f} | {c['ratio_median']:.2f}, x{c['ratio_spread']:.2f} "
             f"({c['ratio_range'][0]:.2f}-{c['ratio_range'][1]:.2f}) | {p[a]['winner']:+.0%} | {real[a]:+.0%} | "
             f"{p[b]['winner']:+.0%} | {real[b]:+.0%} | {p[b][f'{a} optimum']:+.0%} | {p[b][f'{b} optimum']:+.0%} |")
-    out += ["", "Measured: " + "; ".join(f"{r['model']} {r['seconds']:.0f} s" for r in payload["rows"]) + "."]
+    out += ["", "Wall time of the two measures (a record, not a speed figure): "
+            + "; ".join(f"{r['model'].split(' (')[0]} {r['seconds']:.0f} s" for r in payload["rows"]) + "."]
     return "\n".join(out) + "\n"
 
 
