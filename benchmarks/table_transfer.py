@@ -106,9 +106,16 @@ def _text(run: dict, key: str) -> str:
     return spec
 
 
+RUN_SETTINGS = {"samples": "n_samples", "seq_len": "seq_len", "b_min": "b_min", "b_max": "b_max",
+                "group_size": "group_size", "residual_length": "residual_length", "sink_length": "sink_length",
+                "batch_size": "batch_size", "measure": "measure"}
+"""The quality run's settings (its options) the tables are measured with, as `calibrate`'s keywords."""
+
+
 def real_cell(in_domain: str, cross: str, quantizer: str, budget: float) -> dict:
-    """The winner and its lowest-KL fixed split from the in-domain run, their real held-out KL on both texts; a
-    `SystemExit` unless both runs evaluated the same allocation calibrated on the same text."""
+    """The winner and its lowest-KL fixed split from the in-domain run, their real held-out KL on both texts, and
+    the run's calibration settings; a `SystemExit` unless both runs evaluated the same allocation calibrated on the
+    same text."""
     run_a, sa, config = _cell(in_domain, quantizer, budget)
     run_b, sb, config_b = _cell(cross, quantizer, budget)
     if config is None or config_b is None or (config["key_bits"], config["value_bits"]) != (
@@ -123,8 +130,11 @@ def real_cell(in_domain: str, cross: str, quantizer: str, budget: float) -> dict
           _text(run_b, "eval_data"): sb["chosen_kl"] / sb["best_fixed_kl_min"] - 1}
     if len(kl) != 2:
         raise SystemExit(f"{cross}: evaluated on the calibration text; pass the run on the other text.")
+    given = run_a["settings"]
+    settings = {name: given.get(key) for key, name in RUN_SETTINGS.items()}  # absent: None, calibrate's default
+    settings["residual_aware"] = None if given.get("plain_measure") is None else not given["plain_measure"]
     return dict(winner=sa["winner"], fixed=sa["best_fixed_by_kl"], fixed_cross=sb["best_fixed_by_kl"],
-                calib_data=calib, texts=list(kl), real_kl_vs_fixed=kl,
+                calib_data=calib, texts=list(kl), real_kl_vs_fixed=kl, settings=settings,
                 key_bits=config["key_bits"], value_bits=config["value_bits"],
                 files=[os.path.relpath(p, os.path.join(HERE, "..")) for p in (in_domain, cross)])
 
@@ -175,7 +185,8 @@ def main(argv=None) -> int:
         model, tok, label = load_benchmark_model(model_name, torch.float32, torch.device("cpu"))
         start, tables, bit_grid = time.perf_counter(), {}, None
         for text in texts:
-            config = calibrate(model, tok, text, args.quantizer, args.budget, validate=False, progress=False)
+            config = calibrate(model, tok, text, args.quantizer, args.budget, validate=False, progress=False,
+                               **real["settings"])
             bit_grid = config.curves["bit_grid"].tolist()
             tables[text] = config.curves["distortion"].double().reshape(-1, len(bit_grid))
             logger.info("%s: table measured on %s", label, config.calibration["source"])

@@ -560,6 +560,11 @@ def test_table_transfer_needs_the_same_allocation_in_both_runs(bench_modules, tm
     cell = module.real_cell(str(a), str(b), "kivi", 2.5)
     assert cell["texts"] == ["pydoc", "bbc"]
     assert cell["real_kl_vs_fixed"] == pytest.approx({"pydoc": -0.5, "bbc": 0.2})
+    assert set(cell["settings"].values()) == {None}  # the tables are measured with the run's settings: defaults
+    inside["settings"] = dict(seq_len=1024, plain_measure=True)
+    a.write_text(json.dumps(inside))
+    cell = module.real_cell(str(a), str(b), "kivi", 2.5)
+    assert cell["settings"]["seq_len"] == 1024 and cell["settings"]["residual_aware"] is False
     with pytest.raises(SystemExit, match="no kivi 3 cell"):
         module.real_cell(str(a), str(b), "kivi", 3.0)
     cross["blocks"][0]["config"] = dict(key_bits=[[4], [2]], value_bits=[[2], [2]])
