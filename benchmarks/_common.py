@@ -113,6 +113,16 @@ def write_results(
     return json_path, md_path
 
 
+def write_report(name: str, tag: str | None, payload: dict, markdown: str, output_dir: str | None = None) -> str:
+    """`write_results` under `<name>` or `<name>_<tag>`, then print the report and where it went (the scripts whose
+    markdown is the whole report); returns the JSON path."""
+    stem = name + (f"_{tag}" if tag else "")
+    json_path, _ = write_results(stem, payload, markdown, output_dir or RESULTS_DIR)
+    print(markdown)
+    print(f"\nwrote {json_path}")
+    return json_path
+
+
 # ---- models ----------------------------------------------------------------------------------------------------
 # Architectures of real checkpoints, for timing on a machine that cannot download them: decode speed and cache
 # memory depend on the shapes (layers, heads, head_dim, hidden size), not on the values of the weights.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from _common import RESULTS_DIR, write_results
+from _common import RESULTS_DIR, write_report
 
 from hf_ratequant import RateQuantConfig
 from hf_ratequant.footprint import REPORT_TOKENS, cache_bytes, layer_weights, true_bits_per_element
@@ -96,10 +96,7 @@ def main(argv=None) -> int:
                              allocation_4096=describe(at_4096, context)))
     payload = dict(model=fp.model_type, config=os.path.relpath(args.config, os.path.join(HERE, "..")),
                    source=(config.calibration or {}).get("source", "?"), rows=rows)
-    stem = "budget_context" + (f"_{args.tag}" if args.tag else "")
-    json_path, _ = write_results(stem, payload, markdown(payload), args.output_dir)
-    print(markdown(payload))
-    print(f"\nwrote {json_path}")
+    write_report("budget_context", args.tag, payload, markdown(payload), args.output_dir)
     return 0
 
 

@@ -28,7 +28,7 @@ import argparse
 import time
 
 import torch
-from _common import CALIBRATION, LAYOUT, MODEL_HELP, load_benchmark_model, machine, write_results
+from _common import CALIBRATION, LAYOUT, MODEL_HELP, load_benchmark_model, machine, write_report
 
 from hf_ratequant.calibration import calibration_windows, measure_distortions
 from hf_ratequant.config import ModelFingerprint
@@ -261,11 +261,7 @@ def main(argv=None) -> int:
     payload = dict(model=name, source=source, tokens=int(windows.numel()), seconds=seconds, head_dim=head_dim,
                    n_designs=len(designs), groups=args.groups, bits=args.bits, scale_bits=args.scale_bits,
                    designs=results, machine=machine())
-    stem = "group_options" + (f"_{args.tag}" if args.tag else "")
-    kwargs = {"output_dir": args.output_dir} if args.output_dir else {}
-    json_path, _ = write_results(stem, payload, markdown(payload), **kwargs)
-    print(markdown(payload))
-    print(f"\nwrote {json_path}")
+    write_report("group_options", args.tag, payload, markdown(payload), args.output_dir)
     return 0
 
 

@@ -28,7 +28,7 @@ import re
 import time
 
 import torch
-from _common import RESULTS_DIR, load_benchmark_model, write_results
+from _common import CALIBRATION, LAYOUT, RESULTS_DIR, load_benchmark_model, write_report
 
 from hf_ratequant.allocation import allocate_from_table
 from hf_ratequant.calibration import calibrate
@@ -165,16 +165,21 @@ def markdown(payload: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--run", nargs=3, action="append", required=True, metavar=("MODEL", "IN_DOMAIN", "CROSS"),
                    help="a model (as --model of ratequant_quality) and its in-domain and cross-domain quality runs "
                    "of the cell (the cross run evaluated the in-domain run's configs)")
-    p.add_argument("--quantizer", default="kivi")
-    p.add_argument("--budget", type=float, default=2.5, help="average code bits (default 2.5)")
+    p.add_argument("--quantizer", default=LAYOUT.quantizer, help=f"default {LAYOUT.quantizer}")
+    p.add_argument("--budget", type=float, default=CALIBRATION.budget,
+                   help=f"average code bits (default {CALIBRATION.budget:g})")
     p.add_argument("--tag", default="", help="suffix of the output names: table_transfer_<tag>")
     p.add_argument("--output-dir", default=RESULTS_DIR)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cells = [(model, real_cell(a, b, args.quantizer, args.budget)) for model, a, b in args.run]  # before any model
     texts = cells[0][1]["texts"]
@@ -198,10 +203,7 @@ def main(argv=None) -> int:
                          compare=compare(tables, bit_grid, args.budget, winner, fixed)))
         del model
     payload = dict(quantizer=args.quantizer, budget=args.budget, texts=texts, rows=rows)
-    stem = "table_transfer" + (f"_{args.tag}" if args.tag else "")
-    json_path, _ = write_results(stem, payload, markdown(payload), args.output_dir)
-    print(markdown(payload))
-    print(f"\nwrote {json_path}")
+    write_report("table_transfer", args.tag, payload, markdown(payload), args.output_dir)
     return 0
 
 

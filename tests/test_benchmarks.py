@@ -69,6 +69,7 @@ EXPECTED = {
     "gpu_speed": dict(quantizer=LAYOUT.quantizer, group_size=LAYOUT.group_size,
                       residual_length=LAYOUT.residual_length),
     "lm_eval_table": dict(chunk=EVALUATION.chunk),
+    "table_transfer": dict(quantizer=LAYOUT.quantizer, budget=CALIBRATION.budget),
     "long_context": dict(quantizer=LAYOUT.quantizer, group_size=LAYOUT.group_size,
                          residual_length=LAYOUT.residual_length, sink_length=LAYOUT.sink_length),
     "memory": dict(group_size=LAYOUT.group_size, residual_length=LAYOUT.residual_length,
@@ -79,7 +80,7 @@ EXPECTED = {
                               windows=EVALUATION.n_windows, chunk=EVALUATION.chunk, samples=CALIBRATION.n_samples,
                               validation=CALIBRATION.n_validation, batch_size=CALIBRATION.batch_size),
 }
-REQUIRED_ARGS = {"allocation_neighbourhood": ["--config", "unused"]}
+REQUIRED_ARGS = {"allocation_neighbourhood": ["--config", "unused"], "table_transfer": ["--run", "m", "a", "b"]}
 
 def _forked_help(name: str, output: Path, timeout: float = 60.0) -> int:
     """Run `benchmarks/<name> --help` in a child forked from this process (which has imported `hf_ratequant` and
