@@ -366,6 +366,11 @@ GRID_RUNS = ("ratequant_quality_shared-prefix.json", "ratequant_quality_gemma3-2
 MODEL_ORDER = ("SmolLM2-135M", "Gemma 3 270M", "Qwen2.5-Coder 0.5B")
 
 
+def _cell_order(label: str, r: dict) -> tuple[int, int, float]:
+    """Where a summary `r` of model `label` sorts in the grids: by model, design, budget."""
+    return MODEL_ORDER.index(label), ("kivi", "token", "rotated").index(r["quantizer"]), r["budget"]
+
+
 def _against_fixed(r: dict, d: dict) -> tuple[str, str, str, str]:
     """A quality run's summary `r` against the fixed splits of its budget: the best one ("name ppl / KL"), the KL
     against the lowest-KL one, whether it beats every one on KL, and the perplexity gap recovered (dashes where no
@@ -387,10 +392,9 @@ def model_grid(_: None) -> list[str]:
         d = _load(name)
         label = _model_label(d)
         for r in d["summaries"]:
-            cells.append((MODEL_ORDER.index(label), ("kivi", "token", "rotated").index(r["quantizer"]), r["budget"],
-                          label, r, d, name))
+            cells.append((_cell_order(label, r), label, r, d, name))
     rows = []
-    for *_, label, r, d, name in sorted(cells, key=lambda c: c[:3]):
+    for _, label, r, d, name in sorted(cells, key=lambda c: c[0]):
         fixed = r.get("best_fixed")
         best, kl_vs, beats, gap = _against_fixed(r, d)
         rows.append([
@@ -437,9 +441,9 @@ def cross_grid(_: None) -> list[str]:
         for r in d["summaries"]:
             _, *in_domain = _against_fixed(inside[(r["quantizer"], r["budget"])], source)
             best, *across = _against_fixed(r, d)
-            cells.append((MODEL_ORDER.index(label), ("kivi", "token", "rotated").index(r["quantizer"]), r["budget"],
-                          [label, r["quantizer"], f"{r['budget']:g}", r["winner"].removeprefix("ratequant-"),
-                           *in_domain, best, f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", *across]))
+            cells.append((_cell_order(label, r), [
+                label, r["quantizer"], f"{r['budget']:g}", r["winner"].removeprefix("ratequant-"), *in_domain, best,
+                f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", *across]))
         a = d["settings"]
         commands.append(f"- `python benchmarks/ratequant_quality.py --model {a['model']} --quantizers "
                         f"{' '.join(a['quantizers'])} --budgets {' '.join(f'{b:g}' for b in a['budgets'])} "
@@ -455,7 +459,7 @@ def cross_grid(_: None) -> list[str]:
             *_table(["model", "design", "bits", "winner", "in-domain: KL vs lowest-KL fixed", "beats every fixed",
                      "ppl gap recovered", "BBC News: best fixed ppl / KL", "RateQuant ppl / KL",
                      "KL vs lowest-KL fixed", "beats every fixed (KL)", "ppl gap recovered"],
-                    [row for *_, row in sorted(cells, key=lambda c: c[:3])], "llrlrlrlrrlr")]
+                    [row for _, row in sorted(cells, key=lambda c: c[0])], "llrlrlrlrrlr")]
 
 
 def table_transfer(d: dict) -> list[str]:
