@@ -133,7 +133,8 @@ def real_cell(in_domain: str, cross: str, quantizer: str, budget: float) -> dict
     given = run_a["settings"]
     settings = {name: given.get(key) for key, name in RUN_SETTINGS.items()}  # absent: None, calibrate's default
     settings["residual_aware"] = None if given.get("plain_measure") is None else not given["plain_measure"]
-    return dict(winner=sa["winner"], fixed=sa["best_fixed_by_kl"], fixed_cross=sb["best_fixed_by_kl"],
+    return dict(model=given.get("model") or "smollm2",  # runs from before --model: the embedded default
+                winner=sa["winner"], fixed=sa["best_fixed_by_kl"], fixed_cross=sb["best_fixed_by_kl"],
                 calib_data=calib, texts=list(kl), real_kl_vs_fixed=kl, settings=settings,
                 key_bits=config["key_bits"], value_bits=config["value_bits"],
                 files=[os.path.relpath(p, os.path.join(HERE, "..")) for p in (in_domain, cross)])
@@ -182,6 +183,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cells = [(model, real_cell(a, b, args.quantizer, args.budget)) for model, a, b in args.run]  # before any model
+    for model, real in cells:
+        if real["model"] != model:
+            raise SystemExit(f"--run {model}: its quality runs are of --model {real['model']}.")
     texts = cells[0][1]["texts"]
     if any(c["texts"] != texts for _, c in cells):
         raise SystemExit(f"every --run must evaluate on the same two texts, {texts}.")

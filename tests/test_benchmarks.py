@@ -559,7 +559,9 @@ def test_table_transfer_needs_the_same_allocation_in_both_runs(bench_modules, tm
     a.write_text(json.dumps(inside))
     b.write_text(json.dumps(cross))
     cell = module.real_cell(str(a), str(b), "kivi", 2.5)
-    assert cell["texts"] == ["pydoc", "bbc"]
+    assert cell["texts"] == ["pydoc", "bbc"] and cell["model"] == "smollm2"  # no --model recorded: the default
+    with pytest.raises(SystemExit, match="its quality runs are of --model smollm2"):
+        module.main(["--run", "gemma3-270m", str(a), str(b), "--output-dir", str(tmp_path)])
     assert cell["real_kl_vs_fixed"] == pytest.approx({"pydoc": -0.5, "bbc": 0.2})
     assert set(cell["settings"].values()) == {None}  # the tables are measured with the run's settings: defaults
     inside["settings"] = dict(seq_len=1024, plain_measure=True)
