@@ -24,13 +24,12 @@ import argparse
 import json
 import logging
 import os
-import re
 import time
 
 import torch
-from _common import CALIBRATION, LAYOUT, RESULTS_DIR, load_benchmark_model, write_report
+from _common import CALIBRATION, LAYOUT, RESULTS_DIR, bits_table, load_benchmark_model, write_report
 
-from hf_ratequant.allocation import allocate_from_table
+from hf_ratequant.allocation import allocate_from_table, fixed_candidates
 from hf_ratequant.calibration import calibrate
 
 logger = logging.getLogger("benchmarks.table_transfer")
@@ -50,19 +49,21 @@ def total(table: torch.Tensor, bits: torch.Tensor, bit_grid: list[int]) -> float
     return float(table.gather(1, (bits - bit_grid[0]).long()[:, None]).sum())
 
 
-def split_bits(name: str, n_layers: int, n_heads: int) -> torch.Tensor:
-    """The unit bits `(layers * heads * 2,)`, keys then values per (layer, head), of a fixed split such as "K3V2" or
-    "uniform-3"."""
-    m = re.fullmatch(r"K(\d+)V(\d+)|uniform-(\d+)", name)
-    if m is None:
-        raise ValueError(f"{name!r} is not a fixed split (KxVy or uniform-b).")
-    k, v = (int(m[1]), int(m[2])) if m[3] is None else (int(m[3]), int(m[3]))
-    return torch.tensor([k, v]).repeat(n_layers * n_heads)
+def split_bits(name: str, n_layers: int, n_heads: int, budget: float, b_min: int | None = None,
+               b_max: int | None = None) -> torch.Tensor:
+    """The unit bits `(layers * heads * 2,)`, keys then values per (layer, head), of the fixed split `name` of
+    `budget` bits, as calibration names and builds them (`fixed_candidates`: "K3V2", "uniform-3")."""
+    b_min = CALIBRATION.b_min if b_min is None else b_min
+    b_max = CALIBRATION.b_max if b_max is None else b_max
+    for candidate in fixed_candidates(n_layers, n_heads, budget, b_min, b_max):
+        if candidate.name == name:
+            return candidate.bits.reshape(-1)
+    raise ValueError(f"{name!r} is not a fixed split of {budget:g} bits in [{b_min}, {b_max}].")
 
 
 def unit_bits(key_bits: list[list[int]], value_bits: list[list[int]]) -> torch.Tensor:
     """A config's `key_bits` / `value_bits` (layers x heads) as unit bits in the tables' order."""
-    return torch.stack([torch.tensor(key_bits), torch.tensor(value_bits)], dim=-1).reshape(-1)
+    return bits_table(key_bits, value_bits).reshape(-1)
 
 
 def compare(tables: dict[str, torch.Tensor], bit_grid: list[int], budget: float, winner: torch.Tensor,
@@ -202,7 +203,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         n_layers, n_heads = len(real["key_bits"]), len(real["key_bits"][0])
         winner = unit_bits(real["key_bits"], real["value_bits"])
-        fixed = split_bits(real["fixed"], n_layers, n_heads)
+        fixed = split_bits(real["fixed"], n_layers, n_heads, args.budget, real["settings"]["b_min"],
+                           real["settings"]["b_max"])
         rows.append(dict(model=label, real=real, seconds=seconds,
                          compare=compare(tables, bit_grid, args.budget, winner, fixed)))
         del model

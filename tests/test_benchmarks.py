@@ -525,10 +525,10 @@ def test_table_transfer_scores_allocations_on_both_tables(bench_modules):
     """The arithmetic of the measure-across-texts study: a fixed split's bits, a config's unit order (keys then
     values per layer and head), rank correlation, and each allocation's predicted distortion against the split."""
     module = bench_modules("table_transfer")
-    assert module.split_bits("K3V2", 2, 1).tolist() == [3, 2, 3, 2]
-    assert module.split_bits("uniform-3", 1, 2).tolist() == [3, 3, 3, 3]
+    assert module.split_bits("K3V2", 2, 1, 2.5).tolist() == [3, 2, 3, 2]
+    assert module.split_bits("uniform-3", 1, 2, 3.0).tolist() == [3, 3, 3, 3]
     with pytest.raises(ValueError, match="not a fixed split"):
-        module.split_bits("ratequant", 1, 1)
+        module.split_bits("ratequant", 1, 1, 2.5)
     assert module.unit_bits([[4], [2]], [[3], [1]]).tolist() == [4, 3, 2, 1]
     assert module.rank_correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])) == pytest.approx(1)
     assert module.rank_correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1)
