@@ -86,7 +86,7 @@ def compare(tables: dict[str, torch.Tensor], bit_grid: list[int], budget: float,
 
 
 # ---- the quality runs the cell comes from ------------------------------------------------------------------------
-def _cell(path: str, quantizer: str, budget: float) -> tuple[dict, dict, dict]:
+def cell(path: str, quantizer: str, budget: float) -> tuple[dict, dict, dict]:
     with open(path, encoding="utf-8") as f:
         run = json.load(f)
     for block in run.get("blocks", []):
@@ -95,7 +95,7 @@ def _cell(path: str, quantizer: str, budget: float) -> tuple[dict, dict, dict]:
     raise SystemExit(f"{path}: no {quantizer} {budget:g} cell; pass a ratequant_quality run that holds it.")
 
 
-def _text(run: dict, key: str) -> str:
+def text_of(run: dict, key: str) -> str:
     """The text spec (`--calib-data` / `--eval-data`) a run used; files from before these options record none, and
     ran on the offline default, Python's docs text (their recorded source says so)."""
     spec = run["settings"].get(key)
@@ -113,30 +113,36 @@ RUN_SETTINGS = {"samples": "n_samples", "seq_len": "seq_len", "b_min": "b_min", 
 """The quality run's settings (its options) the tables are measured with, as `calibrate`'s keywords."""
 
 
+def calibration_settings(given: dict) -> dict:
+    """A quality run's `settings` as `calibrate`'s keywords (`RUN_SETTINGS`; a setting an older file lacks is None:
+    calibrate's default)."""
+    settings = {name: given.get(key) for key, name in RUN_SETTINGS.items()}
+    settings["residual_aware"] = None if given.get("plain_measure") is None else not given["plain_measure"]
+    return settings
+
+
 def real_cell(in_domain: str, cross: str, quantizer: str, budget: float) -> dict:
     """The winner and its lowest-KL fixed split from the in-domain run, their real held-out KL on both texts, and
     the run's calibration settings; a `SystemExit` unless both runs evaluated the same allocation calibrated on the
     same text."""
-    run_a, sa, config = _cell(in_domain, quantizer, budget)
-    run_b, sb, config_b = _cell(cross, quantizer, budget)
+    run_a, sa, config = cell(in_domain, quantizer, budget)
+    run_b, sb, config_b = cell(cross, quantizer, budget)
     if config is None or config_b is None or (config["key_bits"], config["value_bits"]) != (
             config_b["key_bits"], config_b["value_bits"]):
         raise SystemExit(f"{in_domain} and {cross} do not hold the same {quantizer} {budget:g} allocation: the "
                          "cross-domain run must evaluate the in-domain run's configs (--configs-from).")
-    calib = _text(run_a, "calib_data")
-    if calib != _text(run_b, "calib_data") or calib != _text(run_a, "eval_data") or not sa.get("best_fixed_by_kl"):
+    calib = text_of(run_a, "calib_data")
+    if calib != text_of(run_b, "calib_data") or calib != text_of(run_a, "eval_data") or not sa.get("best_fixed_by_kl"):
         raise SystemExit(f"{in_domain}, {cross}: not calibrated on one text and evaluated in-domain by the first, or "
                          "no fixed split to compare with.")
     kl = {calib: sa["chosen_kl"] / sa["best_fixed_kl_min"] - 1,
-          _text(run_b, "eval_data"): sb["chosen_kl"] / sb["best_fixed_kl_min"] - 1}
+          text_of(run_b, "eval_data"): sb["chosen_kl"] / sb["best_fixed_kl_min"] - 1}
     if len(kl) != 2:
         raise SystemExit(f"{cross}: evaluated on the calibration text; pass the run on the other text.")
     given = run_a["settings"]
-    settings = {name: given.get(key) for key, name in RUN_SETTINGS.items()}  # absent: None, calibrate's default
-    settings["residual_aware"] = None if given.get("plain_measure") is None else not given["plain_measure"]
     return dict(model=given.get("model") or "smollm2",  # runs from before --model: the embedded default
                 winner=sa["winner"], fixed=sa["best_fixed_by_kl"], fixed_cross=sb["best_fixed_by_kl"],
-                calib_data=calib, texts=list(kl), real_kl_vs_fixed=kl, settings=settings,
+                calib_data=calib, texts=list(kl), real_kl_vs_fixed=kl, settings=calibration_settings(given),
                 key_bits=config["key_bits"], value_bits=config["value_bits"],
                 files=[os.path.relpath(p, os.path.join(HERE, "..")) for p in (in_domain, cross)])
 

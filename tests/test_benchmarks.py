@@ -51,6 +51,7 @@ SHARED_FLAGS = ("--quantizer", "--group-size", "--residual-length", "--sink-leng
 # What each script must have (a renamed option would otherwise drop out of the check unnoticed), and the options
 # that default to a calibration setting in that script only (elsewhere `--samples 8` is a deliberately smaller run).
 EXPECTED = {
+    "allocation_path": dict(quantizer=LAYOUT.quantizer, budget=CALIBRATION.budget),
     "allocation_neighbourhood": dict(seq_len=CALIBRATION.seq_len, samples=CALIBRATION.n_samples),
     "byte_frontier": dict(b_min=CALIBRATION.b_min, b_max=CALIBRATION.b_max, window=EVALUATION.window,
                           windows=EVALUATION.n_windows, chunk=EVALUATION.chunk),
@@ -80,7 +81,8 @@ EXPECTED = {
                               windows=EVALUATION.n_windows, chunk=EVALUATION.chunk, samples=CALIBRATION.n_samples,
                               validation=CALIBRATION.n_validation, batch_size=CALIBRATION.batch_size),
 }
-REQUIRED_ARGS = {"allocation_neighbourhood": ["--config", "unused"], "table_transfer": ["--run", "m", "a", "b"]}
+REQUIRED_ARGS = {"allocation_neighbourhood": ["--config", "unused"], "allocation_path": ["--run", "m", "a"],
+                 "table_transfer": ["--run", "m", "a", "b"]}
 
 def _forked_help(name: str, output: Path, timeout: float = 60.0) -> int:
     """Run `benchmarks/<name> --help` in a child forked from this process (which has imported `hf_ratequant` and
@@ -574,3 +576,52 @@ def test_table_transfer_needs_the_same_allocation_in_both_runs(bench_modules, tm
     b.write_text(json.dumps(cross))
     with pytest.raises(SystemExit, match="do not hold the same kivi 2.5 allocation"):
         module.real_cell(str(a), str(b), "kivi", 2.5)
+
+
+def test_allocation_path_separates_units_from_their_sum(bench_modules):
+    """The path from a fixed split to a winner: one allocation per differing unit each way, and the decomposition of
+    the winner's change into the table's per-unit predictions and the real one-unit changes (relative to the split)."""
+    module = bench_modules("allocation_path")
+    fixed, winner = torch.tensor([3, 2, 3, 2]), torch.tensor([4, 1, 3, 2])
+    paths = module.path_allocations(fixed, winner)
+    assert {k: v.tolist() for k, v in paths.items()} == {
+        "fixed": [3, 2, 3, 2], "winner": [4, 1, 3, 2], "+0": [4, 2, 3, 2], "-0": [3, 1, 3, 2],
+        "+1": [3, 1, 3, 2], "-1": [4, 2, 3, 2]}
+    assert [module.unit_name(1, 1), module.unit_name(5, 2), module.unit_name(6, 2)] == ["L0 V", "L1h0 V", "L1h1 K"]
+    grid = [1, 2, 3, 4]
+    table = torch.tensor([[8.0, 4.0, 2.0, 1.0], [16.0, 8.0, 4.0, 2.0], [8.0, 4.0, 2.0, 1.0], [8.0, 4.0, 2.0, 1.0]])
+    # predicted at the split: 2 + 8 + 2 + 4 = 16; the winner 1 + 16 + 2 + 4 = 23: unit 0 saves 1, unit 1 costs 8
+    kl = {"fixed": 1.0, "winner": 1.5, "+0": 0.9, "+1": 1.4, "-0": 1.4, "-1": 1.2}
+    out = module.decompose(table, grid, fixed, winner, kl)
+    units = {x["unit"]: x for x in out["units"]}
+    assert units[0]["bits"] == [3, 4] and units[0]["predicted"] == pytest.approx(-1 / 16)
+    assert units[1]["predicted"] == pytest.approx(8 / 16)
+    assert units[0]["from_fixed"] == pytest.approx(-0.1) and units[1]["from_fixed"] == pytest.approx(0.4)
+    assert units[0]["at_winner"] == pytest.approx(0.1) and units[1]["at_winner"] == pytest.approx(0.3)
+    assert out["totals"] == pytest.approx(dict(predicted=7 / 16, real=0.5, sum_from_fixed=0.3, sum_at_winner=0.4))
+    assert out["rank_correlation"] is None  # two units: no correlation to speak of
+
+
+def test_allocation_path_checks_its_run_before_any_model(bench_modules, tmp_path):
+    """A `--run` must be of the model named and hold per-window KLs of the split and the winner for the windows
+    asked; the run's own figures over those windows are what this run's evaluation is checked against."""
+    module = bench_modules("allocation_path")
+    summary = dict(quantizer="kivi", budget=2.5, winner="ratequant-keys-x4", best_fixed_by_kl="K3V2")
+    rows = [dict(cache="K3V2", window_kl=[0.2, 0.4, 9.0], window_tokens=[10, 30, 10]),
+            dict(cache="chosen (ratequant-keys-x4)", window_kl=[0.1, 0.1, 9.0], window_tokens=[10, 30, 10])]
+    run = dict(settings=dict(model="gemma3-270m", calib_data="pydoc", eval_data="bbc", seq_len=1024),
+               blocks=[dict(summary=summary, config=dict(key_bits=[[3]], value_bits=[[2]]), rows=rows)])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    c = module.load_cell("gemma3-270m", str(path), "kivi", 2.5, 2)
+    assert c["run_kl"] == pytest.approx({"fixed": 0.35, "winner": 0.1})
+    assert (c["calib_data"], c["eval_data"], c["fixed"]) == ("pydoc", "bbc", "K3V2")
+    assert c["settings"]["seq_len"] == 1024 and c["settings"]["n_samples"] is None
+    with pytest.raises(SystemExit, match="that run is of --model gemma3-270m"):
+        module.load_cell("smollm2", str(path), "kivi", 2.5, 2)
+    with pytest.raises(SystemExit, match="do not hold 4 per-window KLs"):
+        module.load_cell("gemma3-270m", str(path), "kivi", 2.5, 4)
+    with pytest.raises(SystemExit, match="no kivi 3 cell"):
+        module.load_cell("gemma3-270m", str(path), "kivi", 3.0, 2)
+    with pytest.raises(SystemExit, match="that run is of --model gemma3-270m"):
+        module.main(["--run", "smollm2", str(path), "--output-dir", str(tmp_path)])
