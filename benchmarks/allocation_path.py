@@ -99,8 +99,8 @@ def markdown(payload: dict) -> str:
            "its real KL). Real KL on the first held-out windows of the quality run's evaluation text.", ""]
     for r in payload["rows"]:
         t, rho = r["decomposition"]["totals"], r["decomposition"]["rank_correlation"]
-        out += [f"## {r['model']}: {r['winner']} against {r['fixed']}", "",
-                f"`{r['command']}`; {r['windows']} windows of {r['eval_source']}; KL of the split "
+        out += [f"## {r['model']}: {r['winner']} against {r['fixed']}, evaluated on {r['eval_source']}", "",
+                f"`{r['command']}`; {r['windows']} held-out windows; KL of the split "
                 f"{r['kl']['fixed']:.5f}, of the winner {r['kl']['winner']:.5f} (the quality run on the same windows: "
                 f"{r['run_kl']['fixed']:.5f}, {r['run_kl']['winner']:.5f}).", "",
                 f"- The winner against the split: predicted {t['predicted']:+.1%}, real {t['real']:+.1%}.",

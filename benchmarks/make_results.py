@@ -470,6 +470,13 @@ def table_transfer(d: dict) -> list[str]:
     return study.markdown(d).split("\n")[2:]
 
 
+def allocation_path(d: dict) -> list[str]:
+    """The measure's additivity, as benchmarks/allocation_path.py reports it (without its title)."""
+    import allocation_path as study
+
+    return ["#" + line if line.startswith("## ") else line for line in study.markdown(d).split("\n")[2:]]
+
+
 def calibration_memory(d: dict) -> list[str]:
     gib = 2**30
     rows = []
@@ -750,6 +757,10 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "R/ratequant_quality_gemma3-270m_pydoc-to-bbc.json --run qwen2.5-coder-0.5b "
      "R/ratequant_quality_qwen2.5-coder-0.5b.json R/ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json  "
      "# R = benchmarks/results; run beside another job, so its times are no speed figure", table_transfer),
+    ("Does the measure add up? (Gemma 3 270M, kivi, 2.5 code bits)", "allocation_path_gemma3-270m_kivi-2.5.json",
+     "python benchmarks/allocation_path.py --run gemma3-270m R/ratequant_quality_gemma3-270m.json --run gemma3-270m "
+     "R/ratequant_quality_gemma3-270m_pydoc-to-bbc.json --tag gemma3-270m_kivi-2.5  # R = benchmarks/results",
+     allocation_path),
     ("Gemma 3 270M", "ratequant_quality_gemma3-270m.json",
      "python benchmarks/ratequant_quality.py --model gemma3-270m --quantizers kivi --budgets 2.5 --calib-data pydoc "
      "--eval-data pydoc --tag gemma3-270m", quality),
