@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import runpy
 import signal
@@ -71,6 +72,7 @@ EXPECTED = {
                       residual_length=LAYOUT.residual_length),
     "lm_eval_table": dict(chunk=EVALUATION.chunk),
     "table_transfer": dict(quantizer=LAYOUT.quantizer, budget=CALIBRATION.budget),
+    "verified_moves": dict(quantizer=LAYOUT.quantizer, budget=CALIBRATION.budget),
     "long_context": dict(quantizer=LAYOUT.quantizer, group_size=LAYOUT.group_size,
                          residual_length=LAYOUT.residual_length, sink_length=LAYOUT.sink_length),
     "memory": dict(group_size=LAYOUT.group_size, residual_length=LAYOUT.residual_length,
@@ -82,7 +84,7 @@ EXPECTED = {
                               validation=CALIBRATION.n_validation, batch_size=CALIBRATION.batch_size),
 }
 REQUIRED_ARGS = {"allocation_neighbourhood": ["--config", "unused"], "allocation_path": ["--run", "m", "a"],
-                 "table_transfer": ["--run", "m", "a", "b"]}
+                 "table_transfer": ["--run", "m", "a", "b"], "verified_moves": ["--run", "m", "a"]}
 
 def _forked_help(name: str, output: Path, timeout: float = 60.0) -> int:
     """Run `benchmarks/<name> --help` in a child forked from this process (which has imported `hf_ratequant` and
@@ -625,3 +627,59 @@ def test_allocation_path_checks_its_run_before_any_model(bench_modules, tmp_path
         module.load_cell("gemma3-270m", str(path), "kivi", 3.0, 2)
     with pytest.raises(SystemExit, match="that run is of --model gemma3-270m"):
         module.main(["--run", "smollm2", str(path), "--output-dir", str(tmp_path)])
+
+
+def test_verified_moves_rechooses_the_moves_exactly(bench_modules):
+    """The winner's moves away from the split re-chosen by their measured changes: the least sum at no more bits
+    than the split, against every subset on random small problems; ties go to fewer bits."""
+    import itertools
+    import random
+
+    module = bench_modules("verified_moves")
+    fixed, winner = torch.tensor([3, 2, 3, 2]), torch.tensor([2, 1, 5, 3])
+    # unit 2 gains most but costs two bits; taking units 0 and 1 down pays for it
+    got = module.rechoose(fixed, winner, {0: 0.1, 1: 0.5, 2: -0.4, 3: -0.3})
+    assert got.tolist() == [2, 2, 3, 3]  # only unit 3 up (one bit) paid by unit 0 down: -0.2
+    assert module.rechoose(fixed, winner, {0: 0.1, 1: 0.05, 2: -0.4, 3: 0.3}).tolist() == [2, 1, 5, 2]
+    assert module.rechoose(fixed, fixed, {}).tolist() == fixed.tolist()
+    with pytest.raises(ValueError, match="a measured change for each move"):
+        module.rechoose(fixed, winner, {0: 0.1})
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        f = torch.tensor([rng.randint(1, 6) for _ in range(n)])
+        w = torch.tensor([rng.randint(1, 6) for _ in range(n)])
+        moves = (f != w).nonzero().flatten().tolist()
+        change = {u: rng.uniform(-1, 1) for u in moves}
+        got = module.rechoose(f, w, change)
+        best = min(sum(change[u] for u in s) for k in range(len(moves) + 1) for s in itertools.combinations(moves, k)
+                   if sum(int(w[u] - f[u]) for u in s) <= 0)
+        assert int(got.sum()) <= int(f.sum())
+        assert sum(change[u] for u in moves if got[u] == w[u]) == pytest.approx(best)
+
+
+def test_verified_moves_reads_its_runs_before_any_model(bench_modules, tmp_path):
+    """The held-out figures of the split and the winner come from the quality runs, which must hold the same
+    allocation; the cross-domain run's figures beside the in-domain run's, relative to the split."""
+    module = bench_modules("verified_moves")
+    summary = dict(quantizer="kivi", budget=2.5, winner="ratequant-keys-x4", best_fixed_by_kl="K3V2")
+    rows = [dict(cache="K3V2", perplexity=10.0, kl=0.02, window_kl=[0.02]), dict(cache="chosen (ratequant-keys-x4)", perplexity=9.5,
+                                                                kl=0.01)]
+    config = dict(key_bits=[[3]], value_bits=[[2]])
+    run = dict(settings=dict(model="gemma3-270m", calib_data="pydoc", eval_data="pydoc"), eval_windows=8,
+               full=dict(perplexity=9.0), blocks=[dict(summary=summary, config=config, rows=rows)])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    t = module.held_out(str(path), "kivi", 2.5, [[3]], [[2]])
+    assert (t["eval_data"], t["windows"], t["fixed_name"], t["model"]) == ("pydoc", 8, "K3V2", "gemma3-270m")
+    w = module.against(t["winner"], t["fixed"], t["full_ppl"])
+    assert w["kl_vs_fixed"] == pytest.approx(-0.5)
+    assert w["gap_recovered"] == pytest.approx(math.log(10 / 9.5) / math.log(10 / 9))
+    with pytest.raises(SystemExit, match="does not hold the same kivi 2.5 allocation"):
+        module.held_out(str(path), "kivi", 2.5, [[4]], [[2]])
+    with pytest.raises(SystemExit, match="every run must be of --model smollm2"):
+        module.main(["--run", "smollm2", str(path), "--output-dir", str(tmp_path)])
+    cross = dict(run, settings=dict(model="gemma3-270m", calib_data="pydoc", eval_data="bbc"))
+    (tmp_path / "cross.json").write_text(json.dumps(cross))
+    with pytest.raises(SystemExit, match="not evaluated on its calibration text"):
+        module.main(["--run", "gemma3-270m", str(tmp_path / "cross.json"), "--output-dir", str(tmp_path)])
