@@ -22,13 +22,18 @@ import math
 import time
 
 import torch
-from _common import CALIBRATION, LAYOUT, RESULTS_DIR, bits_table, load_benchmark_model, write_report
+from _common import CALIBRATION, LAYOUT, RESULTS_DIR, bits_table, load_benchmark_model, machine, write_report
 from allocation_path import unit_name
 from table_transfer import cell, split_bits, text_of
 
 from hf_ratequant.operating_points import allocate_rate
 
 logger = logging.getLogger("benchmarks.verified_moves")
+
+
+CHECK_TOLERANCE = 0.01
+"""How far the split's KL on the first held-out window may be from the quality run's own figure there (relative): the
+library's numerics move a little between versions (up to 0.4% seen), the effects studied are tens of percent."""
 
 
 # ---- pure arithmetic -------------------------------------------------------------------------------------------
@@ -72,8 +77,10 @@ def markdown(payload: dict) -> str:
     for m in sorted(r["moves"], key=lambda m: m["change"]):
         out.append(f"| {unit_name(m['unit'], r['heads'])} | {m['bits'][0]} -> {m['bits'][1]} | {m['change']:+.1%} | "
                    f"{'yes' if m['kept'] else 'no'} |")
-    out += ["", "Held-out evaluation (the split's and the winner's figures are the quality runs'; the split "
-            "re-evaluated on the first window equals the run's there):", "",
+    checks = "; ".join(f"{t['eval_data']} {t['fixed_first_window_kl']:.5f} against {t['fixed_window_kl_run']:.5f}"
+                       for t in r["texts"])
+    out += ["", "Held-out evaluation (the split's and the winner's figures are the quality runs'; the split's KL on "
+            f"the first window re-evaluated here against the run's: {checks}):", "",
             "| text | full precision ppl | split ppl / KL | winner ppl / KL (KL vs split, gap) | verified ppl / KL "
             "(KL vs split, gap) |", "| --- | ---: | ---: | ---: | ---: |"]
     for t in r["texts"]:
@@ -169,7 +176,7 @@ def main(argv=None) -> int:
                                 max_windows=t["windows"])
         refs = reference_logprobs(model, ew, batch_size=1)
         kl = evaluate(model, ew[:1], refs[:1], 1, make(fixed, "fixed"), t["settings"].get("chunk", 64))["kl"]
-        if not math.isclose(kl, t["fixed"]["window_kl"][0], rel_tol=1e-3):
+        if not math.isclose(kl, t["fixed"]["window_kl"][0], rel_tol=CHECK_TOLERANCE):
             raise SystemExit(f"{t['eval_data']}: the split's KL on the first held-out window is {kl:.6f} here and "
                              f"{t['fixed']['window_kl'][0]:.6f} in the quality run: not the same evaluation.")
         held.append((ew, refs, kl))
@@ -190,6 +197,7 @@ def main(argv=None) -> int:
         result = evaluate(model, ew, refs, 1, make(verified, "verified"), t["settings"].get("chunk", 64))
         logger.info("%s verified on %s: ppl %.3f KL %.5f", label, t["eval_data"], result["perplexity"], result["kl"])
         rows.append(dict(eval_data=t["eval_data"], full_ppl=t["full_ppl"], fixed_first_window_kl=check,
+                         fixed_window_kl_run=t["fixed"]["window_kl"][0],
                          fixed=dict(perplexity=t["fixed"]["perplexity"], kl=t["fixed"]["kl"]),
                          winner=against(t["winner"], t["fixed"], t["full_ppl"]),
                          verified=against(result, t["fixed"], t["full_ppl"])))
@@ -199,7 +207,8 @@ def main(argv=None) -> int:
         command += f" --quantizer {args.quantizer} --budget {args.budget:g}"
     if args.validation_windows != build_parser().get_default("validation_windows"):
         command += f" --validation-windows {args.validation_windows}"
-    payload = dict(model=label, command=command, quantizer=args.quantizer, budget=args.budget, heads=n_heads,
+    payload = dict(model=label, machine=machine(), command=command, quantizer=args.quantizer, budget=args.budget,
+                   heads=n_heads,
                    fixed=first["fixed_name"], winner=first["winner_name"].removeprefix("ratequant-"),
                    validation_windows=args.validation_windows, singles_s=singles_s, validation_kl_fixed=base,
                    moves=[dict(unit=u, bits=[int(fixed[u]), int(winner[u])], change=c, kept=bool(verified[u] ==
