@@ -663,8 +663,8 @@ def test_verified_moves_reads_its_runs_before_any_model(bench_modules, tmp_path)
     allocation; the cross-domain run's figures beside the in-domain run's, relative to the split."""
     module = bench_modules("verified_moves")
     summary = dict(quantizer="kivi", budget=2.5, winner="ratequant-keys-x4", best_fixed_by_kl="K3V2")
-    rows = [dict(cache="K3V2", perplexity=10.0, kl=0.02, window_kl=[0.02]), dict(cache="chosen (ratequant-keys-x4)", perplexity=9.5,
-                                                                kl=0.01)]
+    rows = [dict(cache="K3V2", perplexity=10.0, kl=0.02, window_kl=[0.02]),
+            dict(cache="chosen (ratequant-keys-x4)", perplexity=9.5, kl=0.01)]
     config = dict(key_bits=[[3]], value_bits=[[2]])
     run = dict(settings=dict(model="gemma3-270m", calib_data="pydoc", eval_data="pydoc"), eval_windows=8,
                full=dict(perplexity=9.0), blocks=[dict(summary=summary, config=config, rows=rows)])
