@@ -110,21 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def held_out(path: str, quantizer: str, budget: float, key_bits, value_bits) -> dict:
-    """A quality run's held-out figures of the cell: its text, windows, full precision and the split and winner
-    rows; a `SystemExit` unless it holds the allocation `key_bits` / `value_bits` and a fixed split."""
+def held_out(path: str, quantizer: str, budget: float, key_bits, value_bits, fixed_name: str | None = None) -> dict:
+    """A quality run's held-out figures of the cell: its text, windows, full precision and the rows of the winner
+    and of the split `fixed_name` (default: the run's lowest-KL split); a `SystemExit` unless it holds the
+    allocation `key_bits` / `value_bits` and that split."""
     run, summary, config = cell(path, quantizer, budget)
     if config is None or (config["key_bits"], config["value_bits"]) != (key_bits, value_bits):
         raise SystemExit(f"{path}: it does not hold the same {quantizer} {budget:g} allocation as --run.")
-    if not summary.get("best_fixed_by_kl"):
-        raise SystemExit(f"{path}: no fixed split of {budget:g} bits to compare with.")
+    fixed_name = fixed_name or summary.get("best_fixed_by_kl")
     block = next(b for b in run["blocks"] if b["summary"] is summary)
     rows = {r["cache"]: r for r in block["rows"]}
+    if fixed_name not in rows:
+        raise SystemExit(f"{path}: no fixed split {fixed_name or ''} of {budget:g} bits to compare with.")
     given = run["settings"]
     return dict(eval_data=text_of(run, "eval_data"), calib_data=text_of(run, "calib_data"), settings=given,
                 windows=run["eval_windows"], full_ppl=run["full"]["perplexity"],
-                fixed_name=summary["best_fixed_by_kl"],
-                fixed=rows[summary["best_fixed_by_kl"]], winner=rows[f"chosen ({summary['winner']})"],
+                fixed_name=fixed_name, fixed=rows[fixed_name], winner=rows[f"chosen ({summary['winner']})"],
                 winner_name=summary["winner"], model=given.get("model") or "smollm2")
 
 
@@ -135,9 +136,9 @@ def main(argv=None) -> int:
     _, _, config = cell(path, args.quantizer, args.budget)
     if config is None:
         raise SystemExit(f"{path}: no calibrated {args.quantizer} {args.budget:g} config.")
-    texts = [held_out(p, args.quantizer, args.budget, config["key_bits"], config["value_bits"])
-             for p in [path] + ([args.cross] if args.cross else [])]
-    first = texts[0]
+    first = held_out(path, args.quantizer, args.budget, config["key_bits"], config["value_bits"])
+    texts = [first] + ([held_out(args.cross, args.quantizer, args.budget, config["key_bits"], config["value_bits"],
+                                 first["fixed_name"])] if args.cross else [])  # against the split the moves leave
     if any(t["model"] != model_name for t in texts) or any(t["calib_data"] != first["calib_data"] for t in texts):
         raise SystemExit(f"--run {model_name}: every run must be of --model {model_name} and calibrated on one text.")
     if first["calib_data"] != first["eval_data"]:

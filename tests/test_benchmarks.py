@@ -677,6 +677,8 @@ def test_verified_moves_reads_its_runs_before_any_model(bench_modules, tmp_path)
     assert w["gap_recovered"] == pytest.approx(math.log(10 / 9.5) / math.log(10 / 9))
     with pytest.raises(SystemExit, match="does not hold the same kivi 2.5 allocation"):
         module.held_out(str(path), "kivi", 2.5, [[4]], [[2]])
+    with pytest.raises(SystemExit, match="no fixed split K2V3 of 2.5 bits"):  # the cross run: the in-domain split
+        module.held_out(str(path), "kivi", 2.5, [[3]], [[2]], "K2V3")
     with pytest.raises(SystemExit, match="every run must be of --model smollm2"):
         module.main(["--run", "smollm2", str(path), "--output-dir", str(tmp_path)])
     cross = dict(run, settings=dict(model="gemma3-270m", calib_data="pydoc", eval_data="bbc"))
