@@ -26,8 +26,17 @@ import os
 import time
 
 import torch
-from _common import CALIBRATION, LAYOUT, RESULTS_DIR, bits_table, load_benchmark_model, write_report
-from table_transfer import calibration_settings, cell, rank_correlation, split_bits, text_of
+from _common import CALIBRATION, LAYOUT, RESULTS_DIR, load_benchmark_model, write_report
+from table_transfer import (
+    calibration_settings,
+    cell,
+    entries,
+    model_of,
+    rank_correlation,
+    split_bits,
+    text_of,
+    unit_bits,
+)
 
 logger = logging.getLogger("benchmarks.allocation_path")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,8 +69,7 @@ def decompose(table: torch.Tensor, bit_grid: list[int], fixed: torch.Tensor, win
     real change of moving it alone from the split) and `at_winner` (the real change it makes at the winner: the winner
     minus the winner with it moved back). Totals: `predicted` (the winner's predicted change, the sum of the units'),
     `real` (the winner's real change), and the sums of the two kinds of one-unit real changes."""
-    at = lambda bits: table.gather(1, (bits - bit_grid[0]).long()[:, None]).squeeze(1)  # noqa: E731
-    d_fixed, d_winner = at(fixed), at(winner)
+    d_fixed, d_winner = entries(table, fixed, bit_grid), entries(table, winner, bit_grid)
     base_pred, base_kl = float(d_fixed.sum()), kl["fixed"]
     units = []
     for u in (fixed != winner).nonzero().flatten().tolist():
@@ -138,13 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 def load_cell(model: str, path: str, quantizer: str, budget: float, windows: int) -> dict:
     """What a `--run` needs from its quality run, before any model work; a `SystemExit` unless the run is of `model`,
     holds the cell with a fixed split to compare with, and evaluated at least `windows` windows one by one."""
-    run, summary, config = cell(path, quantizer, budget)
-    given = run["settings"]
-    if (given.get("model") or "smollm2") != model:
-        raise SystemExit(f"--run {model} {path}: that run is of --model {given.get('model') or 'smollm2'}.")
+    run, block = cell(path, quantizer, budget)
+    summary, config, given = block["summary"], block.get("config"), run["settings"]
+    if model_of(run) != model:
+        raise SystemExit(f"--run {model} {path}: that run is of --model {model_of(run)}.")
     if config is None or not summary.get("best_fixed_by_kl"):
         raise SystemExit(f"{path}: no calibrated {quantizer} {budget:g} config with a fixed split beside it.")
-    block = next(b for b in run["blocks"] if b["summary"] is summary)
     names = {"fixed": summary["best_fixed_by_kl"], "winner": f"chosen ({summary['winner']})"}
     rows = {r["cache"]: r for r in block["rows"]}
     if any(c not in rows or len(rows[c]["window_kl"]) < windows for c in names.values()) or \
@@ -176,7 +183,7 @@ def main(argv=None) -> int:
         bit_grid = template.curves["bit_grid"].tolist()
         table = template.curves["distortion"].double().reshape(-1, len(bit_grid))
         n_layers, n_heads = len(c["key_bits"]), len(c["key_bits"][0])
-        winner = bits_table(c["key_bits"], c["value_bits"]).reshape(-1)
+        winner = unit_bits(c["key_bits"], c["value_bits"])
         fixed = split_bits(c["fixed"], n_layers, n_heads, args.budget, c["settings"]["b_min"], c["settings"]["b_max"])
         windows = evaluation_windows(tok, c["eval_data"], window=c["window"], max_windows=args.score_windows)
         refs = reference_logprobs(model, windows, batch_size=1)

@@ -44,9 +44,14 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
+def entries(table: torch.Tensor, bits: torch.Tensor, bit_grid: list[int]) -> torch.Tensor:
+    """Per unit `table[u, bits[u] - bit_grid[0]]`: each unit's predicted distortion in an allocation."""
+    return table.gather(1, (bits - bit_grid[0]).long()[:, None]).squeeze(1)
+
+
 def total(table: torch.Tensor, bits: torch.Tensor, bit_grid: list[int]) -> float:
     """Sum over units of `table[u, bits[u] - bit_grid[0]]`: the measure's prediction for an allocation."""
-    return float(table.gather(1, (bits - bit_grid[0]).long()[:, None]).sum())
+    return float(entries(table, bits, bit_grid).sum())
 
 
 def split_bits(name: str, n_layers: int, n_heads: int, budget: float, b_min: int | None = None,
@@ -86,13 +91,19 @@ def compare(tables: dict[str, torch.Tensor], bit_grid: list[int], budget: float,
 
 
 # ---- the quality runs the cell comes from ------------------------------------------------------------------------
-def cell(path: str, quantizer: str, budget: float) -> tuple[dict, dict, dict]:
+def cell(path: str, quantizer: str, budget: float) -> tuple[dict, dict]:
+    """A quality run and its block of the cell (`summary`, `config` when calibrated, `rows`)."""
     with open(path, encoding="utf-8") as f:
         run = json.load(f)
     for block in run.get("blocks", []):
         if block["summary"]["quantizer"] == quantizer and block["summary"]["budget"] == budget:
-            return run, block["summary"], block.get("config")
+            return run, block
     raise SystemExit(f"{path}: no {quantizer} {budget:g} cell; pass a ratequant_quality run that holds it.")
+
+
+def model_of(run: dict) -> str:
+    """The `--model` of a quality run; runs from before that option are of the embedded default."""
+    return run["settings"].get("model") or "smollm2"
 
 
 def text_of(run: dict, key: str) -> str:
@@ -125,8 +136,8 @@ def real_cell(in_domain: str, cross: str, quantizer: str, budget: float) -> dict
     """The winner and its lowest-KL fixed split from the in-domain run, their real held-out KL on both texts, and
     the run's calibration settings; a `SystemExit` unless both runs evaluated the same allocation calibrated on the
     same text."""
-    run_a, sa, config = cell(in_domain, quantizer, budget)
-    run_b, sb, config_b = cell(cross, quantizer, budget)
+    (run_a, block_a), (run_b, block_b) = cell(in_domain, quantizer, budget), cell(cross, quantizer, budget)
+    sa, config, sb, config_b = block_a["summary"], block_a.get("config"), block_b["summary"], block_b.get("config")
     if config is None or config_b is None or (config["key_bits"], config["value_bits"]) != (
             config_b["key_bits"], config_b["value_bits"]):
         raise SystemExit(f"{in_domain} and {cross} do not hold the same {quantizer} {budget:g} allocation: the "
@@ -140,8 +151,8 @@ def real_cell(in_domain: str, cross: str, quantizer: str, budget: float) -> dict
     if len(kl) != 2:
         raise SystemExit(f"{cross}: evaluated on the calibration text; pass the run on the other text.")
     given = run_a["settings"]
-    return dict(model=given.get("model") or "smollm2",  # runs from before --model: the embedded default
-                winner=sa["winner"], fixed=sa["best_fixed_by_kl"], fixed_cross=sb["best_fixed_by_kl"],
+    return dict(model=model_of(run_a), winner=sa["winner"], fixed=sa["best_fixed_by_kl"],
+                fixed_cross=sb["best_fixed_by_kl"],
                 calib_data=calib, texts=list(kl), real_kl_vs_fixed=kl, settings=calibration_settings(given),
                 key_bits=config["key_bits"], value_bits=config["value_bits"],
                 files=[os.path.relpath(p, os.path.join(HERE, "..")) for p in (in_domain, cross)])

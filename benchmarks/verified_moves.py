@@ -22,9 +22,9 @@ import math
 import time
 
 import torch
-from _common import CALIBRATION, LAYOUT, RESULTS_DIR, bits_table, load_benchmark_model, machine, write_report
+from _common import CALIBRATION, LAYOUT, RESULTS_DIR, load_benchmark_model, machine, write_report
 from allocation_path import unit_name
-from table_transfer import cell, split_bits, text_of
+from table_transfer import cell, model_of, split_bits, text_of, unit_bits
 
 from hf_ratequant.operating_points import allocate_rate
 
@@ -110,15 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def held_out(path: str, quantizer: str, budget: float, key_bits, value_bits, fixed_name: str | None = None) -> dict:
-    """A quality run's held-out figures of the cell: its text, windows, full precision and the rows of the winner
-    and of the split `fixed_name` (default: the run's lowest-KL split); a `SystemExit` unless it holds the
-    allocation `key_bits` / `value_bits` and that split."""
-    run, summary, config = cell(path, quantizer, budget)
-    if config is None or (config["key_bits"], config["value_bits"]) != (key_bits, value_bits):
+def held_out(path: str, quantizer: str, budget: float, key_bits=None, value_bits=None,
+             fixed_name: str | None = None) -> dict:
+    """A quality run's held-out figures of the cell: its text, windows, full precision, its calibrated allocation and
+    the rows of the winner and of the split `fixed_name` (default: the run's lowest-KL split); a `SystemExit` unless
+    it holds a calibrated allocation (the allocation `key_bits` / `value_bits` when given) and that split."""
+    run, block = cell(path, quantizer, budget)
+    summary, config = block["summary"], block.get("config")
+    if config is None:
+        raise SystemExit(f"{path}: no calibrated {quantizer} {budget:g} config.")
+    if key_bits is not None and (config["key_bits"], config["value_bits"]) != (key_bits, value_bits):
         raise SystemExit(f"{path}: it does not hold the same {quantizer} {budget:g} allocation as --run.")
     fixed_name = fixed_name or summary.get("best_fixed_by_kl")
-    block = next(b for b in run["blocks"] if b["summary"] is summary)
     rows = {r["cache"]: r for r in block["rows"]}
     if fixed_name not in rows:
         raise SystemExit(f"{path}: no fixed split {fixed_name or ''} of {budget:g} bits to compare with.")
@@ -126,18 +129,16 @@ def held_out(path: str, quantizer: str, budget: float, key_bits, value_bits, fix
     return dict(eval_data=text_of(run, "eval_data"), calib_data=text_of(run, "calib_data"), settings=given,
                 windows=run["eval_windows"], full_ppl=run["full"]["perplexity"],
                 fixed_name=fixed_name, fixed=rows[fixed_name], winner=rows[f"chosen ({summary['winner']})"],
-                winner_name=summary["winner"], model=given.get("model") or "smollm2")
+                winner_name=summary["winner"], model=model_of(run), key_bits=config["key_bits"],
+                value_bits=config["value_bits"])
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     model_name, path = args.run
-    _, _, config = cell(path, args.quantizer, args.budget)
-    if config is None:
-        raise SystemExit(f"{path}: no calibrated {args.quantizer} {args.budget:g} config.")
-    first = held_out(path, args.quantizer, args.budget, config["key_bits"], config["value_bits"])
-    texts = [first] + ([held_out(args.cross, args.quantizer, args.budget, config["key_bits"], config["value_bits"],
+    first = held_out(path, args.quantizer, args.budget)
+    texts = [first] + ([held_out(args.cross, args.quantizer, args.budget, first["key_bits"], first["value_bits"],
                                  first["fixed_name"])] if args.cross else [])  # against the split the moves leave
     if any(t["model"] != model_name for t in texts) or any(t["calib_data"] != first["calib_data"] for t in texts):
         raise SystemExit(f"--run {model_name}: every run must be of --model {model_name} and calibrated on one text.")
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         return RateQuantConfig.from_bits(bits.reshape(n_layers, n_heads, 2), layout, fingerprint=fp, method=name,
                                          budget=args.budget, b_min=b_min, b_max=b_max)
 
-    winner = bits_table(config["key_bits"], config["value_bits"]).reshape(-1)
+    winner = unit_bits(first["key_bits"], first["value_bits"])
     fixed = split_bits(first["fixed_name"], n_layers, n_heads, args.budget, b_min, b_max)
     n_fit = s.get("samples", CALIBRATION.n_samples)
     windows, _, _ = calibration_windows(tok, first["calib_data"], seq_len=s.get("seq_len", CALIBRATION.seq_len),
