@@ -1,4 +1,5 @@
 """Calibration on a tiny random model: capture, measure, fit, allocate, validate."""
+import dataclasses
 
 import pytest
 import torch
@@ -469,3 +470,126 @@ def test_designs_measured_together_equal_each_measured_alone(model):
     together = measure_distortions(model, ids, designs, [2, 3], **kw)
     for name, q in designs.items():
         assert torch.equal(together[name], measure_distortions(model, ids, {name: q}, [2, 3], **kw)[name])
+
+
+def test_verified_candidate_rechooses_the_winners_moves_by_their_real_kl(model, monkeypatch):
+    """Each of the winner's moves from the best fixed split is scored alone through the real cache on the windows
+    given (the fit windows), and the moves re-chosen exactly by those changes; nothing where the winner is a split,
+    has more moves than `verify_moves`, or where the re-choice is the winner itself."""
+    import hf_ratequant.calibration as calibration
+    from hf_ratequant.allocation import Candidate, RaceResult, verified_allocation
+    from hf_ratequant.config import ModelFingerprint
+    from hf_ratequant.distributed import Processes
+    from hf_ratequant.settings import CacheLayout, CalibrationSettings
+
+    layout = CacheLayout("kivi", group_size=8, residual_length=8, sink_length=0)
+    settings = CalibrationSettings(budget=2.5, b_min=2, b_max=4, chunk=16)
+    fp = ModelFingerprint.from_model_config(model.config)
+    windows = torch.randint(0, len(WORDS), (2, 64), generator=torch.Generator().manual_seed(1))
+    split = Candidate("K3V2", "fixed", torch.tensor([3, 2]).repeat(2, 2, 1))
+    other = Candidate("K2V3", "fixed", torch.tensor([2, 3]).repeat(2, 2, 1))
+    winner = Candidate("ratequant-measured", "ratequant", torch.tensor([[[2, 3], [3, 2]], [[4, 2], [2, 2]]]))
+    race = RaceResult(winner.name, {"K3V2": 0.2, "K2V3": 0.3, winner.name: 0.1}, [winner.name], {},
+                      [split, other, winner])
+    seen = []
+    real = calibration.evaluate_quality
+    monkeypatch.setattr(calibration, "evaluate_quality",
+                        lambda m, w, cfg, **kw: seen.append((w, cfg)) or real(m, w, cfg, **kw))
+    got = calibration.verified_candidate(model, windows, race, layout, settings, fp, processes=Processes(),
+                                         progress=False)
+    assert len(seen) == 5 and all(w is windows for w, _ in seen)  # the split, then its four moves alone
+
+    def kl(bits):
+        from hf_ratequant import RateQuantConfig
+
+        config = RateQuantConfig.from_bits(bits, layout, fingerprint=fp)
+        return real(model, windows, config, chunk=16, batch_size=settings.batch_size, progress=False).kl
+
+    base = kl(split.bits)
+    moves = [0, 1, 4, 6]  # layer 0 head 0 keys and values, layer 1 head 0 keys, layer 1 head 1 keys
+    change = {}
+    for u in moves:
+        bits = split.bits.clone().reshape(-1)
+        bits[u] = winner.bits.reshape(-1)[u]
+        change[u] = kl(bits.reshape(split.bits.shape)) - base
+    expected = verified_allocation(split.bits, winner.bits, change)
+    if torch.equal(expected, winner.bits) or torch.equal(expected, split.bits):
+        assert got is None
+    else:
+        assert got.name == "ratequant-verified" and got.family == "verified" and torch.equal(got.bits, expected)
+        assert int(got.bits.sum()) <= int(split.bits.sum())
+    # Nothing to verify, or too much.
+    assert calibration.verified_candidate(model, windows, dataclasses.replace(race, winner="K3V2"), layout,
+                                          settings, fp, processes=Processes(), progress=False) is None
+    few = dataclasses.replace(settings, verify_moves=3)
+    seen.clear()
+    assert calibration.verified_candidate(model, windows, race, layout, few, fp, processes=Processes(),
+                                          progress=False) is None and not seen
+
+
+def test_a_verified_challenger_wins_only_with_a_lower_kl_on_every_window():
+    from hf_ratequant.allocation import Candidate, RaceResult
+    from hf_ratequant.calibration import _challenged
+
+    a = Candidate("ratequant", "ratequant", torch.tensor([[[3, 2]]]))
+    b = Candidate("K3V2", "fixed", torch.tensor([[[3, 2]]]) * 0 + torch.tensor([3, 2]))
+    race = RaceResult("ratequant", {"ratequant": 0.5, "K3V2": 0.6}, ["ratequant"], {"ratequant": 4, "K3V2": 2},
+                      [a, b])
+    calls = []
+
+    def score(kl):
+        def rung_score(candidates, rung):
+            calls.append(rung)
+            return [(kl * 2, 2.0) for _ in candidates]
+        return rung_score
+
+    challenger = Candidate("ratequant-verified", "verified", torch.tensor([[[4, 1]]]))
+    won = _challenged(race, challenger, score(0.4), 2, 4)
+    assert won.winner == "ratequant-verified" and won.scores["ratequant-verified"] == pytest.approx(0.4)
+    assert calls == [0, 1] and won.windows["ratequant-verified"] == 4 and "ratequant-verified" in won.finalists
+    assert won.entrants[-1] is challenger
+    lost = _challenged(race, challenger, score(0.7), 2, 4)
+    assert lost.winner == "ratequant" and lost.scores["ratequant-verified"] == pytest.approx(0.7)
+    calls.clear()
+    assert _challenged(race, None, score(0.1), 2, 4) is race
+    assert _challenged(race, dataclasses.replace(challenger, bits=a.bits), score(0.1), 2, 4) is race and not calls
+
+
+def test_calibrate_verifies_on_fit_windows_and_records_the_challenger(model, monkeypatch):
+    """`calibrate` asks for the verified challenger after the race with its first `verify_windows` fit windows, and
+    a challenger that beats the winner on every validation window is returned, recorded with its family."""
+    import hf_ratequant.calibration as calibration
+    from hf_ratequant.allocation import Candidate
+
+    seen = []
+    bits = torch.tensor([[[2, 3], [3, 2]], [[3, 2], [2, 3]]])
+
+    def challenger(m, windows, race, *args, **kwargs):
+        seen.append((windows, race))
+        return Candidate("ratequant-verified", "verified", bits)
+
+    monkeypatch.setattr(calibration, "verified_candidate", challenger)
+
+    def scorer(*args):  # KL by the distance from the challenger's bits: it is the best allocation
+        return lambda candidates, rung: [(1.0 + float((c.bits - bits).abs().sum()), 1.0) for c in candidates]
+
+    monkeypatch.setattr(calibration, "_kl_scorer", scorer)
+    kwargs = dict(quantizer="kivi", budget=2.5, n_samples=3, n_validation=4, seq_len=64, group_size=8,
+                  residual_length=8, b_min=2, b_max=4, chunk=16, progress=False)
+    text = [corpus(2000)]
+    cfg = calibrate(model, WordTokenizer(), text, verify_windows=2, **kwargs)
+    (windows, race), = seen
+    fit = calibration.calibration_windows(WordTokenizer(), text, seq_len=64, n_windows=7)[0][:2]
+    assert torch.equal(windows, fit)  # fit windows, never the validation windows it is raced on
+    info = cfg.calibration
+    assert race.winner != "ratequant-verified" and info["validation_kl"]["ratequant-verified"] == 1.0
+    assert cfg.method == info["winner"] == "ratequant-verified" and cfg.key_bits == bits[..., 0].tolist()
+    assert info["families"]["ratequant-verified"] == "verified"
+    assert "ratequant-verified" in info["validation_finalists"]
+    assert info["validation_windows"]["ratequant-verified"] == 4
+    assert info["candidates"]["ratequant-verified"] == bits.tolist()
+    seen.clear()
+    calibrate(model, WordTokenizer(), text, verify_moves=0, **kwargs)
+    assert not seen
+    with pytest.raises(ValueError, match="verify_windows=0 must be an integer in 1"):
+        calibrate(model, WordTokenizer(), text, verify_windows=0, **kwargs)
