@@ -6,7 +6,7 @@ that finding suggests, on a calibrated cell of a quality run: every move of the 
 split (one unit, from the split's bits to the winner's) is scored alone through the real cache on the calibration
 text's *validation* windows (held back from the fit, as calibration's own validation; never the evaluation text);
 then the moves are re-chosen to minimise the sum of those real changes at no more bits than the split (exactly:
-`allocation.verified_allocation`, which `calibrate` now uses as well). The re-chosen allocation is evaluated on the
+`operating_points.allocate_rate`, each move a unit with two options). The re-chosen allocation is evaluated on the
 held-out text of the quality run, and of a cross-domain run of the same configs if given, against the split and the
 winner as those runs measured them (the same windows and evaluation).
 
@@ -26,7 +26,7 @@ from _common import CALIBRATION, LAYOUT, RESULTS_DIR, load_benchmark_model, mach
 from allocation_path import unit_name
 from table_transfer import cell, model_of, split_bits, text_of, unit_bits
 
-from hf_ratequant.allocation import verified_allocation
+from hf_ratequant.operating_points import allocate_rate
 
 logger = logging.getLogger("benchmarks.verified_moves")
 
@@ -37,6 +37,26 @@ library's numerics move a little between versions (up to 0.4% seen), the effects
 
 
 # ---- pure arithmetic -------------------------------------------------------------------------------------------
+def rechoose(fixed: torch.Tensor, winner: torch.Tensor, change: dict[int, float]) -> torch.Tensor:
+    """The split with the subset of the winner's moves (units where they differ, each with its measured `change`)
+    whose changes sum least among those using no more bits than the split; of equal sums, the fewest bits."""
+    moves = (fixed != winner).nonzero().flatten().tolist()
+    if sorted(moves) != sorted(change):
+        raise ValueError(f"a measured change for each move is needed: moves {moves}, changes for {sorted(change)}.")
+    out = fixed.clone()
+    if not moves:
+        return out
+    low = torch.minimum(fixed[moves], winner[moves])
+    rates = torch.stack([fixed[moves] - low, winner[moves] - low], dim=1)
+    shift = [min(0.0, change[u]) for u in moves]  # non-negative distortions: the same optimum
+    distortion = torch.tensor([[0.0 - s, change[u] - s] for u, s in zip(moves, shift)], dtype=torch.float64)
+    choice = allocate_rate(rates, distortion, int(rates[:, 0].sum()))
+    for u, c in zip(moves, choice.tolist()):
+        if c:
+            out[u] = winner[u]
+    return out
+
+
 def against(row: dict, fixed: dict, full_ppl: float) -> dict:
     """`row`'s KL change against the split's and the share of the split's perplexity gap to full precision it
     recovers."""
@@ -172,7 +192,7 @@ def main(argv=None) -> int:
         change[u] = evaluate(model, validation, refs, 1, make(moved, f"+{u}"), chunk)["kl"] / base - 1
         logger.info("%s %s %d -> %d: %+.1f%%", label, unit_name(u, n_heads), fixed[u], winner[u], 100 * change[u])
     singles_s = time.perf_counter() - start
-    verified = verified_allocation(fixed, winner, change)
+    verified = rechoose(fixed, winner, change)
 
     rows = []
     for t, (ew, refs, check) in zip(texts, held):

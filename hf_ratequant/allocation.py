@@ -31,8 +31,6 @@ from typing import Literal
 
 import torch
 
-from .operating_points import allocate_rate
-
 logger = logging.getLogger(__name__)
 
 ALLOWED_BITS = tuple(range(1, 9))
@@ -400,11 +398,9 @@ def descent_path(distortion: torch.Tensor, bit_grid: torch.Tensor, start: torch.
 
 # ---- candidates and the validation race -------------------------------------------------------------------------
 
-Family = Literal["ratequant", "descent", "verified", "fixed"]
+Family = Literal["ratequant", "descent", "fixed"]
 """Where a candidate allocation comes from: `"ratequant"` from the measured distortion, `"descent"` a few steps from
-the best fixed split towards the measured optimum, `"verified"` the validation winner's moves away from the best fixed
-split re-chosen by their real effect ([`verified_allocation`]), `"fixed"` the same bits for every key and for every
-value."""
+the best fixed split towards the measured optimum, `"fixed"` the same bits for every key and for every value."""
 
 DESCENT_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
 """How far along the descent from the best fixed split (towards the measured optimum) the extra candidates lie."""
@@ -459,46 +455,6 @@ def descent_candidates(distortion: torch.Tensor, bit_grid: list[int], origin: Ca
     steps = sorted({max(1, round(len(path) * f)) for f in DESCENT_FRACTIONS}) if path else []
     return [Candidate(f"ratequant-from-{origin.name}-{s}", "descent", path[s - 1].reshape(origin.bits.shape))
             for s in steps]
-
-
-def allocation_moves(origin: torch.Tensor, target: torch.Tensor) -> list[int]:
-    """The units (flat indices) where allocation `target` differs from `origin`: its moves away from it."""
-    if origin.shape != target.shape:
-        raise ValueError(f"Allocations of different shapes, {tuple(origin.shape)} and {tuple(target.shape)}.")
-    return (origin.reshape(-1) != target.reshape(-1)).nonzero().flatten().tolist()
-
-
-def verified_allocation(origin: torch.Tensor, target: torch.Tensor, change: dict[int, float]) -> torch.LongTensor:
-    """`origin` with the subset of `target`'s moves ([`allocation_moves`], each with its measured `change` of the
-    loss when made alone) whose changes sum least among the subsets using no more bits than `origin`; of equal sums,
-    the fewest bits. Exact ([`allocate_rate`] with two options per move).
-
-    Calibration's measure ranks units well but can misjudge a single unit's effect badly (on Gemma 3, one early
-    layer's keys at 2 bits: +1% by the measure, +15-25% through the cache), while the units' real effects nearly add
-    up; measuring each move alone and re-choosing keeps the moves that pay.
-
-    Example:
-        >>> origin, target = torch.tensor([3, 3, 2, 2]), torch.tensor([2, 4, 3, 1])
-        >>> verified_allocation(origin, target, {0: 0.5, 1: -0.4, 2: -0.3, 3: 0.1})
-        tensor([3, 4, 2, 1])
-    """
-    moves = allocation_moves(origin, target)
-    if sorted(moves) != sorted(change):
-        raise ValueError(f"A measured change is needed for each move and no other: moves {moves}, changes for "
-                         f"{sorted(change)}.")
-    out = origin.clone().reshape(-1)
-    if not moves:
-        return out.reshape(origin.shape)
-    was, to = origin.reshape(-1)[moves], target.reshape(-1)[moves]
-    low = torch.minimum(was, to)
-    rates = torch.stack([was - low, to - low], dim=1)
-    shift = [min(0.0, change[u]) for u in moves]  # non-negative distortions, the same optimum
-    distortion = torch.tensor([[-s, change[u] - s] for u, s in zip(moves, shift)], dtype=torch.float64)
-    choice = allocate_rate(rates, distortion, int(rates[:, 0].sum()))
-    for u, c in zip(moves, choice.tolist()):
-        if c:
-            out[u] = target.reshape(-1)[u]
-    return out.reshape(origin.shape)
 
 
 def validation_rungs(n_windows: int) -> list[int]:

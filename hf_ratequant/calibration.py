@@ -37,13 +37,11 @@ from .allocation import (
     RungScore,
     allocate_bits,
     allocate_from_table,
-    allocation_moves,
     check_budget,
     descent_candidates,
     fixed_candidates,
     successive_halving,
     validation_rungs,
-    verified_allocation,
 )
 from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, text_fingerprint, tokenize_windows
@@ -651,8 +649,7 @@ def load_calibration_data(
     sha = text_fingerprint(text)
     processes.agree((fp.geometry(), fp.layer_types, fp.model_type, sha, tuple(windows.shape), layout.quantizer,
                      s.budget, layout.group_size, layout.residual_length, layout.sink_length, layout.scale_bits,
-                     s.b_min, s.b_max, s.measure, s.groups, s.budget_context, s.verify_moves, s.verify_windows),
-                    "model, data or settings")
+                     s.b_min, s.b_max, s.measure, s.groups, s.budget_context), "model, data or settings")
     fit, validation = windows[: s.n_samples], windows[s.n_samples :]
     return CalibrationData(processes.shard(fit, "calibration"), processes.shard(validation, "validation"), source,
                            sha, int(fit.numel()), int(validation.numel()))
@@ -836,14 +833,12 @@ def validate_candidates(
     model: Any, windows: torch.LongTensor, candidates: list[Candidate], distortion: torch.Tensor,
     layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint, *,
     processes: Processes, progress: bool = True, descend_from: Callable[[Candidate], list[Candidate]] | None = None,
-    verify: Callable[[RaceResult], Candidate | None] | None = None,
 ) -> RaceResult:
     """Race `candidates` by KL through the real cache on this process's validation `windows` ([`successive_halving`]
     on [`validation_rungs`]; one rung when several processes share the windows). After the first rung the
     candidates near the best fixed split join the race: `descend_from(split)`, by default the
     [`descent_candidates`] on `distortion` (a budget in bytes whose layers weigh differently passes
-    [`options.near_candidates`]). After the race, `verify(race)` (e.g. [`verified_candidate`]) may propose one more
-    allocation, scored on every validation window: it wins if its KL is lower than the winner's."""
+    [`options.near_candidates`])."""
     rungs = validation_rungs(len(windows)) if processes.count == 1 else [len(windows)]
     bounds = [sum(rungs[:i]) for i in range(len(rungs) + 1)]
     parts = [windows[a:b] for a, b in zip(bounds, bounds[1:])]
@@ -861,74 +856,9 @@ def validate_candidates(
               disable=not (progress and processes.is_main)) as bar:
         score = _kl_scorer(model, parts, layout, settings, fingerprint, processes, bar)
         race = successive_halving(candidates, rungs, score, finalists=VALIDATION_FINALISTS, extend=descend)
-        if verify is not None:
-            race = _challenged(race, verify(race), score, len(rungs), len(windows))
     for name, kl in race.scores.items():
         logger.info("validation KL %-26s %.5f (%d of %d windows)", name, kl, race.windows[name], len(windows))
     return race
-
-
-def _challenged(race: RaceResult, challenger: Candidate | None, score: RungScore, n_rungs: int,
-                n_windows: int) -> RaceResult:
-    """The race with `challenger` scored on every rung (the winner was, as a finalist) and made the winner if its
-    KL is lower; the race as it was for no challenger or an allocation already raced."""
-    if challenger is None or any(c.key == challenger.key for c in race.entrants):
-        return race
-    sums = [score([challenger], rung)[0] for rung in range(n_rungs)]
-    kl = sum(s for s, _ in sums) / sum(t for _, t in sums)
-    winner = challenger.name if kl < race.scores[race.winner] else race.winner
-    return RaceResult(winner, {**race.scores, challenger.name: kl}, [*race.finalists, challenger.name],
-                      {**race.windows, challenger.name: n_windows}, [*race.entrants, challenger])
-
-
-VERIFIED = "ratequant-verified"
-"""The name of the [`verified_candidate`]."""
-
-
-def verified_candidate(
-    model: Any, windows: torch.LongTensor, race: RaceResult, layout: CacheLayout, settings: CalibrationSettings,
-    fingerprint: ModelFingerprint, *, processes: Processes, progress: bool = True,
-) -> Candidate | None:
-    """The race winner's moves away from the best fixed split re-chosen by their real effect: each move (one unit
-    from the split's bits to the winner's) scored alone by KL through the real cache on `windows` (fit windows, never
-    the validation windows the challenger is then raced on), and [`verified_allocation`] keeping the subset whose
-    changes sum least at no more bits than the split.
-
-    None where there is nothing to verify (the winner is a fixed split or chooses group sizes), where the winner has
-    more than `settings.verify_moves` moves (each costs one evaluation), or where the re-chosen allocation is the
-    winner or the split."""
-    entrants = {c.name: c for c in race.entrants}
-    winner = entrants[race.winner]
-    fixed = [c for c in race.entrants if c.family == "fixed" and c.groups is None]
-    if winner.family == "fixed" or winner.groups is not None or not fixed:
-        return None
-    split = min(fixed, key=lambda c: race.scores[c.name])
-    moves = allocation_moves(split.bits, winner.bits)
-    if not 0 < len(moves) <= settings.verify_moves:
-        logger.info("%s has %d moves from %s: not verified (verify_moves=%d)", winner.name, len(moves), split.name,
-                    settings.verify_moves)
-        return None
-    singles = [split]
-    for u in moves:
-        bits = split.bits.clone().reshape(-1)
-        bits[u] = winner.bits.reshape(-1)[u]
-        singles.append(Candidate(f"move-{u}", "verified", bits.reshape(split.bits.shape)))
-    with tqdm(desc=f"verifying {len(moves)} moves of {winner.name}", unit="cache",
-              disable=not (progress and processes.is_main)) as bar:
-        sums = _kl_scorer(model, [windows], layout, settings, fingerprint, processes, bar)(singles, 0)
-    kl = [s / t for s, t in sums]
-    change = {u: kl[i + 1] - kl[0] for i, u in enumerate(moves)}
-    bits = verified_allocation(split.bits, winner.bits, change)
-    shape = (fingerprint.num_layers, fingerprint.num_kv_heads, 2)
-    for u in moves:
-        layer, head, kind = torch.unravel_index(torch.tensor(u), shape)
-        logger.info("move layer %d head %d %s %d -> %d bits: KL %+.1f%% alone%s", layer, head,
-                    ("keys", "values")[int(kind)], split.bits.reshape(-1)[u], winner.bits.reshape(-1)[u],
-                    100 * change[u] / kl[0] if kl[0] else float("nan"),
-                    ", kept" if bits.reshape(-1)[u] != split.bits.reshape(-1)[u] else "")
-    if torch.equal(bits, winner.bits) or torch.equal(bits, split.bits):
-        return None
-    return Candidate(VERIFIED, "verified", bits)
 
 
 def calibration_record(
@@ -1038,16 +968,9 @@ def calibrate(
         if weights is not None:  # steps from the best fixed split that keep the bytes
             def descend_from(origin: Candidate) -> list[Candidate]:
                 return near_candidates(space.options, space.grid, true_bits, origin, space.charges, weights)
-        verify = None
-        if weights is None and settings.verify_moves:  # bits are bytes: the moves can be re-chosen by bits
-            scored_on = data.fit[: settings.verify_windows]
-
-            def verify(race: RaceResult) -> Candidate | None:
-                return verified_candidate(model, scored_on, race, layout, settings, fp, processes=procs,
-                                          progress=progress)
         race = validate_candidates(model, data.validation, candidates, measured.distortion, layout, settings, fp,
-                                   processes=procs, progress=progress, descend_from=descend_from, verify=verify)
-        candidates += [c for c in race.entrants if c.family in ("descent", "verified")]
+                                   processes=procs, progress=progress, descend_from=descend_from)
+        candidates += [c for c in race.entrants if c.family == "descent"]
     else:
         candidates = [c for c in candidates if c.family == "ratequant"]
     validate_s = time.perf_counter() - t0

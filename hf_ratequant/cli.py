@@ -277,8 +277,7 @@ def candidate_legend(name: str) -> str:
         return f"the measured allocation with every key's distortion weighted x{name[len('ratequant-keys-x'):]}"
     fixed = {"ratequant": "closed form from the fitted curves D(b) = alpha * beta^-b",
              "ratequant-measured": "from the measured distortion table",
-             "ratequant-shrunk": "measured table, each unit pulled halfway to its layer's mean",
-             "ratequant-verified": "the winner's moves from the best fixed split, re-chosen by their KL alone"}
+             "ratequant-shrunk": "measured table, each unit pulled halfway to its layer's mean"}
     if name in fixed:
         return fixed[name]
     if name.startswith("K") and "V" in name:

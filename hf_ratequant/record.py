@@ -64,8 +64,8 @@ class CalibrationRecord:
         seconds (`dict[str, float]`): time spent measuring, validating and in all.
         processes (`int`): processes that shared the work.
         candidates (`dict[str, list]`): the bits of the candidates derived from the measure (not the fixed splits).
-        families (`dict[str, str]`): every candidate's family (`"ratequant"`, `"descent"`, `"verified"`,
-            `"fixed"`); empty in records written before version 1.
+        families (`dict[str, str]`): every candidate's family (`"ratequant"`, `"descent"`, `"fixed"`); empty in
+            records written before version 1.
         true_budget (`float`, *optional*): the budget in true bits per element, when it was given so.
         group_grid (`list[int]`): the group sizes measured (empty: the layout's only).
         candidate_groups (`dict[str, list]`): the group sizes of the candidates that chose them.

@@ -150,13 +150,6 @@ class CalibrationSettings:
             ones, at 4096 about 10), and the longer window of layers with larger key token groups is paid there.
             Serve long contexts? Pass the length you serve. A budget in code bits has no context (`calibrate`
             refuses another value there).
-        verify_moves (`int`, defaults to 12): when the validation winner differs from the best fixed split in at most
-            this many units (its *moves*), each move is also scored alone through the real cache on
-            `verify_windows` fit windows, the moves re-chosen by those real changes, and that allocation
-            (`ratequant-verified`) replaces the winner if its validation KL is lower. The measure misjudges single
-            units most where they are few and coarse (one kv-head: a unit is a whole layer's keys or values); each
-            move costs one evaluation. 0: never.
-        verify_windows (`int`, defaults to 4): fit windows each move is scored on (at most `n_samples`).
     """
 
     budget: float = 2.5
@@ -172,8 +165,6 @@ class CalibrationSettings:
     data_column: str | None = None
     groups: tuple[int, ...] | None = None
     budget_context: int = REPORT_TOKENS
-    verify_moves: int = 12
-    verify_windows: int = 4
 
     def __post_init__(self):
         for name in ("b_min", "b_max"):
@@ -194,8 +185,6 @@ class CalibrationSettings:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("chunk", self.chunk, 1)
         _check_int("budget_context", self.budget_context, 1)
-        _check_int("verify_moves", self.verify_moves, 0)
-        _check_int("verify_windows", self.verify_windows, 1)
         if self.measure not in MEASURES:
             raise ValueError(f"Unknown measure {self.measure!r}: choose one of {', '.join(MEASURES)}.")
         if not isinstance(self.residual_aware, bool):

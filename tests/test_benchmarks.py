@@ -629,6 +629,35 @@ def test_allocation_path_checks_its_run_before_any_model(bench_modules, tmp_path
         module.main(["--run", "smollm2", str(path), "--output-dir", str(tmp_path)])
 
 
+def test_verified_moves_rechooses_the_moves_exactly(bench_modules):
+    """The winner's moves away from the split re-chosen by their measured changes: the least sum at no more bits
+    than the split, against every subset on random small problems; ties go to fewer bits."""
+    import itertools
+    import random
+
+    module = bench_modules("verified_moves")
+    fixed, winner = torch.tensor([3, 2, 3, 2]), torch.tensor([2, 1, 5, 3])
+    # unit 2 gains most but costs two bits; taking units 0 and 1 down pays for it
+    got = module.rechoose(fixed, winner, {0: 0.1, 1: 0.5, 2: -0.4, 3: -0.3})
+    assert got.tolist() == [2, 2, 3, 3]  # only unit 3 up (one bit) paid by unit 0 down: -0.2
+    assert module.rechoose(fixed, winner, {0: 0.1, 1: 0.05, 2: -0.4, 3: 0.3}).tolist() == [2, 1, 5, 2]
+    assert module.rechoose(fixed, fixed, {}).tolist() == fixed.tolist()
+    with pytest.raises(ValueError, match="a measured change for each move"):
+        module.rechoose(fixed, winner, {0: 0.1})
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        f = torch.tensor([rng.randint(1, 6) for _ in range(n)])
+        w = torch.tensor([rng.randint(1, 6) for _ in range(n)])
+        moves = (f != w).nonzero().flatten().tolist()
+        change = {u: rng.uniform(-1, 1) for u in moves}
+        got = module.rechoose(f, w, change)
+        best = min(sum(change[u] for u in s) for k in range(len(moves) + 1) for s in itertools.combinations(moves, k)
+                   if sum(int(w[u] - f[u]) for u in s) <= 0)
+        assert int(got.sum()) <= int(f.sum())
+        assert sum(change[u] for u in moves if got[u] == w[u]) == pytest.approx(best)
+
+
 def test_verified_moves_reads_its_runs_before_any_model(bench_modules, tmp_path):
     """The held-out figures of the split and the winner come from the quality runs, which must hold the same
     allocation; the cross-domain run's figures beside the in-domain run's, relative to the split."""
