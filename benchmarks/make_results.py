@@ -287,8 +287,10 @@ def _domain(source: str) -> str:
 
 
 def _model_label(d: dict) -> str:
-    """The model of a quality run, as the tables name it (runs before `--model` existed are SmolLM2's)."""
-    name = d.get("settings", {}).get("model") or "smollm2"
+    """The model of a quality run ([`table_transfer.model_of`]), as the tables name it."""
+    from table_transfer import model_of
+
+    name = model_of(d)
     return {"smollm2": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M",
             "qwen2.5-coder-0.5b": "Qwen2.5-Coder 0.5B"}.get(name, name)
 
