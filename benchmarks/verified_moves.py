@@ -4,7 +4,8 @@
 keys: +1% predicted, +15-25% real), while the units' real one-unit changes nearly add up. This script tries the rule
 that finding suggests, on a calibrated cell of a quality run: every move of the winner away from its lowest-KL fixed
 split (one unit, from the split's bits to the winner's) is scored alone through the real cache on the calibration
-text's *validation* windows (held back from the fit, as calibration's own validation; never the evaluation text);
+text's *validation* windows (held back from the fit, as calibration's own validation; never the evaluation text),
+or with `--score-on fit` on its fit windows (those the measure saw, leaving the validation windows to judge);
 then the moves are re-chosen to minimise the sum of those real changes at no more bits than the split (exactly:
 `operating_points.allocate_rate`, each move a unit with two options). The re-chosen allocation is evaluated on the
 held-out text of the quality run, and of a cross-domain run of the same configs if given, against the split and the
@@ -57,6 +58,14 @@ def rechoose(fixed: torch.Tensor, winner: torch.Tensor, change: dict[int, float]
     return out
 
 
+SCORED_ON = ("validation", "fit")
+
+
+def scored_on(payload: dict) -> str:
+    """Which calibration windows a run scored the moves on (runs before `--score-on`: the validation windows)."""
+    return payload.get("scored_on", SCORED_ON[0])
+
+
 def against(row: dict, fixed: dict, full_ppl: float) -> dict:
     """`row`'s KL change against the split's and the share of the split's perplexity gap to full precision it
     recovers."""
@@ -70,9 +79,10 @@ def markdown(payload: dict) -> str:
     out = [f"# Verified moves ({r['model']}, {r['quantizer']} at {r['budget']:g} code bits)", "",
            f"`{r['command']}`", "",
            f"The winner {r['winner']}'s {len(r['moves'])} moves away from {r['fixed']}, each scored alone through the "
-           f"real cache on {r['validation_windows']} validation windows of the calibration text ({r['singles_s']:.0f} "
-           "s); the moves re-chosen to minimise the sum of those changes at no more bits than the split.", "",
-           "| unit | bits (split -> winner) | real change alone, validation windows | kept |",
+           f"real cache on {r['validation_windows']} {scored_on(r)} windows of the calibration text "
+           f"({r['singles_s']:.0f} s); the moves re-chosen to minimise the sum of those changes at no more bits than "
+           "the split.", "",
+           f"| unit | bits (split -> winner) | real change alone, {scored_on(r)} windows | kept |",
            "| --- | --- | ---: | --- |"]
     for m in sorted(r["moves"], key=lambda m: m["change"]):
         out.append(f"| {unit_name(m['unit'], r['heads'])} | {m['bits'][0]} -> {m['bits'][1]} | {m['change']:+.1%} | "
@@ -104,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=CALIBRATION.budget,
                    help=f"average code bits (default {CALIBRATION.budget:g})")
     p.add_argument("--validation-windows", type=int, default=4,
-                   help="calibration validation windows the moves are scored on (default 4)")
+                   help="calibration windows the moves are scored on (default 4)")
+    p.add_argument("--score-on", choices=SCORED_ON, default=SCORED_ON[0],
+                   help="which of calibration's windows the moves are scored on: the first of its validation windows "
+                   "(held back from the measure) or of its fit windows (those the measure saw; what calibrate could "
+                   "use without touching the windows its race is judged on)")
     p.add_argument("--tag", default="", help="suffix of the output names: verified_moves_<tag>")
     p.add_argument("--output-dir", default=RESULTS_DIR)
     return p
@@ -171,7 +185,8 @@ def main(argv=None) -> int:
     n_fit = s.get("samples", CALIBRATION.n_samples)
     windows, _, _ = calibration_windows(tok, first["calib_data"], seq_len=s.get("seq_len", CALIBRATION.seq_len),
                                         n_windows=n_fit + args.validation_windows)
-    validation = windows[n_fit:]
+    k = args.validation_windows
+    scored = windows[n_fit:] if args.score_on == "validation" else windows[:k]
     held = []  # each text's windows and reference, checked first: the split's KL on its first window as the run's
     for t in texts:
         ew = evaluation_windows(tok, t["eval_data"], window=t["settings"].get("window", 1024),
@@ -183,13 +198,13 @@ def main(argv=None) -> int:
                              f"{t['fixed']['window_kl'][0]:.6f} in the quality run: not the same evaluation.")
         held.append((ew, refs, kl))
     start = time.perf_counter()
-    refs = reference_logprobs(model, validation, batch_size=1)
-    base = evaluate(model, validation, refs, 1, make(fixed, "fixed"), chunk)["kl"]
+    refs = reference_logprobs(model, scored, batch_size=1)
+    base = evaluate(model, scored, refs, 1, make(fixed, "fixed"), chunk)["kl"]
     change = {}
     for u in (fixed != winner).nonzero().flatten().tolist():
         moved = fixed.clone()
         moved[u] = winner[u]
-        change[u] = evaluate(model, validation, refs, 1, make(moved, f"+{u}"), chunk)["kl"] / base - 1
+        change[u] = evaluate(model, scored, refs, 1, make(moved, f"+{u}"), chunk)["kl"] / base - 1
         logger.info("%s %s %d -> %d: %+.1f%%", label, unit_name(u, n_heads), fixed[u], winner[u], 100 * change[u])
     singles_s = time.perf_counter() - start
     verified = rechoose(fixed, winner, change)
@@ -209,10 +224,13 @@ def main(argv=None) -> int:
         command += f" --quantizer {args.quantizer} --budget {args.budget:g}"
     if args.validation_windows != build_parser().get_default("validation_windows"):
         command += f" --validation-windows {args.validation_windows}"
+    if args.score_on != SCORED_ON[0]:
+        command += f" --score-on {args.score_on}"
     payload = dict(model=label, machine=machine(), command=command, quantizer=args.quantizer, budget=args.budget,
                    heads=n_heads,
                    fixed=first["fixed_name"], winner=first["winner_name"].removeprefix("ratequant-"),
-                   validation_windows=args.validation_windows, singles_s=singles_s, validation_kl_fixed=base,
+                   validation_windows=args.validation_windows, scored_on=args.score_on, singles_s=singles_s,
+                   validation_kl_fixed=base,
                    moves=[dict(unit=u, bits=[int(fixed[u]), int(winner[u])], change=c, kept=bool(verified[u] ==
                                                                                                winner[u]))
                           for u, c in change.items()],

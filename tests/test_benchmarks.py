@@ -685,3 +685,16 @@ def test_verified_moves_reads_its_runs_before_any_model(bench_modules, tmp_path)
     (tmp_path / "cross.json").write_text(json.dumps(cross))
     with pytest.raises(SystemExit, match="not evaluated on its calibration text"):
         module.main(["--run", "gemma3-270m", str(tmp_path / "cross.json"), "--output-dir", str(tmp_path)])
+
+
+def test_verified_moves_says_which_windows_scored_the_moves(bench_modules):
+    """Runs from before `--score-on` scored the moves on validation windows; a run on fit windows says so."""
+    module = bench_modules("verified_moves")
+    assert module.scored_on({}) == "validation" and module.scored_on({"scored_on": "fit"}) == "fit"
+    assert module.build_parser().parse_args(["--run", "m", "a", "--score-on", "fit"]).score_on == "fit"
+    with pytest.raises(SystemExit):
+        module.build_parser().parse_args(["--run", "m", "a", "--score-on", "evaluation"])
+    payload = dict(model="m", quantizer="kivi", budget=2.5, command="c", winner="keys-x4", fixed="K3V2", heads=1,
+                   validation_windows=4, scored_on="fit", singles_s=1.0, moves=[], texts=[])
+    assert "on 4 fit windows of the calibration text" in module.markdown(payload)
+    assert "real change alone, fit windows" in module.markdown(payload)
