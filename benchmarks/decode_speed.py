@@ -470,6 +470,11 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "" if x is None else format(x, spec)
 
 
+def spread(runs: list[float]) -> float:
+    """How far the timed runs of one cache spread: (slowest - fastest run) / median run."""
+    return (max(runs) - min(runs)) / statistics.median(runs)
+
+
 def markdown_table(results: list[Result]) -> str:
     head = (
         "| context | cache | bits | tokens/s | best tokens/s | ms/token | spread | CPU stall | max step ms | fill s "
@@ -481,14 +486,13 @@ def markdown_table(results: list[Result]) -> str:
             lines.append(f"| {r.context} | {r.cache} | {_fmt(r.bits, 'g')} | unavailable: {r.error} |" + " |" * 9)
             continue
         vs_q = ", ".join(f"{k}: {v:.2f}x" for k, v in r.vs_quantized.items())
-        spread = 100 * (max(r.run_s) - min(r.run_s)) / statistics.median(r.run_s)
         stalls = [x for x in r.stall if x is not None]
         stall = f"{100 * max(stalls):.0f}%" if stalls else "?"
         if r.retried:
             stall += f" ({r.retried} re-run)"
         lines.append(
             f"| {r.context} | {r.cache} | {_fmt(r.bits, 'g')} | {r.tokens_per_s:.1f} | {r.best_tokens_per_s:.1f} "
-            f"| {r.ms_per_token:.1f} | {spread:.0f}% | {stall} | {r.max_step_ms:.1f} | {_fmt(r.fill_s)} "
+            f"| {r.ms_per_token:.1f} | {spread(r.run_s):.0%} | {stall} | {r.max_step_ms:.1f} | {_fmt(r.fill_s)} "
             f"| {_fmt(r.kv_mib, '.1f')} | {_fmt(r.vs_dynamic)}x | {vs_q} |"
         )
     return "\n".join(lines)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from typing import Callable
 
@@ -153,13 +152,10 @@ def decode(d: dict) -> list[str]:
 DECODE_SCALE_RUN = "decode_speed_token-scales.json"
 
 
-def _spread(runs: list[float]) -> float:
-    """(slowest - fastest run) / median run, as decode_speed reports it."""
-    return (max(runs) - min(runs)) / statistics.median(runs)
-
-
 def decode_scales(_: None) -> list[str]:
     """Decoding with 8-bit scales against 16-bit ones: both precisions' caches interleaved in one run."""
+    from decode_speed import spread
+
     d = _load(DECODE_SCALE_RUN)
     rows = []
     for r in d["results"]:
@@ -167,7 +163,7 @@ def decode_scales(_: None) -> list[str]:
             scales = "-" if not r["cache"].startswith("RateQuant") else "8-bit" if "8-bit scales" in r["cache"] else \
                 "16-bit"
             rows.append([scales, r["cache"].removesuffix(", 8-bit scales"), f"{r['tokens_per_s']:.1f}",
-                         f"{r['ms_per_token']:.1f}", f"{_spread(r['run_s']):.0%}", _f(r["kv_mib"], ".1f"),
+                         f"{r['ms_per_token']:.1f}", f"{spread(r['run_s']):.0%}", _f(r["kv_mib"], ".1f"),
                          f"{r['vs_dynamic']:.2f}x"])
     a = d["args"]
     return [f"`python benchmarks/decode_speed.py --contexts {a['contexts'][0]} --backends --quantizer token "
@@ -663,8 +659,9 @@ def _scales(scale_bits: int | None) -> str:
 
 
 def _frontier_png(d: dict) -> str:
-    tag = d["settings"].get("tag")
-    return f"byte_frontier_{tag}.png" if tag else "byte_frontier.png"
+    from byte_frontier import stem
+
+    return f"{stem(d['settings'].get('tag'))}.png"
 
 
 def byte_frontier(d: dict) -> list[str]:
