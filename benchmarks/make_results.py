@@ -424,7 +424,9 @@ CROSS_GRID_RUNS = ("ratequant_quality_grid_pydoc-to-bbc.json",
                    "ratequant_quality_gemma3-270m_rotated_pydoc-to-bbc.json",
                    "ratequant_quality_gemma3-270m_rotated-2.25-3.5_pydoc-to-bbc.json",
                    "ratequant_quality_qwen2.5-coder-0.5b_token-rotated_pydoc-to-bbc.json",
-                   "ratequant_quality_gemma3-270m_token_pydoc-to-bbc.json")
+                   "ratequant_quality_gemma3-270m_token_pydoc-to-bbc.json",
+                   "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.5_pydoc-to-bbc.json",
+                   "ratequant_quality_qwen2.5-coder-0.5b_token-3.5_pydoc-to-bbc.json")
 """Runs that evaluate the configs of an in-domain grid run (`--configs-from`) on the other text."""
 
 
@@ -440,10 +442,10 @@ def cross_grid(_: None) -> list[str]:
         label = _model_label(d)
         for r in d["summaries"]:
             _, *in_domain = _against_fixed(inside[(r["quantizer"], r["budget"])], source)
-            best, *across = _against_fixed(r, d)
+            best, kl_vs, beats, gap = _against_fixed(r, d)
             cells.append((_cell_order(label, r), [
                 label, r["quantizer"], f"{r['budget']:g}", r["winner"].removeprefix("ratequant-"), *in_domain, best,
-                f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", *across]))
+                f"{r['chosen_ppl']:.3f} / {r['chosen_kl']:.4f}", kl_vs, _paired_dkl(r), beats, gap]))
         a = d["settings"]
         commands.append(f"- `python benchmarks/ratequant_quality.py --model {a['model']} --quantizers "
                         f"{' '.join(a['quantizers'])} --budgets {' '.join(f'{b:g}' for b in a['budgets'])} "
@@ -455,11 +457,20 @@ def cross_grid(_: None) -> list[str]:
             "Python docs text) evaluated through the real cache on the held-out half of the docs (in-domain, the "
             "grid's figures) and on the held-out half of BBC News (cross-domain: 8 windows of 1024 tokens, every "
             "fixed split of the budget evaluated there too, same G, R and S). Calibration is deterministic, so "
-            "these are the configs a calibration with the same settings returns.", "",
+            "these are the configs a calibration with the same settings returns. ΔKL ± SE: RateQuant's KL minus "
+            "the lowest-KL fixed split's, paired over the 8 windows, with its standard error.", "",
             *_table(["model", "design", "bits", "winner", "in-domain: KL vs lowest-KL fixed", "beats every fixed",
                      "ppl gap recovered", "BBC News: best fixed ppl / KL", "RateQuant ppl / KL",
-                     "KL vs lowest-KL fixed", "beats every fixed (KL)", "ppl gap recovered"],
-                    [row for _, row in sorted(cells, key=lambda c: c[0])], "llrlrlrlrrlr")]
+                     "KL vs lowest-KL fixed", "ΔKL ± SE", "beats every fixed (KL)", "ppl gap recovered"],
+                    [row for _, row in sorted(cells, key=lambda c: c[0])], "llrlrlrlrrrlr")]
+
+
+def _paired_dkl(r: dict) -> str:
+    """RateQuant's KL minus the lowest-KL fixed split's, paired over the evaluation windows, with its standard
+    error (blank where no split reaches the budget)."""
+    if not r.get("best_fixed") or r.get("paired_dkl_se") is None:
+        return ""
+    return f"{r['paired_dkl_vs_best_fixed_by_kl']:+.4f} ± {r['paired_dkl_se']:.4f}"
 
 
 def table_transfer(d: dict) -> list[str]:
