@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Callable
 
@@ -728,7 +729,8 @@ FRONTIER_RUN = "byte_frontier_scale-bits.json"  # the frontier the README and RE
 CALIBRATION_SPEED_RUNS = ("calibration_speed_kivi-3.5.json", "calibration_speed_token-3.5-shared-prefix.json",
                           "calibration_speed_rotated-3.5-shared-prefix.json",
                           "calibration_speed_kivi-3-true-groups.json", "calibration_speed_token-3-true-groups.json",
-                          "calibration_speed_rotated-3-true-groups.json")
+                          "calibration_speed_rotated-3-true-groups.json",
+                          "calibration_speed_gemma3-270m_kivi-2.5.json")
 
 
 def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
@@ -739,14 +741,14 @@ def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
             a = d["args"]
             parts = d["parts"][0]
             unit = " true" if a.get("budget_unit") == "true" else ""
-            rows.append([a.get("quantizer", "kivi"), f"{a['budget']:g}{unit}",
-                         ", ".join(map(str, a.get("groups") or [])) or "-", f"{d['calibration_s'][0]:.1f}",
-                         f"{parts['measure']:.1f}", f"{parts['validate']:.1f}", f"{d['fwd_bwd_s'][0]:.1f}",
-                         f"{d['ratio']:.2f}x"])
-        return ["`calibrate` with its defaults on the default model (fp32, CPU) against one plain forward+backward "
-                "pass over the same tokens.", "",
-                *_table(["quantizer", "budget", "groups offered", "calibration s", "measure s", "validation s",
-                         "fwd+bwd s", "ratio"], rows, "lrrrrrrr"), "",
+            rows.append([d["model"].split(" (")[0], a.get("quantizer", "kivi"), f"{a['budget']:g}{unit}",
+                         ", ".join(map(str, a.get("groups") or [])) or "-", str(len(d["calibration_s"])),
+                         f"{statistics.median(d['calibration_s']):.1f}", f"{parts['measure']:.1f}",
+                         f"{parts['validate']:.1f}", f"{statistics.median(d['fwd_bwd_s']):.1f}", f"{d['ratio']:.2f}x"])
+        return ["`calibrate` with its defaults (fp32, CPU) against one plain forward+backward pass over the same "
+                "tokens: medians of the runs (the measure and validation split of the first run).", "",
+                *_table(["model", "quantizer", "budget", "groups offered", "runs", "calibration s", "measure s",
+                         "validation s", "fwd+bwd s", "ratio"], rows, "llrrrrrrrr"), "",
                 "Machines: " + "; ".join(f"{n.removeprefix('calibration_speed_').removesuffix('.json')}: "
                                          f"{machine_line(_load(n)['machine'])}" for n in names) + "."]
     return render
@@ -867,7 +869,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "--model qwen2.5-coder-0.5b --merge", calibration_memory),
     ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated] "
      "--tag Q-3.5 | --budget 3 --budget-unit true --groups 64 128 --tag kivi-3-true-groups | --quantizer "
-     "token|rotated --budget 3 --budget-unit true --groups 32 --tag Q-3-true-groups",
+     "token|rotated --budget 3 --budget-unit true --groups 32 --tag Q-3-true-groups | --model gemma3-270m "
+     "--repeats 1 --tag gemma3-270m_kivi-2.5",
      calibration_speed(CALIBRATION_SPEED_RUNS)),
     ("lm-evaluation-harness through the cache", "lm_eval_table.json", "python benchmarks/lm_eval_table.py",
      lm_eval),
