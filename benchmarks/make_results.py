@@ -427,7 +427,8 @@ CROSS_GRID_RUNS = ("ratequant_quality_grid_pydoc-to-bbc.json",
                    "ratequant_quality_qwen2.5-coder-0.5b_token-rotated_pydoc-to-bbc.json",
                    "ratequant_quality_gemma3-270m_token_pydoc-to-bbc.json",
                    "ratequant_quality_qwen2.5-coder-0.5b_rotated-3.5_pydoc-to-bbc.json",
-                   "ratequant_quality_qwen2.5-coder-0.5b_token-3.5_pydoc-to-bbc.json")
+                   "ratequant_quality_qwen2.5-coder-0.5b_token-3.5_pydoc-to-bbc.json",
+                   "ratequant_quality_gemma3-270m_token-3-3.5_pydoc-to-bbc.json")
 """Runs that evaluate the configs of an in-domain grid run (`--configs-from`) on the other text."""
 
 
