@@ -59,11 +59,11 @@ class SplitAttention:
         self.blocks = []
         for start in range(0, n_queries, block):
             rows = slice(start, start + block)
-            q = self._grouped(query[:, :, rows])  # a view: upcast per use, not held in float32
-            far_cols = any_row[rows, :n_far].any(dim=0).nonzero().squeeze(1)
-            near_cols = n_far + any_row[rows, n_far:].any(dim=0).nonzero().squeeze(1)
-            far_mask = self._grouped_mask(additive[:, :, rows].index_select(-1, far_cols))
-            near_mask = self._grouped_mask(additive[:, :, rows].index_select(-1, near_cols))
+            q = self._grouped(query[:, :, rows]).flatten(2, 3).contiguous()  # (batch, kv_heads, group * rows, d)
+            far_cols = _columns(any_row[rows, :n_far].any(dim=0).nonzero().squeeze(1))
+            near_cols = _columns(n_far + any_row[rows, n_far:].any(dim=0).nonzero().squeeze(1))
+            far_mask = self._grouped_mask(_take(additive[:, :, rows], far_cols, -1))
+            near_mask = self._grouped_mask(_take(additive[:, :, rows], near_cols, -1))
             near = self._near(q, keys, values, near_cols, near_mask)
             self.blocks.append((q, far_cols, far_mask, near_cols, near_mask, near))
         self.base = self.with_far_keys(self.far_keys)
@@ -79,15 +79,15 @@ class SplitAttention:
 
     def _near(self, q, keys, values, cols, mask):
         """The near part of a block's softmax: `(row maximum, normaliser, weighted sum of values)`."""
-        scores = self._scores(q, keys.index_select(2, cols)) + mask
+        scores = self._scores(q, _take(keys, cols)) + mask
         top = scores.amax(-1)  # every query reads itself from the near copy: finite
         weights = (scores - top.unsqueeze(-1)).exp_()
-        return top, weights.sum(-1), weights @ values.index_select(2, cols).float().unsqueeze(2)
+        return top, weights.sum(-1), self._weighted(weights, _take(values, cols))
 
     def _merge(self, q, far_keys, far_values, cols, far_mask, near):
         """A block's output: its far columns merged with its near part."""
-        weights, near_weight, total = self._far_weights(q, far_keys.index_select(2, cols), far_mask, near)
-        far = weights @ far_values.index_select(2, cols).float().unsqueeze(2)
+        weights, near_weight, total = self._far_weights(q, _take(far_keys, cols), far_mask, near)
+        far = self._weighted(weights, _take(far_values, cols))
         return (near[2] * near_weight.unsqueeze(-1) + far) / total.unsqueeze(-1)
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,15 @@ class SplitAttention:
         return m.unsqueeze(1) if m.shape[1] == 1 else self._grouped(m)
 
     def _scores(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return (q.float() @ keys.float().unsqueeze(2).transpose(-1, -2)).mul_(self.scaling)
+        """`(batch, kv_heads, group, rows, columns)` scaled scores of a block's queries `(batch, kv_heads, group *
+        rows, d)` over `keys` `(batch, kv_heads, columns, d)`: one matrix product per kv-head for its whole group."""
+        scores = (q.float() @ keys.float().transpose(-1, -2)).mul_(self.scaling)
+        return scores.unflatten(2, (self.shape[2], -1))
+
+    def _weighted(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`weights` `(batch, kv_heads, group, rows, columns)` applied to `values` `(batch, kv_heads, columns, c)`:
+        `(batch, kv_heads, group, rows, c)`."""
+        return (weights.flatten(2, 3) @ values.float()).unflatten(2, (self.shape[2], -1))
 
     def _far_weights(self, q, far_keys, far_mask, near):
         """Unnormalised far weights, and the near part rescaled to the merged maximum: `(weights, near_weight,
@@ -128,6 +136,23 @@ class SplitAttention:
         `(batch, queries, q_heads, channels)`. For value errors, this is the output error."""
         out = []
         for q, cols, far_mask, _, _, near in self.blocks:
-            weights, _, total = self._far_weights(q, self.far_keys.index_select(2, cols), far_mask, near)
-            out.append((weights @ far_values.index_select(2, cols).float().unsqueeze(2)) / total.unsqueeze(-1))
+            weights, _, total = self._far_weights(q, _take(self.far_keys, cols), far_mask, near)
+            out.append(self._weighted(weights, _take(far_values, cols)) / total.unsqueeze(-1))
         return self._layout(out)
+
+
+def _columns(index: torch.Tensor) -> torch.Tensor | slice:
+    """The columns a block reads: a slice where they run contiguously (the usual causal case: a view, no copy),
+    else their indices."""
+    n = index.numel()
+    if n == 0:
+        return slice(0, 0)
+    first, last = int(index[0]), int(index[-1])
+    return slice(first, last + 1) if last - first + 1 == n else index
+
+
+def _take(x: torch.Tensor, cols: torch.Tensor | slice, dim: int = 2) -> torch.Tensor:
+    """`x`'s columns `cols` along `dim` (a view for a slice)."""
+    if isinstance(cols, slice):
+        return x.narrow(dim, cols.start, cols.stop - cols.start)
+    return x.index_select(dim, cols)
