@@ -23,11 +23,12 @@ All functions are deterministic and work in float64 on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -468,22 +469,34 @@ def validation_rungs(n_windows: int) -> list[int]:
     return [n_windows]
 
 
-RungScore = Callable[[list["Candidate"], int], list[tuple[float, float]]]
-"""`score(candidates, rung)`: per candidate (one per distinct allocation), `(KL summed over the rung's tokens,
-tokens)`."""
+class RungTally(NamedTuple):
+    """A candidate's score on one rung: the KL summed over the rung's tokens, the rung's tokens, and whether every
+    token was scored (`complete=False`: the scorer stopped once the sum passed `stop_above`, and `kl_sum` is a
+    lower bound of the full sum, KL per token being non-negative)."""
+
+    kl_sum: float
+    tokens: float
+    complete: bool = True
+
+
+RungScore = Callable[["Candidate", int, float], RungTally]
+"""`score(candidate, rung, stop_above)`: the candidate's [`RungTally`] on rung `rung`; the scorer may stop once the
+KL summed over the rung passes `stop_above` (`inf`: score every token), returning `complete=False`."""
 
 
 @dataclass(frozen=True)
 class RaceResult:
     """What [`successive_halving`] found: the `winner`'s name, every candidate's mean KL (`scores`, in entry
-    order) over the windows it was scored on (`windows`), the `finalists` scored on every rung, and the `entrants`
-    (the candidates given, then those `extend` added)."""
+    order) over the windows it was scored on (`windows`), the `finalists` scored on every rung, the `entrants`
+    (the candidates given, then those `extend` added), and the candidates `stopped` early, whose score is a lower
+    bound."""
 
     winner: str
     scores: dict[str, float]
     finalists: list[str]
     windows: dict[str, int]
     entrants: list[Candidate]
+    stopped: list[str] = dataclasses.field(default_factory=list)
 
 
 def successive_halving(
@@ -493,28 +506,60 @@ def successive_halving(
     *,
     finalists: int = VALIDATION_FINALISTS,
     extend: Callable[[dict[str, float]], list[Candidate]] | None = None,
+    order: Callable[[Candidate], float] | None = None,
 ) -> RaceResult:
     """Race `candidates` over `rungs` (window counts) of validation windows, scoring each distinct allocation once
     per rung through `score`.
 
     Every candidate is scored on the first rung; `extend` (if given) sees those scores and may enter more candidates,
-    scored on the first rung too. Before rung `r` (from 1) the field is cut to the `finalists * 2 ** (len(rungs) - 1
+    scored on the first rung too. Fixed splits with group sizes (family `"fixed"`, comparison points rarely near the
+    best) are scored after the extension, whose candidates tighten the bound they are stopped by; `extend` does not
+    see them. Before rung `r` (from 1) the field is cut to the `finalists * 2 ** (len(rungs) - 1
     - r)` best by mean KL over the rungs scored so far (ties: entry order), so `finalists` are scored on every
     window; the winner is the best finalist (ties: the first entered). Candidates with equal bits share one score.
+
+    Early stopping: a candidate is scored with `stop_above`, the rung's KL sum past which its total can no longer
+    make the next cut (nor win, on the last rung), given the candidates of the rung already scored in full; a
+    scorer that stops there saves the rest of the rung and reports a lower bound (listed in `stopped`). A fixed
+    split of bits alone (family `"fixed"`, no group sizes) also stays on the first rung until it can no longer be
+    the best of them, where `extend` starts descent from. Nothing the race decides depends on stopping: the cut,
+    the finalists, the winner and the best fixed split of bits alone are those of scoring every token. To stop the
+    hopeless early, each rung scores the likeliest first: on the first rung in `order` (lowest first, e.g. the
+    modelled distortion; entry order without it), on later ones by mean KL so far.
     """
     if not rungs:
         raise ValueError("successive_halving needs at least one rung of validation windows (got none).")
     entrants: dict[str, Candidate] = {}
-    tally: dict[tuple[int, ...], list[tuple[float, float]]] = {}  # allocation -> (KL sum, tokens) per rung scored
+    tally: dict[tuple[int, ...], list[RungTally]] = {}  # allocation -> its tally per rung scored
+    fixed: set[tuple[int, ...]] = set()  # the allocations of fixed splits of bits alone
+
+    def total(key: tuple[int, ...]) -> float:
+        return sum(t.kl_sum for t in tally[key])
 
     def mean_kl(key: tuple[int, ...]) -> float:
-        return sum(p[0] for p in tally[key]) / sum(p[1] for p in tally[key])
+        return total(key) / sum(t.tokens for t in tally[key])
+
+    def complete(key: tuple[int, ...], rung: int) -> bool:
+        return len(tally.get(key, [])) == rung + 1 and tally[key][-1].complete
+
+    def stop_above(c: Candidate, field: list[Candidate], rung: int) -> float:
+        keep = finalists * 2 ** (len(rungs) - 2 - rung) if rung < len(rungs) - 1 else 1
+        done = sorted(total(k) for k in {d.key for d in field} if complete(k, rung))
+        bound = done[keep - 1] if len(done) >= keep else math.inf
+        if c.key in fixed and not rung:
+            bound = max(bound, min((total(k) for k in fixed if complete(k, 0)), default=math.inf))
+        prior = sum(t.kl_sum for t in tally.get(c.key, [])[:rung])
+        return bound - prior
 
     def score_rung(field: list[Candidate], rung: int) -> None:
         todo = [c for c in _distinct(field) if len(tally.get(c.key, [])) == rung]
-        if todo:
-            for c, pair in zip(todo, score(todo, rung)):
-                tally.setdefault(c.key, []).append(pair)
+        if rung:
+            todo.sort(key=lambda c: mean_kl(c.key))
+        elif order is not None:
+            todo.sort(key=order)
+        for c in todo:
+            result = RungTally(*score(c, rung, stop_above(c, field, rung)))
+            tally.setdefault(c.key, []).append(result)
 
     def enter(batch: Sequence[Candidate]) -> None:
         names = [c.name for c in batch]
@@ -522,11 +567,17 @@ def successive_halving(
         if clash:
             raise ValueError(f"Candidate names must be unique; {clash} entered twice. Rename the candidates.")
         entrants.update({c.name: c for c in batch})
-        score_rung(list(batch), 0)
+        fixed.update(c.key for c in batch if c.family == "fixed" and c.groups is None)
+
+    def first(field: list[Candidate]) -> list[Candidate]:
+        return [c for c in field if not (c.family == "fixed" and c.groups is not None)]
 
     enter(candidates)
     if extend is not None:
-        enter(extend({name: mean_kl(c.key) for name, c in entrants.items()}))
+        score_rung(first(list(entrants.values())), 0)
+        enter(extend({name: mean_kl(c.key) for name, c in entrants.items() if c.key in tally}))
+        score_rung(first(list(entrants.values())), 0)
+    score_rung(list(entrants.values()), 0)
     racing = _distinct(list(entrants.values()))
     for rung in range(1, len(rungs)):
         racing = sorted(racing, key=lambda c: mean_kl(c.key))[: finalists * 2 ** (len(rungs) - 1 - rung)]
@@ -535,7 +586,8 @@ def successive_halving(
     scores = {name: mean_kl(c.key) for name, c in entrants.items()}
     last = [name for name, c in entrants.items() if c.key in final_keys]
     windows = {name: sum(rungs[: len(tally[c.key])]) for name, c in entrants.items()}
-    return RaceResult(min(last, key=scores.get), scores, last, windows, list(entrants.values()))
+    stopped = [name for name, c in entrants.items() if not tally[c.key][-1].complete]
+    return RaceResult(min(last, key=scores.get), scores, last, windows, list(entrants.values()), stopped)
 
 
 def _distinct(field: list[Candidate]) -> list[Candidate]:

@@ -35,6 +35,7 @@ from .allocation import (
     Candidate,
     RaceResult,
     RungScore,
+    RungTally,
     allocate_bits,
     allocate_from_table,
     check_budget,
@@ -801,44 +802,59 @@ def _kl_scorer(
     fingerprint: ModelFingerprint, processes: Processes, bar: Any,
 ) -> RungScore:
     """The [`successive_halving`] scorer: KL to the full-precision cache through the real cache, on rung `r`'s
-    windows `parts[r]` (summed over processes). The reference and the exact shared start of a rung's windows
+    windows `parts[r]` (summed over processes), stopped once past the race's bound (one process only: with
+    several, no process sees the whole sum). The reference and the exact shared start of a rung's windows
     ([`shared_prefix`]) are computed once, when the rung is first scored."""
     s, reference, prefixes = settings, {}, {}
     template = candidate_config(torch.full((fingerprint.num_layers, fingerprint.num_kv_heads, 2), s.b_min), layout,
                                 s, fingerprint, "ratequant")
 
-    def kl_sums(candidates: list[Candidate], rung: int) -> torch.Tensor:  # per candidate: KL sum, tokens
+    def kl_sum(candidate: Candidate, rung: int, stop_above: float) -> torch.Tensor:  # KL sum, tokens, complete
         if rung not in reference:
             reference[rung] = reference_logprobs(model, parts[rung], batch_size=s.batch_size)
             prefixes[rung] = shared_prefix(model, parts[rung], template, chunk=s.chunk, batch_size=s.batch_size,
                                            reference=reference[rung])
-        out = []
-        for c in candidates:
-            config = candidate_config(c.bits, layout, s, fingerprint, "candidate", c.groups)
-            res = evaluate_quality(model, parts[rung], config,
-                                   chunk=s.chunk, batch_size=s.batch_size, progress=False,
-                                   reference=reference[rung], prefix=prefixes[rung])
-            out.append([res.kl * res.tokens, res.tokens])
-            bar.update()
-        return torch.tensor(out, dtype=torch.float64).reshape(-1, 2)
+        config = candidate_config(candidate.bits, layout, s, fingerprint, "candidate", candidate.groups)
+        stop = stop_above if processes.count == 1 and math.isfinite(stop_above) else None
+        res = evaluate_quality(model, parts[rung], config, chunk=s.chunk, batch_size=s.batch_size, progress=False,
+                               reference=reference[rung], prefix=prefixes[rung], stop_above=stop)
+        bar.update()
+        tokens = parts[rung].shape[0] * (parts[rung].shape[1] - 1)  # every window predicts all but its first token
+        return torch.tensor([res.kl * res.tokens, tokens, res.complete], dtype=torch.float64)
 
-    def score(candidates: list[Candidate], rung: int) -> list[tuple[float, float]]:
-        sums = processes.sum(processes.run(lambda: kl_sums(candidates, rung), "validating the candidates"))
-        return [tuple(pair) for pair in sums.tolist()]
+    def score(candidate: Candidate, rung: int, stop_above: float) -> RungTally:
+        total = processes.sum(processes.run(lambda: kl_sum(candidate, rung, stop_above), "validating the candidates"))
+        return RungTally(float(total[0]), float(total[1]), bool(total[2] == processes.count))
 
     return score
+
+
+def modelled_distortion(candidate: Candidate, distortion: torch.Tensor, bit_grid: list[int],
+                        space: OptionSpace | None = None) -> float:
+    """The measured distortion of `candidate`'s allocation summed over its units (what the allocations minimise): the
+    `(layers, kv_heads, 2, n_bits)` table at the layout's groups, the `space`'s options where the candidate chose
+    group sizes. Validation scores the candidates in this order, the likeliest first."""
+    offset = candidate.bits - bit_grid[0]
+    if candidate.groups is None:
+        return float(distortion.gather(-1, offset.unsqueeze(-1)).sum())
+    grid = space.grid
+    group_index = torch.tensor([grid.groups.index(g) for g in candidate.groups.reshape(-1).tolist()])
+    index = group_index.reshape(candidate.groups.shape) * len(grid.bit_grid) + offset
+    return float(space.options.gather(-1, index.unsqueeze(-1)).sum())
 
 
 def validate_candidates(
     model: Any, windows: torch.LongTensor, candidates: list[Candidate], distortion: torch.Tensor,
     layout: CacheLayout, settings: CalibrationSettings, fingerprint: ModelFingerprint, *,
     processes: Processes, progress: bool = True, descend_from: Callable[[Candidate], list[Candidate]] | None = None,
+    space: OptionSpace | None = None,
 ) -> RaceResult:
     """Race `candidates` by KL through the real cache on this process's validation `windows` ([`successive_halving`]
-    on [`validation_rungs`]; one rung when several processes share the windows). After the first rung the
-    candidates near the best fixed split join the race: `descend_from(split)`, by default the
-    [`descent_candidates`] on `distortion` (a budget in bytes whose layers weigh differently passes
-    [`options.near_candidates`])."""
+    on [`validation_rungs`]; one rung when several processes share the windows), each rung's candidates in the order
+    of their [`modelled_distortion`] (over the `space`'s options where they chose group sizes), so that the race
+    can stop the hopeless ones early. After the first rung the candidates near the best fixed split join the race:
+    `descend_from(split)`, by default the [`descent_candidates`] on `distortion` (a budget in bytes whose layers
+    weigh differently passes [`options.near_candidates`])."""
     rungs = validation_rungs(len(windows)) if processes.count == 1 else [len(windows)]
     bounds = [sum(rungs[:i]) for i in range(len(rungs) + 1)]
     parts = [windows[a:b] for a, b in zip(bounds, bounds[1:])]
@@ -852,12 +868,17 @@ def validate_candidates(
             return descend_from(best)
         return descent_candidates(distortion, settings.bit_grid, best)
 
+    def order(c: Candidate) -> float:
+        return modelled_distortion(c, distortion, settings.bit_grid, space)
+
     with tqdm(desc=f"validating {len(candidates)} candidates", unit="cache",
               disable=not (progress and processes.is_main)) as bar:
         score = _kl_scorer(model, parts, layout, settings, fingerprint, processes, bar)
-        race = successive_halving(candidates, rungs, score, finalists=VALIDATION_FINALISTS, extend=descend)
+        race = successive_halving(candidates, rungs, score, finalists=VALIDATION_FINALISTS, extend=descend,
+                                  order=order)
     for name, kl in race.scores.items():
-        logger.info("validation KL %-26s %.5f (%d of %d windows)", name, kl, race.windows[name], len(windows))
+        logger.info("validation KL %-26s %s%.5f (%d of %d windows)", name, ">" if name in race.stopped else " ", kl,
+                    race.windows[name], len(windows))
     return race
 
 
@@ -880,6 +901,7 @@ def calibration_record(
         residual_aware=measured.residual_aware, bit_grid=settings.bit_grid, winner=winner,
         validation_kl=dict(scores), validation_finalists=list(race.finalists) if race else [],
         validation_windows=dict(race.windows) if race else {},
+        validation_stopped=list(race.stopped) if race else [],
         gain_vs_best_fixed=(1 - scores[winner] / best_fixed) if best_fixed else None,
         beta_median={"key": float(fit.beta[:, :, 0].median()), "value": float(fit.beta[:, :, 1].median())},
         fit_r2_median=float(fit.r2.median()),
@@ -969,7 +991,7 @@ def calibrate(
             def descend_from(origin: Candidate) -> list[Candidate]:
                 return near_candidates(space.options, space.grid, true_bits, origin, space.charges, weights)
         race = validate_candidates(model, data.validation, candidates, measured.distortion, layout, settings, fp,
-                                   processes=procs, progress=progress, descend_from=descend_from)
+                                   processes=procs, progress=progress, descend_from=descend_from, space=space)
         candidates += [c for c in race.entrants if c.family == "descent"]
     else:
         candidates = [c for c in candidates if c.family == "ratequant"]

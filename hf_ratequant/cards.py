@@ -170,10 +170,14 @@ def _calibration_section(cal: dict[str, Any], curves_name: str | None) -> list[s
     else:
         lines += ["| candidate | validation KL |", "|---|---|"]
         order = sorted(cal["validation_kl"].items(), key=lambda kv: kv[1])
+    stopped = set(cal.get("validation_stopped") or [])
     for name, kl in order:
         mark = " (this config)" if name == cal.get("winner") else ""
         windows = f" {scored[name]} |" if name in scored else (" |" if scored else "")
-        lines.append(f"| {name}{mark} | {kl:.5f} |{windows}")
+        lines.append(f"| {name}{mark} | {'> ' if name in stopped else ''}{kl:.5f} |{windows}")
+    if stopped:
+        lines += ["", "A KL marked > is a lower bound: the race stopped that candidate early, once it could no longer "
+                      "stay in the race."]
     beta = cal.get("beta_median") or {}
     if beta:
         where = f"`{curves_name}`" if curves_name else "the curves file"

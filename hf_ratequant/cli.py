@@ -298,9 +298,13 @@ def _print_calibration(config: Any, model: Any) -> None:
     info = config.calibration
     if info["validation_kl"]:
         print(f"\n{'candidate':<26}{'validation KL':>14}  meaning")
+        stopped = set(info.get("validation_stopped") or [])
         for name, kl in sorted(info["validation_kl"].items(), key=lambda kv: kv[1]):
             mark = "  <- chosen" if name == info["winner"] else ""
-            print(f"{name:<26}{kl:>14.5f}  {candidate_legend(name)}{mark}")
+            bound = ">" if name in stopped else " "
+            print(f"{name:<26}{bound:>6}{kl:>8.5f}  {candidate_legend(name)}{mark}")
+        if stopped:
+            print("> x: a lower bound; the race stopped that candidate early, once it could no longer win")
     else:
         print(f"\nno validation (--validation 0): chose {info['winner']}, {candidate_legend(info['winner'])}")
     print(f"beta median: keys {info['beta_median']['key']:.2f}, values {info['beta_median']['value']:.2f}; "

@@ -50,6 +50,8 @@ class QualityResult:
     perplexity: float
     kl: float | None
     tokens: int
+    complete: bool = True
+    """False when [`evaluate_quality`] stopped early (`stop_above`): the figures cover the `tokens` scored."""
 
 
 def evaluation_windows(
@@ -215,6 +217,7 @@ def evaluate_quality(
     reference: list[ReferenceBatch] | None = None,
     prefix: SharedPrefix | None = None,
     desc: str = "evaluate",
+    stop_above: float | None = None,
 ) -> QualityResult:
     """Perplexity of `cache_config`'s cache and its KL divergence from the full-precision cache, on `windows`.
 
@@ -235,11 +238,17 @@ def evaluate_quality(
             in full precision, computed once by [`shared_prefix`] (with the same `reference`) for many configs of
             the same residual window, sinks and group size; the cache starts after it. Results are unchanged.
         desc (`str`, *optional*, defaults to `"evaluate"`): the progress bar's name (e.g. the cache measured).
+        stop_above (`float`, *optional*): stop after the chunk where the KL summed over the tokens scored so far
+            exceeds this: KL per token is non-negative, so the sum over every token would exceed it too (what
+            validation needs to drop a candidate). The result then has `complete=False`, and its perplexity and KL
+            cover the tokens scored.
     """
     if chunk < 1 or windows.shape[1] < 2:
         raise ValueError(f"Need chunk >= 1 and windows of at least 2 tokens (got chunk={chunk}, "
                          f"window={windows.shape[1]}).")
     want_kl = with_kl and cache_config is not None
+    if stop_above is not None and not want_kl:
+        raise ValueError("stop_above bounds the KL summed so far: it needs with_kl=True and a cache to measure.")
     if prefix is not None:
         if not isinstance(cache_config, RateQuantConfig):
             raise ValueError("A SharedPrefix can only start a RateQuantConfig's cache, whose flush rule it relies on.")
@@ -258,8 +267,11 @@ def evaluate_quality(
         ref_cache = DynamicCache(config=model.config) if want_kl and reference is None else None
         prev_logits = prev_ref = None
         if prefix is not None:
-            for part in prefix.scores[batch_idx]:  # in order, so the sums are the ones of feeding them
-                nll_sum, kl_sum, count = nll_sum + part.nll, kl_sum + part.kl, count + part.tokens
+            for part in prefix.scores[batch_idx]:  # in order, so the sums (and where they stop) are the ones of
+                nll_sum, kl_sum, count = nll_sum + part.nll, kl_sum + part.kl, count + part.tokens  # feeding them
+                if stop_above is not None and kl_sum > stop_above:
+                    bar.close()
+                    return _stopped(nll_sum, kl_sum, count)
             for layer_idx, (k, v) in enumerate(prefix.states[batch_idx]):
                 cache.update(k.clone(), v.clone(), layer_idx)
             prev_logits = prefix.last_logits[batch_idx]
@@ -279,11 +291,19 @@ def evaluate_quality(
             nll_sum, kl_sum, count = nll_sum + part.nll, kl_sum + part.kl, count + part.tokens
             prev_logits = logits[:, -1:]
             bar.update(1)
+            if stop_above is not None and kl_sum > stop_above:
+                bar.close()
+                return _stopped(nll_sum, kl_sum, count)
     bar.close()
     return QualityResult(
         perplexity=math.exp(nll_sum / count), kl=(kl_sum / count) if want_kl else (0.0 if with_kl else None),
         tokens=count,
     )
+
+
+def _stopped(nll_sum: float, kl_sum: float, count: int) -> QualityResult:
+    """What [`evaluate_quality`] returns when `stop_above` stops it: the figures of the `count` tokens scored."""
+    return QualityResult(perplexity=math.exp(nll_sum / count), kl=kl_sum / count, tokens=count, complete=False)
 
 
 REFERENCE_MAX_BYTES = 2 << 30

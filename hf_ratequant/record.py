@@ -23,12 +23,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RECORD_VERSION", "CalibrationRecord", "measure_description"]
 
-RECORD_VERSION = 5
+RECORD_VERSION = 6
 """1: `record_version` and `families` added, the `kvq-beta4` comparison no longer among the `candidates`. 2:
 `true_budget`, `group_grid` and `candidate_groups` (calibration over group sizes). 3: `window_tokens` (the true
 budget counts the longer full-precision window of layers with larger key token groups). 4: `layer_weights` (the
 true budget counts each layer's elements by the tokens it holds, where sliding-window layers hold fewer). 5:
-`budget_context` (the context a true budget counted bytes at; 4096 before)."""
+`budget_context` (the context a true budget counted bytes at; 4096 before). 6: `validation_stopped` (candidates
+the race stopped early, whose validation KL is a lower bound; before, every candidate was scored in full)."""
 
 
 def measure_description(measure: str, residual_aware: bool) -> str:
@@ -39,8 +40,8 @@ def measure_description(measure: str, residual_aware: bool) -> str:
             + (", gradients through the quantized part of the cache only" if residual_aware else ""))
 
 
-_GROUP_FIELDS = ("true_budget", "group_grid", "candidate_groups", "window_tokens",  # record versions 2 and 3
-                 "layer_weights", "budget_context")  # 4 and 5
+_OPTIONAL_FIELDS = ("true_budget", "group_grid", "candidate_groups", "window_tokens",  # record versions 2 and 3
+                    "layer_weights", "budget_context", "validation_stopped")  # 4, 5 and 6
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,11 @@ class CalibrationRecord:
         validation_kl (`dict[str, float]`): every validated candidate's mean KL to the full-precision cache.
         validation_finalists (`list[str]`): the candidates scored on every validation window.
         validation_windows (`dict[str, int]`): validation windows each candidate was scored on.
-        gain_vs_best_fixed (`float`, *optional*): `1 - KL(winner) / KL(best fixed split)`.
+        validation_stopped (`list[str]`): candidates the race stopped early, once they could no longer make its
+            next cut (`allocation.successive_halving`): their validation KL is a lower bound over their last rung's
+            windows. Empty where none was (and before version 6).
+        gain_vs_best_fixed (`float`, *optional*): `1 - KL(winner) / KL(best fixed split)`, over the scores recorded:
+            where the lowest is a fixed split's lower bound (`validation_stopped`), the gain is at least this.
         beta_median (`dict[str, float]`): median fitted beta of the `"key"` and `"value"` units.
         fit_r2_median (`float`): median R^2 of the per-unit fits.
         seconds (`dict[str, float]`): time spent measuring, validating and in all.
@@ -106,13 +111,15 @@ class CalibrationRecord:
     window_tokens: int | None = None
     layer_weights: list[int] = field(default_factory=list)
     budget_context: int | None = None
+    validation_stopped: list[str] = field(default_factory=list)
     record_version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object saved as `config.calibration` (a deep copy: changing it leaves the record alone). The
-        fields of calibration over group sizes are left out when unused, so other records keep their keys."""
+        fields added since version 2 (calibration over group sizes, stopped candidates) are left out when unused, so
+        other records keep their keys."""
         out = copy.deepcopy(dataclasses.asdict(self))
-        for name in _GROUP_FIELDS:
+        for name in _OPTIONAL_FIELDS:
             if out[name] in (None, [], {}):
                 del out[name]
         return out

@@ -401,6 +401,32 @@ def test_validation_with_eight_windows_scores_the_finalists_on_every_window(mode
     assert set(cal["validation_windows"].values()) <= {2, 4, 8}
 
 
+def test_validation_that_stops_candidates_early_decides_as_if_it_scored_every_token(monkeypatch):
+    """The race stops a candidate once it can no longer stay in it; scored in full, the race decides the same.
+    (Its rule, on random races: tests/test_pipeline.py.)"""
+    import hf_ratequant.calibration as calibration
+
+    torch.manual_seed(0)  # larger weights than the `model` fixture's: peaked predictions, KLs far apart
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=32, initializer_range=0.3)).eval()
+    kwargs = dict(quantizer="kivi", budget=2.5, n_samples=2, n_validation=8, seq_len=64, group_size=8,
+                  residual_length=8, b_min=1, b_max=4, chunk=8, progress=False)
+    fast = calibrate(model, WordTokenizer(), [corpus(8000)], **kwargs).calibration
+    real = calibration.evaluate_quality
+    monkeypatch.setattr(calibration, "evaluate_quality", lambda *a, stop_above=None, **kw: real(*a, **kw))
+    full = calibrate(model, WordTokenizer(), [corpus(8000)], **kwargs).calibration
+    assert full.get("validation_stopped") is None and "K1V4" in fast["validation_stopped"]
+    for name in ("winner", "validation_finalists", "validation_windows"):
+        assert fast[name] == full[name], name
+    assert fast["gain_vs_best_fixed"] <= full["gain_vs_best_fixed"] + 1e-12  # against a lower bound, if stopped
+    for name, kl in full["validation_kl"].items():
+        if name in fast["validation_stopped"]:
+            assert fast["validation_kl"][name] <= kl
+        else:
+            assert fast["validation_kl"][name] == kl, name
+
+
 def test_validation_shares_the_exact_start_of_its_windows_without_changing_a_score(model, monkeypatch):
     """Validation runs the chunks every candidate's cache serves in full precision once (`shared_prefix`); the
     scores are the ones of running them for every candidate, bit for bit."""

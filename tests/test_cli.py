@@ -303,14 +303,16 @@ def test_calibration_report_says_what_was_chosen(llama_config, capsys, validated
     from hf_ratequant.cli import _print_calibration
 
     config = RateQuantConfig.uniform(llama_config, key_bits=3, value_bits=2)
-    scores = {"K3V2": 0.004, "ratequant-from-K3V2-40": 0.002} if validated else {}
+    scores = {"K3V2": 0.004, "ratequant-from-K3V2-40": 0.002, "K1V4": 0.9} if validated else {}
     config.calibration = {"validation_kl": scores, "winner": "ratequant-from-K3V2-40" if validated else "ratequant",
                           "beta_median": {"key": 3.1, "value": 3.9}, "fit_r2_median": 0.99,
-                          "seconds": {"total": 12.0}}
+                          "seconds": {"total": 12.0}, "validation_stopped": ["K1V4"] if validated else []}
     _print_calibration(config, SimpleNamespace(config=llama_config, dtype=torch.float32))
     out = capsys.readouterr().out
     if validated:
         assert "40 steps of descent from the K3V2 split towards the measured optimum  <- chosen" in out
+        assert f"{'K1V4':<26}     > 0.90000  fixed split" in out and f"{'K3V2':<26}       0.00400" in out
+        assert "> x: a lower bound" in out
     else:
         assert "no validation (--validation 0): chose ratequant, closed form" in out
     assert "mean bits per layer (keys / values): 0:3.0/2.0  1:3.0/2.0  2:3.0/2.0" in out

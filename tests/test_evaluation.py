@@ -109,6 +109,25 @@ def test_a_model_whose_logits_are_not_its_head_of_hidden_keeps_full_log_probabil
     torch.testing.assert_close(ref[0].logprobs, torch.log_softmax(logits, -1))
 
 
+def test_stop_above_stops_after_the_chunk_that_passes_it(model, windows):
+    cfg = _mixed(model, "kivi", 16, 8)
+    ref = reference_logprobs(model, windows, batch_size=2)
+    full = evaluate_quality(model, windows, cfg, chunk=8, batch_size=2, progress=False, reference=ref)
+    assert full.complete and full.kl > 0
+    total = full.kl * full.tokens
+    same = evaluate_quality(model, windows, cfg, chunk=8, batch_size=2, progress=False, reference=ref,
+                            stop_above=total * 1.001)
+    assert (same.kl, same.tokens, same.complete) == (full.kl, full.tokens, True)
+    part = evaluate_quality(model, windows, cfg, chunk=8, batch_size=2, progress=False, reference=ref,
+                            stop_above=total / 3)
+    assert not part.complete and part.tokens < full.tokens and total / 3 < part.kl * part.tokens <= total * 1.0001
+    shorter = evaluate_quality(model, windows, cfg, chunk=8, batch_size=2, progress=False, reference=ref,
+                               stop_above=part.kl * part.tokens * 0.999)  # passed one chunk earlier at the latest
+    assert shorter.tokens <= part.tokens
+    with pytest.raises(ValueError, match="stop_above"):
+        evaluate_quality(model, windows, cfg, progress=False, with_kl=False, stop_above=1.0)
+
+
 # ---- the shared prefix: the start of the windows that every cache of one (R, S, G) serves exactly ---------------
 
 
@@ -143,6 +162,11 @@ def test_shared_prefix_gives_the_same_results_bit_for_bit(model, windows, quanti
                                   prefix=prefix)
         assert (shared.perplexity, shared.kl, shared.tokens) == (plain.perplexity, plain.kl, plain.tokens)
         assert (shared.kl > 1e-6) == (length < windows.shape[1])  # R = 80: all 96 tokens are served exactly
+        for stop in (shared.kl * shared.tokens / 2, 0.0):  # stopped early: at the same chunk, with the same sums
+            plain_stop, shared_stop = (evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=2, progress=False,
+                                                        reference=ref, prefix=p, stop_above=stop)
+                                       for p in (None, prefix))
+            assert plain_stop == shared_stop
         no_kl = evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=2, progress=False, with_kl=False,
                                  prefix=prefix)
         assert no_kl.perplexity == plain.perplexity

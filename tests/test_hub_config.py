@@ -221,8 +221,13 @@ def test_card_says_how_many_windows_each_candidate_was_scored_on():
     rows = [line for line in card.splitlines() if line.startswith("| ") and "windows" not in line]
     assert rows[-3:] == ["| ratequant-measured (this config) | 0.01000 | 8 |", "| ratequant | 0.02000 | 4 |",
                          "| K3V2 | 0.00500 | 2 |"]
-    assert "scored on the first 2 windows" in card and "scored on all 8" in card
+    assert "scored on the first 2 windows" in card and "scored on all 8" in card and "lower bound" not in card
 
+    config.calibration["validation_stopped"] = ["ratequant"]  # stopped early: its KL is a lower bound
+    card = model_card(config, REPO)
+    assert "| ratequant | > 0.02000 | 4 |" in card and "A KL marked > is a lower bound" in card
+
+    del config.calibration["validation_stopped"]
     del config.calibration["validation_windows"]  # a config calibrated before successive halving
     card = model_card(config, REPO)
     assert "| K3V2 | 0.00500 |\n| ratequant-measured (this config) | 0.01000 |" in card and "halving" not in card
