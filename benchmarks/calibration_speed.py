@@ -6,6 +6,8 @@ runs of each is reported.
 
     python benchmarks/calibration_speed.py                                   # default model, CPU, float32
     python benchmarks/calibration_speed.py --budget 3 --budget-unit true --groups 64 128 --tag kivi-3-true-groups
+    python benchmarks/calibration_speed.py --quantizer token --budget 3 --budget-unit true --groups 16 32 \\
+        --scale-bits 8 --tag token-3-true-groups-s8
     python benchmarks/calibration_speed.py --device cuda --dtype bfloat16 --model Qwen/Qwen3-8B
     python benchmarks/calibration_speed.py --device cuda --dtype bfloat16 --model random:qwen3-8b \\
         --tokenizer PATH    # timing only, without downloading the weights (any tokenizer folder will do)
@@ -66,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what --budget counts: code bits, or true bits per element (metadata included)")
     p.add_argument("--groups", type=int, nargs="*", default=None,
                    help="group sizes each unit may choose besides the layout's (needs --budget-unit true)")
+    p.add_argument("--scale-bits", type=int, choices=[16, 8], default=LAYOUT.scale_bits,
+                   help=f"scales and zero-points in 16 or 8 bits (default {LAYOUT.scale_bits}; 8 needs --budget-unit "
+                   "true)")
     p.add_argument("--data", default=None, help="calibration text (default: hf_ratequant's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output-dir", default=RESULTS_DIR)
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
     text, source = load_text(args.data, split="train")
     ids = tokenize_windows(tokenizer, text, seq_len=args.seq_len, n_windows=args.samples).to(device)
 
-    fwd_bwd, calib, parts = [], [], []
+    fwd_bwd, calib, parts, winners = [], [], [], []
     for _ in range(args.repeats):
         _sync(device)
         fwd_bwd.append(time_fwd_bwd(model, ids, args.batch_size)["wall_s"])
@@ -100,11 +105,15 @@ def main(argv=None) -> int:
         config = calibrate(model, tokenizer, data=args.data, quantizer=args.quantizer, budget=args.budget,
                            n_samples=args.samples, n_validation=args.validation, seq_len=args.seq_len,
                            sink_length=args.sink_length, batch_size=args.batch_size, progress=False,
-                           budget_unit=args.budget_unit, groups=tuple(args.groups) if args.groups else None)
+                           budget_unit=args.budget_unit, groups=tuple(args.groups) if args.groups else None,
+                           scale_bits=args.scale_bits)
         _sync(device)
         calib.append(time.perf_counter() - start)
         parts.append(config.calibration["seconds"])
-        logger.info("fwd+bwd %.2f s, calibration %.2f s (%s)", fwd_bwd[-1], calib[-1], parts[-1])
+        winners.append(dict(winner=config.calibration["winner"],
+                            stopped=len(config.calibration.get("validation_stopped", [])),
+                            validated=len(config.calibration["validation_kl"])))
+        logger.info("fwd+bwd %.2f s, calibration %.2f s (%s), %s", fwd_bwd[-1], calib[-1], parts[-1], winners[-1])
     fb, cal = statistics.median(fwd_bwd), statistics.median(calib)
     ratio = cal / fb
     gpu = f", {info['gpu']}" if "gpu" in info else ""
@@ -115,6 +124,7 @@ def main(argv=None) -> int:
         f"transformers {info.get('transformers')}. Model: {model_name}, in {args.dtype}. Text: {source}. "
         f"{args.quantizer} at {args.budget} {args.budget_unit} bits"
         + (f", groups {sorted(set(args.groups) | {LAYOUT.group_size})} per unit" if args.groups else "")
+        + (f", {args.scale_bits}-bit scales" if args.scale_bits != 16 else "")
         + f", {args.samples} fit + {args.validation} validation windows of "
         f"{args.seq_len} tokens, sinks {args.sink_length}, batch {args.batch_size}; median of {args.repeats} runs.",
         "",
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
     print(report)
     suffix = f"_{args.tag}" if args.tag else ""
     payload = dict(machine=info, args=vars(args), model=model_name, fwd_bwd_s=fwd_bwd, calibration_s=calib,
-                   parts=parts, ratio=ratio)
+                   parts=parts, winners=winners, ratio=ratio)
     write_results(f"calibration_speed{suffix}", payload, report, args.output_dir)
     return 0
 

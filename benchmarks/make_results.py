@@ -747,7 +747,8 @@ def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
             parts = d["parts"][0]
             unit = " true" if a.get("budget_unit") == "true" else ""
             rows.append([d["model"].split(" (")[0], a.get("quantizer", "kivi"), f"{a['budget']:g}{unit}",
-                         ", ".join(map(str, a.get("groups") or [])) or "-", str(len(d["calibration_s"])),
+                         (", ".join(map(str, a.get("groups") or [])) or "-")
+                         + ("; 8-bit scales" if a.get("scale_bits", 16) == 8 else ""), str(len(d["calibration_s"])),
                          f"{statistics.median(d['calibration_s']):.1f}", f"{parts['measure']:.1f}",
                          f"{parts['validate']:.1f}", f"{statistics.median(d['fwd_bwd_s']):.1f}", f"{d['ratio']:.2f}x"])
         return ["`calibrate` with its defaults (fp32, CPU) against one plain forward+backward pass over the same "

@@ -75,6 +75,7 @@ class Row:
     tokens: int = 0
     seconds: float = 0.0
     validation_kl: float | None = None  # the score calibration gave it on its held-back calibration windows
+    validation_stopped: bool = False  # the race stopped it early: validation_kl is a lower bound
     true_bits: float | None = None  # bits per stored element, scales and zero-points included (per element held)
     mib_4k: float | None = None  # MiB a bf16/fp16 model's cache holds at 4096 tokens, window and sinks included
     window_nll: list[float] = field(default_factory=list)  # mean NLL per token of every window group
@@ -145,7 +146,8 @@ def bits_config(bits: torch.Tensor, template, name: str):
                                      budget=template.budget, b_min=template.b_min, b_max=template.b_max)
 
 
-def make_row(quantizer: str, budget: float | None, cache: str, kind: str, cfg, result: dict, val=None) -> Row:
+def make_row(quantizer: str, budget: float | None, cache: str, kind: str, cfg, result: dict, val=None,
+             stopped: bool = False) -> Row:
     from hf_ratequant.footprint import REPORT_TOKENS, cache_bytes, true_bits_per_element
 
     mib = None
@@ -159,7 +161,8 @@ def make_row(quantizer: str, budget: float | None, cache: str, kind: str, cfg, r
             true = true_bits_per_element(cfg, fp.head_dim, fingerprint=fp)
             mib = cache_bytes(cfg, fp, REPORT_TOKENS).total / 2**20
     return Row(quantizer=quantizer, budget=budget, cache=cache, kind=kind, avg_bits=avg, key_bits_mean=kb,
-               value_bits_mean=vb, validation_kl=val, true_bits=true, mib_4k=mib, **result)
+               value_bits_mean=vb, validation_kl=val, validation_stopped=stopped, true_bits=true, mib_4k=mib,
+               **result)
 
 
 # ---- one (quantizer, budget) --------------------------------------------------------------------------------------
@@ -240,13 +243,13 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
     winner = cal["winner"]
     logger.info("[%s %.4g] calibration: %.1f s wall (%s), winner %s", quantizer, budget, calib["wall_s"],
                 {k: round(v, 1) for k, v in cal["seconds"].items()}, winner)
-    val = cal.get("validation_kl", {})
+    val, stopped = cal.get("validation_kl", {}), set(cal.get("validation_stopped", []))
 
     rows: list[Row] = []
 
     def add(cache: str, kind: str, cfg, val_kl=None):
         result = evaluate(model, windows, refs, args.eval_batch_size, cfg, args.chunk)
-        row = make_row(quantizer, budget, cache, kind, cfg, result, val_kl)
+        row = make_row(quantizer, budget, cache, kind, cfg, result, val_kl, cache in stopped)
         rows.append(row)
         logger.info("[%s %.4g] %-28s bits %.3f  ppl %.3f  KL %.5f  (%.0f s)", quantizer, budget, cache,
                     row.avg_bits, row.perplexity, row.kl, row.seconds)
@@ -419,7 +422,8 @@ def markdown(payload: dict) -> str:
         "## Every cache",
         "",
         f"Full precision: perplexity {payload['full']['perplexity']:.3f} (KL 0) on these windows. 'val KL' is the "
-        "score `calibrate` gave the allocation on its held-back *calibration* windows (how it picked the winner).",
+        "score `calibrate` gave the allocation on its held-back *calibration* windows (how it picked the winner; "
+        "'>': a lower bound, the race stopped it once it could no longer win).",
         "",
         "| quantizer | budget | cache | avg bits (K / V) | true bits | MiB @ 4k | perplexity | KL "
         "| Δlog-ppl vs chosen ± SE | val KL | eval s |",
@@ -438,7 +442,7 @@ def markdown(payload: dict) -> str:
                 f"| {r.quantizer} | {r.budget:g} | {name} | {r.avg_bits:.3f} ({r.key_bits_mean:.2f} / "
                 f"{r.value_bits_mean:.2f}) | {_f(r.true_bits, '.4g')} | {_f(r.mib_4k, '.2f')} | {r.perplexity:.3f} | "
                 f"{r.kl:.4f} | {d} | "
-                f"{_f(r.validation_kl, '.4f')} | "
+                f"{'>' if r.validation_stopped else ''}{_f(r.validation_kl, '.4f')} | "
                 f"{r.seconds:.0f} |"
             )
     lines += ["", "## Calibration details", ""]
