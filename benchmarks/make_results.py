@@ -383,7 +383,7 @@ def _against_fixed(r: dict, d: dict) -> tuple[str, str, str, str]:
             gap)
 
 
-GEMMA_SPEED_RUN = "calibration_speed_gemma3-270m_kivi-2.5.json"  # the grid's busy Gemma kivi 2.5 cell, timed alone
+GEMMA_SPEED_RUN = "calibration_speed_gemma3-270m_kivi-2.5.json"  # a real model's cell timed alone
 
 
 def model_grid(_: None) -> list[str]:
@@ -414,9 +414,9 @@ def model_grid(_: None) -> list[str]:
             "every fixed split; the gap is perplexity's, from the best fixed split to full precision, and "
             "Δlog-ppl its paired difference over windows. Commands: `python benchmarks/ratequant_quality.py "
             "--model M --quantizers Q --budgets B --calib-data pydoc --eval-data pydoc --tag T` (the file names T); "
-            "machines in each file's section. \"busy\": other jobs shared the 2 cores, so the time ratio is "
-            f"inflated (Gemma's kivi 2.5 cell timed alone: {_load(GEMMA_SPEED_RUN)['ratio']:.2f}x, in "
-            "\"Calibration time\").", "",
+            "machines in each file's section. \"calibration / fwd+bwd\": the quality run's, timed with the code of "
+            "its day (calibration is faster since: current figures in \"Calibration time\"); \"busy\": other jobs "
+            "shared the 2 cores, so the ratio is inflated.", "",
             *_table(["model", "design", "bits", "full ppl", "best fixed: ppl / KL", "lowest-KL fixed",
                      "RateQuant (winner): ppl / KL", "KL vs lowest-KL fixed", "beats every fixed (KL)",
                      "ppl gap recovered", "Δlog-ppl ± SE", "calibration / fwd+bwd", "file"], rows,
@@ -731,28 +731,34 @@ def byte_frontier(d: dict) -> list[str]:
 
 FRONTIER_RUN = "byte_frontier_scale-bits.json"  # the frontier the README and RESULTS.md show
 
-CALIBRATION_SPEED_RUNS = ("calibration_speed_kivi-3.5.json", "calibration_speed_token-3.5-shared-prefix.json",
-                          "calibration_speed_rotated-3.5-shared-prefix.json",
+CALIBRATION_SPEED_RUNS = ("calibration_speed_kivi-3.5.json", "calibration_speed_token-3.5.json",
+                          "calibration_speed_rotated-3.5.json",
                           "calibration_speed_kivi-3-true-groups.json", "calibration_speed_token-3-true-groups.json",
                           "calibration_speed_rotated-3-true-groups.json",
+                          "calibration_speed_kivi-3-true-groups-s8.json",
+                          "calibration_speed_token-3-true-groups-s8.json",
                           GEMMA_SPEED_RUN)
 
 
 def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
     def render(_: None) -> list[str]:
-        rows = []
+        rows, older = [], False
         for name in names:
             d = _load(name)
             a = d["args"]
-            parts = d["parts"][0]
+            parts = {k: statistics.median(p[k] for p in d["parts"]) for k in ("measure", "validate")}
             unit = " true" if a.get("budget_unit") == "true" else ""
-            rows.append([d["model"].split(" (")[0], a.get("quantizer", "kivi"), f"{a['budget']:g}{unit}",
+            mark = "" if "winners" in d else " *"  # runs that record no winners predate the early-stopping race
+            older = older or bool(mark)
+            rows.append([d["model"].split(" (")[0] + mark, a.get("quantizer", "kivi"), f"{a['budget']:g}{unit}",
                          (", ".join(map(str, a.get("groups") or [])) or "-")
                          + ("; 8-bit scales" if a.get("scale_bits", 16) == 8 else ""), str(len(d["calibration_s"])),
                          f"{statistics.median(d['calibration_s']):.1f}", f"{parts['measure']:.1f}",
                          f"{parts['validate']:.1f}", f"{statistics.median(d['fwd_bwd_s']):.1f}", f"{d['ratio']:.2f}x"])
         return ["`calibrate` with its defaults (fp32, CPU) against one plain forward+backward pass over the same "
-                "tokens: medians of the runs (the measure and validation split of the first run).", "",
+                "tokens, each pair timed in turn: medians of the runs"
+                + (" (*: timed before the validation race stopped hopeless candidates early and the measure's split "
+                   "attention lost its copies, so slower than today's code)" if older else "") + ".", "",
                 *_table(["model", "quantizer", "budget", "groups offered", "runs", "calibration s", "measure s",
                          "validation s", "fwd+bwd s", "ratio"], rows, "llrrrrrrrr"), "",
                 "Machines: " + "; ".join(f"{n.removeprefix('calibration_speed_').removesuffix('.json')}: "
@@ -873,10 +879,11 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("Calibration memory", "calibration_memory.json",
      "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m; python benchmarks/calibration_memory.py "
      "--model qwen2.5-coder-0.5b --merge", calibration_memory),
-    ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 [--quantizer token|rotated] "
-     "--tag Q-3.5 | --budget 3 --budget-unit true --groups 64 128 --tag kivi-3-true-groups | --quantizer "
-     "token|rotated --budget 3 --budget-unit true --groups 32 --tag Q-3-true-groups | --model gemma3-270m "
-     "--repeats 1 --tag gemma3-270m_kivi-2.5",
+    ("Calibration time", None, "python benchmarks/calibration_speed.py --budget 3.5 --repeats 1 [--quantizer "
+     "token|rotated] --tag Q-3.5 | --budget 3 --budget-unit true --groups 64 128 [--scale-bits 8] --tag "
+     "kivi-3-true-groups[-s8] | --quantizer token|rotated --budget 3 --budget-unit true --groups 32 --tag "
+     "Q-3-true-groups | --quantizer token --budget 3 --budget-unit true --groups 16 32 --scale-bits 8 --tag "
+     "token-3-true-groups-s8 | --model gemma3-270m --repeats 1 --tag gemma3-270m_kivi-2.5",
      calibration_speed(CALIBRATION_SPEED_RUNS)),
     ("lm-evaluation-harness through the cache", "lm_eval_table.json", "python benchmarks/lm_eval_table.py",
      lm_eval),
