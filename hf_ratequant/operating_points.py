@@ -225,22 +225,24 @@ def block_frontier(rates: torch.Tensor, distortion: torch.Tensor, modes: list[tu
         `(mode, options)` with `options` the `(n_units,)` option per unit.
     """
     rates, distortion = _check(rates, distortion)
-    points: list[tuple[int, float, int, torch.Tensor]] = []
+    points: list[tuple[int, float, int, int]] = []  # (total with the mode's rate, distortion, mode, options' total)
+    picks_of: dict[int, torch.Tensor] = {}
     for m, (allowed, extra) in enumerate(modes):
         d = torch.where(torch.as_tensor(allowed, dtype=torch.bool), distortion, math.inf)
         if not bool(torch.isfinite(d).any(1).all()):
             continue  # some unit has no option this mode allows
-        cost, picks = _exact_totals(rates, d, int(rates.where(torch.isfinite(d), 0).max(1).values.sum()))
-        for total in torch.isfinite(cost).nonzero().flatten().tolist():
-            points.append((total + int(extra), float(cost[total]), m, _backtrack(rates, picks, total)))
+        cost, picks_of[m] = _exact_totals(rates, d, int(rates.where(torch.isfinite(d), 0).max(1).values.sum()))
+        reachable = torch.isfinite(cost).nonzero().flatten()
+        points += [(total + int(extra), value, m, total)
+                   for total, value in zip(reachable.tolist(), cost[reachable].tolist())]
     if not points:
         raise ValueError("no mode of the block allows an option for every unit.")
     totals, dists, choices = [], [], []
-    for total, dist, m, choice in sorted(points, key=lambda p: (p[0], p[1], p[2])):
-        if not dists or dist < dists[-1]:
+    for total, dist, m, own in sorted(points, key=lambda p: (p[0], p[1], p[2])):
+        if not dists or dist < dists[-1]:  # on the frontier: only these are traced back
             totals.append(total)
             dists.append(dist)
-            choices.append((m, choice))
+            choices.append((m, _backtrack(rates, picks_of[m], own)))
     return totals, dists, choices
 
 
