@@ -834,12 +834,9 @@ def modelled_distortion(candidate: Candidate, distortion: torch.Tensor, bit_grid
     """The measured distortion of `candidate`'s allocation summed over its units (what the allocations minimise): the
     `(layers, kv_heads, 2, n_bits)` table at the layout's groups, the `space`'s options where the candidate chose
     group sizes. Validation scores the candidates in this order, the likeliest first."""
-    offset = candidate.bits - bit_grid[0]
     if candidate.groups is None:
-        return float(distortion.gather(-1, offset.unsqueeze(-1)).sum())
-    grid = space.grid
-    group_index = torch.tensor([grid.groups.index(g) for g in candidate.groups.reshape(-1).tolist()])
-    index = group_index.reshape(candidate.groups.shape) * len(grid.bit_grid) + offset
+        return float(distortion.gather(-1, (candidate.bits - bit_grid[0]).unsqueeze(-1)).sum())
+    index = space.grid.option_indices(candidate.bits, candidate.groups)
     return float(space.options.gather(-1, index.unsqueeze(-1)).sum())
 
 

@@ -81,6 +81,11 @@ class OptionGrid:
         """`(bits, group)` of option `index` (options run group-major: every bit-width of the first group first)."""
         return self.bit_grid[index % len(self.bit_grid)], self.groups[index // len(self.bit_grid)]
 
+    def option_indices(self, bits: torch.Tensor, groups: torch.Tensor) -> torch.LongTensor:
+        """The option index of every `(bits, group)` pair, elementwise (the inverse of [`option`])."""
+        group_index = torch.tensor([self.groups.index(g) for g in groups.reshape(-1).tolist()]).reshape(groups.shape)
+        return group_index * len(self.bit_grid) + (bits - self.bit_grid[0])
+
     def own_index(self, kind: str) -> int:
         return self.groups.index(self.own[kind])
 

@@ -423,3 +423,10 @@ def test_near_candidates_stay_near_the_origin_within_the_bytes():
                     for layer in range(2) for k in range(2)) / (2 * sum(weights))
         assert spent <= 3.5 + 1e-9
         assert int(c.bits[0].sum()) > int(origin.bits[0].sum())  # the light layer gains bits
+
+
+def test_option_indices_invert_option():
+    grid = OptionGrid.build(KIVI, (64, 128), list(range(1, 7)), 64)
+    pairs = [grid.option(i) for i in range(grid.n_options)]
+    bits, groups = torch.tensor([b for b, _ in pairs]), torch.tensor([g for _, g in pairs])
+    assert grid.option_indices(bits, groups).tolist() == list(range(grid.n_options))
