@@ -133,22 +133,30 @@ def _apply(start: torch.Tensor, steps: torch.Tensor, n: int) -> torch.Tensor:
 def _exact_totals(rates: torch.Tensor, distortion: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The dynamic program over running total rates, over every unit's Pareto options: `(cost, picks)`, with
     `cost[t]` the least distortion of any allocation of total rate exactly `t` (inf: none) for `t` up to `capacity`,
-    and `picks[u, t]` unit `u`'s option on the way there ([`_backtrack`]). O(capacity) memory per unit."""
+    and `picks[u, t]` unit `u`'s option on the way there ([`_backtrack`]). O(capacity) memory per unit; each unit
+    only updates the totals the units so far can reach."""
     n_units = rates.shape[0]
     cost = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
     cost[0] = 0.0
-    picks = torch.empty(n_units, capacity + 1, dtype=torch.long)
+    picks = torch.zeros(n_units, capacity + 1, dtype=torch.long)
+    low = high = 0  # the units so far reach totals in [low, high] only
     for u in range(n_units):
         best = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
-        pick = torch.zeros(capacity + 1, dtype=torch.long)
-        for o in pareto_options(rates[u], distortion[u]):  # cheapest first: on ties the cheaper option stays
+        options = [o for o in pareto_options(rates[u], distortion[u]) if int(rates[u, o]) <= capacity]
+        for o in options:  # cheapest first: on ties the cheaper option stays
             r = int(rates[u, o])
-            if r <= capacity:
-                shifted = cost[: capacity + 1 - r] + float(distortion[u, o])
-                better = shifted < best[r:]
-                best[r:] = torch.where(better, shifted, best[r:])
-                pick[r:] = torch.where(better, o, pick[r:])
-        cost, picks[u] = best, pick
+            top = min(high + r, capacity)
+            if low + r > top:
+                continue
+            shifted = cost[low: top - r + 1] + float(distortion[u, o])
+            current = best[low + r: top + 1]
+            better = shifted < current
+            picks[u, low + r: top + 1].masked_fill_(better, o)
+            torch.minimum(current, shifted, out=current)
+        if options:
+            rs = [int(rates[u, o]) for o in options]
+            low, high = low + min(rs), min(high + max(rs), capacity)
+        cost = best
     return cost, picks
 
 

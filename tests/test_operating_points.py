@@ -43,6 +43,28 @@ def _problem(seed, n_units=3, n_options=4, convex=False):
     return rates, distortion
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_dynamic_program_gives_the_least_distortion_of_every_exact_total(seed):
+    """Every total rate up to the capacity: the least distortion of the allocations of exactly that rate over the
+    units' Pareto options (inf where none), and the picks trace one back, although each unit only updates the
+    totals the units before it reach."""
+    from hf_ratequant.operating_points import _backtrack, _exact_totals
+
+    rates, distortion = _problem(seed, n_units=4, n_options=4)
+    capacity = int(rates.max(1).values.sum()) - 3  # some totals past it
+    cost, picks = _exact_totals(rates, distortion, capacity)
+    exact = [math.inf] * (capacity + 1)
+    for choice in itertools.product(*[pareto_options(rates[u], distortion[u]) for u in range(rates.shape[0])]):
+        r = sum(int(rates[u, c]) for u, c in enumerate(choice))
+        if r <= capacity:
+            exact[r] = min(exact[r], sum(float(distortion[u, c]) for u, c in enumerate(choice)))
+    assert cost.tolist() == pytest.approx(exact, rel=1e-12, abs=1e-12)
+    for total in torch.isfinite(cost).nonzero().flatten().tolist():
+        choice = _backtrack(rates, picks, total)
+        assert total_rate(rates, choice) == total
+        assert math.isclose(float(distortion.gather(1, choice[:, None]).sum()), exact[total], rel_tol=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(18))
 def test_exact_against_brute_force_at_every_budget(seed):
     rates, distortion = _problem(seed, n_units=3 + seed % 2, n_options=3 + seed % 2)
