@@ -432,6 +432,16 @@ class Candidate:
         bits = tuple(self.bits.reshape(-1).tolist())
         return bits if self.groups is None else bits + (-1,) + tuple(self.groups.reshape(-1).tolist())
 
+    @property
+    def is_fixed_split(self) -> bool:
+        """A fixed keys/values split of bits alone at the layout's group (where descent starts from)."""
+        return self.family == "fixed" and self.groups is None
+
+    @property
+    def is_fixed_pair(self) -> bool:
+        """A fixed (bits, group) pair of keys and one of values: a comparison point of budgets in bytes."""
+        return self.family == "fixed" and self.groups is not None
+
 
 def fixed_split_name(key_bits: int, value_bits: int) -> str:
     """The name of a fixed split: `"uniform-3"` when keys and values get the same bits, else `"K3V2"`."""
@@ -567,10 +577,10 @@ def successive_halving(
         if clash:
             raise ValueError(f"Candidate names must be unique; {clash} entered twice. Rename the candidates.")
         entrants.update({c.name: c for c in batch})
-        fixed.update(c.key for c in batch if c.family == "fixed" and c.groups is None)
+        fixed.update(c.key for c in batch if c.is_fixed_split)
 
     def first(field: list[Candidate]) -> list[Candidate]:
-        return [c for c in field if not (c.family == "fixed" and c.groups is not None)]
+        return [c for c in field if not c.is_fixed_pair]
 
     enter(candidates)
     if extend is not None:

@@ -857,7 +857,7 @@ def validate_candidates(
     parts = [windows[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def descend(scores: dict[str, float]) -> list[Candidate]:
-        fixed = [c for c in candidates if c.family == "fixed" and c.groups is None]
+        fixed = [c for c in candidates if c.is_fixed_split]
         if not fixed:
             return []
         best = min(fixed, key=lambda c: scores[c.name])
