@@ -122,7 +122,9 @@ def _best_fixed(dist, opts, rates, budget, half, mask):
 def analyse(design, opts, table, rates, n_units_per_kind):
     """Per true budget: the exact allocation over all options vs bits alone at one group vs the best fixed option
     pair; the hull histogram. Where some options code their scales in 8 bits (labels `...s8`), the exact allocation
-    and the best fixed pair over the 16-bit options alone too (`*_16`): what the coded scales add."""
+    and the best fixed pair over the 16-bit options alone too (`*_16`: what the coded scales add), and the exact
+    allocation over the 8-bit options alone (`all_options_8`: one precision for the whole cache, as
+    `CacheLayout(scale_bits=8)` stores it; against `all_options`, what a scale precision per unit would add)."""
     n_opts = len(opts)
     dist = torch.cat([table[..., 0, :].reshape(-1, n_opts), table[..., 1, :].reshape(-1, n_opts)])  # (units, opts)
     rate_rows = torch.tensor([rates["key"]] * n_units_per_kind + [rates["value"]] * n_units_per_kind,
@@ -168,6 +170,8 @@ def analyse(design, opts, table, rates, n_units_per_kind):
             row["all_options_16"] = float(dist.gather(1, c[:, None]).sum()) if c is not None else None
             fixed16 = _best_fixed(dist, opts, rates, budget, half, sixteen)
             row["best_fixed_16"], row["best_fixed_16_name"] = fixed16[:2] if fixed16 else (None, None)
+            c = _exact(dist, int_rates, cap, ~sixteen)
+            row["all_options_8"] = float(dist.gather(1, c[:, None]).sum()) if c is not None else None
         rows.append(row)
     return dict(design=design, hull=dict(sorted(hull_counts.items(), key=lambda kv: -kv[1])), rows=rows)
 
@@ -186,14 +190,16 @@ def markdown(payload) -> str:
     for d in payload["designs"]:
         if coded:
             out += [f"## {d['design']}", "",
-                    "| true bits/elem | all options, 16-bit scales | all options, 16- or 8-bit scales | best fixed "
-                    "pair, 16-bit scales | best fixed pair, 16- or 8-bit | options used (units), 16- or 8-bit |",
-                    "|---|---|---|---|---|---|"]
+                    "| true bits/elem | all options, 16-bit scales | all options, 8-bit scales | all options, 16- or "
+                    "8-bit scales | best fixed pair, 16-bit scales | best fixed pair, 16- or 8-bit | options used "
+                    "(units), 16- or 8-bit |",
+                    "|---|---|---|---|---|---|---|"]
             for r in d["rows"]:
                 ref = r["best_fixed_16"] if r["best_fixed_16"] is not None else r["best_fixed"]
                 used = ", ".join(f"{k}: {v}" for k, v in r["used"].items())
                 fixed16 = f"1 ({r['best_fixed_16_name']})" if r["best_fixed_16"] is not None else "none fits"
-                out.append(f"| {r['budget']:g} | {_ratio(r['all_options_16'], ref)} | **{r['all_options'] / ref:.3f}**"
+                out.append(f"| {r['budget']:g} | {_ratio(r['all_options_16'], ref)} | "
+                           f"{_ratio(r.get('all_options_8'), ref)} | **{r['all_options'] / ref:.3f}**"
                            f" | {fixed16} | {r['best_fixed'] / ref:.3f} ({r['best_fixed_name']}) | {used} |")
         else:
             out += [f"## {d['design']}", "",
@@ -212,7 +218,9 @@ def markdown(payload) -> str:
         out += ["Distortions relative to the best fixed option pair with 16-bit scales of no more bytes (1 = as "
                 "good; lower is better). `g64s8`: groups of 64 with 8-bit scales and zero-points, and three 16-bit "
                 "numbers per super-block (one group position of one head over 32 tokens; kivi keys: one block of "
-                "tokens, every channel), counted in the rate (`CacheLayout(scale_bits=8)` stores them)."]
+                "tokens, every channel), counted in the rate (`CacheLayout(scale_bits=8)` stores them). \"8-bit "
+                "scales\": every unit's scales in 8 bits, as the cache stores them (one precision per cache); "
+                "\"16- or 8-bit\": each unit picks its scales' precision too (the cache does not store that)."]
     else:
         out += ["Distortions relative to the best fixed option pair of no more bytes (1 = as good; lower is better)."]
     return "\n".join(out)

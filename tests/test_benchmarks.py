@@ -483,9 +483,13 @@ def test_group_options_with_coded_scales(bench_modules):
     assert result["rows"]
     for r in result["rows"]:
         assert r["all_options"] <= r["all_options_16"] * (1 + 1e-12)
+        assert r["all_options"] <= r["all_options_8"] * (1 + 1e-12)
         assert r["best_fixed"] <= r["best_fixed_16"] * (1 + 1e-12)
+    eight_only = [r["all_options_8"] for r in result["rows"]]
+    table[..., [i for i, (grp, _) in enumerate(opts) if "s8" not in grp]] = float("inf")  # 8-bit options alone
+    assert [r["all_options"] for r in module.analyse("token", opts, table, rates, 6)["rows"]] == eight_only
     text = module.markdown(dict(model="m", source="s", tokens=1, seconds=1.0, n_designs=4, designs=[result]))
-    assert "16- or 8-bit scales" in text and "scale_bits=8" in text
+    assert "16- or 8-bit scales" in text and "scale_bits=8" in text and "all options, 8-bit scales" in text
 
 
 def test_decode_speed_fills_sliding_layers_with_the_whole_context(bench_modules):
