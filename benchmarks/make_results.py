@@ -915,8 +915,10 @@ def cited_files() -> set[str]:
     names |= set(PASSKEY_MODEL_RUNS)  # `hf-ratequant eval --json` rows: no markdown beside them
     frontier = _load(FRONTIER_RUN)
     names |= {"field_frontier.png", "memory.png", _frontier_png(frontier)}
-    if frontier.get("merged"):  # the earlier run its caches were merged from, with its markdown
-        names |= {frontier["merged"]["file"], frontier["merged"]["file"].removesuffix(".json") + ".md"}
+    run = frontier
+    while run.get("merged"):  # the earlier runs its caches were merged from, each with its markdown
+        names |= {run["merged"]["file"], run["merged"]["file"].removesuffix(".json") + ".md"}
+        run = _load(run["merged"]["file"])
     for folder in KEPT_FOLDERS:
         for root, _, files in os.walk(os.path.join(RESULTS_DIR, folder)):
             names |= {os.path.relpath(os.path.join(root, f), RESULTS_DIR) for f in files}
