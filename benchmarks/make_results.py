@@ -729,7 +729,7 @@ def byte_frontier(d: dict) -> list[str]:
     ]
 
 
-FRONTIER_RUN = "byte_frontier_scale-bits.json"  # the frontier the README and RESULTS.md show
+FRONTIER_RUN = "byte_frontier_all-s8.json"  # the frontier the README and RESULTS.md show
 
 CALIBRATION_SPEED_RUNS = ("calibration_speed_kivi-3.5.json", "calibration_speed_token-3.5.json",
                           "calibration_speed_rotated-3.5.json",
@@ -875,7 +875,9 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "python benchmarks/byte_frontier.py --configs-from DIR  # every design, 16-bit scales: byte_frontier.json (DIR: "
      "the configs an earlier run of the same code calibrated and saved with --save-configs; their calibration times "
      "are that run's); then python benchmarks/byte_frontier.py --ratequant kivi --fixed kivi --scale-bits 16 8 "
-     "--merge benchmarks/results/byte_frontier.json --tag scale-bits", byte_frontier),
+     "--merge benchmarks/results/byte_frontier.json --tag scale-bits; then python benchmarks/byte_frontier.py "
+     "--ratequant token rotated --fixed token rotated --scale-bits 8 --merge "
+     "benchmarks/results/byte_frontier_scale-bits.json --tag all-s8", byte_frontier),
     ("Calibration memory", "calibration_memory.json",
      "python benchmarks/calibration_memory.py --model smollm2 gemma3-270m; python benchmarks/calibration_memory.py "
      "--model qwen2.5-coder-0.5b --merge", calibration_memory),
