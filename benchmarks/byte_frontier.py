@@ -561,6 +561,7 @@ def main(argv=None) -> int:
     if check is not None:  # measured right after full precision: a merge that does not hold fails early
         points.insert(1, Point(check.method, "check", check.design, scale_bits=check.scale_bits))
     merge_check = {}
+    partial = os.path.join(args.output_dir, f"{stem(args.tag)}.partial.json")
     for p in points:
         if p.error:
             continue
@@ -577,7 +578,7 @@ def main(argv=None) -> int:
         if earlier and p.family in ("full", "check"):
             before = next(q for q in earlier if q.method == p.method and q.family in ("full", "fixed"))
             merge_check[p.method] = same_figures(p, before)
-        with open(os.path.join(args.output_dir, f"{stem(args.tag)}.partial.json"), "w", encoding="utf-8") as f:
+        with open(partial, "w", encoding="utf-8") as f:
             json.dump([asdict(q) for q in points], f)  # what a run cut short has measured so far
     points = [p for p in points if p.family != "check"]
     full.mib = 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * 2 * (sum(range(*MEMORY_TOKENS))
@@ -594,6 +595,8 @@ def main(argv=None) -> int:
                                  total_s=earlier_run.get("total_s"), points=len(done),
                                  max_window_difference=merge_check)
     print(write_report(payload, args.output_dir))
+    if os.path.exists(partial):  # the finished run's JSON holds all of it
+        os.remove(partial)
     logger.info("wrote %s.md/.json/.png to %s (%.1f min)", stem(args.tag), args.output_dir, payload["total_s"] / 60)
     return 0
 
