@@ -142,9 +142,8 @@ def _exact_totals(rates: torch.Tensor, distortion: torch.Tensor, capacity: int) 
     low = high = 0  # the units so far reach totals in [low, high] only
     for u in range(n_units):
         best = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
-        options = [o for o in pareto_options(rates[u], distortion[u]) if int(rates[u, o]) <= capacity]
-        for o in options:  # cheapest first: on ties the cheaper option stays
-            r = int(rates[u, o])
+        options = [(o, r) for o in pareto_options(rates[u], distortion[u]) if (r := int(rates[u, o])) <= capacity]
+        for o, r in options:  # cheapest first: on ties the cheaper option stays
             top = min(high + r, capacity)
             if low + r > top:
                 continue
@@ -153,9 +152,8 @@ def _exact_totals(rates: torch.Tensor, distortion: torch.Tensor, capacity: int) 
             better = shifted < current
             picks[u, low + r: top + 1].masked_fill_(better, o)
             torch.minimum(current, shifted, out=current)
-        if options:
-            rs = [int(rates[u, o]) for o in options]
-            low, high = low + min(rs), min(high + max(rs), capacity)
+        if options:  # Pareto options come cheapest first
+            low, high = low + options[0][1], min(high + options[-1][1], capacity)
         cost = best
     return cost, picks
 
