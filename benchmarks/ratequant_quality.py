@@ -204,17 +204,39 @@ def load_calibrated(path: str, args) -> dict:
     return run
 
 
-def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quantizer: str, budget: float,
-               source: dict | None = None) -> dict:
+def fixed_configs(args, model_config, quantizer: str, budget: float, layout) -> list:
+    """`[(name, config)]`: every fixed configuration of `layout` of the budget that `args` (this script's options)
+    compares with (true budgets: of its bytes; with 8-bit scales, of at most them, as calibration races them)."""
     from hf_ratequant import RateQuantConfig
     from hf_ratequant.allocation import fixed_allocations
-    from hf_ratequant.calibration import calibrate
     from hf_ratequant.config import ModelFingerprint
     from hf_ratequant.footprint import code_budget
     from hf_ratequant.options import OptionGrid, fixed_option_candidates
 
-    fp = ModelFingerprint.from_model_config(model.config)
+    fp = ModelFingerprint.from_model_config(model_config)
     n_heads = fp.num_layers * fp.num_kv_heads
+    true_budget = args.budget_unit == "true"
+    out = []
+    if layout.scale_bits == 16:
+        code = (code_budget(budget, quantizer, layout.group_size, fp.head_dim, args.b_min, args.b_max) if true_budget
+                else budget)  # the splits at the layout's group: this many code bits store `budget` true bits
+        for k_bits, v_bits in fixed_allocations(n_heads, n_heads, code, args.b_min, args.b_max):
+            name = f"uniform-{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
+            out.append((name, RateQuantConfig.uniform(model_config, key_bits=k_bits, value_bits=v_bits,
+                                                      layout=layout)))
+    if true_budget and (args.groups or layout.scale_bits != 16):  # (bits, group) pairs of keys and values
+        grid = OptionGrid.build(layout, tuple(args.groups or ()), list(range(args.b_min, args.b_max + 1)),
+                                fp.head_dim)
+        for c in fixed_option_candidates(grid, budget, fp.num_layers, fp.num_kv_heads):
+            out.append((c.name, RateQuantConfig.from_bits(c.bits, layout, fingerprint=fp, method=c.name,
+                                                          groups=c.groups)))
+    return out
+
+
+def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quantizer: str, budget: float,
+               source: dict | None = None) -> dict:
+    from hf_ratequant import RateQuantConfig
+    from hf_ratequant.calibration import calibrate
 
     layout = layout_from_args(args, quantizer=quantizer)  # of the calibrated and of every fixed cache
     true_budget = args.budget_unit == "true"
@@ -255,30 +277,12 @@ def run_budget(args, model, tok, windows, refs, fwd_bwd: dict, full: Row, quanti
                     row.avg_bits, row.perplexity, row.kl, row.seconds)
         return row
 
-    def fixed_configs(lay) -> list:
-        """`[(name, config)]`: every fixed configuration of `lay` of the budget (true budgets: of its bytes; with
-        8-bit scales, of at most them, as calibration races them)."""
-        out = []
-        if lay.scale_bits == 16:
-            code = (code_budget(budget, quantizer, lay.group_size, fp.head_dim, args.b_min, args.b_max) if true_budget
-                    else budget)  # the splits at the layout's group: this many code bits store `budget` true bits
-            for k_bits, v_bits in fixed_allocations(n_heads, n_heads, code, args.b_min, args.b_max):
-                name = f"uniform-{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
-                out.append((name, RateQuantConfig.uniform(model.config, key_bits=k_bits, value_bits=v_bits,
-                                                          layout=lay)))
-        if true_budget and (args.groups or lay.scale_bits != 16):  # (bits, group) pairs of keys and values
-            grid = OptionGrid.build(lay, tuple(args.groups or ()), list(range(args.b_min, args.b_max + 1)),
-                                    fp.head_dim)
-            for c in fixed_option_candidates(grid, budget, fp.num_layers, fp.num_kv_heads):
-                out.append((c.name, RateQuantConfig.from_bits(c.bits, lay, fingerprint=fp, method=c.name,
-                                                              groups=c.groups)))
-        return out
-
-    fixed = fixed_configs(layout)
+    fixed = fixed_configs(args, model.config, quantizer, budget, layout)
     for name, cfg in fixed:
         add(name, "fixed", cfg, val.get(name))
     if true_budget and layout.scale_bits != 16:  # the same bytes with 16-bit scales: the frontier to beat
-        for name, cfg in fixed_configs(dataclasses.replace(layout, scale_bits=16)):
+        for name, cfg in fixed_configs(args, model.config, quantizer, budget,
+                                       dataclasses.replace(layout, scale_bits=16)):
             add(f"{name} s16", "fixed", cfg)
     chosen = add(f"chosen ({winner})", "chosen", config, val.get(winner))
     chosen_bits = config.bits_tensor()

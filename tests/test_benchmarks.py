@@ -703,3 +703,76 @@ def test_verified_moves_says_which_windows_scored_the_moves(bench_modules):
                    validation_windows=4, scored_on="fit", singles_s=1.0, moves=[], texts=[])
     assert "on 4 fit windows of the calibration text" in module.markdown(payload)
     assert "real change alone, fit windows" in module.markdown(payload)
+
+
+def test_gap_windows_shares_and_their_errors(bench_modules):
+    """The share of a fixed cache's excess that the calibrated one removes, token-weighted over windows, with the
+    delta-method standard error: exact where every window agrees, growing with their spread."""
+    gap = bench_modules("gap_windows")
+    full, fixed, tokens = [1.0, 2.0, 3.0, 4.0], [1.4, 2.4, 3.4, 4.4], [10, 10, 10, 10]
+    share, se = gap.share_recovered(full, fixed, [1.1, 2.1, 3.1, 4.1], tokens)
+    assert share == pytest.approx(0.75) and se == pytest.approx(0.0, abs=1e-12)
+    share, se = gap.share_recovered(full, fixed, [1.0, 2.4, 3.0, 4.4], tokens)  # half the windows at each end
+    assert share == pytest.approx(0.5) and se == pytest.approx(math.sqrt(4 / 3 * 4 * 2.0**2) / 16)
+    share, _ = gap.share_recovered([0.0, 0.0], [1.0, 3.0], [0.0, 3.0], [3, 1])  # weighted: 3 of 6
+    assert share == pytest.approx(0.5)
+    assert gap.share_recovered([0.0], [1.0], [0.5], [5]) == (0.5, None)
+    caches = {"full precision": dict(window_nll=full, window_kl=[0.0] * 4, window_tokens=tokens),
+              "ours": dict(window_nll=[1.1, 2.1, 3.1, 4.1], window_kl=[0.01] * 4, window_tokens=tokens),
+              "K3V2": dict(window_nll=fixed, window_kl=[0.04] * 4, window_tokens=tokens)}
+    [row] = gap.compare(caches, "ours", ["K3V2"], windows=2)
+    assert row["windows"] == 2 and row["ppl_share"] == pytest.approx(0.75) and row["kl_share"] == pytest.approx(0.75)
+    summary = gap.summary_of(caches)
+    assert summary["full precision"]["perplexity"] == pytest.approx(math.exp(2.5))
+    assert summary["K3V2"]["kl"] == pytest.approx(0.04)
+
+
+def test_gap_windows_rebuilds_the_quality_runs_caches(bench_modules, tmp_path):
+    """A run's chosen config comes from its file and its best fixed configurations are rebuilt as
+    `ratequant_quality` built them (8-bit scales, and the 16-bit ones of the same bytes); a file that is not such a run, or
+    evaluated several windows at a time, is refused before any model work."""
+    from transformers import LlamaConfig
+
+    from hf_ratequant import RateQuantConfig
+    from hf_ratequant.footprint import true_bits_per_element
+
+    gap, quality = bench_modules("gap_windows"), bench_modules("ratequant_quality")
+    model_config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=256,
+                               head_dim=64)
+    args = quality.parse_args(["--quantizers", "token", "--budgets", "3", "--budget-unit", "true", "--groups", "16",
+                               "32", "--scale-bits", "8", "--b-max", "6"])
+    layout = quality.layout_from_args(args, quantizer="token")
+    built = dict(quality.fixed_configs(args, model_config, "token", 3.0, layout))
+    assert "K3g32V2g64" in built and all(cfg.scale_bits == 8 for cfg in built.values())
+    assert all(true_bits_per_element(cfg, 64) <= 3.0 + 1e-9 for cfg in built.values())
+    chosen = RateQuantConfig.uniform(model_config, key_bits=3, value_bits=2, layout=layout)
+    row = dict(perplexity=12.0, window_nll=[2.5], window_kl=[0.01], window_tokens=[1023])
+    run = dict(settings=vars(args), full=dict(row), eval_source="pydoc_data.topics (held-out half)", blocks=[dict(
+        summary=dict(quantizer="token", budget=3.0, winner="ratequant-options", best_fixed="K3g32V2g64",
+                     best_fixed_by_kl="K3V2 s16"),
+        config=chosen.to_dict(),
+        rows=[dict(row, cache=c) for c in ("chosen (ratequant-options)", "K3g32V2g64", "K3V2 s16")])])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    loaded = gap.load_run(str(path))
+    [cell] = loaded["cells"]
+    assert cell["fixed"] == ["K3g32V2g64", "K3V2 s16"] and loaded["eval_data"] == "pydoc"
+    options = gap.run_options(loaded["settings"])
+    assert gap.rebuild("chosen (ratequant-options)", cell, options, model_config).bits_tensor().equal(
+        chosen.bits_tensor())
+    fixed = gap.rebuild("K3g32V2g64", cell, options, model_config)
+    assert fixed.bits_tensor().equal(built["K3g32V2g64"].bits_tensor()) and fixed.scale_bits == 8
+    wide = gap.rebuild("K3V2 s16", cell, options, model_config)
+    assert wide.scale_bits == 16 and wide.bits_tensor().equal(chosen.bits_tensor())
+    with pytest.raises(SystemExit, match="not a fixed configuration of token 3"):
+        gap.rebuild("K9g32V2g64", cell, options, model_config)
+    assert gap.check_against_run("x", dict(row, window_nll=[2.5, 9.0]), row) == 0.0
+    with pytest.raises(SystemExit, match="away from the quality run's figures"):
+        gap.check_against_run("x", dict(row, window_kl=[0.02]), row)
+    run["settings"]["eval_batch_size"] = 2
+    path.write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="evaluated 2 windows at a time"):
+        gap.load_run(str(path))
+    path.write_text("{}")
+    with pytest.raises(SystemExit, match="not a ratequant_quality result"):
+        gap.load_run(str(path))
