@@ -2,6 +2,10 @@
 that every group stays covered, that the cache, its byte arithmetic, configs, calibration and the command line
 carry them."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import Gemma3TextConfig, LlamaConfig
@@ -9,7 +13,7 @@ from transformers import Gemma3TextConfig, LlamaConfig
 from hf_ratequant import RateQuantCache, RateQuantConfig
 from hf_ratequant.config import ModelFingerprint
 from hf_ratequant.footprint import cache_bytes, true_bits_per_element, unit_bits_per_element
-from hf_ratequant.quantizers import get_quantizer
+from hf_ratequant.quantizers import get_quantizer, scales
 from hf_ratequant.quantizers.scales import SCALE_BLOCK_TOKENS
 from hf_ratequant.settings import CacheLayout
 
@@ -279,3 +283,48 @@ def test_the_ops_take_the_stored_bytes(llama_config, quantizer):
     want_v = layer.past_values.dequantize(0, layer.past_values.num_tokens, layer.values)
     assert keys.shape[2] == values.shape[2] == held
     assert torch.equal(keys[:, :, : want_k.shape[2]], want_k) and torch.equal(values[:, :, : want_v.shape[2]], want_v)
+
+
+def test_scale_steps_are_the_correctly_rounded_powers_and_codes_the_finest_that_cover():
+    """The step table is 2^(-e/32) rounded once to float32 (not torch's vectorised exp2, which is one ulp off for
+    some codes on AVX2), and each group takes the largest code whose step still covers its need."""
+    table = scales.steps(torch.device("cpu"))
+    exact = torch.tensor([2.0 ** (-e / 32) for e in range(256)], dtype=torch.float64).float()
+    assert torch.equal(table, exact) and table[0] == 1 and table[32] == 0.5
+    lo = torch.zeros(1, 1, 32, 1)
+    hi = torch.tensor([1.0, *[table[e].item() for e in range(31)]]).reshape(1, 1, 32, 1)  # 1 bit: need = hi
+    hi[0, 0, 5] = torch.nextafter(table[4], torch.tensor(1.0))  # just above step 4: step 3 covers it
+    e, _, _, scale, _ = scales.encode(lo, hi, 1, torch.float32, 32, False, lambda t, dtype, up: t)
+    assert e.flatten()[1:].tolist() == [0, *range(1, 4), 3, *range(5, 31)]
+    assert bool((scale >= hi).all())
+
+
+_CODES_SCRIPT = """
+import hashlib, torch
+from hf_ratequant.quantizers import get_quantizer, scales
+h = hashlib.sha256()
+for shrink in (1.0, 1 - 1e-6):  # a group on every step of the table, and one just below each
+    need = torch.tensor([2.0 ** (-e / 32) * (shrink if e % 32 else 1.0) for e in range(256)]).reshape(1, 1, 256, 1)
+    for t in scales.encode(torch.zeros_like(need), need, 1, torch.float32, 32, False, lambda t, dtype, up: t):
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+g = torch.Generator().manual_seed(0)  # integers times powers of two: the same input on every instruction set
+x = torch.randint(-999, 1000, (2, 3, 64, 64), generator=g).float() * torch.exp2(torch.arange(64.0) % 13 - 9)
+for design in ("kivi", "token", "rotated"):
+    for kind in ("key", "value"):
+        q = get_quantizer(design, 32, 8).quantize(x, 3, kind)
+        for t in (q.codes, q.scale, q.zero, q.ranges):
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_coded_scales_are_the_same_on_every_cpu_instruction_set():
+    """A config must give the same cache on every machine: the 8-bit codes, scale and zero-point bytes and
+    super-block numbers with this CPU's vectorised kernels equal those of PyTorch's portable ones
+    (`ATEN_CPU_CAPABILITY=default`). With the exp2 table of before, one ulp apart on AVX2, they did not."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    portable = subprocess.run([sys.executable, "-c", _CODES_SCRIPT], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    native = subprocess.run([sys.executable, "-c", _CODES_SCRIPT], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert len(portable) == 64 and native == portable

@@ -99,10 +99,12 @@ _STEPS: dict[torch.device, torch.Tensor] = {}
 
 
 def steps(device: torch.device) -> torch.Tensor:
-    """`2 ** (-e / 32)` for every scale code `e`, float32, on `device`."""
+    """`2 ** (-e / 32)` for every scale code `e`, float32, on `device`: the same numbers on every machine (Python's
+    `2.0 ** x` in double precision, then rounded to float32; torch's vectorised `exp2` differs by one ulp between CPU
+    instruction sets, and a different table is a different cache)."""
     if device not in _STEPS:
-        _STEPS[device] = torch.exp2(torch.arange(_CODES + 1, dtype=torch.float32) * (-1.0 / SCALE_STEPS_PER_OCTAVE)
-                                    ).to(device)
+        exact = [2.0 ** (-e / SCALE_STEPS_PER_OCTAVE) for e in range(_CODES + 1)]
+        _STEPS[device] = torch.tensor(exact, dtype=torch.float64).to(torch.float32).to(device)
     return _STEPS[device]
 
 
@@ -143,8 +145,11 @@ def encode(lo: torch.Tensor, hi: torch.Tensor, qmax: int, dtype: torch.dtype, ro
     def scale_of(e: torch.Tensor) -> torch.Tensor:
         return (table[e.long()] * top_f).to(dtype).float()
 
+    # The finest code whose step still covers the group: the most steps >= need / top (the table falls with e).
+    # Comparisons only, so the same code on every machine (a vectorised log2 rounds differently between them).
     ratio = torch.where(top_f > 0, need / torch.where(top_f > 0, top_f, 1.0), 1.0)
-    e = torch.floor(-SCALE_STEPS_PER_OCTAVE * torch.log2(ratio.clamp_min(1e-30))).clamp_(0, _CODES)
+    e = (torch.searchsorted(table.flip(0).contiguous(), ratio.contiguous(), right=False).neg_()
+         .add_(_CODES).clamp_(0, _CODES).to(torch.float32))
     scale = scale_of(e)
     for _ in range(_FIXES):  # one step coarser where the decoded scale rounded below what the group needs
         short = scale < need
