@@ -725,6 +725,14 @@ def test_gap_windows_shares_and_their_errors(bench_modules):
     summary = gap.summary_of(caches)
     assert summary["full precision"]["perplexity"] == pytest.approx(math.exp(2.5))
     assert summary["K3V2"]["kl"] == pytest.approx(0.04)
+    cell = dict(file="r.json", quantizer="token", budget=3.0, chosen="ours", fixed=["K3V2"],
+                summary_recorded=gap.summary_of(caches, 2), summary_run=gap.summary_of(caches, 2), summary_all=summary,
+                shares_run=gap.compare(caches, "ours", ["K3V2"], 2), shares_all=gap.compare(caches, "ours", ["K3V2"]))
+    text = gap.markdown(dict(machine=dict(cpu="cpu", cores=2), model="m", eval_source="docs", window=1024, windows=4,
+                             run_windows=2, differences={"full precision": 1e-6, "ours": 2e-3, "K3V2": 0.0},
+                             full=dict(run=summary["full precision"], all=summary["full precision"]), cells=[cell],
+                             command="python benchmarks/gap_windows.py --run r.json", total_s=60.0))
+    assert "| token 3 | K3V2 | 75% ± 0% | 75% ± 0% | 75% ± 0% | 75% ± 0% |" in text and "up to 2e-03" in text
 
 
 def test_gap_windows_rebuilds_the_quality_runs_caches(bench_modules, tmp_path):
