@@ -164,10 +164,9 @@ def markdown(payload: dict) -> str:
            f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores. Model: {payload['model']}. "
            f"Held-out text: {payload['eval_source']}: {payload['windows']} windows of {payload['window']} tokens, "
            f"the first {payload['run_windows']} those of the quality runs (full precision's figures there equal the "
-           f"runs' to {payload['differences']['full precision']:.0e}; the quantized caches' differ by up to "
-           f"{max(v for k, v in payload['differences'].items() if k != 'full precision'):.0e} in a window's NLL or "
-           "KL: see the notes). Shares ± one standard error over windows (delta method); the perplexity share on "
-           "log-perplexity.", ""]
+           f"runs' to {payload['differences']['full precision']:.0e} per window; each quantized cache's, pooled, "
+           "beside those the run recorded). Shares ± one standard error over windows (delta method); the perplexity "
+           "share on log-perplexity.", ""]
     out += ["| run | cell | cache | ppl / KL as the run recorded them | ppl / KL, run's windows | ppl / KL, all "
             "windows |", "| --- | --- | --- | ---: | ---: | ---: |"]
     for c in payload["cells"]:
@@ -230,14 +229,14 @@ def main(argv=None) -> int:
     parts = [(windows[:n_run], refs[:n_run]), (windows[n_run:], refs[n_run:])]  # the runs' windows, then the rest
     diffs: dict[str, float] = {}
 
-    def measure(name: str, cfg, theirs: dict) -> dict:
+    def measure(label: str, cfg, theirs: dict) -> dict:
         """`cfg` on every window; compared with the run's figures before the windows it did not measure (full
         precision must equal them: 1e-4, float32 on another CPU)."""
         head = evaluate(model, *parts[0], 1, cfg, settings["chunk"])
-        diffs[name] = check_against_run(name, head, theirs, FULL_TOLERANCE if cfg is None else math.inf)
+        diffs[label] = check_against_run(label, head, theirs, FULL_TOLERANCE if cfg is None else math.inf)
         tail = evaluate(model, *parts[1], 1, cfg, settings["chunk"])
         out = {k: head[k] + tail[k] for k in ("window_nll", "window_kl", "window_tokens", "seconds")}
-        out.update(summary_of({name: out})[name])
+        out.update(summary_of({label: out})[label])
         return out
 
     full = measure("full precision", None, first["full"])
@@ -249,7 +248,7 @@ def main(argv=None) -> int:
             caches = {"full precision": full}
             for name in [cell["chosen"], *cell["fixed"]]:
                 cfg = rebuild(name, cell, options, model.config)
-                caches[name] = measure(name, cfg, cell["rows"][name])
+                caches[name] = measure(f"{cell['quantizer']} {cell['budget']:g} {name}", cfg, cell["rows"][name])
                 logger.info("%s %g %s: ppl %.3f, KL %.5f (%.0f s)", cell["quantizer"], cell["budget"], name,
                             caches[name]["perplexity"], caches[name]["kl"], caches[name]["seconds"])
             cells.append(dict(file=r["file"], quantizer=cell["quantizer"], budget=cell["budget"],

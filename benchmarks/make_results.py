@@ -486,6 +486,13 @@ def table_transfer(d: dict) -> list[str]:
     return study.markdown(d).split("\n")[2:]
 
 
+def gap_windows(d: dict) -> list[str]:
+    """The perplexity gap on more held-out windows, as benchmarks/gap_windows.py reports it (without its title)."""
+    import gap_windows as study
+
+    return study.markdown(d).split("\n")[2:]
+
+
 def allocation_path(d: dict) -> list[str]:
     """The measure's additivity, as benchmarks/allocation_path.py reports it (without its title)."""
     import allocation_path as study
@@ -876,6 +883,10 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "--eval-data pydoc --tag gemma3-270m_bytes_kivi (no --groups; --budgets 3.5 --eval-data bbc --tag "
      "gemma3-270m_bytes_pydoc-to-bbc: evaluated on BBC News)",
      byte_budgets),
+    ("The perplexity gap on every held-out window (issue [4 bytes]: token and rotated, 3 true bits, 8-bit scales)",
+     "gap_windows_bytes-3-s8.json", "python benchmarks/gap_windows.py --run "
+     "benchmarks/results/ratequant_quality_bytes_token-3-s8.json --run "
+     "benchmarks/results/ratequant_quality_bytes_rotated-3-s8.json --tag bytes-3-s8", gap_windows),
     ("Budgets in bytes by the context served (issue [4 bytes], arithmetic on Gemma 3's stored table)",
      "budget_context.json", "python benchmarks/budget_context.py", budget_context),
     ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", FRONTIER_RUN,
