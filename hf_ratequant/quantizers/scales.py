@@ -145,8 +145,9 @@ def encode(lo: torch.Tensor, hi: torch.Tensor, qmax: int, dtype: torch.dtype, ro
     def scale_of(e: torch.Tensor) -> torch.Tensor:
         return (table[e.long()] * top_f).to(dtype).float()
 
-    # The finest code whose step still covers the group: the most steps >= need / top (the table falls with e).
-    # Comparisons only, so the same code on every machine (a vectorised log2 rounds differently between them).
+    # The finest code whose step still covers the group: the largest e with step e >= need / top (the table falls
+    # with e). Comparisons with the table only: flooring -32 * log2(need / top) lost a step at the table's own steps,
+    # where the code depended on how the log2 kernel rounded.
     ratio = torch.where(top_f > 0, need / torch.where(top_f > 0, top_f, 1.0), 1.0)
     e = (torch.searchsorted(table.flip(0).contiguous(), ratio.contiguous(), right=False).neg_()
          .add_(_CODES).clamp_(0, _CODES).to(torch.float32))
