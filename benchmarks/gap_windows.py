@@ -100,7 +100,7 @@ def load_run(path: str) -> dict:
             s, rows = block["summary"], {r["cache"]: r for r in block["rows"]}
             chosen = f"chosen ({s['winner']})"
             fixed = list(dict.fromkeys(n for n in (s.get("best_fixed"), s.get("best_fixed_by_kl")) if n))
-            if not fixed or "key_bits" not in block["config"]:
+            if not fixed or "key_bits" not in (block.get("config") or {}):  # uncalibrated or without its config
                 continue
             cells.append(dict(quantizer=s["quantizer"], budget=float(s["budget"]), config=block["config"],
                               chosen=chosen, fixed=fixed, rows={n: rows[n] for n in [chosen, *fixed]}))
