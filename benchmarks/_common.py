@@ -191,6 +191,14 @@ def benchmark_ids(tokenizer, model, text_spec: str, seq_len: int, device: torch.
     return tokenize_windows(tokenizer, text, seq_len=seq_len, n_windows=1).to(device), source
 
 
+def window_difference(nll_a: list[float], kl_a: list[float], nll_b: list[float], kl_b: list[float]) -> float:
+    """The largest difference, window by window, between two measurements' per-window NLL and KL (`inf` when they
+    hold different numbers of windows): how the benchmarks tell that two runs measured the same cache."""
+    if len(nll_a) != len(nll_b) or len(kl_a) != len(kl_b):
+        return float("inf")
+    return max((abs(x - y) for x, y in zip(nll_a + kl_a, nll_b + kl_b)), default=0.0)
+
+
 def held_mib(config) -> float:
     """Mean MiB a bf16 cache of `config` (a `RateQuantConfig` with its model's fingerprint) holds over 4096 to 4223
     tokens: the window's share depends on where the sequence stands between two releases, which larger key groups

@@ -59,6 +59,7 @@ from _common import (
     load_benchmark_model,
     machine,
     time_fwd_bwd,
+    window_difference,
     write_results,
 )
 from field_comparison import cache_bytes, quantized_cache
@@ -465,9 +466,7 @@ def load_merge(path: str, args) -> tuple[dict, list[Point]]:
 def same_figures(a: Point, b: Point, tol: float = 1e-6) -> float:
     """The largest difference between two measurements of one cache, window by window (NLL and KL); a
     `SystemExit` above `tol`: the earlier run's figures cannot be merged with this run's."""
-    same_windows = len(a.window_nll) == len(b.window_nll) and len(a.window_kl) == len(b.window_kl)
-    diff = max((abs(x - y) for x, y in zip(a.window_nll + a.window_kl, b.window_nll + b.window_kl)),
-               default=0.0) if same_windows else math.inf
+    diff = window_difference(a.window_nll, a.window_kl, b.window_nll, b.window_kl)
     if diff > tol:
         raise SystemExit(f"--merge: {a.method} measures {diff:.2e} away from the earlier run's figures (windows "
                          f"{len(b.window_nll)} vs {len(a.window_nll)}): not the same protocol or code; run without "

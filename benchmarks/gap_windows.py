@@ -32,7 +32,7 @@ import os
 import time
 
 import torch
-from _common import RESULTS_DIR, layout_from_args, load_benchmark_model, machine, write_report
+from _common import RESULTS_DIR, layout_from_args, load_benchmark_model, machine, window_difference, write_report
 from table_transfer import model_of, text_of
 
 logger = logging.getLogger("benchmarks.gap_windows")
@@ -147,8 +147,7 @@ def check_against_run(name: str, ours: dict, theirs: dict, tol: float = math.inf
     """The largest difference, window by window over the run's windows, between this evaluation and the run's; a
     `SystemExit` above `tol`."""
     n = len(theirs["window_nll"])
-    diff = max(abs(x - y) for x, y in zip(ours["window_nll"][:n] + ours["window_kl"][:n],
-                                          theirs["window_nll"] + theirs["window_kl"]))
+    diff = window_difference(ours["window_nll"][:n], ours["window_kl"][:n], theirs["window_nll"], theirs["window_kl"])
     if diff > tol:
         raise SystemExit(f"{name} measures {diff:.2e} away from the quality run's figures on its {n} windows: not "
                          "the same cache or protocol.")
