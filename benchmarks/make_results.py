@@ -11,6 +11,7 @@ A result file listed in SECTIONS is what the README and RESULTS.md cite; benchma
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -479,18 +480,14 @@ def _paired_dkl(r: dict) -> str:
     return f"{r['paired_dkl_vs_best_fixed_by_kl']:+.4f} ± {r['paired_dkl_se']:.4f}"
 
 
-def table_transfer(d: dict) -> list[str]:
-    """The measure across texts, as benchmarks/table_transfer.py reports it (without its title)."""
-    import table_transfer as study
+def study_report(script: str) -> Callable[[dict], list[str]]:
+    """A study's section as `benchmarks/<script>.py` reports it, without its title (table_transfer: the measure
+    across texts; gap_windows: the perplexity gap on more held-out windows)."""
 
-    return study.markdown(d).split("\n")[2:]
+    def lines(d: dict) -> list[str]:
+        return importlib.import_module(script).markdown(d).split("\n")[2:]
 
-
-def gap_windows(d: dict) -> list[str]:
-    """The perplexity gap on more held-out windows, as benchmarks/gap_windows.py reports it (without its title)."""
-    import gap_windows as study
-
-    return study.markdown(d).split("\n")[2:]
+    return lines
 
 
 def allocation_path(d: dict) -> list[str]:
@@ -831,7 +828,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "R/ratequant_quality_grid_pydoc-to-bbc.json --run gemma3-270m R/ratequant_quality_gemma3-270m.json "
      "R/ratequant_quality_gemma3-270m_pydoc-to-bbc.json --run qwen2.5-coder-0.5b "
      "R/ratequant_quality_qwen2.5-coder-0.5b.json R/ratequant_quality_qwen2.5-coder-0.5b_pydoc-to-bbc.json  "
-     "# R = benchmarks/results; run beside another job, so its times are no speed figure", table_transfer),
+     "# R = benchmarks/results; run beside another job, so its times are no speed figure",
+     study_report("table_transfer")),
     ("Does the measure add up? (Gemma 3 270M, kivi, 2.5 code bits)", "allocation_path_gemma3-270m_kivi-2.5.json",
      "python benchmarks/allocation_path.py --run gemma3-270m R/ratequant_quality_gemma3-270m.json --run gemma3-270m "
      "R/ratequant_quality_gemma3-270m_pydoc-to-bbc.json --tag gemma3-270m_kivi-2.5  # R = benchmarks/results",
@@ -886,7 +884,8 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
     ("The perplexity gap on every held-out window (issue [4 bytes]: token and rotated, 3 true bits, 8-bit scales)",
      "gap_windows_bytes-3-s8.json", "python benchmarks/gap_windows.py --run "
      "benchmarks/results/ratequant_quality_bytes_token-3-s8.json --run "
-     "benchmarks/results/ratequant_quality_bytes_rotated-3-s8.json --tag bytes-3-s8", gap_windows),
+     "benchmarks/results/ratequant_quality_bytes_rotated-3-s8.json --tag bytes-3-s8",
+     study_report("gap_windows")),
     ("Budgets in bytes by the context served (issue [4 bytes], arithmetic on Gemma 3's stored table)",
      "budget_context.json", "python benchmarks/budget_context.py", budget_context),
     ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", FRONTIER_RUN,
