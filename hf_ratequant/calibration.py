@@ -48,7 +48,7 @@ from .config import ModelFingerprint, RateQuantConfig
 from .data import load_text, text_fingerprint, tokenize_windows
 from .distortion import CurveFit, fisher_distortion, fit_curves, output_distortion
 from .distributed import Processes
-from .evaluation import evaluate_quality, reference_logprobs, shared_prefix
+from .evaluation import evaluate_quality, reference_and_prefix
 from .footprint import REPORT_TOKENS, code_budget, layer_weights, true_bits_per_element
 from .memory_guard import OutOfCalibrationMemory, available_bytes, saved_memory_limit
 from .models import cache_kwargs, last_hidden_states, output_head
@@ -378,10 +378,13 @@ def _chunked_loss(head: Callable, hidden: torch.Tensor, ids: torch.LongTensor) -
 
 
 def residual_split_works(model: Any, input_ids: torch.LongTensor, residual_length: int, group_size: int) -> bool:
-    """Whether `model` honours the split mask: with identical far and near copies its logits must not change."""
+    """Whether `model` honours the split mask: with identical far and near copies its logits must not change.
+    Checked on the first `residual_length + 2 * group_size` tokens of one window (the last `group_size` queries
+    read far keys), or past the shortest sliding window where one is shorter than the window."""
     fp = ModelFingerprint.from_model_config(model.config)
     device = model.get_input_embeddings().weight.device
-    ids = input_ids[:1].to(device)
+    windows = [w for w in map(fp.window, dict.fromkeys(fp.layer_types)) if w and w < input_ids.shape[1]]
+    ids = input_ids[:1, : max([residual_length + 2 * group_size] + [w + group_size for w in windows])].to(device)
     mask = residual_split_mask(ids.shape[1], residual_length, group_size, fp, model.dtype, device)
     with torch.no_grad():
         plain = model(input_ids=ids, use_cache=True, **cache_kwargs(model, _CaptureCache(fp.num_layers))).logits
@@ -803,17 +806,16 @@ def _kl_scorer(
 ) -> RungScore:
     """The [`successive_halving`] scorer: KL to the full-precision cache through the real cache, on rung `r`'s
     windows `parts[r]` (summed over processes), stopped once past the race's bound (one process only: with
-    several, no process sees the whole sum). The reference and the exact shared start of a rung's windows
-    ([`shared_prefix`]) are computed once, when the rung is first scored."""
+    several, no process sees the whole sum). The reference and the exact shared start of a rung's windows are
+    computed once, in one pass ([`reference_and_prefix`]), when the rung is first scored."""
     s, reference, prefixes = settings, {}, {}
     template = candidate_config(torch.full((fingerprint.num_layers, fingerprint.num_kv_heads, 2), s.b_min), layout,
                                 s, fingerprint, "ratequant")
 
     def kl_sum(candidate: Candidate, rung: int, stop_above: float) -> torch.Tensor:  # KL sum, tokens, complete
         if rung not in reference:
-            reference[rung] = reference_logprobs(model, parts[rung], batch_size=s.batch_size)
-            prefixes[rung] = shared_prefix(model, parts[rung], template, chunk=s.chunk, batch_size=s.batch_size,
-                                           reference=reference[rung])
+            reference[rung], prefixes[rung] = reference_and_prefix(model, parts[rung], template, chunk=s.chunk,
+                                                                   batch_size=s.batch_size)
         config = candidate_config(candidate.bits, layout, s, fingerprint, "candidate", candidate.groups)
         stop = stop_above if processes.count == 1 and math.isfinite(stop_above) else None
         res = evaluate_quality(model, parts[rung], config, chunk=s.chunk, batch_size=s.batch_size, progress=False,

@@ -38,6 +38,7 @@ __all__ = [
     "evaluation_windows",
     "exact_prefix_length",
     "make_cache",
+    "reference_and_prefix",
     "reference_logprobs",
     "shared_prefix",
 ]
@@ -348,19 +349,84 @@ def reference_logprobs(
     are stored; beyond, each batch keeps the output layer's inputs and recomputes a chunk's log-probabilities when
     asked (for a 262k vocabulary, 8 x 1024 tokens of log-probabilities would be 8.6 GB)."""
     device = model.get_input_embeddings().weight.device
-    full_bytes = windows.numel() * model.config.get_text_config().vocab_size * 4
-    head = output_head(model, windows[:1, :16].to(device)) if full_bytes > max_bytes else None
-    if head is None and full_bytes > max_bytes:
-        logger.warning("This model's logits are not its output layer applied to its last hidden states: the "
-                       "reference keeps full log-probabilities (%.1f GB).", full_bytes / 1e9)
-    out = []
+    head = _reference_head(model, windows, max_bytes)
+    return [_reference_batch(_full_precision(model, ids.to(device), head)[:, :-1], head)
+            for ids in torch.split(windows, batch_size)]
+
+
+@torch.inference_mode()
+def reference_and_prefix(
+    model: Any,
+    windows: torch.LongTensor,
+    config: RateQuantConfig,
+    *,
+    chunk: int = _DEFAULTS.chunk,
+    batch_size: int = _DEFAULTS.batch_size,
+    max_bytes: int = REFERENCE_MAX_BYTES,
+) -> tuple[list[ReferenceBatch], SharedPrefix | None]:
+    """[`reference_logprobs`] and [`shared_prefix`] (with that reference) from one full-precision pass, for many
+    `RateQuantConfig`s of `config`'s residual window, sinks and group size: each batch is fed the shared prefix
+    chunk by chunk, as [`shared_prefix`] feeds it, then the rest of its windows in one forward pass from the
+    prefix's states. The prefix is the one [`shared_prefix`] computes, bit for bit; the reference differs from
+    [`reference_logprobs`]' single pass by float rounding only, and the prefix's tokens are not run twice (192 of
+    512 with R = 128, S = 32, G = 32 and chunks of 64). For models whose sliding-window layers are shorter than the
+    windows there is no prefix: `(reference_logprobs(...), None)`."""
+    if not _windowed_layers_fit(model, windows.shape[1]):
+        return reference_logprobs(model, windows, batch_size=batch_size, max_bytes=max_bytes), None
+    length = exact_prefix_length(config, chunk, windows.shape[1])
+    device = model.get_input_embeddings().weight.device
+    head = _reference_head(model, windows, max_bytes)
+    reference, states, last, scores = [], [], [], []
     for ids in torch.split(windows, batch_size):
         ids = ids.to(device)
-        if head is None:
-            out.append(ReferenceBatch(logprobs=F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)))
-        else:
-            out.append(ReferenceBatch(hidden=last_hidden_states(model, ids)[:, :-1], head=head))
-    return out
+        cache = DynamicCache(config=model.config)
+        starts = range(0, length, chunk)
+        outs = [_full_precision(model, ids[:, start : min(start + chunk, length)], head, cache) for start in starts]
+        states.append([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+        if length < ids.shape[1]:
+            outs.append(_full_precision(model, ids[:, length:], head, cache))
+        reference.append(_reference_batch(torch.cat(outs, dim=1)[:, :-1], head))
+        prev, batch_scores = None, []
+        for start, out in zip(starts, outs):
+            piece = ids[:, start : min(start + chunk, length)]
+            logits = (out if head is None else head(out)).float()
+            batch_scores.append(_score_chunk(logits, prev, piece, _reference_slice(reference[-1], start, piece)))
+            prev = logits[:, -1:]
+        last.append(prev)
+        scores.append(batch_scores)
+    return reference, SharedPrefix(length, chunk, batch_size, windows.cpu(), states, last, scores, True)
+
+
+def _reference_head(model: Any, windows: torch.LongTensor, max_bytes: int) -> Callable | None:
+    """The output layer to recompute a reference's log-probabilities with when storing them for `windows` would take
+    more than `max_bytes`; None to store them."""
+    full_bytes = windows.numel() * model.config.get_text_config().vocab_size * 4
+    if full_bytes <= max_bytes:
+        return None
+    head = output_head(model, windows[:1, :16].to(model.get_input_embeddings().weight.device))
+    if head is None:
+        logger.warning("This model's logits are not its output layer applied to its last hidden states: the "
+                       "reference keeps full log-probabilities (%.1f GB).", full_bytes / 1e9)
+    return head
+
+
+def _full_precision(model: Any, ids: torch.LongTensor, head: Callable | None, cache: Cache | None = None
+                    ) -> torch.Tensor:
+    """The model's logits for `ids` (after `cache`'s tokens, which it extends), or with an output `head` the
+    hidden states that head reads."""
+    if head is None:
+        return model(input_ids=ids, **({} if cache is None else {"use_cache": True, **cache_kwargs(model, cache)})
+                     ).logits
+    if cache is None:
+        return last_hidden_states(model, ids)
+    return last_hidden_states(model, ids, use_cache=True, **cache_kwargs(model.get_decoder(), cache))
+
+
+def _reference_batch(predictions: torch.Tensor, head: Callable | None) -> ReferenceBatch:
+    """A [`ReferenceBatch`] from the logits (or, with a `head`, the hidden states) predicting each next token."""
+    if head is None:
+        return ReferenceBatch(logprobs=F.log_softmax(predictions.float(), dim=-1))
+    return ReferenceBatch(hidden=predictions, head=head)
 
 
 def evaluate_perplexity(

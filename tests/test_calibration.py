@@ -302,6 +302,31 @@ def test_calibrate_falls_back_when_the_model_ignores_the_mask(model, monkeypatch
     assert cfg.calibration["residual_aware"] is False
 
 
+@pytest.mark.parametrize("residual_length", [8, 40])
+def test_the_split_check_fails_for_an_attention_that_ignores_masks(model, residual_length):
+    """The check runs on a window's first R + 2G tokens only, which still tells an attention that honours the split
+    mask from one that ignores it (here: causal attention aligned to the last key, as flash attention's, over the
+    [far, near] copies)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from hf_ratequant.calibration import residual_split_works
+
+    def causal_only(module, query, key, value, attention_mask, **kwargs):
+        q, k = query.shape[2], key.shape[2]
+        bottom_right = torch.ones(q, k, dtype=torch.bool).tril(diagonal=k - q)
+        return sdpa_attention_forward(module, query, key, value, bottom_right, **kwargs)
+
+    ids = torch.randint(0, len(WORDS), (2, 128), generator=torch.Generator().manual_seed(5))
+    assert residual_split_works(model, ids, residual_length=residual_length, group_size=8)
+    AttentionInterface.register("test_causal_only", causal_only)
+    model.set_attn_implementation("test_causal_only")
+    try:
+        assert not residual_split_works(model, ids, residual_length=residual_length, group_size=8)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def test_several_quantizers_share_one_capture(model):
     from hf_ratequant.calibration import measure_distortions
 
@@ -428,26 +453,27 @@ def test_validation_that_stops_candidates_early_decides_as_if_it_scored_every_to
 
 
 def test_validation_shares_the_exact_start_of_its_windows_without_changing_a_score(model, monkeypatch):
-    """Validation runs the chunks every candidate's cache serves in full precision once (`shared_prefix`); the
-    scores are the ones of running them for every candidate, bit for bit."""
+    """Validation runs the chunks every candidate's cache serves in full precision once, in the pass that computes
+    its reference (`reference_and_prefix`); the scores are the ones of running them for every candidate against
+    the same reference, bit for bit."""
     import hf_ratequant.calibration as calibration
 
     kwargs = dict(quantizer="token", budget=2.5, n_samples=2, n_validation=4, seq_len=64, group_size=8,
                   residual_length=8, sink_length=8, b_min=1, b_max=4, chunk=8, progress=False)
     shared = calibrate(model, WordTokenizer(), [corpus(4000)], **kwargs)
     lengths = []
-    real = calibration.shared_prefix
+    real = calibration.reference_and_prefix
 
     def spying(*args, **kw):
-        prefix = real(*args, **kw)
+        reference, prefix = real(*args, **kw)
         lengths.append(prefix.length)
-        return prefix
+        return reference, prefix
 
-    monkeypatch.setattr(calibration, "shared_prefix", spying)
+    monkeypatch.setattr(calibration, "reference_and_prefix", spying)
     assert calibrate(model, WordTokenizer(), [corpus(4000)], **kwargs).calibration["validation_kl"] == \
         shared.calibration["validation_kl"]
     assert lengths and set(lengths) == {24}  # the chunk starting at 24 reads the first quantized group (16..23)
-    monkeypatch.setattr(calibration, "shared_prefix", lambda *args, **kw: None)
+    monkeypatch.setattr(calibration, "reference_and_prefix", lambda *args, **kw: (real(*args, **kw)[0], None))
     alone = calibrate(model, WordTokenizer(), [corpus(4000)], **kwargs)
     assert alone.calibration["validation_kl"] == shared.calibration["validation_kl"]
     assert alone.calibration["winner"] == shared.calibration["winner"]

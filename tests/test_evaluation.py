@@ -172,6 +172,47 @@ def test_shared_prefix_gives_the_same_results_bit_for_bit(model, windows, quanti
         assert no_kl.perplexity == plain.perplexity
 
 
+@pytest.mark.parametrize("quantizer", ["kivi", "token", "rotated"])
+@pytest.mark.parametrize(("residual_length", "sink_length", "chunk"), [(16, 8, 8), (8, 16, 12), (80, 8, 8)])
+@pytest.mark.parametrize("max_bytes", [None, 0])  # log-probabilities stored / recomputed from the hidden states
+def test_reference_and_prefix_in_one_pass_are_those_of_two(model, windows, quantizer, residual_length, sink_length,
+                                                           chunk, max_bytes):
+    from hf_ratequant.evaluation import reference_and_prefix, shared_prefix
+
+    limit = {} if max_bytes is None else {"max_bytes": max_bytes}
+    cfg = _mixed(model, quantizer, residual_length, sink_length)
+    ref, prefix = reference_and_prefix(model, windows, cfg, chunk=chunk, batch_size=2, **limit)
+    alone = reference_logprobs(model, windows, batch_size=2, **limit)
+    assert [r.hidden is None for r in ref] == [r.hidden is None for r in alone] == [max_bytes is None] * 2
+    for ours, theirs in zip(ref, alone):  # the rest of each window fed after the prefix's chunks: float rounding
+        assert torch.allclose(ours.slice(0, windows.shape[1] - 1), theirs.slice(0, windows.shape[1] - 1), atol=1e-5)
+    two = shared_prefix(model, windows, cfg, chunk=chunk, batch_size=2, reference=ref)
+    assert (prefix.length, prefix.chunk, prefix.with_kl) == (two.length, two.chunk, two.with_kl)
+    for ours, theirs in zip(prefix.states, two.states):
+        assert all(torch.equal(a, b) for pair, other in zip(ours, theirs) for a, b in zip(pair, other))
+    assert all(torch.equal(a, b) for a, b in zip(prefix.last_logits, two.last_logits))
+    assert prefix.scores == two.scores
+    plain = evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=2, progress=False, reference=ref)
+    shared = evaluate_quality(model, windows, cfg, chunk=chunk, batch_size=2, progress=False, reference=ref,
+                              prefix=prefix)
+    assert shared == plain and (plain.kl > 1e-6) == (prefix.length < windows.shape[1])  # R = 80: all served exactly
+
+
+def test_reference_and_prefix_without_a_prefix_for_short_sliding_windows(windows):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from hf_ratequant.evaluation import reference_and_prefix
+
+    torch.manual_seed(0)
+    sliding = MistralForCausalLM(MistralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=48)).eval()
+    ref, prefix = reference_and_prefix(sliding, windows, _mixed(sliding, "kivi", 16, 8), chunk=8, batch_size=2)
+    assert prefix is None
+    assert all(torch.equal(a.logprobs, b.logprobs)
+               for a, b in zip(ref, reference_logprobs(sliding, windows, batch_size=2)))
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_exact_prefix_length_is_where_the_cache_first_serves_a_quantized_token(model, seed):
     """Against the cache itself: feed chunks and look at what it holds quantized before each one."""
