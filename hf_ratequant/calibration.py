@@ -123,9 +123,9 @@ class _CaptureLayer(DynamicLayer):
     the cache only: local attention, which the full-precision residual window serves, carries no weight.
     """
 
-    def __init__(self, split: bool = False):
+    def __init__(self, split: bool = False, blank_far: bool = False):
         super().__init__()
-        self.split = split
+        self.split, self.blank_far = split, blank_far  # blank_far: zeros for the far copy ([`residual_split_works`])
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys = key_states.detach().requires_grad_(True)
@@ -133,13 +133,14 @@ class _CaptureLayer(DynamicLayer):
         self.captured = (keys, values)
         if self.split:
             near_k, near_v = key_states.detach(), value_states.detach()
-            return torch.cat([keys, near_k], dim=-2), torch.cat([values, near_v], dim=-2)
+            far_k, far_v = (torch.zeros_like(near_k), torch.zeros_like(near_v)) if self.blank_far else (keys, values)
+            return torch.cat([far_k, near_k], dim=-2), torch.cat([far_v, near_v], dim=-2)
         return keys, values
 
 
 class _CaptureCache(DynamicCache):
-    def __init__(self, num_layers: int, split: bool = False):
-        super(DynamicCache, self).__init__(layers=[_CaptureLayer(split) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, split: bool = False, blank_far: bool = False):
+        super(DynamicCache, self).__init__(layers=[_CaptureLayer(split, blank_far) for _ in range(num_layers)])
 
 
 _RECORDING_NAME = "ratequant_recording"
@@ -378,24 +379,33 @@ def _chunked_loss(head: Callable, hidden: torch.Tensor, ids: torch.LongTensor) -
 
 
 def residual_split_works(model: Any, input_ids: torch.LongTensor, residual_length: int, group_size: int) -> bool:
-    """Whether `model` honours the split mask: with identical far and near copies its logits must not change.
-    Checked on the first `residual_length + 2 * group_size` tokens of one window (the last `group_size` queries
-    read far keys), or past the shortest sliding window where one is shorter than the window."""
+    """Whether `model` honours the split mask: with identical far and near copies its logits must not change, and
+    with a blank far copy neither may those of the queries that read no far key (the first `residual_length +
+    group_size`; an attention that ignores the mask reads the far copy there, whichever way it aligns its causal
+    mask). Checked on the first `residual_length + 2 * group_size` tokens of one window, or past the shortest
+    sliding window where one is shorter than the window."""
     fp = ModelFingerprint.from_model_config(model.config)
     device = model.get_input_embeddings().weight.device
     windows = [w for w in map(fp.window, dict.fromkeys(fp.layer_types)) if w and w < input_ids.shape[1]]
     ids = input_ids[:1, : max([residual_length + 2 * group_size] + [w + group_size for w in windows])].to(device)
     mask = residual_split_mask(ids.shape[1], residual_length, group_size, fp, model.dtype, device)
+    near_only = residual_length + group_size  # queries before this read no far key
+
+    def logits(**kwargs) -> torch.Tensor:
+        return model(input_ids=ids, use_cache=True, **kwargs).logits
+
     with torch.no_grad():
-        plain = model(input_ids=ids, use_cache=True, **cache_kwargs(model, _CaptureCache(fp.num_layers))).logits
+        plain = logits(**cache_kwargs(model, _CaptureCache(fp.num_layers)))
         try:
-            split = model(input_ids=ids, use_cache=True, attention_mask=mask,
-                          **cache_kwargs(model, _CaptureCache(fp.num_layers, split=True))).logits
+            split = logits(attention_mask=mask, **cache_kwargs(model, _CaptureCache(fp.num_layers, split=True)))
+            blank = logits(attention_mask=mask, **cache_kwargs(
+                model, _CaptureCache(fp.num_layers, split=True, blank_far=True)))[:, :near_only]
         except Exception as err:  # any failure means the model cannot take the custom mask
             logger.debug("split-mask forward failed: %r", err)
             return False
     tol = 1e-3 if plain.dtype == torch.float32 else 5e-2
-    return split.shape == plain.shape and torch.allclose(split, plain, atol=tol, rtol=tol)
+    return (split.shape == plain.shape and torch.allclose(split, plain, atol=tol, rtol=tol)
+            and torch.allclose(blank, plain[:, :near_only], atol=tol, rtol=tol))
 
 
 def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

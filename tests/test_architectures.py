@@ -255,6 +255,25 @@ def test_unsupported_message_names_the_layer_types():
         RateQuantCache(config=config, quant_config=quant_config)
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", _archs())
+def test_every_architecture_honours_the_split_mask(arch, implementation):
+    """Calibration weights the error by attention to the quantized keys only when the model honours the split mask
+    (`residual_split_works`); every supported architecture does, past its sliding window or chunk."""
+    from hf_ratequant.calibration import residual_split_works
+
+    model = tiny_model(arch)
+    original = model.config._attn_implementation
+    try:
+        model.set_attn_implementation(implementation)
+    except ValueError:  # Gemma 2 has no SDPA attention
+        pytest.skip(f"{arch} has no {implementation} attention")
+    try:
+        assert residual_split_works(model, prompt(64).expand(2, -1), residual_length=8, group_size=4)
+    finally:
+        model.set_attn_implementation(original)
+
+
 @pytest.mark.parametrize("arch", _archs())
 def test_the_measure_recomputing_only_far_columns_equals_the_models_own_attention(arch, monkeypatch):
     """The attention-output measure recomputes a layer's attention for every option; where the layer's attention is

@@ -303,10 +303,11 @@ def test_calibrate_falls_back_when_the_model_ignores_the_mask(model, monkeypatch
 
 
 @pytest.mark.parametrize("residual_length", [8, 40])
-def test_the_split_check_fails_for_an_attention_that_ignores_masks(model, residual_length):
-    """The check runs on a window's first R + 2G tokens only, which still tells an attention that honours the split
-    mask from one that ignores it (here: causal attention aligned to the last key, as flash attention's, over the
-    [far, near] copies)."""
+@pytest.mark.parametrize("aligned", ["top-left", "bottom-right"])
+def test_the_split_check_fails_for_an_attention_that_ignores_masks(model, residual_length, aligned):
+    """The check runs on a window's first R + 2G tokens only, and tells an attention that honours the split mask
+    from one that ignores it: plain causal attention over the [far, near] copies, aligned to the first key (torch's
+    `is_causal`, which reads identical copies exactly as the split mask does) or to the last (flash attention's)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -314,8 +315,8 @@ def test_the_split_check_fails_for_an_attention_that_ignores_masks(model, residu
 
     def causal_only(module, query, key, value, attention_mask, **kwargs):
         q, k = query.shape[2], key.shape[2]
-        bottom_right = torch.ones(q, k, dtype=torch.bool).tril(diagonal=k - q)
-        return sdpa_attention_forward(module, query, key, value, bottom_right, **kwargs)
+        causal = torch.ones(q, k, dtype=torch.bool).tril(diagonal=0 if aligned == "top-left" else k - q)
+        return sdpa_attention_forward(module, query, key, value, causal, **kwargs)
 
     ids = torch.randint(0, len(WORDS), (2, 128), generator=torch.Generator().manual_seed(5))
     assert residual_split_works(model, ids, residual_length=residual_length, group_size=8)
