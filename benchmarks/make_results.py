@@ -44,7 +44,8 @@ def machine_line(info: dict | None) -> str:
         return "machine not recorded"
     parts = [info.get("gpu") or info.get("cpu", "?")]
     if not info.get("gpu"):
-        parts[0] += f", {info.get('cores', '?')} cores"
+        parts[0] += (f" ({info['cpu_capability']})" if info.get("cpu_capability") else "") + \
+            f", {info.get('cores', '?')} cores"
     for lib in ("torch", "transformers", "optimum-quanto", "hqq", "lm_eval"):
         if info.get(lib):
             parts.append(f"{lib} {info[lib]}")

@@ -41,8 +41,9 @@ def _version(name: str) -> str | None:
 
 
 def machine(device: torch.device | str = "cpu", packages: tuple[str, ...] = ()) -> dict:
-    """CPU, cores, torch threads, the versions of torch, transformers and `packages`, the GPU when `device` is one,
-    and the load average now.
+    """CPU, the instruction set torch's CPU kernels use (e.g. AVX2, AVX512: the same CPU name can run at very
+    different speeds), cores, torch threads, the versions of torch, transformers and `packages`, the GPU when
+    `device` is one, and the load average now.
 
     Example:
         >>> machine()["device"]
@@ -51,6 +52,7 @@ def machine(device: torch.device | str = "cpu", packages: tuple[str, ...] = ()) 
     device = torch.device(device)
     info = dict(
         cpu=cpu_name(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
         cores=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         torch=torch.__version__,
