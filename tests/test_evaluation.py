@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_ratequant import RateQuantConfig
 from hf_ratequant.evaluation import evaluate_kl, evaluate_perplexity, evaluate_quality, reference_logprobs
+from hf_ratequant.models import cache_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +293,8 @@ def test_kl_equals_the_kl_computed_by_hand_from_raw_logits(windows):
         for ids in windows:
             ids = ids[None]
             cache = RateQuantCache(config=model.config, quant_config=cfg)
-            logits = torch.cat([model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits
+            feed = cache_kwargs(model, cache)
+            logits = torch.cat([model(input_ids=ids[:, s : s + chunk], use_cache=True, **feed).logits
                                 for s in range(0, ids.shape[1], chunk)], dim=1)[0, :-1].double()
             ref = model(input_ids=ids).logits[0, :-1].double()
             p_ref = torch.softmax(ref, -1)
