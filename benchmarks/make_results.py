@@ -770,7 +770,11 @@ def calibration_speed(names: list[str]) -> Callable[[None], list[str]]:
         return ["`calibrate` with its defaults (fp32, CPU) against one plain forward+backward pass over the same "
                 "tokens, each pair timed in turn: medians of the runs"
                 + (" (*: timed before the validation race stopped hopeless candidates early and the measure's split "
-                   "attention lost its copies, so slower than today's code)" if older else "") + ".", "",
+                   "attention lost its copies, so slower than today's code)" if older else "")
+                + ". The ratio depends on the CPU, not only on the code: the forward+backward is matrix work, which a "
+                "faster vector unit speeds up more than calibration's many small operations (the fwd+bwd column "
+                "shows each machine's speed; machines that name no instruction set ran before it was recorded).",
+                "",
                 *_table(["model", "quantizer", "budget", "groups offered", "runs", "calibration s", "measure s",
                          "validation s", "fwd+bwd s", "ratio"], rows, "llrrrrrrrr"), "",
                 "Machines: " + "; ".join(f"{n.removeprefix('calibration_speed_').removesuffix('.json')}: "
