@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -192,17 +192,27 @@ def shared_prefix(
     for batch_idx, ids in enumerate(torch.split(windows, batch_size)):
         ids = ids.to(device)
         cache = DynamicCache(config=model.config)
-        prev, batch_scores = None, []
-        for start in range(0, length, chunk):
-            piece = ids[:, start : min(start + chunk, length)]
-            logits = model(input_ids=piece, use_cache=True, **cache_kwargs(model, cache)).logits.float()
-            ref = _reference_slice(reference[batch_idx], start, piece) if reference is not None else None
-            batch_scores.append(_score_chunk(logits, prev, piece, ref))
-            prev = logits[:, -1:]
+        logits = (model(input_ids=ids[:, start : min(start + chunk, length)], use_cache=True,
+                        **cache_kwargs(model, cache)).logits.float() for start in range(0, length, chunk))
+        batch_scores, prev = _prefix_scores(logits, ids, length, chunk,
+                                            reference[batch_idx] if reference is not None else None)
         states.append([(layer.keys, layer.values) for layer in cache.layers])
         last.append(prev)
         scores.append(batch_scores)
     return SharedPrefix(length, chunk, batch_size, windows.cpu(), states, last, scores, reference is not None)
+
+
+def _prefix_scores(logits: Iterable[torch.Tensor], ids: torch.LongTensor, length: int, chunk: int,
+                   reference: ReferenceBatch | None) -> tuple[list[_ChunkScore], torch.Tensor]:
+    """The scores of a prefix's chunks from their logits (float32, in order, consumed as they come), and the logits
+    predicting the first token after it."""
+    prev, scores = None, []
+    for start, chunk_logits in zip(range(0, length, chunk), logits):
+        piece = ids[:, start : min(start + chunk, length)]
+        ref = _reference_slice(reference, start, piece) if reference is not None else None
+        scores.append(_score_chunk(chunk_logits, prev, piece, ref))
+        prev = chunk_logits[:, -1:]
+    return scores, prev
 
 
 @torch.inference_mode()
@@ -386,12 +396,8 @@ def reference_and_prefix(
         if length < ids.shape[1]:
             outs.append(_full_precision(model, ids[:, length:], head, cache))
         reference.append(_reference_batch(torch.cat(outs, dim=1)[:, :-1], head))
-        prev, batch_scores = None, []
-        for start, out in zip(starts, outs):
-            piece = ids[:, start : min(start + chunk, length)]
-            logits = (out if head is None else head(out)).float()
-            batch_scores.append(_score_chunk(logits, prev, piece, _reference_slice(reference[-1], start, piece)))
-            prev = logits[:, -1:]
+        batch_scores, prev = _prefix_scores(((out if head is None else head(out)).float() for out in outs), ids,
+                                            length, chunk, reference[-1])
         last.append(prev)
         scores.append(batch_scores)
     return reference, SharedPrefix(length, chunk, batch_size, windows.cpu(), states, last, scores, True)
