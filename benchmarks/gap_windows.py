@@ -17,8 +17,14 @@ perplexity differences to within a point at these gaps).
 Selecting the best fixed configuration on the run's 8 windows and measuring it again on more is the less biased
 reading: the best of many on the same windows is also the luckiest on them.
 
+With `--candidates`, every other allocation the run's calibration validated (its record's RateQuant candidates,
+rebuilt from their bit and group tables) is measured too, beside the validation KL it had on the calibration text:
+whether validation picked the candidate that is best on held-out text, or the candidates themselves fall short.
+
     python benchmarks/gap_windows.py --run benchmarks/results/ratequant_quality_bytes_token-3-s8.json \\
         --run benchmarks/results/ratequant_quality_bytes_rotated-3-s8.json --tag bytes-3-s8
+    python benchmarks/gap_windows.py --run benchmarks/results/ratequant_quality_bytes_token-3-s8.json \\
+        --candidates --eval-windows 16 --tag token-3-s8-candidates
 """
 
 from __future__ import annotations
@@ -102,8 +108,17 @@ def load_run(path: str) -> dict:
             fixed = list(dict.fromkeys(n for n in (s.get("best_fixed"), s.get("best_fixed_by_kl")) if n))
             if not fixed or "key_bits" not in (block.get("config") or {}):  # uncalibrated or without its config
                 continue
+            record = block.get("calibration") or block["config"].get("calibration") or {}
+            families, groups = record.get("families") or {}, record.get("candidate_groups") or {}
+            candidates = {f"candidate {n}": dict(bits=bits, groups=groups.get(n),
+                                                 validation_kl=record["validation_kl"][n],
+                                                 stopped=n in (record.get("validation_stopped") or ()))
+                          for n, bits in (record.get("candidates") or {}).items()
+                          if families.get(n) == "ratequant" and n != s["winner"]}
             cells.append(dict(quantizer=s["quantizer"], budget=float(s["budget"]), config=block["config"],
-                              chosen=chosen, fixed=fixed, rows={n: rows[n] for n in [chosen, *fixed]}))
+                              chosen=chosen, fixed=fixed, rows={n: rows[n] for n in [chosen, *fixed]},
+                              candidates=candidates,
+                              chosen_validation_kl=(record.get("validation_kl") or {}).get(s["winner"])))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"--run {path}: not a ratequant_quality result with its configs ({type(err).__name__}: "
                          f"{err}).") from err
@@ -133,6 +148,14 @@ def rebuild(name: str, cell: dict, options: argparse.Namespace, model_config):
     if name == cell["chosen"]:
         return RateQuantConfig.from_dict(cell["config"])
     layout = layout_from_args(options, quantizer=cell["quantizer"])
+    if name in cell.get("candidates", {}):  # as calibration built it: its tables, the chosen budget and bounds
+        from hf_ratequant.config import ModelFingerprint
+
+        cand, chosen = cell["candidates"][name], cell["config"]
+        return RateQuantConfig.from_bits(
+            torch.tensor(cand["bits"]), layout, fingerprint=ModelFingerprint.from_model_config(model_config),
+            method="candidate", budget=chosen["budget"], b_min=chosen["b_min"], b_max=chosen["b_max"],
+            groups=None if cand["groups"] is None else torch.tensor(cand["groups"]))
     base = name.removesuffix(" s16")
     if base != name:
         layout = dataclasses.replace(layout, scale_bits=16)
@@ -185,6 +208,18 @@ def markdown(payload: dict) -> str:
                        f"{_pct(r['ppl_share'], r['ppl_share_se'])} | {_pct(a['ppl_share'], a['ppl_share_se'])} | "
                        f"{_pct(r['kl_share'], r['kl_share_se'])} | "
                        f"{_pct(a['kl_share'], a['kl_share_se'])} |")
+    for c in payload["cells"]:
+        if not c.get("candidate_summary"):
+            continue
+        out += ["", f"Validation's candidates, {c['quantizer']} {c['budget']:g} (`{c['file']}`): the validation KL "
+                "each had on the calibration text (> where the race stopped it early: a lower bound) against its "
+                "figures on the held-out windows.", "",
+                "| candidate | validation KL | ppl / KL, run's windows | ppl / KL, all windows |",
+                "| --- | ---: | ---: | ---: |"]
+        for name, r in sorted(c["candidate_summary"].items(), key=lambda kv: kv[1]["all"]["kl"]):
+            val = "" if r["validation_kl"] is None else (">" if r["stopped"] else "") + f"{r['validation_kl']:.5f}"
+            out.append(f"| {name} | {val} | {r['run']['perplexity']:.3f} / {r['run']['kl']:.4f} | "
+                       f"{r['all']['perplexity']:.3f} / {r['all']['kl']:.4f} |")
     out += ["", f"Command: `{payload['command']}` ({payload['total_s'] / 60:.0f} min)."]
     return "\n".join(out)
 
@@ -195,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ratequant_quality result (repeat: runs of one model and held-out text)")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="held-out windows (default: all the text holds)")
+    p.add_argument("--candidates", action="store_true",
+                   help="also measure every other allocation the run's calibration validated")
     p.add_argument("--tag", default="", help="suffix of the output names: gap_windows_<tag>")
     p.add_argument("--output-dir", default=RESULTS_DIR)
     return p
@@ -232,7 +269,8 @@ def main(argv=None) -> int:
         """`cfg` on every window; compared with the run's figures before the windows it did not measure (full
         precision must equal them: 1e-4, float32 on another CPU)."""
         head = evaluate(model, *parts[0], 1, cfg, settings["chunk"])
-        diffs[label] = check_against_run(label, head, theirs, FULL_TOLERANCE if cfg is None else math.inf)
+        if theirs is not None:  # None: a cache the run did not measure
+            diffs[label] = check_against_run(label, head, theirs, FULL_TOLERANCE if cfg is None else math.inf)
         tail = evaluate(model, *parts[1], 1, cfg, settings["chunk"])
         out = {k: head[k] + tail[k] for k in ("window_nll", "window_kl", "window_tokens", "seconds")}
         out.update(summary_of({label: out})[label])
@@ -250,14 +288,28 @@ def main(argv=None) -> int:
                 caches[name] = measure(f"{cell['quantizer']} {cell['budget']:g} {name}", cfg, cell["rows"][name])
                 logger.info("%s %g %s: ppl %.3f, KL %.5f (%.0f s)", cell["quantizer"], cell["budget"], name,
                             caches[name]["perplexity"], caches[name]["kl"], caches[name]["seconds"])
+            candidate_summary = {}
+            for name, cand in (cell["candidates"] if args.candidates else {}).items():
+                measured = measure(f"{cell['quantizer']} {cell['budget']:g} {name}",
+                                   rebuild(name, cell, options, model.config), None)
+                logger.info("%s: ppl %.3f, KL %.5f", name, measured["perplexity"], measured["kl"])
+                caches[name] = measured
+                candidate_summary[name] = dict(validation_kl=cand["validation_kl"], stopped=cand["stopped"],
+                                               run=summary_of({name: measured}, n_run)[name],
+                                               all=summary_of({name: measured})[name])
+            if candidate_summary:  # the chosen one beside them
+                candidate_summary[cell["chosen"]] = dict(
+                    validation_kl=cell["chosen_validation_kl"], stopped=False,
+                    run=summary_of(caches, n_run)[cell["chosen"]], all=summary_of(caches)[cell["chosen"]])
             cells.append(dict(file=r["file"], quantizer=cell["quantizer"], budget=cell["budget"],
-                              chosen=cell["chosen"], fixed=cell["fixed"],
+                              chosen=cell["chosen"], fixed=cell["fixed"], candidate_summary=candidate_summary,
                               caches={k: v for k, v in caches.items() if k != "full precision"},
                               summary_run=summary_of(caches, n_run), summary_all=summary_of(caches),
                               summary_recorded=summary_of(cell["rows"]),
                               shares_run=compare(caches, cell["chosen"], cell["fixed"], n_run),
                               shares_all=compare(caches, cell["chosen"], cell["fixed"])))
     command = "python benchmarks/gap_windows.py " + " ".join(f"--run {r['file']}" for r in runs)
+    command += " --candidates" if args.candidates else ""
     command += f" --eval-windows {args.eval_windows}" if args.eval_windows else ""
     command += f" --tag {args.tag}" if args.tag else ""
     full_summary = summary_of({"full": full}, n_run)["full"], summary_of({"full": full})["full"]

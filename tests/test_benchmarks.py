@@ -733,6 +733,16 @@ def test_gap_windows_shares_and_their_errors(bench_modules):
                              full=dict(run=summary["full precision"], all=summary["full precision"]), cells=[cell],
                              command="python benchmarks/gap_windows.py --run r.json", total_s=60.0))
     assert "| token 3 | K3V2 | 75% ± 0% | 75% ± 0% | 75% ± 0% | 75% ± 0% |" in text and "to 1e-06 per window" in text
+    assert "Validation's candidates" not in text
+    cell["candidate_summary"] = {
+        "candidate ratequant": dict(validation_kl=0.007, stopped=True, run=summary["K3V2"], all=summary["K3V2"]),
+        "ours": dict(validation_kl=0.005, stopped=False, run=summary["ours"], all=summary["ours"])}
+    text = gap.markdown(dict(machine=dict(cpu="cpu", cores=2), model="m", eval_source="docs", window=1024, windows=4,
+                             run_windows=2, differences={"full precision": 1e-6}, full=dict(
+                                 run=summary["full precision"], all=summary["full precision"]), cells=[cell],
+                             command="c", total_s=60.0))
+    rows = text.split("Validation's candidates")[1].split("| --- | ---: | ---: | ---: |\n")[1].splitlines()
+    assert rows[0].startswith("| ours | 0.00500 |") and rows[1].startswith("| candidate ratequant | >0.00700 |")
 
 
 def test_gap_windows_rebuilds_the_quality_runs_caches(bench_modules, tmp_path):
@@ -778,6 +788,26 @@ def test_gap_windows_rebuilds_the_quality_runs_caches(bench_modules, tmp_path):
     assert gap.check_against_run("x", dict(row, window_kl=[0.02]), row) == pytest.approx(0.01)  # reported only
     with pytest.raises(SystemExit, match="away from the quality run's figures"):
         gap.check_against_run("x", dict(row, window_kl=[0.0102]), row, gap.FULL_TOLERANCE)
+    assert cell["candidates"] == {}  # a run without its calibration record: nothing else to measure
+    bits = chosen.bits_tensor().clone()
+    bits[0, 0, 0] += 1
+    groups = torch.full_like(bits, 32)
+    groups[..., 1] = 64
+    run["blocks"][0]["calibration"] = dict(
+        winner="ratequant-options", families={"ratequant-options": "ratequant", "ratequant": "ratequant",
+                                              "K3g32V2g64": "fixed"},
+        candidates={"ratequant-options": bits.tolist(), "ratequant": bits.tolist(), "K3g32V2g64": bits.tolist()},
+        candidate_groups={"ratequant": groups.tolist()},
+        validation_kl={"ratequant-options": 0.005, "ratequant": 0.007, "K3g32V2g64": 0.009},
+        validation_stopped=["ratequant"])
+    path.write_text(json.dumps(run))
+    [cell] = gap.load_run(str(path))["cells"]
+    assert list(cell["candidates"]) == ["candidate ratequant"] and cell["chosen_validation_kl"] == 0.005
+    assert cell["candidates"]["candidate ratequant"]["stopped"]
+    other = gap.rebuild("candidate ratequant", cell, options, model_config)  # the layout's, the tables' bits
+    assert other.bits_tensor().equal(bits) and other.scale_bits == 8 and other.quantizer == "token"
+    assert other.key_groups == groups[..., 0].tolist() and other.value_groups == groups[..., 1].tolist()
+    assert (other.budget, other.b_min, other.b_max) == (chosen.budget, chosen.b_min, chosen.b_max)
     run["settings"]["eval_batch_size"] = 2
     path.write_text(json.dumps(run))
     with pytest.raises(SystemExit, match="evaluated 2 windows at a time"):
