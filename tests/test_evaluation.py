@@ -173,8 +173,8 @@ def test_shared_prefix_gives_the_same_results_bit_for_bit(model, windows, quanti
         assert no_kl.perplexity == plain.perplexity
 
 
-@pytest.mark.parametrize("quantizer", ["kivi", "token", "rotated"])
-@pytest.mark.parametrize(("residual_length", "sink_length", "chunk"), [(16, 8, 8), (8, 16, 12), (80, 8, 8)])
+@pytest.mark.parametrize(("quantizer", "residual_length", "sink_length", "chunk"),
+                         [("kivi", 16, 8, 8), ("token", 8, 16, 12), ("rotated", 80, 8, 8)])
 @pytest.mark.parametrize("max_bytes", [None, 0])  # log-probabilities stored / recomputed from the hidden states
 def test_reference_and_prefix_in_one_pass_are_those_of_two(model, windows, quantizer, residual_length, sink_length,
                                                            chunk, max_bytes):
