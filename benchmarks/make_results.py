@@ -891,6 +891,10 @@ SECTIONS: list[tuple[str, str | None, str, Callable]] = [
      "benchmarks/results/ratequant_quality_bytes_token-3-s8.json --run "
      "benchmarks/results/ratequant_quality_bytes_rotated-3-s8.json --tag bytes-3-s8",
      study_report("gap_windows")),
+    ("Validation's candidates on held-out text (issue [4 bytes]: token, 3 true bits, 8-bit scales)",
+     "gap_windows_token-3-s8-candidates.json", "python benchmarks/gap_windows.py --run "
+     "benchmarks/results/ratequant_quality_bytes_token-3-s8.json --candidates --eval-windows 16 "
+     "--tag token-3-s8-candidates", study_report("gap_windows")),
     ("Budgets in bytes by the context served (issue [4 bytes], arithmetic on Gemma 3's stored table)",
      "budget_context.json", "python benchmarks/budget_context.py", budget_context),
     ("Quality against memory: every cache by the bytes it holds (issue [4 bytes])", FRONTIER_RUN,
