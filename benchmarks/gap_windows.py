@@ -288,23 +288,21 @@ def main(argv=None) -> int:
                 caches[name] = measure(f"{cell['quantizer']} {cell['budget']:g} {name}", cfg, cell["rows"][name])
                 logger.info("%s %g %s: ppl %.3f, KL %.5f (%.0f s)", cell["quantizer"], cell["budget"], name,
                             caches[name]["perplexity"], caches[name]["kl"], caches[name]["seconds"])
-            candidate_summary = {}
+            validated = {}  # name: (validation KL, stopped early), the chosen one beside the others
             for name, cand in (cell["candidates"] if args.candidates else {}).items():
-                measured = measure(f"{cell['quantizer']} {cell['budget']:g} {name}",
-                                   rebuild(name, cell, options, model.config), None)
-                logger.info("%s: ppl %.3f, KL %.5f", name, measured["perplexity"], measured["kl"])
-                caches[name] = measured
-                candidate_summary[name] = dict(validation_kl=cand["validation_kl"], stopped=cand["stopped"],
-                                               run=summary_of({name: measured}, n_run)[name],
-                                               all=summary_of({name: measured})[name])
-            if candidate_summary:  # the chosen one beside them
-                candidate_summary[cell["chosen"]] = dict(
-                    validation_kl=cell["chosen_validation_kl"], stopped=False,
-                    run=summary_of(caches, n_run)[cell["chosen"]], all=summary_of(caches)[cell["chosen"]])
+                caches[name] = measure(f"{cell['quantizer']} {cell['budget']:g} {name}",
+                                       rebuild(name, cell, options, model.config), None)
+                logger.info("%s: ppl %.3f, KL %.5f", name, caches[name]["perplexity"], caches[name]["kl"])
+                validated[name] = cand["validation_kl"], cand["stopped"]
+            if validated:
+                validated[cell["chosen"]] = cell["chosen_validation_kl"], False
+            on_run, on_all = summary_of(caches, n_run), summary_of(caches)
             cells.append(dict(file=r["file"], quantizer=cell["quantizer"], budget=cell["budget"],
-                              chosen=cell["chosen"], fixed=cell["fixed"], candidate_summary=candidate_summary,
+                              chosen=cell["chosen"], fixed=cell["fixed"],
+                              candidate_summary={n: dict(validation_kl=v, stopped=stop, run=on_run[n], all=on_all[n])
+                                                 for n, (v, stop) in validated.items()},
                               caches={k: v for k, v in caches.items() if k != "full precision"},
-                              summary_run=summary_of(caches, n_run), summary_all=summary_of(caches),
+                              summary_run=on_run, summary_all=on_all,
                               summary_recorded=summary_of(cell["rows"]),
                               shares_run=compare(caches, cell["chosen"], cell["fixed"], n_run),
                               shares_all=compare(caches, cell["chosen"], cell["fixed"])))
